@@ -1,0 +1,165 @@
+"""`ssd` command line. Flags are derived from the config dataclasses' fields, so the CLI and
+library defaults are one and the same."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+from .config import EngineConfig, SamplingParams, SpecConfig
+
+_HELP = {
+    "target": "target model directory, or 'default' (SmolLM2-135M-Instruct, converted once from its GGUF)",
+    "draft": "draft model directory, or 'standin' (the target's first layers; weak, untrained)",
+    "mode": "ar | sd | ssd",
+    "num_speculative_tokens": "K, draft tokens per round",
+    "fan_out_budget": "SSD: branches per sequence per round (sum of F_k)",
+    "fan_out": "SSD fan-out schedule: geometric (Saguaro) | uniform",
+    "saguaro_c": "Saguaro sampling C in [0, 1] (1 = off); sampled decoding only",
+    "critical_batch_size": "b*: misses use the JIT draft below it, the n-gram backup at or above it",
+    "temperature": "0 = greedy",
+    "max_tokens": "new tokens to generate",
+}
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls, skip=()) -> None:
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.name == "spec":
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
+        if "bool" in kind:
+            parser.add_argument(flag, action="store_true", default=default, help=_HELP.get(f.name))
+        else:
+            conv = int if kind.startswith("int") else float if kind.startswith("float") else str
+            parser.add_argument(flag, type=conv, default=default, help=_HELP.get(f.name, f"(default {default})"))
+
+
+def _build(cls, ns, **override):
+    kw = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name) and f.name != "spec"}
+    kw.update(override)
+    return cls(**kw)
+
+
+def _configs(ns):
+    spec = _build(SpecConfig, ns)
+    cfg = _build(EngineConfig, ns, spec=spec)
+    params = _build(SamplingParams, ns)
+    return cfg, params
+
+
+def _prompt_ids(tok, text: str, raw: bool) -> list[int]:
+    if raw:
+        return tok.encode(text)
+    return tok.apply_chat_template([{"role": "user", "content": text}])
+
+
+# ---- ssd generate ------------------------------------------------------------------------------
+def cmd_generate(ns) -> int:
+    from .engine import ModelPair, build_engine
+    from .models.draft import describe
+
+    try:
+        cfg, params = _configs(ns)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not ns.prompt.strip():
+        print("error: prompt is empty", file=sys.stderr)
+        return 2
+    pair = ModelPair.load(cfg)
+    tok = pair.tokenizer
+    engine = build_engine(cfg, pair)
+    try:
+        try:
+            seq = engine.add_request(_prompt_ids(tok, ns.prompt, ns.raw), params)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        decoder = tok.stream_decoder()
+        t0 = time.perf_counter()
+        while engine.has_unfinished():
+            for s, new in engine.step():
+                if not ns.json:
+                    for t in new:
+                        sys.stdout.write(decoder.push(t))
+                    sys.stdout.flush()
+        wall = time.perf_counter() - t0
+        engine.stats.wall += wall
+    finally:
+        engine.close()
+    summary = engine.stats.summary()
+    draft_desc = describe(pair.draft_spec) if cfg.mode != "ar" else None
+    result = {
+        "text": tok.decode(seq.output_ids),
+        "token_ids": seq.output_ids,
+        "finish_reason": seq.finish_reason,
+        "mode": cfg.mode,
+        "target": pair.target_path,
+        "draft": draft_desc,
+        "stats": summary,
+    }
+    if ns.json:
+        print(json.dumps(result))
+    else:
+        s = summary
+        print()
+        print("---")
+        parts = [f"mode={cfg.mode}", f"tokens={s['tokens']}", f"{s['tokens_per_s']:.2f} tok/s",
+                 f"mean accepted length={s['mean_accepted_length']:.2f}"]
+        if s["cache_hit_rate"] is not None:
+            parts.append(f"cache hit rate={s['cache_hit_rate']:.2f}")
+        if s["acceptance_rate"] is not None:
+            parts.append(f"acceptance={s['acceptance_rate']:.2f}")
+        print("  ".join(parts))
+        if draft_desc:
+            print(f"draft: {draft_desc}")
+    return 0
+
+
+# ---- ssd bench ---------------------------------------------------------------------------------
+def cmd_bench(ns) -> int:
+    from .bench import run_bench
+
+    try:
+        cfg, params = _configs(ns)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run_bench(cfg, params, ns)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="ssd", description="Speculative Speculative Decoding (Saguaro)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate text, streamed, with speed and speculation stats")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, stats)")
+    _add_fields(g, EngineConfig)
+    _add_fields(g, SpecConfig)
+    _add_fields(g, SamplingParams)
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="AR vs SD vs SSD (+ Hugging Face references) on the same pair and prompts")
+    b.add_argument("--prompts", help="JSONL file, one {\"prompt\": ...} per line (default: built-in set)")
+    b.add_argument("--num-prompts", type=int, default=0, help="use only the first N prompts (0 = all)")
+    b.add_argument("--modes", default="ar,sd,ssd")
+    b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers references")
+    b.add_argument("--json", action="store_true", help="print the result JSON to stdout")
+    b.add_argument("--out", default="bench-results", help="directory for the JSON and PNG")
+    _add_fields(b, EngineConfig, skip=("mode",))
+    _add_fields(b, SpecConfig)
+    _add_fields(b, SamplingParams)
+    b.set_defaults(func=cmd_bench)
+
+    ns = p.parse_args(argv)
+    return ns.func(ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""One source of truth for run-time configuration.
+
+Frozen dataclasses that validate themselves; the CLI derives its flags from these fields so
+defaults cannot drift between the library and the command line.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+MODES = ("ar", "sd", "ssd")
+FANOUT_KINDS = ("geometric", "uniform")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    max_tokens: int = 128  # new tokens to generate
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be > 0, got {self.max_tokens}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def signature(self) -> tuple:
+        """What a speculation depends on besides the context (part of the index key)."""
+        return (self.temperature, self.top_k, self.top_p)
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Speculation settings shared by SD and SSD (names follow the literature)."""
+
+    num_speculative_tokens: int = 4  # K
+    fan_out_budget: int = 12  # B = sum_k F_k, branches per sequence per round
+    fan_out: str = "geometric"  # geometric (Saguaro) | uniform
+    saguaro_c: float = 1.0  # C in [0, 1]; 1 = plain draft sampling
+    critical_batch_size: int = 8  # b*: at or above it a miss uses the fast backup, below it the JIT draft
+    backup: str = "ngram"  # fast backup speculator
+    ngram_max: int = 3  # longest suffix the prompt-lookup backup matches
+    init_acceptance: float = 0.6  # acceptance rate assumed before any measurement
+    init_power_r: float = 1.0  # power-law exponent assumed before any fit
+
+    def __post_init__(self):
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError("num_speculative_tokens must be in [1, 16]")
+        if self.fan_out_budget < 1:
+            raise ValueError("fan_out_budget must be >= 1")
+        if self.fan_out not in FANOUT_KINDS:
+            raise ValueError(f"fan_out must be one of {FANOUT_KINDS}")
+        if not 0.0 <= self.saguaro_c <= 1.0:
+            raise ValueError("saguaro_c must be in [0, 1]")
+        if self.critical_batch_size < 1:
+            raise ValueError("critical_batch_size must be >= 1")
+        if self.backup not in ("ngram",):
+            raise ValueError("backup must be 'ngram'")
+        if not 0.0 < self.init_acceptance < 1.0:
+            raise ValueError("init_acceptance must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    target: str = "default"  # model dir or "default" (SmolLM2-135M-Instruct)
+    draft: str = "standin"  # model dir, or "standin" (layer-truncated target; weak)
+    standin_layers: int = 4  # layers kept by the stand-in draft
+    mode: str = "ssd"
+    max_batch: int = 8  # running sequences per step (continuous batching)
+    max_model_len: int = 2048  # prompt + output tokens per sequence
+    target_threads: int = 1  # torch intra-op threads of the target (this process)
+    draft_threads: int = 1  # torch intra-op threads of the draft process (SSD) / in-process draft (SD)
+    spec: SpecConfig = field(default_factory=SpecConfig)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        if self.max_model_len < 16:
+            raise ValueError("max_model_len must be >= 16")
+        if self.target_threads < 1 or self.draft_threads < 1:
+            raise ValueError("thread counts must be >= 1")
+        if self.standin_layers < 1:
+            raise ValueError("standin_layers must be >= 1")
+
+    def replace(self, **kw) -> "EngineConfig":
+        return dataclasses.replace(self, **kw)

@@ -1,0 +1,228 @@
+"""Shared engine machinery: request admission, target sampling/verification, statistics.
+
+`step()` of every engine is schedule -> run -> postprocess; the three engines differ only in
+where speculations come from (none / the draft, sequentially / the speculation cache).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import EngineConfig, SamplingParams
+from ..kernels.rejection import greedy_verify, rejection_sample
+from ..sampling import process_logits, sample
+from .sequence import Scheduler, Sequence
+from .target_runner import TargetRunner
+
+
+@dataclass
+class EngineStats:
+    tokens: int = 0  # committed output tokens
+    prefill_tokens: int = 0  # of which sampled from the prefill (one per request)
+    requests: int = 0
+    rounds: int = 0  # per-sequence verify rounds
+    steps: int = 0  # batched target forwards (prefill excluded)
+    num_drafts: int = 0  # speculations verified (vLLM naming)
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+    cache_hit: int = 0  # speculation ready in the cache when verification ended
+    cache_late: int = 0  # found in the cache, but the cache arrived after verification ended
+    cache_miss: int = 0
+    tokens_after_hit: int = 0  # committed tokens of rounds whose speculation came from the cache
+    rounds_after_hit: int = 0
+    tokens_after_miss: int = 0  # ... from the just-in-time draft or the fast backup
+    rounds_after_miss: int = 0
+    t_prefill: float = 0.0
+    t_verify: float = 0.0  # target forwards of verify / AR steps (seconds, summed)
+    t_draft: float = 0.0  # SD: sequential drafting
+    t_jit: float = 0.0  # SSD: waiting for just-in-time speculations
+    n_jit: int = 0
+    t_backup: float = 0.0  # SSD: fast-backup proposals
+    n_backup: int = 0
+    t_build: float = 0.0  # SSD: cache construction on the draft (its own clock)
+    n_build: int = 0
+    t_wait_cache: float = 0.0  # SSD: target idle waiting for a late cache
+    wall: float = 0.0
+
+    def record_accepts(self, num_draft: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft
+        self.num_accepted_tokens += num_accepted
+        while len(self.accepted_per_pos) < num_draft:
+            self.accepted_per_pos.append(0)
+        for i in range(num_accepted):
+            self.accepted_per_pos[i] += 1
+
+    def summary(self) -> dict:
+        lookups = self.cache_hit + self.cache_late + self.cache_miss
+        out = {
+            "tokens": self.tokens,
+            "requests": self.requests,
+            "wall_s": round(self.wall, 4),
+            "tokens_per_s": self.tokens / self.wall if self.wall > 0 else 0.0,
+            "rounds": self.rounds,
+            # tokens per target decode/verify round (the prefill's first token excluded)
+            "mean_accepted_length": ((self.tokens - self.prefill_tokens) / self.rounds) if self.rounds else None,
+            "acceptance_rate": (self.num_accepted_tokens / self.num_draft_tokens) if self.num_draft_tokens else None,
+            "accepted_per_pos": list(self.accepted_per_pos),
+            "num_drafts": self.num_drafts,
+            "cache_hit_rate": ((self.cache_hit + self.cache_late) / lookups) if lookups else None,
+            "cache": {"hit": self.cache_hit, "late": self.cache_late, "miss": self.cache_miss},
+        }
+        out["timings"] = {
+            k: getattr(self, k)
+            for k in ("t_prefill", "t_verify", "t_draft", "t_jit", "n_jit", "t_backup", "n_backup", "t_build", "n_build", "t_wait_cache", "steps")
+        }
+        return out
+
+
+class Engine:
+    """Base: admission, prefill, target-side sampling and verification."""
+
+    mode = "base"
+
+    def __init__(self, cfg: EngineConfig, target_model, eos_token_ids: tuple[int, ...]):
+        self.cfg = cfg
+        torch.set_num_threads(cfg.target_threads)  # this process's budget; the SSD draft has its own
+        self.K = cfg.spec.num_speculative_tokens
+        self.target = TargetRunner(target_model, cfg.max_batch, cfg.max_model_len, self.K)
+        self.vocab_size = target_model.cfg.vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.scheduler = Scheduler(cfg.max_batch)
+        self.stats = EngineStats()
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        if len(prompt_ids) + 1 > self.cfg.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_ids)} tokens; the context length is {self.cfg.max_model_len}"
+            )
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
+        seq = Sequence(list(prompt_ids), params, self.eos_token_ids)
+        self.scheduler.add(seq)
+        self.stats.requests += 1
+        return seq
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        t0 = time.perf_counter()
+        while self.has_unfinished():
+            self.step()
+        self.stats.wall += time.perf_counter() - t0
+        return seqs
+
+    def abort(self, seq: Sequence) -> None:
+        seq.finished, seq.finish_reason = True, "abort"
+        if seq in self.scheduler.waiting:
+            self.scheduler.waiting.remove(seq)
+        self._retire()
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- pieces the engines share ------------------------------------------------------
+    def step(self) -> list[tuple[Sequence, list[int]]]:
+        raise NotImplementedError
+
+    def _prefill(self, new: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
+        """Prefill new sequences and sample their first token (counts toward TTFT)."""
+        if not new:
+            return []
+        t0 = time.perf_counter()
+        for s in new:
+            self.target.allocate(s)
+        logits = self.target.forward(new, None, 1)[:, 0]  # [B, V]
+        tokens = self._sample_rows(new, logits)
+        events = []
+        for s, t in zip(new, tokens):
+            kept = s.commit([t], self.cfg.max_model_len)
+            self.stats.tokens += len(kept)
+            self.stats.prefill_tokens += len(kept)
+            events.append((s, kept))
+        self.stats.t_prefill += time.perf_counter() - t0
+        return events
+
+    def _sample_rows(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """One token per row from the target distribution. logits [B, V]."""
+        out = []
+        for b, s in enumerate(seqs):
+            if s.params.greedy:
+                out.append(int(logits[b].argmax()))
+            else:
+                out.append(int(sample(process_logits(logits[b], s.params), s.generator)))
+        return out
+
+    def _verify_rows(self, seqs: list[Sequence], logits: torch.Tensor, specs: list[tuple]) -> list[tuple[int, int]]:
+        """Outcome (k, t*) per row. logits [B, K+1, V]; specs[b] = (token_ids [K], q [K, V] | None)."""
+        out = []
+        for b, s in enumerate(seqs):
+            d = specs[b][0].view(1, -1)
+            if s.params.greedy:
+                k, t = greedy_verify(d, logits[b : b + 1])
+            else:
+                p = process_logits(logits[b], s.params).unsqueeze(0)  # [1, K+1, V]
+                q = specs[b][1].unsqueeze(0)  # [1, K, V]
+                u_accept = torch.rand((1, d.shape[1]), generator=s.generator)
+                u_token = torch.rand((1,), generator=s.generator)
+                k, t = rejection_sample(d, q, p, u_accept, u_token)
+            out.append((int(k[0]), int(t[0])))
+        return out
+
+    def _commit_outcome(self, s: Sequence, spec_tokens: list[int], k: int, t: int) -> list[int]:
+        kept = s.commit(spec_tokens[:k] + [t], self.cfg.max_model_len)
+        self.stats.tokens += len(kept)
+        self.stats.rounds += 1
+        self.stats.record_accepts(len(spec_tokens), k)
+        if not s.finished:
+            self.target.rollback(s)
+        return kept
+
+    def _retire(self) -> list[Sequence]:
+        done = self.scheduler.retire()
+        for s in done:
+            self.target.free(s)
+            self._on_finished(s)
+        return done
+
+    def _on_finished(self, seq: Sequence) -> None:
+        """Free whatever the engine's draft holds for a finished or aborted sequence."""
+
+
+class AREngine(Engine):
+    """Plain autoregressive decoding with the target: the baseline every ratio is taken against."""
+
+    mode = "ar"
+
+    def step(self):
+        new = self.scheduler.admit()
+        events = self._prefill(new)
+        old = [s for s in self.scheduler.running if s not in new and not s.finished]
+        if old:
+            t0 = time.perf_counter()
+            logits = self.target.forward(old, None, 1)[:, 0]
+            self.stats.t_verify += time.perf_counter() - t0
+            self.stats.steps += 1
+            for s, t in zip(old, self._sample_rows(old, logits)):
+                kept = s.commit([t], self.cfg.max_model_len)
+                self.stats.tokens += len(kept)
+                self.stats.rounds += 1
+                events.append((s, kept))
+        self._retire()
+        return events

@@ -1,0 +1,49 @@
+"""Ordinary speculative decoding: the draft proposes K tokens, then the target verifies them.
+Sequential by construction (the draft waits for the outcome), so the draft runs in-process."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..config import EngineConfig
+from .base import Engine
+from .draft_runner import DraftRunner
+
+
+class SDEngine(Engine):
+    mode = "sd"
+
+    def __init__(self, cfg: EngineConfig, target_model, draft_model, eos_token_ids):
+        super().__init__(cfg, target_model, eos_token_ids)
+        self.draft = DraftRunner(draft_model, cfg.spec, cfg.max_batch, cfg.max_model_len)
+
+    def step(self):
+        new = self.scheduler.admit()
+        events = self._prefill(new)
+        for s in new:
+            if not s.finished:
+                self.draft.add(s.seq_id, s.context, s.params)
+        old = [s for s in self.scheduler.running if s not in new and not s.finished]
+        if old:
+            t0 = time.perf_counter()
+            drafted = self.draft.jit([s.seq_id for s in old], after="miss")
+            t1 = time.perf_counter()
+            specs = [drafted[s.seq_id] for s in old]
+            logits = self.target.forward(old, [sp[0].tolist() for sp in specs], self.K + 1)
+            t2 = time.perf_counter()
+            self.stats.t_draft += t1 - t0
+            self.stats.t_verify += t2 - t1
+            self.stats.steps += 1
+            for s, sp, (k, t) in zip(old, specs, self._verify_rows(old, logits, specs)):
+                kept = self._commit_outcome(s, sp[0].tolist(), k, t)
+                self.stats.tokens_after_miss += len(kept)
+                self.stats.rounds_after_miss += 1
+                events.append((s, kept))
+                if not s.finished:
+                    self.draft.on_outcome(s.seq_id, kept)
+        self._retire()
+        return events
+
+    def _on_finished(self, seq) -> None:
+        self.draft.release(seq.seq_id)

@@ -1,0 +1,86 @@
+"""A request being generated, and the scheduler that owns the waiting/running queues."""
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import SamplingParams
+
+_ids = itertools.count()
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: tuple[int, ...]
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    slot: int = -1  # target KV slot
+    cache_len: int = 0  # tokens of the context whose KV the target holds (all but the pending one)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (EOS) | "length" (max_tokens / context)
+    generator: torch.Generator | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    # speculation currently waiting to be verified: (token_ids [K], q [K, V] | None, source)
+    speculation: tuple | None = None
+
+    def __post_init__(self):
+        if not self.params.greedy:
+            seed = self.params.seed if self.params.seed is not None else torch.seed() % (2**31)
+            self.generator = torch.Generator().manual_seed(seed * 1_000_003 + 17)
+
+    @property
+    def context(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def commit(self, tokens: list[int], max_model_len: int) -> list[int]:
+        """Append tokens up to a stop condition; returns the tokens actually kept."""
+        kept = []
+        for t in tokens:
+            if self.finished:
+                break
+            self.output_ids.append(t)
+            kept.append(t)
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+            if t in self.eos_token_ids and not self.params.ignore_eos:
+                self.finished, self.finish_reason = True, "stop"
+            elif len(self.output_ids) >= self.params.max_tokens:
+                self.finished, self.finish_reason = True, "length"
+            elif len(self.prompt_ids) + len(self.output_ids) >= max_model_len:
+                self.finished, self.finish_reason = True, "length"
+        return kept
+
+
+class Scheduler:
+    """Continuous batching: sequences join when a slot frees and finish independently."""
+
+    def __init__(self, max_batch: int):
+        self.max_batch = max_batch
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def admit(self) -> list[Sequence]:
+        new = []
+        while self.waiting and len(self.running) < self.max_batch:
+            seq = self.waiting.popleft()
+            self.running.append(seq)
+            new.append(seq)
+        return new
+
+    def retire(self) -> list[Sequence]:
+        done = [s for s in self.running if s.finished]
+        self.running = [s for s in self.running if not s.finished]
+        return done
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)

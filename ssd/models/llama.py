@@ -1,0 +1,200 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Qwen2 with qkv bias, Qwen3 with QK-norm) over KVCache.
+
+Weights are stored fused (q|k|v and gate|up) so a layer is four matmuls; RoPE cos/sin tables are
+computed once and indexed by position. Numerics follow Hugging Face transformers in fp32.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssd.kernels.attention import AttnBatch, attention
+from ssd.kv_cache import KVCache
+
+_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF rope_scaling / rope_parameters when not the default rope
+    max_position: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm on each q/k head before RoPE (Qwen3)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    o_bias: bool = False  # bias on o_proj (Llama's attention_bias=True sets it too)
+    model_type: str = "llama"
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+        if self.head_dim % 2:
+            raise ValueError("head_dim must be even for RoPE")
+        kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
+        if kind not in ("default", "llama3"):
+            raise ValueError(f"unsupported rope scaling {kind!r}")
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "ModelConfig":
+        mt = d.get("model_type", "llama")
+        if mt not in _MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {mt!r} (supported: {_MODEL_TYPES})")
+        if d.get("mlp_bias"):
+            raise ValueError("mlp_bias is not supported")
+        if d.get("use_sliding_window"):
+            raise ValueError("sliding-window attention is not supported")
+        rope = d.get("rope_parameters") or {}  # transformers >= 5
+        theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+        scaling = d.get("rope_scaling") or rope or None
+        if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            scaling = None
+        eos = d.get("eos_token_id")
+        eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        heads = d["num_attention_heads"]
+        bias = bool(d.get("attention_bias", False))
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_scaling=dict(scaling) if scaling else None,
+            max_position=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=True if mt == "qwen2" else bias,
+            qk_norm=mt == "qwen3",
+            bos_token_id=d.get("bos_token_id"), eos_token_ids=eos,
+            o_bias=bias if mt in ("llama", "qwen3") else False,
+            model_type=mt)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    D = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device="cpu").float() / D))  # [D/2]
+    s = cfg.rope_scaling
+    if s and s.get("rope_type", s.get("type")) == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between
+        factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = torch.where(medium, mid, scaled)
+    return inv
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, D, Hq, Hkv, inter = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
+        e = lambda *s: nn.Parameter(torch.empty(*s), requires_grad=False)
+        self.in_norm_weight = e(H)
+        self.qkv_weight = e((Hq + 2 * Hkv) * D, H)
+        self.qkv_bias = e((Hq + 2 * Hkv) * D) if cfg.attention_bias else None
+        self.qk_norm_weight = e(Hq + Hkv, D) if cfg.qk_norm else None
+        self.o_weight = e(H, Hq * D)
+        self.o_bias = e(H) if cfg.o_bias else None
+        self.post_norm_weight = e(H)
+        self.gate_up_weight = e(2 * inter, H)
+        self.down_weight = e(H, inter)
+        self.eps, self.Hq, self.Hkv, self.D, self.inter = cfg.rms_norm_eps, Hq, Hkv, D, inter
+
+    def forward(self, x, cos, sin, batch: AttnBatch, cache: KVCache, layer: int):
+        # x [B, n, H]; cos, sin [B, n, 1, D/2]
+        B, n, _ = x.shape
+        Hq, Hkv, D = self.Hq, self.Hkv, self.D
+        h = F.rms_norm(x, (x.shape[-1],), self.in_norm_weight, self.eps)
+        qkv = F.linear(h, self.qkv_weight, self.qkv_bias).view(B, n, Hq + 2 * Hkv, D)
+        qk, v = qkv[:, :, :Hq + Hkv], qkv[:, :, Hq + Hkv:]  # [B, n, Hq+Hkv, D], [B, n, Hkv, D]
+        if self.qk_norm_weight is not None:
+            qk = F.rms_norm(qk, (D,), None, self.eps) * self.qk_norm_weight
+        x1, x2 = qk[..., :D // 2], qk[..., D // 2:]
+        qk = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)  # rotate-half RoPE
+        q = qk[:, :, :Hq].transpose(1, 2)  # [B, Hq, n, D]
+        k, v = cache.write_and_read(layer, qk[:, :, Hq:].transpose(1, 2), v.transpose(1, 2), batch)  # [B, Hkv, S, D]
+        a = attention(q, k, v, batch).transpose(1, 2).reshape(B, n, Hq * D)
+        x = x + F.linear(a, self.o_weight, self.o_bias)
+        h = F.rms_norm(x, (x.shape[-1],), self.post_norm_weight, self.eps)
+        gu = F.linear(h, self.gate_up_weight)  # [B, n, 2*inter]
+        return x + F.linear(F.silu(gu[..., :self.inter]) * gu[..., self.inter:], self.down_weight)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _freeze=True)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm_weight = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head.weight.requires_grad_(False)
+        self.tie_weights()
+        self.register_buffer("rope_cos", None, persistent=False)  # [max_position, D/2]
+        self.register_buffer("rope_sin", None, persistent=False)
+        if not self.embed.weight.is_meta:  # under torch.device("meta") the loader calls init_rope
+            self.init_rope()
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def init_rope(self, device=None, dtype=None) -> None:
+        # [max_position, D/2] tables computed in fp32 (as HF does) then cast to the model dtype
+        device = device or self.embed.weight.device
+        dtype = dtype or self.embed.weight.dtype
+        freqs = torch.outer(torch.arange(self.cfg.max_position, device="cpu").float(), rope_inv_freq(self.cfg))
+        self.rope_cos = freqs.cos().to(device, dtype)
+        self.rope_sin = freqs.sin().to(device, dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def new_cache(self, num_slots: int, max_len: int, dtype=None, device=None) -> KVCache:
+        if max_len > self.cfg.max_position:
+            raise ValueError(f"max_len {max_len} > max_position {self.cfg.max_position}")
+        c = self.cfg
+        return KVCache(c.num_layers, num_slots, c.num_kv_heads, c.head_dim, max_len,
+                       dtype=dtype or self.dtype, device=device or self.device)
+
+    @torch.no_grad()  # not inference_mode: a trainer may feed these states into autograd
+    def hidden(self, input_ids: torch.Tensor, batch: AttnBatch, cache: KVCache) -> torch.Tensor:
+        # input_ids [B, n] -> final-normed hidden states [B, n, H]
+        return self._hidden(input_ids, batch, cache)
+
+    def _hidden(self, input_ids: torch.Tensor, batch: AttnBatch, cache: KVCache) -> torch.Tensor:
+        x = self.embed(input_ids)
+        cos = self.rope_cos[batch.positions].unsqueeze(2)  # [B, n, 1, D/2]
+        sin = self.rope_sin[batch.positions].unsqueeze(2)
+        for i, layer in enumerate(self.layers):
+            x = layer.forward(x, cos, sin, batch, cache, i)
+        return F.rms_norm(x, (x.shape[-1],), self.norm_weight, self.cfg.rms_norm_eps)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, batch: AttnBatch, cache: KVCache,
+                logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        # input_ids [B, n]; logits_rows [B, m] indices into n -> logits [B, n or m, V] fp32
+        h = self._hidden(input_ids, batch, cache)
+        if logits_rows is not None:
+            h = h.gather(1, logits_rows[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, m, H]
+        return F.linear(h, self.lm_head.weight).float()

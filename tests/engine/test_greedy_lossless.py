@@ -1,0 +1,71 @@
+"""Greedy SD and SSD output must equal greedy AR token for token on the real SmolLM2 target
+(DESIGN invariant 1), for several prompts batched together (continuous batching), at least 128
+new tokens, with EOS and max-length stops."""
+import pytest
+
+from ssd.config import EngineConfig, SamplingParams, SpecConfig
+from ssd.engine import ModelPair, build_engine
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "Write a Python function that checks whether a number is prime, then explain it.",
+    "Tell me a short story about a lighthouse keeper and a storm.",
+    "What is 2+2? Reply with just the number.",
+]
+MAX_TOKENS = 128
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return ModelPair.load(EngineConfig(mode="ar"))
+
+
+@pytest.fixture(scope="module")
+def prompts(pair):
+    return [pair.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def reference(pair, prompts):
+    eng = build_engine(EngineConfig(mode="ar", max_batch=4), pair)
+    seqs = eng.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS))
+    assert [s.finish_reason for s in seqs] == ["length", "length", "stop"]
+    assert len(seqs[0].output_ids) == MAX_TOKENS
+    return [s.output_ids for s in seqs]
+
+
+def _run(pair, prompts, cfg):
+    with build_engine(cfg, pair) as eng:
+        seqs = eng.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS))
+        return [s.output_ids for s in seqs], eng.stats
+
+
+def test_ar_batched_equals_ar_alone(pair, prompts, reference):
+    for p, ref in zip(prompts, reference):
+        out, _ = _run(pair, [p], EngineConfig(mode="ar"))
+        assert out[0] == ref
+
+
+def test_sd_greedy_identical_to_ar(pair, prompts, reference):
+    out, st = _run(pair, prompts, EngineConfig(mode="sd", max_batch=4, spec=SpecConfig(num_speculative_tokens=4)))
+    assert out == reference
+    assert st.num_drafts > 0
+
+
+def test_ssd_greedy_identical_to_ar_with_misses(pair, prompts, reference):
+    # the weak stand-in draft: almost every round misses and goes through the JIT path
+    cfg = EngineConfig(mode="ssd", max_batch=4, spec=SpecConfig(num_speculative_tokens=4, fan_out_budget=6))
+    out, st = _run(pair, prompts, cfg)
+    assert out == reference
+    assert st.cache_miss > 0 and st.n_jit > 0
+
+
+def test_ssd_greedy_identical_to_ar_with_hits_and_backup(pair, prompts, reference):
+    # the target as its own draft: speculations are accepted and the cache hits; b* = 2 sends
+    # misses of this 3-sequence batch to the n-gram backup
+    pair2 = ModelPair(pair.target_path, pair.target, pair.tokenizer, {"path": pair.target_path})
+    cfg = EngineConfig(mode="ssd", max_batch=4, spec=SpecConfig(num_speculative_tokens=3, fan_out_budget=4, critical_batch_size=2))
+    out, st = _run(pair2, prompts, cfg)
+    assert out == reference
+    assert st.cache_hit + st.cache_late > 10 and st.num_accepted_tokens > 0 and st.n_backup > 0
