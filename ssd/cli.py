@@ -158,6 +158,7 @@ def main(argv=None) -> int:
     b.set_defaults(func=cmd_bench)
 
     ns = p.parse_args(argv)
+    ns.command_line = "ssd " + " ".join(sys.argv[1:] if argv is None else argv)
     return ns.func(ns)
 
 
