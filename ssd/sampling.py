@@ -40,7 +40,7 @@ def saguaro_reshape(probs: torch.Tensor, fan_out: torch.Tensor | int, c: float) 
     if c >= 1.0:
         return probs
     fan_out_t = torch.as_tensor(fan_out, device=probs.device).expand(probs.shape[:-1])
-    f_max = int(fan_out_t.max().item()) if fan_out_t.numel() else 0
+    f_max = min(int(fan_out_t.max().item()), probs.shape[-1]) if fan_out_t.numel() else 0
     if f_max == 0:
         return probs
     top_idx = torch.topk(probs, f_max, dim=-1).indices  # [..., f_max]

@@ -48,13 +48,16 @@ class DraftRunner:
         self.spec = spec
         self.K = spec.num_speculative_tokens
         self.vocab_size = model.cfg.vocab_size
+        # reduced-vocabulary head: logits come over head_ids only (q = 0 elsewhere)
+        self.head_ids = getattr(model, "head_ids", None)  # [Vh] int64 | None
         # room for the glue tokens and the whole tree region of a round after the context
         self.max_branches = spec.fan_out_budget
         max_len = max_model_len + self.K + 1 + self.K * self.max_branches
         self.cache = model.new_cache(max_seqs, max_len)
         self.seqs: dict[int, DraftSeq] = {}
         self.planner = FanOutPlanner(
-            spec.fan_out_budget, self.K, spec.fan_out, self.vocab_size, spec.init_acceptance, spec.init_power_r
+            spec.fan_out_budget, self.K, spec.fan_out,
+            self.vocab_size if self.head_ids is None else len(self.head_ids), spec.init_acceptance, spec.init_power_r
         )
         self.seed = seed
 
@@ -86,17 +89,20 @@ class DraftRunner:
         s.ctx.extend(new_tokens)
 
     # ---- helpers ---------------------------------------------------------------------------
-    def _q_rows(self, s: DraftSeq, logits: torch.Tensor, fan_out: list[int] | int) -> torch.Tensor:
-        """Draft distribution for sampling, Saguaro-reshaped. logits [N, V] -> [N, V]."""
-        q = process_logits(logits, s.params)
-        return saguaro_reshape(q, torch.as_tensor(fan_out), self.spec.saguaro_c)
+    def _to_vocab(self, idx: torch.Tensor) -> torch.Tensor:
+        """Head indices -> token ids."""
+        return idx if self.head_ids is None else self.head_ids[idx]
 
     def _pick(self, s: DraftSeq, logits: torch.Tensor, fan_out):
-        """Next draft token per row. logits [N, V] -> (tokens [N], q [N, V] | None)."""
+        """Next draft token per row. logits [N, Vh] -> (tokens [N], q [N, V] | None).
+        q is the exact (Saguaro-reshaped) distribution the token was sampled from."""
         if s.params.greedy:
-            return logits.argmax(-1), None
-        q = self._q_rows(s, logits, fan_out)
-        return sample(q, s.generator), q
+            return self._to_vocab(logits.argmax(-1)), None
+        q = saguaro_reshape(process_logits(logits, s.params), torch.as_tensor(fan_out), self.spec.saguaro_c)
+        idx = sample(q, s.generator)
+        if self.head_ids is not None:
+            q = torch.zeros(q.shape[0], self.vocab_size).index_copy_(1, self.head_ids, q)
+        return self._to_vocab(idx), q
 
     # ---- just-in-time drafting (SD, and SSD after a miss) ---------------------------------
     @torch.inference_mode()
@@ -135,9 +141,12 @@ class DraftRunner:
 
     # ---- speculation cache construction (SSD) ----------------------------------------------
     @torch.inference_mode()
-    def build(self, specs: dict[int, tuple[list[int], str]]) -> dict[int, CacheEntry]:
+    def build(self, specs: dict[int, tuple[list[int], str]], on_keys=None, should_abort=None) -> dict[int, CacheEntry] | None:
         """specs: {seq_id: (the K speculated tokens now being verified, "hit" | "miss")}.
-        Predicts the round's outcomes and drafts the next speculation for each (Saguaro)."""
+        Predicts the round's outcomes and drafts the next speculation for each (Saguaro).
+        on_keys({seq_id: [(k, token), ...]}) is called as soon as the fork is known, before the
+        tree decode; should_abort() is polled between tree steps: True abandons the build
+        (the target learnt that every outcome missed) and returns None."""
         if not specs:
             return {}
         K = self.K
@@ -164,7 +173,8 @@ class DraftRunner:
             r.draft_len = len(r.ctx) + K  # context + speculated tokens now hold valid KV
             r.spec_after = after
             fan = self.planner.schedule(after)  # the schedule follows how this speculation arrived
-            top = torch.topk(glue_logits[b], min(RANKED_CANDIDATES + 1, self.vocab_size), dim=-1).indices.tolist()  # [K+1][R+1]
+            top_idx = torch.topk(glue_logits[b], min(RANKED_CANDIDATES + 1, glue_logits.shape[-1]), dim=-1).indices
+            top = self._to_vocab(top_idx).tolist()  # [K+1][R+1] token ids by draft rank
             ranked = []
             for k in range(K + 1):
                 cands = [t for t in top[k] if k == K or t != spec_tokens[k]][:RANKED_CANDIDATES]
@@ -178,6 +188,8 @@ class DraftRunner:
             branch_tok.append(toks)
             branch_depth.append(depths)
             fans.append(fan)
+        if on_keys is not None:
+            on_keys({i: list(zip(branch_depth[b], branch_tok[b])) for b, i in enumerate(seq_ids)})
         # 3. tree decode: K steps, one new token per branch for all rows in one forward each
         nb = [len(t) for t in branch_tok]
         width = max(nb)
@@ -191,6 +203,8 @@ class DraftRunner:
         out_tok = [[[] for _ in range(x)] for x in nb]
         out_q = [[[] for _ in range(x)] for x in nb]
         for step in range(K):
+            if should_abort is not None and should_abort():
+                return None
             ids = torch.tensor([c + [0] * (width - len(c)) for c in cur], dtype=torch.int64)
             batch = tree_step_batch([r.slot for r in rows], visible, region, nb, step, base_pos, device=ids.device)
             logits = self.model(ids, batch, self.cache)  # [B, width, V]

@@ -6,7 +6,10 @@ target -> draft:  ("round", round_id, ops, jit_ids, backups, hit_ids) | ("stop",
     backups  {seq_id: token_ids} speculations the target took from the fast backup
     hit_ids  sequences whose speculation came from the last cache (key = their outcome)
 draft -> target:  ("jit", round_id, {seq_id: (token_ids, q_slot | None)}, seconds)   iff jit_ids
-                  ("cache", round_id, {seq_id: (keys, token_ids, q_ref | None)}, seconds)   always
+                  ("keys", round_id, {seq_id: [(k, token), ...]})   the cached outcomes, right after the fork
+                  ("cache", round_id, {seq_id: (keys, token_ids, q_ref | None)} | None, seconds)   always;
+                      None when the build was abandoned because the next round message arrived
+                      early (the target saw every outcome miss and needs a just-in-time draft now)
                   ("error", message)
 Full q rows never travel through the pipe: they are written into shared-memory buffers
 (double-buffered by round parity for the cache, one region for JIT) and read by the target.
@@ -76,7 +79,16 @@ def worker_main(conn, draft_spec: dict, spec_cfg, max_seqs: int, max_model_len: 
                 key = (s.last_outcome_k, s.ctx[-1])
                 specs[i] = (entry.token_ids[entry.keys[key]].tolist(), "hit")
             t0 = time.perf_counter()
-            built = runner.build(specs)
+            built = runner.build(
+                specs,
+                on_keys=lambda keys: conn.send(("keys", round_id, keys)),
+                should_abort=lambda: conn.poll(0),
+            )
+            if built is None:
+                for i in specs:
+                    entries.pop(i, None)
+                conn.send(("cache", round_id, None, time.perf_counter() - t0))
+                continue
             parity = round_id % 2
             reply = {}
             for i, entry in built.items():

@@ -46,6 +46,7 @@ class SSDEngine(Engine):
         self.draft_error: str | None = None
         self.round_id = 0
         self.pending_ops: list[tuple] = []
+        self.stale_rounds: set[int] = set()  # rounds whose cache we stopped waiting for
         self.entries: dict[int, tuple] = {}
         msg = self._recv(timeout=start_timeout)
         if msg[0] != "ready":
@@ -68,6 +69,18 @@ class SSDEngine(Engine):
         if msg[0] == "error":
             raise DraftUnavailable(f"draft process failed:\n{msg[1]}")
         return msg
+
+    def _recv_kind(self, kind: str, round_id: int):
+        """The next message of this kind for this round, skipping the replies of abandoned rounds."""
+        while True:
+            msg = self._recv()
+            if msg[0] == kind and msg[1] == round_id:
+                return msg
+            if msg[0] in ("keys", "cache") and (msg[1] in self.stale_rounds or msg[1] < round_id):
+                if msg[0] == "cache":
+                    self.stale_rounds.discard(msg[1])
+                continue
+            raise DraftUnavailable(f"draft protocol error: expected {kind} for round {round_id}, got {msg[0]} for {msg[1]}")
 
     def _draft_lost(self, err: Exception) -> None:
         """Invariant 2: a dead draft never changes the output nor stalls a sequence; from now on
@@ -118,7 +131,7 @@ class SSDEngine(Engine):
                 self.pending_ops = []
                 if jit_ids:
                     t0 = time.perf_counter()
-                    _, _, reply, _ = self._recv()
+                    _, _, reply, _ = self._recv_kind("jit", self.round_id)
                     for s in need:
                         tokens, q_slot = reply[s.seq_id]
                         q = self.jit_q[q_slot].clone() if q_slot is not None else None
@@ -155,23 +168,25 @@ class SSDEngine(Engine):
             if not s.finished:
                 self.pending_ops.append((s.seq_id, "outcome", kept))
 
-        # the speculation cache the draft built while we verified
-        entries = {}
+        # the speculation cache the draft built while we verified. Its keys arrive first: when
+        # every outcome missed we do not wait for the tokens; the next round message (JIT)
+        # makes the draft abandon the build.
+        entries, on_time = {}, False
         if self.draft_alive:
-            on_time = self.conn.poll(0)
             t0 = time.perf_counter()
             try:
-                msg = self._recv()
-                while msg[1] != round_id:  # never happens with one message in flight; be strict
-                    msg = self._recv()
-                entries = msg[2]
-                self.stats.t_build += msg[3]
-                self.stats.n_build += 1
+                keys = self._recv_kind("keys", round_id)[2]
+                if any((k, t) in set(keys.get(s.seq_id, ())) for s, (k, t) in zip(running, outcomes) if not s.finished):
+                    on_time = self.conn.poll(0)
+                    msg = self._recv_kind("cache", round_id)
+                    entries = msg[2]
+                    self.stats.t_build += msg[3]
+                    self.stats.n_build += 1
+                else:
+                    self.stale_rounds.add(round_id)
             except DraftUnavailable as e:
                 self._draft_lost(e)
             self.stats.t_wait_cache += time.perf_counter() - t0
-        else:
-            on_time = False
         for s, (k, t) in zip(running, outcomes):
             if s.finished:
                 continue
@@ -214,7 +229,7 @@ class SSDEngine(Engine):
         try:
             self.conn.send(("round", self.round_id, self.pending_ops, [], {}, []))
             self.pending_ops = []
-            self._recv()
+            self._recv_kind("cache", self.round_id)
             self.round_id += 1
         except DraftUnavailable as e:
             self._draft_lost(e)

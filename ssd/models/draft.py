@@ -19,16 +19,34 @@ from .loader import load_model, resolve_model
 STANDIN = "standin"
 
 
+STANDIN_HEAD_VOCAB = 8192  # BPE ids are roughly in merge (frequency) order: ids < 8192 cover ~94 % of SmolLM2's output tokens
+
+
 def draft_spec(draft: str, target_path, standin_layers: int) -> dict:
     if draft == STANDIN:
-        return {"path": str(target_path), "standin_layers": standin_layers}
+        return {"path": str(target_path), "standin_layers": standin_layers, "head_vocab": STANDIN_HEAD_VOCAB}
     return {"path": str(resolve_model(draft))}
 
 
 def describe(spec: dict) -> str:
     if "standin_layers" in spec:
-        return f"stand-in draft (target truncated to its first {spec['standin_layers']} layers; weak, not trained)"
+        head = f", {spec['head_vocab']}-token head" if spec.get("head_vocab") else ""
+        return f"stand-in draft (target truncated to its first {spec['standin_layers']} layers{head}; weak, not trained)"
     return f"draft {spec['path']}"
+
+
+def restrict_head(model, head_ids: torch.Tensor) -> None:
+    """Reduced-vocabulary output head: the draft scores only head_ids (target id space).
+    Tokens outside get q = 0 and are never proposed, so verification stays exact."""
+    head_ids = torch.as_tensor(head_ids, dtype=torch.int64)
+    if head_ids.numel() == 0 or int(head_ids.max()) >= model.cfg.vocab_size or int(head_ids.min()) < 0:
+        raise ValueError("head ids must be non-empty and inside the vocabulary")
+    if head_ids.unique().numel() != head_ids.numel():
+        raise ValueError("head ids must be distinct")
+    weight = model.lm_head.weight.detach()[head_ids].clone()  # [Vh, H]
+    model.lm_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    model.lm_head.weight = torch.nn.Parameter(weight, requires_grad=False)
+    model.head_ids = head_ids
 
 
 def load_draft(spec: dict, dtype=torch.float32, device="cpu"):
@@ -39,4 +57,6 @@ def load_draft(spec: dict, dtype=torch.float32, device="cpu"):
             raise ValueError(f"standin_layers must be in [1, {cfg.num_layers}]")
         model.layers = model.layers[:n]
         model.cfg = dataclasses.replace(cfg, num_layers=n)
+    if spec.get("head_vocab"):
+        restrict_head(model, torch.arange(min(int(spec["head_vocab"]), model.cfg.vocab_size)))
     return model

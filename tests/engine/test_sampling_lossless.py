@@ -139,3 +139,32 @@ def test_wrong_verifier_is_detected(models, monkeypatch):
     eng = SDEngine(_cfg().replace(mode="sd"), target, draft, eos_token_ids=(3,))
     samples = run(eng, params_list(params))
     assert chi_square_pvalue(samples, exact_distribution(hf, params)) < ALPHA
+
+
+def test_reduced_vocabulary_head_keeps_sd_and_ssd_lossless(models):
+    """A draft head over ids {0, 1} of a 4-token vocabulary: tokens 2 and 3 get q = 0, are never
+    proposed, and can only come from recovery/bonus draws, yet the output distribution is exact."""
+    from ssd.models.draft import load_draft
+
+    t_dir, d_dir, hf, target, _ = models
+    spec = {"path": str(d_dir), "head_vocab": 2}
+    params = SAMPLINGS["t1"]
+    exact = exact_distribution(hf, params)
+    sd = SDEngine(_cfg().replace(mode="sd"), target, load_draft(spec), eos_token_ids=(3,))
+    sd_samples = run(sd, params_list(params))
+    assert chi_square_pvalue(sd_samples, exact) > ALPHA
+    with SSDEngine(_cfg(saguaro_c=0.5, critical_batch_size=1000), target, spec, (3,)) as eng:
+        ssd_samples = run(eng, params_list(params))
+        assert eng.stats.cache_hit + eng.stats.cache_late > 0
+    assert chi_square_pvalue(ssd_samples, exact) > ALPHA
+    assert any(t in (2, 3) for s in ssd_samples for t in s)  # out-of-head tokens still appear
+
+
+def test_restrict_head_rejects_bad_ids(models):
+    from ssd.models.draft import restrict_head
+
+    _, _, _, _, draft = models
+    with pytest.raises(ValueError):
+        restrict_head(draft, torch.tensor([0, 9]))
+    with pytest.raises(ValueError):
+        restrict_head(draft, torch.tensor([1, 1]))
