@@ -45,10 +45,13 @@ def _build(cls, ns, **override):
 
 
 def _configs(ns):
-    spec = _build(SpecConfig, ns)
-    cfg = _build(EngineConfig, ns, spec=spec)
-    params = _build(SamplingParams, ns)
-    return cfg, params
+    """Configs from the flags; invalid values end the command with exit status 2 and a message."""
+    try:
+        spec = _build(SpecConfig, ns)
+        return _build(EngineConfig, ns, spec=spec), _build(SamplingParams, ns)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _prompt_ids(tok, text: str, raw: bool) -> list[int]:
@@ -62,11 +65,7 @@ def cmd_generate(ns) -> int:
     from .engine import ModelPair, build_engine
     from .models.draft import describe
 
-    try:
-        cfg, params = _configs(ns)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg, params = _configs(ns)
     if not ns.prompt.strip():
         print("error: prompt is empty", file=sys.stderr)
         return 2
@@ -124,12 +123,15 @@ def cmd_generate(ns) -> int:
 def cmd_bench(ns) -> int:
     from .bench import run_bench
 
-    try:
-        cfg, params = _configs(ns)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg, params = _configs(ns)
     return run_bench(cfg, params, ns)
+
+
+# ---- ssd train-draft ---------------------------------------------------------------------------
+def cmd_train_draft(ns) -> int:
+    from .train.distill import run_train_draft
+
+    return run_train_draft(ns)
 
 
 def main(argv=None) -> int:
@@ -156,6 +158,13 @@ def main(argv=None) -> int:
     _add_fields(b, SpecConfig)
     _add_fields(b, SamplingParams)
     b.set_defaults(func=cmd_bench)
+
+    from .train.config import TrainDraftConfig  # a plain dataclass; the trainer itself is imported lazily
+
+    t = sub.add_parser("train-draft", help="distil a small same-tokenizer draft from the target (writes a draft dir)")
+    t.add_argument("--out", required=True, help="draft directory to write; OUT/train_state holds resumable state")
+    _add_fields(t, TrainDraftConfig, skip=("out",))
+    t.set_defaults(func=cmd_train_draft)
 
     ns = p.parse_args(argv)
     ns.command_line = "ssd " + " ".join(sys.argv[1:] if argv is None else argv)

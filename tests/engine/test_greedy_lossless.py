@@ -62,10 +62,11 @@ def test_ssd_greedy_identical_to_ar_with_misses(pair, prompts, reference):
 
 
 def test_ssd_greedy_identical_to_ar_with_hits_and_backup(pair, prompts, reference):
-    # the target as its own draft: speculations are accepted and the cache hits; b* = 2 sends
-    # misses of this 3-sequence batch to the n-gram backup
+    # the target as its own draft: speculations are accepted and the cache hits. max_batch = 2
+    # makes the third prompt join when the first finishes (continuous batching); b* = 2 sends
+    # misses at batch 2 to the n-gram backup and misses at batch 1 to the JIT draft
     pair2 = ModelPair(pair.target_path, pair.target, pair.tokenizer, {"path": pair.target_path})
-    cfg = EngineConfig(mode="ssd", max_batch=4, spec=SpecConfig(num_speculative_tokens=3, fan_out_budget=4, critical_batch_size=2))
+    cfg = EngineConfig(mode="ssd", max_batch=2, spec=SpecConfig(num_speculative_tokens=3, fan_out_budget=4, critical_batch_size=2))
     out, st = _run(pair2, prompts, cfg)
     assert out == reference
     assert st.cache_hit + st.cache_late > 10 and st.num_accepted_tokens > 0 and st.n_backup > 0

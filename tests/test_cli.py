@@ -1,0 +1,59 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ssd.bench import load_prompts, thm7_ideal
+from ssd.engine.base import EngineStats
+
+
+def _ssd(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "ssd.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_generate_json_is_one_object_with_text_ids_and_stats():
+    r = _ssd("generate", "--prompt", "Say hello.", "--max-tokens", "8", "--mode", "ssd", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["mode"] == "ssd" and len(out["token_ids"]) <= 8 and out["token_ids"]
+    assert isinstance(out["text"], str) and "stand-in" in out["draft"]
+    assert out["stats"]["tokens"] == len(out["token_ids"])
+    assert {"tokens_per_s", "mean_accepted_length", "cache_hit_rate"} <= set(out["stats"])
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "0"], "top_p"),
+    (["--max-tokens", "0"], "max_tokens"),
+    (["--mode", "fast"], "mode"),
+])
+def test_generate_bad_flags_exit_2_with_message(args, msg):
+    r = _ssd("generate", "--prompt", "hi", *args)
+    assert r.returncode == 2 and msg in r.stderr
+
+
+def test_bench_prompt_file_validation(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a", "category": "code"}\n\n{"prompt": "b"}\n')
+    assert load_prompts(str(f)) == [{"prompt": "a", "category": "code"}, {"prompt": "b", "category": "all"}]
+    f.write_text('{"text": "a"}\n')
+    with pytest.raises(ValueError, match="expected"):
+        load_prompts(str(f))
+    f.write_text("not json\n")
+    with pytest.raises(ValueError, match="not JSON"):
+        load_prompts(str(f))
+    cats = {p["category"] for p in load_prompts(None)}
+    assert cats == {"chat", "code", "math", "summarisation"}
+
+
+def test_thm7_ideal_matches_the_formula():
+    st = EngineStats(steps=10, t_verify=1.0, cache_hit=6, cache_late=2, cache_miss=2,
+                     tokens_after_hit=24, rounds_after_hit=8, tokens_after_miss=4, rounds_after_miss=2,
+                     t_build=1.6, n_build=8, t_jit=0.1, n_jit=2)
+    t = thm7_ideal(st)
+    p, e_hit, e_miss, t_p, t_b = 0.8, 3.0, 2.0, 2.0, 0.5  # T_p = 0.2 s / 0.1 s, T_b = 0.05 s / 0.1 s
+    expect = (p * e_hit + (1 - p) * e_miss) / (p * max(1, t_p) + (1 - p) * (1 + t_b))
+    assert t["tokens_per_verify_unit"] == pytest.approx(expect)
+    assert t["ideal_decode_tokens_per_s"] == pytest.approx(expect / 0.1)
