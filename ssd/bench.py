@@ -98,11 +98,7 @@ def _hf_references(pair: ModelPair, prompt_ids, params, k: int) -> dict:
 
     out = {}
     target = AutoModelForCausalLM.from_pretrained(pair.target_path, dtype=torch.float32).eval()
-    spec = pair.draft_spec
-    assistant = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=torch.float32).eval()
-    if "standin_layers" in spec:  # the same stand-in our engines use
-        assistant.model.layers = assistant.model.layers[: spec["standin_layers"]]
-        assistant.config.num_hidden_layers = spec["standin_layers"]
+    assistant = _hf_assistant(pair)
     assistant.generation_config.num_assistant_tokens = k
     assistant.generation_config.num_assistant_tokens_schedule = "constant"
     assistant.generation_config.assistant_confidence_threshold = 0.0
@@ -127,6 +123,42 @@ def _hf_references(pair: ModelPair, prompt_ids, params, k: int) -> dict:
             outs.append(new)
         out[label] = {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "outputs": outs}
     return out
+
+
+def _hf_assistant(pair: ModelPair):
+    """The draft our engines use, as a transformers model for assisted generation."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    spec = pair.draft_spec
+    if "standin_layers" in spec:
+        m = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=torch.float32).eval()
+        m.model.layers = m.model.layers[: spec["standin_layers"]]
+        m.config.num_hidden_layers = spec["standin_layers"]
+        head_ids = torch.arange(spec["head_vocab"]) if spec.get("head_vocab") else None
+    else:
+        from safetensors.torch import load_file
+
+        from .train.draft_io import WEIGHTS, is_draft_dir
+
+        if not is_draft_dir(spec["path"]):
+            return AutoModelForCausalLM.from_pretrained(spec["path"], dtype=torch.float32).eval()
+        d = json.loads((Path(spec["path"]) / "config.json").read_text())
+        d.pop("ssd_draft")
+        m = LlamaForCausalLM(LlamaConfig(**d)).float().eval()
+        own = {k: v.float() for k, v in load_file(str(Path(spec["path"]) / WEIGHTS)).items()}
+        head_ids = own.pop("head_token_ids").long()
+        head = own.pop("lm_head.weight")
+        with torch.no_grad():
+            m.model.embed_tokens.weight.copy_(pair.target.embed.weight)
+            m.lm_head.weight.zero_()
+            m.lm_head.weight[head_ids] = head
+        m.load_state_dict(own, strict=False)
+    if head_ids is not None:
+        # a reduced-vocabulary head: transformers needs full-vocabulary logits, so mask the rest
+        mask = torch.ones(m.config.vocab_size, dtype=torch.bool)
+        mask[head_ids] = False
+        m.lm_head.register_forward_hook(lambda mod, inp, out: out.masked_fill(mask, float("-inf")))
+    return m
 
 
 def _same_prefix(a: list[int], b: list[int]) -> bool:

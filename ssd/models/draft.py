@@ -11,12 +11,17 @@ layers), and every report names it as a stand-in.
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import torch
 
-from .loader import load_model, resolve_model
+from .loader import default_target_path, load_model, resolve_model
 
 STANDIN = "standin"
+DEFAULT = "default"
+# the draft shipped for the default target, trained here with `ssd train-draft` (see its README.md)
+DEFAULT_DRAFT_DIR = Path(__file__).resolve().parent.parent / "data" / "drafts" / "smollm2-135m-draft-l2"
 
 
 STANDIN_HEAD_VOCAB = 8192  # BPE ids are roughly in merge (frequency) order: ids < 8192 cover ~94 % of SmolLM2's output tokens
@@ -25,13 +30,27 @@ STANDIN_HEAD_VOCAB = 8192  # BPE ids are roughly in merge (frequency) order: ids
 def draft_spec(draft: str, target_path, standin_layers: int) -> dict:
     if draft == STANDIN:
         return {"path": str(target_path), "standin_layers": standin_layers, "head_vocab": STANDIN_HEAD_VOCAB}
-    return {"path": str(resolve_model(draft))}
+    if draft == DEFAULT:
+        if Path(target_path).resolve() != default_target_path(progress=False).resolve():
+            raise ValueError("there is no default draft for this target: pass --draft DIR "
+                             "(e.g. one made by `ssd train-draft`) or --draft standin")
+        if not (DEFAULT_DRAFT_DIR / "config.json").exists():
+            raise FileNotFoundError(f"the shipped default draft is missing: {DEFAULT_DRAFT_DIR}")
+        return {"path": str(DEFAULT_DRAFT_DIR), "target_path": str(target_path)}
+    return {"path": str(resolve_model(draft)), "target_path": str(target_path)}
 
 
 def describe(spec: dict) -> str:
     if "standin_layers" in spec:
         head = f", {spec['head_vocab']}-token head" if spec.get("head_vocab") else ""
         return f"stand-in draft (target truncated to its first {spec['standin_layers']} layers{head}; weak, not trained)"
+    cfg_file = Path(spec["path"]) / "config.json"
+    if cfg_file.exists():
+        cfg = json.loads(cfg_file.read_text())
+        meta = cfg.get("ssd_draft")
+        if meta:
+            return (f"trained draft {Path(spec['path']).name} ({cfg['num_hidden_layers']} layers, "
+                    f"{meta['head_vocab_size']}-token head, distilled from {Path(str(meta['target'])).name})")
     return f"draft {spec['path']}"
 
 
@@ -50,6 +69,10 @@ def restrict_head(model, head_ids: torch.Tensor) -> None:
 
 
 def load_draft(spec: dict, dtype=torch.float32, device="cpu"):
+    from ssd.train.draft_io import is_draft_dir, load_draft_dir
+
+    if is_draft_dir(spec["path"]):  # a trained draft (ssd train-draft): the embedding comes from its target
+        return load_draft_dir(spec["path"], spec.get("target_path"), dtype=dtype, device=device)
     model, cfg = load_model(spec["path"], dtype=dtype, device=device)
     n = spec.get("standin_layers")
     if n is not None:

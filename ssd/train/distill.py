@@ -1,0 +1,410 @@
+"""`ssd train-draft`: distil a small draft from the target it will serve.
+
+Pipeline: generated prompts -> the target's own greedy continuations (batched AR engine) ->
+head vocabulary (most frequent generated tokens) -> teacher distributions (one target forward
+per batch of whole sequences, top-k over the head kept) -> KL(target || draft) training of a
+draft initialised from target layers -> held-out top-1 agreement (the greedy acceptance proxy)
+-> the draft directory (ssd/train/draft_io.py). OUT/train_state holds data, teacher targets and
+checkpoints, so --resume neither regenerates nor retrains what is done.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ssd.kv_cache import append_batch
+from ssd.train.config import TrainDraftConfig
+from ssd.train.draft_model import DraftModel
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class Example:
+    ids: list[int]  # prompt + target continuation, truncated to seq_len
+    prompt_len: int
+    teacher_logits: torch.Tensor | None = None  # [n, k] fp16, target logits of its top-k head tokens
+    teacher_idx: torch.Tensor | None = None  # [n, k] int32, head indices of those tokens
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+# ---- 1-2. the target's own greedy continuations -------------------------------------------
+def generate_continuations(target, eos_token_ids, prompt_ids: list[list[int]], gen_tokens: int, gen_batch: int,
+                           store: Path | None = None, key: dict | None = None, chunk: int = 64) -> tuple[list[list[int]], float]:
+    """Greedy outputs of the target for every prompt; saved to `store` every `chunk` prompts and
+    reused from it when its key matches (a resumed run does not regenerate). -> (outputs, seconds)"""
+    from ssd.config import EngineConfig, SamplingParams
+    from ssd.engine import AREngine
+
+    done: dict[int, list[int]] = {}
+    spent = 0.0
+    if store is not None and store.exists():
+        saved = torch.load(store, weights_only=False)
+        if saved.get("key") == key:
+            done, spent = saved["outputs"], saved["seconds"]
+    todo = [i for i in range(len(prompt_ids)) if i not in done]
+    if todo:
+        max_len = max(len(p) for p in prompt_ids) + gen_tokens + 8
+        cfg = EngineConfig(mode="ar", max_batch=gen_batch, max_model_len=max(16, max_len),
+                           target_threads=torch.get_num_threads())
+        engine = AREngine(cfg, target, tuple(eos_token_ids))
+        params = SamplingParams(max_tokens=gen_tokens)
+        bar = tqdm(total=len(prompt_ids), initial=len(done), desc="target continuations", unit="prompt")
+        for c0 in range(0, len(todo), chunk):
+            idx = todo[c0:c0 + chunk]
+            t0 = time.perf_counter()
+            seqs = {i: engine.add_request(prompt_ids[i], params) for i in idx}
+            finished = 0
+            while engine.has_unfinished():
+                engine.step()
+                now = sum(s.finished for s in seqs.values())
+                bar.update(now - finished)
+                finished = now
+            spent += time.perf_counter() - t0
+            done.update({i: list(s.output_ids) for i, s in seqs.items()})
+            ntok = sum(len(v) for v in done.values())
+            bar.set_postfix_str(f"{ntok / max(spent, 1e-9):.0f} tok/s")
+            if store is not None:
+                _atomic_save({"key": key, "outputs": done, "seconds": spent}, store)
+        bar.close()
+    return [done[i] for i in range(len(prompt_ids))], spent
+
+
+# ---- 3. head vocabulary -------------------------------------------------------------------
+def select_head(token_seqs: list[list[int]], vocab_size: int, head_vocab: int, always=()) -> torch.Tensor:
+    """The head_vocab most frequent tokens of token_seqs (ties and padding by lowest id), always
+    including `always` (EOS, chat special tokens). -> sorted token ids [Vh] int64"""
+    head_vocab = min(head_vocab, vocab_size)
+    always = sorted({int(t) for t in always if 0 <= int(t) < vocab_size})
+    if len(always) > head_vocab:
+        raise ValueError(f"{len(always)} always-kept tokens do not fit a {head_vocab}-token head")
+    flat = torch.tensor([t for s in token_seqs for t in s], dtype=torch.int64)
+    counts = torch.bincount(flat, minlength=vocab_size).double() if flat.numel() else torch.zeros(vocab_size, dtype=torch.float64)
+    counts[always] = math.inf
+    # stable sort on descending count keeps ascending ids among equal counts
+    order = torch.sort(-counts, stable=True).indices
+    return torch.sort(order[:head_vocab]).values
+
+
+# ---- 2. teacher distributions ---------------------------------------------------------------
+@torch.inference_mode()
+def teacher_targets(target, examples: list[Example], head_ids: torch.Tensor, topk: int, batch_size: int = 8,
+                    desc: str = "teacher forward") -> None:
+    """Fills each example's teacher_logits/teacher_idx: the target's logits at every position,
+    restricted to the head vocabulary, top-k kept (one forward per batch of whole sequences)."""
+    k = min(topk, head_ids.numel())
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))  # similar lengths together
+    bar = tqdm(total=sum(len(e.ids) for e in examples), desc=desc, unit="tok")
+    for b0 in range(0, len(order), batch_size):
+        rows = [examples[i] for i in order[b0:b0 + batch_size]]
+        lens = [len(e.ids) for e in rows]
+        n = max(lens)
+        ids = torch.zeros(len(rows), n, dtype=torch.int64)
+        for r, e in enumerate(rows):
+            ids[r, :len(e.ids)] = torch.tensor(e.ids)
+        cache = target.new_cache(len(rows), n)
+        logits = target(ids, append_batch(list(range(len(rows))), [0] * len(rows), lens), cache)  # [B, n, V]
+        vals, idx = logits[..., head_ids].topk(k, dim=-1)  # [B, n, k]
+        for r, e in enumerate(rows):
+            e.teacher_logits = vals[r, :len(e.ids)].half().clone()
+            e.teacher_idx = idx[r, :len(e.ids)].int().clone()
+        bar.update(sum(lens))
+    bar.close()
+
+
+# ---- 5. loss -----------------------------------------------------------------------------------
+def collate(examples: list[Example]):
+    """-> ids [B, n] int64, teacher logits [B, n, k] fp32, teacher idx [B, n, k] int64, mask [B, n] bool"""
+    B, n, k = len(examples), max(len(e.ids) for e in examples), examples[0].teacher_idx.shape[1]
+    ids = torch.zeros(B, n, dtype=torch.int64)
+    tl = torch.zeros(B, n, k)
+    ti = torch.zeros(B, n, k, dtype=torch.int64)
+    mask = torch.zeros(B, n, dtype=torch.bool)
+    for r, e in enumerate(examples):
+        m = len(e.ids)
+        ids[r, :m] = torch.tensor(e.ids)
+        tl[r, :m] = e.teacher_logits.float()
+        ti[r, :m] = e.teacher_idx.long()
+        mask[r, :m] = True
+    return ids, tl, ti, mask
+
+
+def distill_loss(draft_logits, teacher_logits, teacher_idx, mask, ce_weight: float):
+    """KL(target || draft) over the head vocabulary + ce_weight * CE on the target's top head token.
+    The target's distribution is renormalised over its top-k head tokens; the draft's over the
+    whole head. -> (loss, mean KL) scalars"""
+    logq = F.log_softmax(draft_logits, -1)  # [B, n, Vh]
+    logp = F.log_softmax(teacher_logits, -1)  # [B, n, k]
+    logq_k = logq.gather(-1, teacher_idx)  # [B, n, k]
+    kl = (logp.exp() * (logp - logq_k)).sum(-1)  # [B, n]
+    ce = -logq_k[..., 0]  # topk is sorted: column 0 is the target's argmax over the head
+    w = mask.float()
+    denom = w.sum().clamp(min=1)
+    kl_mean = (kl * w).sum() / denom
+    return kl_mean + ce_weight * (ce * w).sum() / denom, kl_mean
+
+
+@torch.no_grad()
+def evaluate(draft: DraftModel, examples: list[Example], batch_size: int = 8) -> dict:
+    """Held-out greedy top-1 agreement with the target on its continuation positions (position
+    t predicts ids[t+1], the target's greedy token there): the per-token acceptance proxy."""
+    draft.eval()
+    agree = total = in_head = 0
+    kl_sum = kl_n = 0.0
+    head_set = set(draft.head_token_ids.tolist())
+    for b0 in range(0, len(examples), batch_size):
+        rows = examples[b0:b0 + batch_size]
+        ids, tl, ti, mask = collate(rows)
+        logits = draft(ids)  # [B, n, Vh]
+        _, kl = distill_loss(logits, tl, ti, mask, 0.0)
+        kl_sum += float(kl) * int(mask.sum())
+        kl_n += int(mask.sum())
+        pred = draft.head_token_ids[logits.argmax(-1)]  # [B, n] token ids
+        for r, e in enumerate(rows):
+            for t in range(e.prompt_len - 1, len(e.ids) - 1):
+                agree += int(pred[r, t]) == e.ids[t + 1]
+                in_head += e.ids[t + 1] in head_set
+                total += 1
+    draft.train()
+    return {"agreement": agree / max(total, 1), "kl": kl_sum / max(kl_n, 1), "positions": total,
+            "head_coverage": in_head / max(total, 1)}
+
+
+# ---- 5-6. training loop ---------------------------------------------------------------------
+def _lr_lambda(cfg: TrainDraftConfig):
+    warm = min(cfg.warmup_steps, max(cfg.steps // 10, 1))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(cfg.steps - warm, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))  # cosine down to lr/10
+    return f
+
+
+def _batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    # a pure function of the step: a resumed run sees exactly the batches an uninterrupted one does
+    out = []
+    for j in range(batch_size):
+        g = step * batch_size + j
+        epoch, pos = divmod(g, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(int(perm[pos]))
+    return out
+
+
+def train(draft: DraftModel, train_ex: list[Example], eval_ex: list[Example], cfg: TrainDraftConfig,
+          state_dir: Path, deadline: float | None = None, stop_after: int | None = None) -> dict:
+    """Trains draft in place from step 0 or from state_dir/ckpt.pt (cfg.resume), up to cfg.steps
+    (the schedule's length) or stop_after steps, checkpointing at each eval and at the stop. -> summary"""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = state_dir / "ckpt.pt", state_dir / "log.jsonl"
+    params = [p for p in draft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    step, wall = 0, 0.0
+    if cfg.resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False)
+        if not torch.equal(ck["model"]["head_token_ids"], draft.head_token_ids):
+            raise ValueError("checkpoint head vocabulary differs from this run's")
+        draft.load_own_state_dict(ck["model"])
+        opt.load_state_dict(ck["optim"])
+        sched.load_state_dict(ck["sched"])
+        torch.set_rng_state(ck["rng"])
+        step, wall = ck["step"], ck["wall_s"]
+        tqdm.write(f"resumed from step {step}")
+    elif log_path.exists():
+        log_path.unlink()
+
+    def log(rec):
+        with log_path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        tqdm.write(json.dumps(rec))
+
+    def checkpoint():
+        _atomic_save({"model": draft.own_state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
+                      "rng": torch.get_rng_state(), "step": step, "wall_s": wall}, ckpt_path)
+
+    first = evaluate(draft, eval_ex) if step == 0 else None
+    if first is not None:
+        log({"step": 0, "eval": first})
+    draft.train()
+    last_eval = first
+    bar = tqdm(total=cfg.steps, initial=step, desc="training draft", unit="step")
+    stopped_early = False
+    t_train0, steps_here = time.perf_counter(), 0
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        ids, tl, ti, mask = collate([train_ex[i] for i in _batch_indices(step, len(train_ex), cfg.batch_size, cfg.seed)])
+        loss, kl = distill_loss(draft(ids), tl, ti, mask, cfg.ce_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        steps_here += 1
+        wall += time.perf_counter() - t0
+        bar.update()
+        loss, kl = float(loss.detach()), float(kl.detach())
+        bar.set_postfix(loss=f"{loss:.3f}", kl=f"{kl:.3f}")
+        out_of_time = (deadline is not None and time.time() > deadline) or step == stop_after
+        if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
+            last_eval = evaluate(draft, eval_ex)
+            log({"step": step, "loss": loss, "kl": kl, "lr": sched.get_last_lr()[0],
+                 "train_wall_s": round(wall, 1), "eval": last_eval})
+            checkpoint()
+        if out_of_time and step < cfg.steps:
+            tqdm.write(f"stopping at step {step} ({'stop_after' if step == stop_after else 'time budget'})")
+            stopped_early = True
+            break
+    bar.close()
+    if last_eval is None:
+        last_eval = evaluate(draft, eval_ex)
+    rate = steps_here / max(time.perf_counter() - t_train0, 1e-9)
+    return {"steps": step, "train_wall_s": wall, "steps_per_s": rate, "stopped_early": stopped_early,
+            "eval": last_eval, "eval_step0": first}
+
+
+# ---- the whole pipeline ---------------------------------------------------------------------
+def distill(cfg: TrainDraftConfig, target_path: Path, target_ref: str, train_prompts: list[list[int]],
+            eval_prompts: list[list[int]], always_ids=(), data_meta: dict | None = None,
+            deadline: float | None = None) -> dict:
+    """Everything after tokenisation: data, head, teacher, init, training, the draft directory."""
+    from ssd.models.loader import load_model
+    from ssd.train.draft_io import save_draft
+    from ssd.train.draft_model import draft_from_target, init_layer_ids
+
+    t_start = time.time()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    state = out / "train_state"
+    state.mkdir(parents=True, exist_ok=True)
+    target, tcfg = load_model(target_path)
+    prompts = train_prompts + eval_prompts
+    key = {"target": str(target_path), "prompts": prompts, "gen_tokens": cfg.gen_tokens}
+    outputs, gen_s = generate_continuations(target, tcfg.eos_token_ids, prompts, cfg.gen_tokens, cfg.gen_batch,
+                                            state / "data.pt", key)
+    gen_tokens = sum(len(o) for o in outputs)
+    examples = [Example((p + o)[:cfg.seq_len], min(len(p), cfg.seq_len)) for p, o in zip(prompts, outputs)]
+    train_ex, eval_ex = examples[:len(train_prompts)], examples[len(train_prompts):]
+    eval_ex = [e for e in eval_ex if len(e.ids) > e.prompt_len]  # prompts longer than seq_len leave nothing
+
+    head_ids = select_head([o for o in outputs[:len(train_prompts)]], tcfg.vocab_size, cfg.head_vocab,
+                           tuple(always_ids) + tuple(tcfg.eos_token_ids))
+    tkey = {"data": key, "head_ids": head_ids.tolist(), "topk": cfg.teacher_topk, "seq_len": cfg.seq_len}
+    tstore = state / "teacher.pt"
+    saved = torch.load(tstore, weights_only=False) if tstore.exists() else None
+    if saved is not None and saved["key"] == tkey:
+        for e, (tl, ti) in zip(examples, saved["targets"]):
+            e.teacher_logits, e.teacher_idx = tl, ti
+    else:
+        teacher_targets(target, examples, head_ids, cfg.teacher_topk)
+        _atomic_save({"key": tkey, "targets": [(e.teacher_logits, e.teacher_idx) for e in examples]}, tstore)
+    del target
+
+    draft = draft_from_target(target_path, cfg.layers, head_ids, cfg.init_layers)
+    summary = train(draft, train_ex, eval_ex, cfg, state, deadline)
+    dtype = _DTYPES[cfg.save_dtype]
+    save_draft(out, draft, target_path, target_ref, dtype=dtype)
+    size = (out / "model.safetensors").stat().st_size
+    info = {
+        "target": target_ref, "layers": cfg.layers,
+        "init_layers": f"{cfg.init_layers} (target layers {init_layer_ids(tcfg.num_layers, cfg.layers, cfg.init_layers)})",
+        "head_vocab": int(head_ids.numel()), "train_prompts": len(train_prompts), "eval_prompts": len(eval_prompts),
+        "gen_tokens_total": gen_tokens, "gen_seconds": round(gen_s, 1),
+        "gen_tokens_per_s": round(gen_tokens / max(gen_s, 1e-9), 1),
+        "train_tokens_per_step": None, "file_bytes": size, "save_dtype": cfg.save_dtype,
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "wall_s_this_run": round(time.time() - t_start, 1), **(data_meta or {}), **summary,
+    }
+    info.pop("train_tokens_per_step")
+    (state / "summary.json").write_text(json.dumps(info, indent=2))
+    (out / "README.md").write_text(model_card(cfg, info))
+    return info
+
+
+def model_card(cfg: TrainDraftConfig, info: dict) -> str:
+    ev, ev0 = info["eval"], info.get("eval_step0") or {}
+    cats = info.get("categories")
+    lines = [
+        f"# Draft for {info['target']} (distilled by `ssd train-draft`)",
+        "",
+        f"A {cfg.layers}-layer Llama-style draft for greedy speculative decoding of `{info['target']}`. It shares the",
+        "target's tokenizer and reads the target's (frozen) embedding at load time; this directory holds only its",
+        f"own layers, final norm and a reduced-vocabulary head of {info['head_vocab']} tokens (`head_token_ids`).",
+        "Load with `ssd.models.draft.load_draft({\"path\": <this dir>, \"target_path\": <target dir>})`.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| held-out top-1 agreement with the target (per-token greedy acceptance proxy) | **{ev['agreement']:.3f}**"
+        + (f" (at init: {ev0['agreement']:.3f})" if ev0 else "") + " |",
+        f"| held-out KL(target ‖ draft) over the head, nats/token | {ev['kl']:.3f}" + (f" (at init: {ev0['kl']:.3f})" if ev0 else "") + " |",
+        f"| held-out positions evaluated | {ev['positions']} |",
+        f"| head vocabulary | {info['head_vocab']} tokens; covers {ev['head_coverage']:.3f} of the held-out target tokens |",
+        f"| layers | {cfg.layers}, initialised from {info['init_layers']} |",
+        f"| data | {info['train_prompts']} train + {info['eval_prompts']} held-out generated prompts"
+        + (f" ({cats})" if cats else "") + f"; the target's greedy continuations, up to {cfg.gen_tokens} tokens each,"
+        f" {info['gen_tokens_total']} generated tokens in {info['gen_seconds']} s; none of ssd/data/bench_prompts.jsonl |",
+        f"| training | {info['steps']} steps of {cfg.batch_size} sequences x <= {cfg.seq_len} tokens, AdamW lr {cfg.lr} "
+        f"(warmup, cosine), loss KL(top-{cfg.teacher_topk} target over head || draft) + {cfg.ce_weight} x CE(target top-1)"
+        + (", stopped early by the time budget" if info["stopped_early"] else "") + " |",
+        f"| wall time | training {info['train_wall_s']:.0f} s, whole run {info['wall_s_this_run']:.0f} s |",
+        f"| hardware | {info['cpu_count']} CPU cores, {info['torch_threads']} torch threads, torch {info['torch']}, no GPU |",
+        f"| file | model.safetensors, {info['file_bytes'] / 1e6:.1f} MB ({info['save_dtype']}) |",
+        "",
+        f"Command: `{info.get('command_line', 'ssd train-draft ...')}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run_train_draft(ns) -> int:
+    from collections import Counter
+
+    from ssd.models.loader import DEFAULT_TARGET, resolve_model
+    from ssd.tokenizer import Tokenizer
+    from ssd.train.prompts import build_prompts, split_eval
+
+    t0 = time.time()
+    kw = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainDraftConfig) if hasattr(ns, f.name)}
+    try:
+        cfg = TrainDraftConfig(**kw)
+    except ValueError as e:
+        print(f"error: {e}")
+        return 2
+    torch.set_num_threads(cfg.threads)
+    deadline = t0 + cfg.time_budget_min * 60 if cfg.time_budget_min > 0 else None
+    target_path = resolve_model(cfg.target)
+    tok = Tokenizer(target_path)
+    prompts = build_prompts(cfg.num_prompts, cfg.seed)
+    train_p, eval_p = split_eval(prompts, cfg.eval_prompts)
+    enc = lambda ps: [tok.apply_chat_template([{"role": "user", "content": p["prompt"]}]) for p in ps]
+    always = tuple(tok.eos_token_ids) + tuple(getattr(tok._tok, "all_special_ids", ()))  # chat special tokens
+    cats = ", ".join(f"{c} {n}" for c, n in Counter(p["category"] for p in prompts).most_common())
+    Path(cfg.out, "train_state").mkdir(parents=True, exist_ok=True)
+    Path(cfg.out, "train_state", "prompts.jsonl").write_text(
+        "".join(json.dumps({**p, "split": "eval" if p in eval_p else "train"}) + "\n" for p in prompts))
+    ref = DEFAULT_TARGET if cfg.target in ("default", DEFAULT_TARGET) else str(target_path.resolve())
+    info = distill(cfg, target_path, ref, enc(train_p), enc(eval_p), always,
+                   {"categories": cats, "command_line": getattr(ns, "command_line", "")}, deadline)
+    ev = info["eval"]
+    print(f"draft written to {cfg.out}: {info['steps']} steps, held-out agreement {ev['agreement']:.3f} "
+          f"(init {info['eval_step0']['agreement'] if info.get('eval_step0') else float('nan'):.3f}), "
+          f"head coverage {ev['head_coverage']:.3f}, {info['file_bytes'] / 1e6:.1f} MB; "
+          f"generation {info['gen_tokens_per_s']} tok/s, training {info['steps_per_s']:.2f} steps/s")
+    return 0

@@ -1,0 +1,20 @@
+"""The core library imports neither grpc nor redis (DESIGN.md; STYLE.md 1)."""
+import subprocess
+import sys
+
+CORE = ["ssd", "ssd.config", "ssd.engine", "ssd.engine.draft_worker", "ssd.models.draft", "ssd.kernels.attention",
+        "ssd.kernels.rejection", "ssd.spec.fanout", "ssd.spec.ngram", "ssd.bench", "ssd.cli", "ssd.train.distill"]
+
+
+def test_core_imports_no_network_libraries():
+    code = "import sys\n" + "".join(f"import {m}\n" for m in CORE) + \
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'redis', 'grpc_tools'))\nprint(bad)\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_proto_stubs_generate_and_round_trip():
+    from ssd.services.protos import pb
+
+    req = pb.GenerateRequest(request_id="r1", prompt="hi", sampling=pb.SamplingParams(temperature=0.5, max_tokens=3))
+    assert pb.GenerateRequest.FromString(req.SerializeToString()) == req

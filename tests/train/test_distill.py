@@ -1,0 +1,158 @@
+"""Draft distillation on a tiny random target: the training module equals the inference model,
+training lowers KL and raises held-out agreement, resume is exact, and the saved draft serves in
+the SD engine with output identical to AR greedy."""
+import dataclasses
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from ssd.config import EngineConfig, SamplingParams, SpecConfig
+from ssd.engine import AREngine, SDEngine
+from ssd.kv_cache import append_batch
+from ssd.models.draft import load_draft
+from ssd.models.loader import load_model
+from ssd.train.config import TrainDraftConfig
+from ssd.train.distill import Example, distill, select_head, teacher_targets, train
+from ssd.train.draft_io import load_draft_dir, load_trainable, save_draft
+from ssd.train.draft_model import draft_from_target
+from ssd.train.prompts import bench_prompts, build_prompts, split_eval
+
+VOCAB, EOS = 96, 95
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_target")
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      rope_theta=5000.0, bos_token_id=0, eos_token_id=EOS, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(20.0)  # sharper next-token distributions, like a real LM
+    hf.save_pretrained(d)
+    return d
+
+
+def _prompts(n, seed):
+    rng = random.Random(seed)
+    return [[rng.randrange(1, EOS) for _ in range(rng.randint(4, 10))] for _ in range(n)]
+
+
+def _cfg(out, **kw):
+    base = dict(out=str(out), layers=2, head_vocab=48, num_prompts=40, eval_prompts=8, gen_tokens=16, gen_batch=8,
+                teacher_topk=16, steps=40, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=4, eval_every=20,
+                threads=1, save_dtype="float32")
+    return TrainDraftConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def distilled(target_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("draft")
+    cfg = _cfg(out)
+    info = distill(cfg, target_dir, str(target_dir), _prompts(32, 1), _prompts(8, 2), always_ids=(0,))
+    return out, cfg, info
+
+
+def test_training_module_matches_inference_model(target_dir, tmp_path):
+    head = torch.tensor(sorted(random.Random(0).sample(range(VOCAB - 1), 40) + [EOS]))
+    draft = draft_from_target(target_dir, 2, head)
+    with torch.no_grad():  # move away from the target's weights so the check is not trivial
+        for p in draft.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    save_draft(tmp_path, draft, target_dir, str(target_dir), dtype=torch.float32)
+    model = load_draft_dir(tmp_path, target_dir)
+    assert torch.equal(model.head_ids, head) and model.lm_head.weight.shape == (head.numel(), 64)
+    ids = torch.tensor([_prompts(1, 3)[0] * 3])  # [1, n]
+    n = ids.shape[1]
+    with torch.no_grad():
+        ref = draft(ids)  # [1, n, Vh]
+    got = model(ids, append_batch([0], [0], n), model.new_cache(1, n))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    back = load_trainable(tmp_path, target_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), ref, atol=1e-5, rtol=0)
+
+
+def test_fp16_draft_is_small_and_close(target_dir, tmp_path):
+    draft = draft_from_target(target_dir, 2, torch.arange(VOCAB))
+    save_draft(tmp_path, draft, target_dir, str(target_dir), dtype=torch.float16)
+    names = set(__import__("safetensors.torch", fromlist=["load_file"]).load_file(str(tmp_path / "model.safetensors")))
+    assert "model.embed_tokens.weight" not in names and "head_token_ids" in names
+    ids = torch.tensor([_prompts(1, 4)[0]])
+    model = load_draft_dir(tmp_path, target_dir)
+    with torch.no_grad():
+        ref = draft(ids)
+    got = model(ids, append_batch([0], [0], ids.shape[1]), model.new_cache(1, ids.shape[1]))
+    torch.testing.assert_close(got, ref, atol=0.05 * float(ref.abs().max()), rtol=0)
+
+
+def test_training_lowers_kl_and_raises_agreement(distilled):
+    _, _, info = distilled
+    assert info["steps"] == 40
+    assert info["eval"]["kl"] < info["eval_step0"]["kl"]
+    assert info["eval"]["agreement"] > info["eval_step0"]["agreement"]
+
+
+def test_resume_equals_uninterrupted(target_dir, distilled, tmp_path):
+    # reuse the fixture's data: examples rebuilt from its train_state
+    _, _, _ = distilled
+    target, _ = load_model(target_dir)
+    prompts = _prompts(16, 5)
+    eng = AREngine(EngineConfig(mode="ar", max_batch=8, max_model_len=64), target, (EOS,))
+    outs = [s.output_ids for s in eng.generate(prompts, SamplingParams(max_tokens=12))]
+    ex = [Example(p + o, len(p)) for p, o in zip(prompts, outs)]
+    head = select_head(outs, VOCAB, 48, (EOS,))
+    teacher_targets(target, ex, head, 16)
+    n = 6
+    cfg = _cfg(tmp_path, steps=2 * n, eval_every=4, batch_size=4)
+
+    def fresh():
+        torch.manual_seed(0)
+        return draft_from_target(target_dir, 2, head)
+
+    full = fresh()
+    train(full, ex[:12], ex[12:], cfg, tmp_path / "a")
+    part = fresh()
+    train(part, ex[:12], ex[12:], cfg, tmp_path / "b", stop_after=n)
+    resumed = fresh()
+    train(resumed, ex[:12], ex[12:], dataclasses.replace(cfg, resume=True), tmp_path / "b")
+    for (k, a), (_, b) in zip(full.own_state_dict().items(), resumed.own_state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
+    assert not torch.equal(part.own_state_dict()["lm_head.weight"], full.own_state_dict()["lm_head.weight"])
+
+
+def test_head_always_has_eos_and_ties_by_lowest_id():
+    head = select_head([[5, 5, 7, 9, 9, 3]], VOCAB, 4, always=(EOS,))
+    assert head.tolist() == [3, 5, 9, EOS]  # 5 and 9 twice; then 3 beats 7 (lowest id); EOS forced
+    assert select_head([], VOCAB, 3, always=(EOS,)).tolist() == [0, 1, EOS]
+
+
+def test_prompts_exclude_bench_and_split_holds_out():
+    prompts = build_prompts(2000, seed=0)
+    texts = [p["prompt"] for p in prompts]
+    assert len(set(texts)) == len(texts)
+    assert not set(texts) & bench_prompts()
+    train_p, eval_p = split_eval(prompts, 50)
+    assert len(eval_p) == 50 and len(train_p) == 1950
+    assert not {p["prompt"] for p in train_p} & {p["prompt"] for p in eval_p}
+    assert build_prompts(100, seed=3) == build_prompts(100, seed=3)
+
+
+def test_saved_draft_serves_sd_greedy_identical_to_ar(target_dir, distilled):
+    out, _, _ = distilled
+    assert (out / "README.md").exists() and (out / "config.json").exists()
+    target, _ = load_model(target_dir)
+    draft = load_draft({"path": str(out), "target_path": str(target_dir)})
+    assert draft.head_ids is not None and EOS in draft.head_ids.tolist()
+    prompts = _prompts(4, 7)
+    params = SamplingParams(max_tokens=24)
+    ar = AREngine(EngineConfig(mode="ar", max_batch=4, max_model_len=64), target, (EOS,))
+    ref = [s.output_ids for s in ar.generate(prompts, params)]
+    sd_cfg = EngineConfig(mode="sd", max_batch=4, max_model_len=64, spec=SpecConfig(num_speculative_tokens=4))
+    sd = SDEngine(sd_cfg, target, draft, (EOS,))
+    assert [s.output_ids for s in sd.generate(prompts, params)] == ref
+    assert sd.stats.num_drafts > 0
