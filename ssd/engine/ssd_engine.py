@@ -11,69 +11,37 @@ import logging
 import time
 
 import torch
-import torch.multiprocessing as mp
 
 from ..config import EngineConfig
 from ..spec import ngram
 from .base import Engine
-from .draft_worker import allocate_q_buffers, worker_main
+from .draft_link import DraftUnavailable, ProcessDraftLink
 
 
 log = logging.getLogger(__name__)
 
 
-class DraftUnavailable(RuntimeError):
-    pass
-
-
 class SSDEngine(Engine):
     mode = "ssd"
 
-    def __init__(self, cfg: EngineConfig, target_model, draft_spec: dict, eos_token_ids, seed: int = 0, start_timeout: float = 300.0):
+    def __init__(self, cfg: EngineConfig, target_model, draft_spec: dict, eos_token_ids, seed: int = 0,
+                 start_timeout: float = 300.0, link=None):
         super().__init__(cfg, target_model, eos_token_ids)
-        self.cache_q, self.jit_q = allocate_q_buffers(cfg.max_batch, cfg.spec.fan_out_budget, self.K, self.vocab_size)
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(
-            target=worker_main,
-            args=(child, draft_spec, cfg.spec, cfg.max_batch, cfg.max_model_len, cfg.draft_threads, self.cache_q, self.jit_q, seed),
-            daemon=True,
-            name="ssd-draft",
-        )
-        self.proc.start()
-        child.close()
+        self.link = link or ProcessDraftLink(draft_spec, cfg.spec, cfg.max_batch, cfg.max_model_len, cfg.draft_threads,
+                                             self.vocab_size, seed, start_timeout)
         self.draft_alive = True
         self.draft_error: str | None = None
         self.round_id = 0
         self.pending_ops: list[tuple] = []
         self.stale_rounds: set[int] = set()  # rounds whose cache we stopped waiting for
-        self.entries: dict[int, tuple] = {}
-        msg = self._recv(timeout=start_timeout)
-        if msg[0] != "ready":
-            raise DraftUnavailable(f"draft process failed to start: {msg[1]}")
-        if msg[1]["vocab_size"] != self.vocab_size:
-            raise ValueError(f"draft vocabulary {msg[1]['vocab_size']} != target vocabulary {self.vocab_size}")
+        if self.link.info["vocab_size"] != self.vocab_size:
+            raise ValueError(f"draft vocabulary {self.link.info['vocab_size']} != target vocabulary {self.vocab_size}")
 
     # ---- transport -----------------------------------------------------------------------------
-    def _recv(self, timeout: float | None = None):
-        deadline = None if timeout is None else time.perf_counter() + timeout
-        while not self.conn.poll(0.05):
-            if not self.proc.is_alive():
-                raise DraftUnavailable("draft process exited")
-            if deadline is not None and time.perf_counter() > deadline:
-                raise DraftUnavailable("draft process did not answer in time")
-        try:
-            msg = self.conn.recv()
-        except (EOFError, OSError) as e:
-            raise DraftUnavailable(f"draft connection lost: {e}") from e
-        if msg[0] == "error":
-            raise DraftUnavailable(f"draft process failed:\n{msg[1]}")
-        return msg
-
     def _recv_kind(self, kind: str, round_id: int):
         """The next message of this kind for this round, skipping the replies of abandoned rounds."""
         while True:
-            msg = self._recv()
+            msg = self.link.recv()
             if msg[0] == kind and msg[1] == round_id:
                 return msg
             if msg[0] in ("keys", "cache") and (msg[1] in self.stale_rounds or msg[1] < round_id):
@@ -88,20 +56,12 @@ class SSDEngine(Engine):
         log.warning("draft lost, continuing with the fast backup: %s", err)
         self.draft_error = str(err)
         self.draft_alive = False
-        self.entries.clear()
         for s in self.scheduler.running:
             if s.speculation is not None and s.speculation[2] != "backup":
                 s.speculation = None
 
     def close(self) -> None:
-        if self.proc.is_alive():
-            try:
-                self.conn.send(("stop",))
-            except (OSError, BrokenPipeError):
-                pass
-            self.proc.join(timeout=5)
-            if self.proc.is_alive():
-                self.proc.kill()
+        self.link.close()
 
     # ---- one step: schedule, run, postprocess -------------------------------------------------
     def step(self):
@@ -127,21 +87,22 @@ class SSDEngine(Engine):
         hit_ids = [s.seq_id for s in running if s.speculation is not None and s.speculation[2] == "cache"]
         if self.draft_alive:
             try:
-                self.conn.send(("round", self.round_id, self.pending_ops, jit_ids, backups, hit_ids))
+                self.link.send(("round", self.round_id, self.pending_ops, jit_ids, backups, hit_ids))
                 self.pending_ops = []
                 if jit_ids:
                     t0 = time.perf_counter()
                     _, _, reply, _ = self._recv_kind("jit", self.round_id)
                     for s in need:
                         tokens, q_slot = reply[s.seq_id]
-                        q = self.jit_q[q_slot].clone() if q_slot is not None else None
+                        q = self.link.q_row(("jit", q_slot)) if q_slot is not None else None
                         s.speculation = (torch.tensor(tokens), q, "jit")
                     self.stats.t_jit += time.perf_counter() - t0
                     self.stats.n_jit += 1
             except DraftUnavailable as e:
-                self._draft_lost(e)
-                for s in need:
-                    backups[s.seq_id] = self._backup(s)
+                self._draft_lost(e)  # drops cache and JIT speculations: the backup takes over
+                for s in running:
+                    if s.speculation is None:
+                        self._backup(s)
         else:
             self.pending_ops = []
 
@@ -177,7 +138,7 @@ class SSDEngine(Engine):
             try:
                 keys = self._recv_kind("keys", round_id)[2]
                 if any((k, t) in set(keys.get(s.seq_id, ())) for s, (k, t) in zip(running, outcomes) if not s.finished):
-                    on_time = self.conn.poll(0)
+                    on_time = self.link.ready()
                     msg = self._recv_kind("cache", round_id)
                     entries = msg[2]
                     self.stats.t_build += msg[3]
@@ -201,8 +162,7 @@ class SSDEngine(Engine):
                 self.stats.cache_late += 1
             q = None
             if entry[2] is not None:
-                parity, slot = entry[2]
-                q = self.cache_q[parity, slot, j].clone()
+                q = self.link.q_row(entry[2], j)
             s.speculation = (torch.tensor(entry[1][j]), q, "cache")
         self._retire()
         return events
@@ -227,7 +187,7 @@ class SSDEngine(Engine):
         if not (self.pending_ops and self.draft_alive):
             return
         try:
-            self.conn.send(("round", self.round_id, self.pending_ops, [], {}, []))
+            self.link.send(("round", self.round_id, self.pending_ops, [], {}, []))
             self.pending_ops = []
             self._recv_kind("cache", self.round_id)
             self.round_id += 1
