@@ -5,7 +5,7 @@ target -> draft:  ("round", round_id, ops, jit_ids, backups, hit_ids) | ("stop",
     jit_ids  sequences that missed: draft a speculation just in time and reply at once
     backups  {seq_id: token_ids} speculations the target took from the fast backup
     hit_ids  sequences whose speculation came from the last cache (key = their outcome)
-draft -> target:  ("jit", round_id, {seq_id: (token_ids, q_slot | None)}, seconds)   iff jit_ids
+draft -> target:  ("jit", round_id, {seq_id: (token_ids, q_ref | None)}, seconds)   iff jit_ids
                   ("keys", round_id, {seq_id: [(k, token), ...]})   the cached outcomes, right after the fork
                   ("cache", round_id, {seq_id: (keys, token_ids, q_ref | None)} | None, seconds)   always;
                       None when the build was abandoned because the next round message arrived
@@ -28,20 +28,78 @@ def allocate_q_buffers(max_seqs: int, max_branches: int, k: int, vocab_size: int
     return cache_q, jit_q
 
 
+class RoundServer:
+    """The draft side of the round protocol, free of any transport (the local process worker
+    below and the draft gRPC service both drive it).
+    send(msg): deliver a reply; poll() -> bool: a newer message is waiting (abandon the build);
+    put_q(kind, round_id, slot, probs) -> q_ref: make full q rows reachable by the target."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.entries = {}  # seq_id -> the CacheEntry of its last round
+
+    def handle(self, msg, send, poll, put_q) -> None:
+        runner = self.runner
+        _, round_id, ops, jit_ids, backups, hit_ids = msg
+        for seq_id, op, data in ops:
+            if op == "add":
+                runner.add(seq_id, data[0], data[1])
+            elif op == "outcome":
+                runner.on_outcome(seq_id, data)
+            elif op == "release":
+                runner.release(seq_id)
+                self.entries.pop(seq_id, None)
+        specs = {}
+        if jit_ids:
+            t0 = time.perf_counter()
+            reply = {}
+            for i, (tokens, q) in runner.jit(jit_ids, after="miss").items():
+                q_ref = put_q("jit", round_id, runner.seqs[i].slot, q) if q is not None else None
+                reply[i] = (tokens.tolist(), q_ref)
+                specs[i] = (tokens.tolist(), "miss")
+            send(("jit", round_id, reply, time.perf_counter() - t0))
+        for i, tokens in backups.items():
+            specs[i] = (list(tokens), "miss")
+        for i in hit_ids:
+            s = runner.seqs[i]
+            entry = self.entries[i]
+            specs[i] = (entry.token_ids[entry.keys[(s.last_outcome_k, s.ctx[-1])]].tolist(), "hit")
+        t0 = time.perf_counter()
+        built = runner.build(specs, on_keys=lambda keys: send(("keys", round_id, keys)), should_abort=poll)
+        if built is None:
+            for i in specs:
+                self.entries.pop(i, None)
+            send(("cache", round_id, None, time.perf_counter() - t0))
+            return
+        reply = {}
+        for i, entry in built.items():
+            self.entries[i] = entry
+            q_ref = put_q("cache", round_id, runner.seqs[i].slot, entry.probs) if entry.probs is not None else None
+            reply[i] = (entry.keys, entry.token_ids.tolist(), q_ref)  # lists: tensors would travel as fds
+        send(("cache", round_id, reply, time.perf_counter() - t0))
+
+
 def worker_main(conn, draft_spec: dict, spec_cfg, max_seqs: int, max_model_len: int, threads: int, cache_q, jit_q, seed: int):
     torch.set_num_threads(threads)
     try:
         from ..models.draft import load_draft
-
-        model = load_draft(draft_spec)
         from .draft_runner import DraftRunner
 
-        runner = DraftRunner(model, spec_cfg, max_seqs, max_model_len, seed)
+        model = load_draft(draft_spec)
+        server = RoundServer(DraftRunner(model, spec_cfg, max_seqs, max_model_len, seed))
         conn.send(("ready", {"vocab_size": model.cfg.vocab_size, "num_layers": model.cfg.num_layers}))
     except Exception:
         conn.send(("error", traceback.format_exc()))
         return
-    entries = {}  # seq_id -> last CacheEntry
+
+    def put_q(kind, round_id, slot, probs):
+        # shared memory: cache rows double-buffered by round parity, JIT rows in their own region
+        if kind == "jit":
+            jit_q[slot].copy_(probs)
+            return ("jit", slot)
+        cache_q[round_id % 2, slot, : probs.shape[0]].copy_(probs)
+        return (round_id % 2, slot)
+
     while True:
         try:
             msg = conn.recv()
@@ -50,56 +108,7 @@ def worker_main(conn, draft_spec: dict, spec_cfg, max_seqs: int, max_model_len: 
         if msg[0] == "stop":
             return
         try:
-            _, round_id, ops, jit_ids, backups, hit_ids = msg
-            for seq_id, op, data in ops:
-                if op == "add":
-                    runner.add(seq_id, data[0], data[1])
-                elif op == "outcome":
-                    runner.on_outcome(seq_id, data)
-                elif op == "release":
-                    runner.release(seq_id)
-                    entries.pop(seq_id, None)
-            specs = {}
-            if jit_ids:
-                t0 = time.perf_counter()
-                drafted = runner.jit(jit_ids, after="miss")
-                reply = {}
-                for i, (tokens, q) in drafted.items():
-                    slot = runner.seqs[i].slot
-                    if q is not None:
-                        jit_q[slot].copy_(q)
-                    reply[i] = (tokens.tolist(), slot if q is not None else None)
-                    specs[i] = (tokens.tolist(), "miss")
-                conn.send(("jit", round_id, reply, time.perf_counter() - t0))
-            for i, tokens in backups.items():
-                specs[i] = (list(tokens), "miss")
-            for i in hit_ids:
-                s = runner.seqs[i]
-                entry = entries[i]
-                key = (s.last_outcome_k, s.ctx[-1])
-                specs[i] = (entry.token_ids[entry.keys[key]].tolist(), "hit")
-            t0 = time.perf_counter()
-            built = runner.build(
-                specs,
-                on_keys=lambda keys: conn.send(("keys", round_id, keys)),
-                should_abort=lambda: conn.poll(0),
-            )
-            if built is None:
-                for i in specs:
-                    entries.pop(i, None)
-                conn.send(("cache", round_id, None, time.perf_counter() - t0))
-                continue
-            parity = round_id % 2
-            reply = {}
-            for i, entry in built.items():
-                entries[i] = entry
-                q_ref = None
-                if entry.probs is not None:
-                    slot = runner.seqs[i].slot
-                    cache_q[parity, slot, : entry.probs.shape[0]].copy_(entry.probs)
-                    q_ref = (parity, slot)
-                reply[i] = (entry.keys, entry.token_ids.tolist(), q_ref)  # lists: tensors would travel as fds
-            conn.send(("cache", round_id, reply, time.perf_counter() - t0))
+            server.handle(msg, conn.send, lambda: conn.poll(0), put_q)
         except Exception:
             conn.send(("error", traceback.format_exc()))
             return

@@ -93,8 +93,8 @@ class SSDEngine(Engine):
                     t0 = time.perf_counter()
                     _, _, reply, _ = self._recv_kind("jit", self.round_id)
                     for s in need:
-                        tokens, q_slot = reply[s.seq_id]
-                        q = self.link.q_row(("jit", q_slot)) if q_slot is not None else None
+                        tokens, q_ref = reply[s.seq_id]
+                        q = self.link.q_row(q_ref) if q_ref is not None else None
                         s.speculation = (torch.tensor(tokens), q, "jit")
                     self.stats.t_jit += time.perf_counter() - t0
                     self.stats.n_jit += 1
