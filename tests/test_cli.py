@@ -18,7 +18,7 @@ def test_generate_json_is_one_object_with_text_ids_and_stats():
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["mode"] == "ssd" and len(out["token_ids"]) <= 8 and out["token_ids"]
-    assert isinstance(out["text"], str) and "stand-in" in out["draft"]
+    assert isinstance(out["text"], str) and "trained draft" in out["draft"]
     assert out["stats"]["tokens"] == len(out["token_ids"])
     assert {"tokens_per_s", "mean_accepted_length", "cache_hit_rate"} <= set(out["stats"])
 

@@ -1,0 +1,121 @@
+"""protobuf <-> core values. The only place that knows both shapes."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ssd.config import SamplingParams
+
+from .protos import pb
+
+
+def sampling_from_pb(m) -> SamplingParams:
+    """Raises ValueError (-> INVALID_ARGUMENT) on bad values."""
+    return SamplingParams(
+        temperature=m.temperature,
+        top_k=m.top_k,
+        top_p=m.top_p if m.top_p != 0 else 1.0,
+        max_tokens=m.max_tokens,
+        seed=m.seed if m.HasField("seed") else None,
+        ignore_eos=m.ignore_eos,
+    )
+
+
+def sampling_to_pb(p: SamplingParams):
+    m = pb.SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, max_tokens=p.max_tokens,
+                          ignore_eos=p.ignore_eos)
+    if p.seed is not None:
+        m.seed = p.seed
+    return m
+
+
+def tensor_to_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().to(torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes()
+
+
+def tensor_from_bytes(b: bytes, shape) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(b, dtype="<f4").copy()).reshape(shape)
+
+
+# ---- the round protocol (ssd/engine/draft_worker.py) over ssd.v1.Draft/Speculate ------------
+def round_to_pb(msg) -> "pb.SpeculateRequest":
+    _, round_id, ops, jit_ids, backups, hit_ids = msg
+    req = pb.SpeculateRequest(round=round_id, jit=[str(i) for i in jit_ids], hit=[str(i) for i in hit_ids])
+    for seq_id, op, data in ops:
+        if op == "add":
+            req.add.append(pb.SequenceSetup(seq_id=str(seq_id), context_token_ids=data[0], sampling=sampling_to_pb(data[1])))
+        elif op == "outcome":
+            req.outcomes.append(pb.Outcome(seq_id=str(seq_id), committed_token_ids=data))
+        elif op == "release":
+            req.release.append(str(seq_id))
+    for seq_id, tokens in backups.items():
+        req.backup.append(pb.BackupSpeculation(seq_id=str(seq_id), draft_token_ids=tokens))
+    return req
+
+
+def round_from_pb(req, seq_key) -> tuple:
+    """seq_key(str) -> the draft's own id for a sequence of this stream."""
+    ops = [(seq_key(a.seq_id), "add", (list(a.context_token_ids), sampling_from_pb(a.sampling))) for a in req.add]
+    ops += [(seq_key(o.seq_id), "outcome", list(o.committed_token_ids)) for o in req.outcomes]
+    ops += [(seq_key(r), "release", None) for r in req.release]
+    backups = {seq_key(b.seq_id): list(b.draft_token_ids) for b in req.backup}
+    return ("round", req.round, ops, [seq_key(i) for i in req.jit], backups, [seq_key(i) for i in req.hit])
+
+
+def reply_to_pb(msg, seq_name) -> "pb.SpeculateResponse":
+    """Draft reply tuple -> response; q refs are ("inline", tensor) on this transport."""
+    kind, round_id = msg[0], msg[1]
+    if kind == "keys":
+        items = [pb.Speculation(seq_id=seq_name(i), num_accepted=k, token=t) for i, keys in msg[2].items() for k, t in keys]
+        return pb.SpeculateResponse(round=round_id, keys=pb.Speculations(items=items))
+    if kind == "jit":
+        items = []
+        for i, (tokens, q_ref) in msg[2].items():
+            sp = pb.Speculation(seq_id=seq_name(i), draft_token_ids=tokens)
+            if q_ref is not None:
+                sp.draft_probs = tensor_to_bytes(q_ref[1])
+            items.append(sp)
+        return pb.SpeculateResponse(round=round_id, jit=pb.Speculations(items=items), seconds=msg[3])
+    if kind == "cache":
+        if msg[2] is None:
+            return pb.SpeculateResponse(round=round_id, cache=pb.Speculations(abandoned=True), seconds=msg[3])
+        items = []
+        for i, (keys, token_ids, q_ref) in msg[2].items():
+            for (k, t), j in keys.items():
+                sp = pb.Speculation(seq_id=seq_name(i), num_accepted=k, token=t, draft_token_ids=token_ids[j])
+                if q_ref is not None:
+                    sp.draft_probs = tensor_to_bytes(q_ref[1][j])
+                items.append(sp)
+        return pb.SpeculateResponse(round=round_id, cache=pb.Speculations(items=items), seconds=msg[3])
+    raise ValueError(f"unknown draft reply {kind!r}")
+
+
+def reply_from_pb(resp, k: int, vocab_size: int) -> tuple:
+    """Response -> the reply tuple the SSD engine expects; q refs become ("inline", tensor)."""
+    body = resp.WhichOneof("body")
+    items = getattr(resp, body).items
+    if body == "keys":
+        keys: dict[int, list] = {}
+        for sp in items:
+            keys.setdefault(int(sp.seq_id), []).append((sp.num_accepted, sp.token))
+        return ("keys", resp.round, keys)
+    if body == "jit":
+        reply = {}
+        for sp in items:
+            q = ("inline", tensor_from_bytes(sp.draft_probs, (k, vocab_size))) if sp.draft_probs else None
+            reply[int(sp.seq_id)] = (list(sp.draft_token_ids), q)
+        return ("jit", resp.round, reply, resp.seconds)
+    if resp.cache.abandoned:
+        return ("cache", resp.round, None, resp.seconds)
+    grouped: dict[int, list] = {}
+    for sp in items:
+        grouped.setdefault(int(sp.seq_id), []).append(sp)
+    reply = {}
+    for i, sps in grouped.items():
+        keys = {(sp.num_accepted, sp.token): j for j, sp in enumerate(sps)}
+        tokens = [list(sp.draft_token_ids) for sp in sps]
+        q = None
+        if sps[0].draft_probs:
+            q = ("inline", torch.stack([tensor_from_bytes(sp.draft_probs, (k, vocab_size)) for sp in sps]))
+        reply[i] = (keys, tokens, q)
+    return ("cache", resp.round, reply, resp.seconds)
