@@ -12,7 +12,7 @@ from .config import EngineConfig, SamplingParams, SpecConfig
 
 _HELP = {
     "target": "target model directory, or 'default' (SmolLM2-135M-Instruct, converted once from its GGUF)",
-    "draft": "draft model directory, or 'standin' (the target's first layers; weak, untrained)",
+    "draft": "'default' (the trained draft shipped for the default target), a draft directory, or 'standin' (the target's first layers; weak)",
     "mode": "ar | sd | ssd",
     "num_speculative_tokens": "K, draft tokens per round",
     "fan_out_budget": "SSD: branches per sequence per round (sum of F_k)",
@@ -134,6 +134,32 @@ def cmd_train_draft(ns) -> int:
     return run_train_draft(ns)
 
 
+# ---- ssd serve / ssd service ------------------------------------------------------------------
+def _config_args(cfg: EngineConfig) -> list[str]:
+    """The engine/spec flags that reproduce cfg in a child process."""
+    out = []
+    for obj in (cfg, cfg.spec):
+        for f in dataclasses.fields(obj):
+            if f.name in ("spec", "mode"):
+                continue
+            out += ["--" + f.name.replace("_", "-"), str(getattr(obj, f.name))]
+    return out
+
+
+def cmd_serve(ns) -> int:
+    from ssd.services.run import serve_local
+
+    cfg, _ = _configs(ns)
+    return serve_local(ns, cfg, _config_args(cfg))
+
+
+def cmd_service(ns) -> int:
+    from ssd.services.run import run_role
+
+    cfg, _ = _configs(ns)
+    return run_role(ns, cfg)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="ssd", description="Speculative Speculative Decoding (Saguaro)")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -165,6 +191,28 @@ def main(argv=None) -> int:
     t.add_argument("--out", required=True, help="draft directory to write; OUT/train_state holds resumable state")
     _add_fields(t, TrainDraftConfig, skip=("out",))
     t.set_defaults(func=cmd_train_draft)
+
+    sv = sub.add_parser("serve", help="gateway, target and draft as local processes (no cluster, no Redis)")
+    sv.add_argument("--prompt", help="send this chat prompt through the gateway, print the answer and stats, then stop")
+    sv.add_argument("--port", type=int, default=50051, help="gateway gRPC port (0 = any free port)")
+    sv.add_argument("--http-port", type=int, default=8000, help="gateway OpenAI-compatible HTTP port (0 = any, -1 = off)")
+    _add_fields(sv, EngineConfig, skip=("mode",))
+    _add_fields(sv, SpecConfig)
+    _add_fields(sv, SamplingParams)
+    sv.set_defaults(func=cmd_serve)
+
+    se = sub.add_parser("service", help="run one service (as in a pod)")
+    se.add_argument("role", choices=["gateway", "target", "draft"])
+    se.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in a pod)")
+    se.add_argument("--port", type=int, default=0, help="gRPC port (0 = any free port, printed on start)")
+    se.add_argument("--http-port", type=int, default=-1, help="gateway: OpenAI-compatible HTTP port (-1 = off)")
+    se.add_argument("--targets", default="", help="gateway: comma-separated target addresses")
+    se.add_argument("--draft-address", default="", help="target: draft service address (empty = target-only)")
+    se.add_argument("--model-name", default="smollm2-135m-instruct", help="gateway: served model name")
+    se.add_argument("--grace-s", type=float, default=30.0, help="SIGTERM drain period (seconds)")
+    _add_fields(se, EngineConfig, skip=("mode",))
+    _add_fields(se, SpecConfig)
+    se.set_defaults(func=cmd_service)
 
     ns = p.parse_args(argv)
     ns.command_line = "ssd " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -190,6 +190,7 @@ class Engine:
         self.stats.tokens += len(kept)
         self.stats.rounds += 1
         self.stats.record_accepts(len(spec_tokens), k)
+        s.spec_stats.record(len(spec_tokens), k)
         if not s.finished:
             self.target.rollback(s)
         return kept
@@ -223,6 +224,7 @@ class AREngine(Engine):
                 kept = s.commit([t], self.cfg.max_model_len)
                 self.stats.tokens += len(kept)
                 self.stats.rounds += 1
+                s.spec_stats.record(0, 0)
                 events.append((s, kept))
         self._retire()
         return events

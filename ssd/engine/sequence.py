@@ -14,6 +14,31 @@ _ids = itertools.count()
 
 
 @dataclass
+class SeqSpecStats:
+    """Speculative decoding statistics of one sequence (per-request usage)."""
+
+    num_rounds: int = 0
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
+    cache_hit: int = 0
+    cache_late: int = 0
+    cache_miss: int = 0
+
+    def record(self, num_draft: int, num_accepted: int) -> None:
+        self.num_rounds += 1
+        if num_draft:
+            self.num_drafts += 1
+            self.num_draft_tokens += num_draft
+            self.num_accepted_tokens += num_accepted
+            while len(self.num_accepted_tokens_per_pos) < num_draft:
+                self.num_accepted_tokens_per_pos.append(0)
+            for i in range(num_accepted):
+                self.num_accepted_tokens_per_pos[i] += 1
+
+
+@dataclass
 class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
@@ -29,6 +54,7 @@ class Sequence:
     first_token_at: float | None = None
     # speculation currently waiting to be verified: (token_ids [K], q [K, V] | None, source)
     speculation: tuple | None = None
+    spec_stats: SeqSpecStats = field(default_factory=SeqSpecStats)
 
     def __post_init__(self):
         if not self.params.greedy:

@@ -155,11 +155,14 @@ class SSDEngine(Engine):
             j = entry[0].get((k, t)) if entry is not None else None
             if j is None:
                 self.stats.cache_miss += 1
+                s.spec_stats.cache_miss += 1
                 continue
             if on_time:
                 self.stats.cache_hit += 1
+                s.spec_stats.cache_hit += 1
             else:
                 self.stats.cache_late += 1
+                s.spec_stats.cache_late += 1
             q = None
             if entry[2] is not None:
                 q = self.link.q_row(entry[2], j)

@@ -1,0 +1,54 @@
+"""What every ssd service shares: server options, health, reflection, graceful drain."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .protos import pb
+
+MAX_MESSAGE_BYTES = 64 << 20  # q rows of a sampled speculation cache fit; larger requests get RESOURCE_EXHAUSTED
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+
+def make_server(max_workers: int = 32) -> grpc.Server:
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS)
+
+
+def add_health_and_reflection(server: grpc.Server, service_names: list[str]) -> health.HealthServicer:
+    hs = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    names = [pb.DESCRIPTOR.services_by_name[n].full_name for n in service_names]
+    for n in names + [""]:
+        hs.set(n, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(names + [reflection.SERVICE_NAME, health.SERVICE_NAME], server)
+    return hs
+
+
+def drain_on_sigterm(server: grpc.Server, hs: health.HealthServicer, grace_s: float, on_stop=None) -> threading.Event:
+    """SIGTERM: readiness off (health NOT_SERVING), in-flight rpcs finish within grace_s, exit."""
+    done = threading.Event()
+
+    def stop(*_):
+        logging.getLogger("ssd").info("draining (grace %.0f s)", grace_s)
+        hs.enter_graceful_shutdown()
+        server.stop(grace_s).wait()
+        if on_stop is not None:
+            on_stop()
+        done.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return done
+
+
+def stats_to_pb(s) -> "pb.SpecDecodeStats":
+    return pb.SpecDecodeStats(
+        num_rounds=s.num_rounds, num_drafts=s.num_drafts, num_draft_tokens=s.num_draft_tokens,
+        num_accepted_tokens=s.num_accepted_tokens, num_accepted_tokens_per_pos=s.num_accepted_tokens_per_pos,
+        cache_hit=s.cache_hit, cache_late=s.cache_late, cache_miss=s.cache_miss)

@@ -1,0 +1,162 @@
+"""Gateway: the client face. gRPC Generate (server stream) and OpenAI-compatible HTTP over the
+same generation path: validate, apply the chat template, pick the least loaded target, stream
+the target's committed tokens back as text."""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+
+import grpc
+
+from .. import convert
+from ..common import CHANNEL_OPTIONS
+from ..protos import pb, pb_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_TOKENS_LIMIT = 1 << 20  # "absurd" max_tokens are rejected before they reach a target
+
+
+class GenerateError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Gateway:
+    """Routing and the generation path, shared by the gRPC servicer and the HTTP front."""
+
+    def __init__(self, tokenizer, targets: list[str], model_name: str, max_model_len: int, draft_description: str = ""):
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.draft_description = draft_description
+        self.targets = {addr: pb_grpc.TargetStub(grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)) for addr in targets}
+        self.running: dict[str, object] = {}  # request id -> the target call (for Abort)
+        self.lock = threading.Lock()
+        self._rr = itertools.count()
+
+    # ---- routing ---------------------------------------------------------------------------
+    def pick_target(self):
+        """Least loaded ready target (running + waiting); round robin among equals."""
+        best, best_load = None, None
+        order = list(self.targets.items())
+        start = next(self._rr) % max(1, len(order))
+        for addr, stub in order[start:] + order[:start]:
+            try:
+                load = stub.Load(pb.LoadRequest(), timeout=2.0)
+            except grpc.RpcError:
+                continue
+            value = load.running + load.waiting
+            if best_load is None or value < best_load:
+                best, best_load = (addr, stub), value
+        if best is None:
+            raise GenerateError(grpc.StatusCode.UNAVAILABLE, "no target is ready")
+        return best
+
+    # ---- the generation path ---------------------------------------------------------------
+    def prompt_ids(self, req) -> list[int]:
+        which = req.WhichOneof("input")
+        if which == "prompt":
+            if not req.prompt.strip():
+                raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty")
+            return self.tokenizer.encode(req.prompt)
+        if which == "messages":
+            msgs = [{"role": m.role, "content": m.content} for m in req.messages.messages]
+            if not msgs or not any(m["content"].strip() for m in msgs):
+                raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, "messages are empty")
+            bad = [m["role"] for m in msgs if m["role"] not in ("system", "user", "assistant")]
+            if bad:
+                raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown role {bad[0]!r}")
+            return self.tokenizer.apply_chat_template(msgs)
+        if which == "prompt_token_ids":
+            ids = list(req.prompt_token_ids.ids)
+            if not ids:
+                raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty")
+            return ids
+        raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, "one of prompt, messages, prompt_token_ids is required")
+
+    def generate(self, req, deadline_s: float | None = None):
+        """Yields GenerateResponse messages; raises GenerateError on bad input or target errors."""
+        if req.model and req.model != self.model_name:
+            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown model {req.model!r}; served: {self.model_name!r}")
+        if req.mode not in ("", "ssd", "sd", "ar"):
+            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown mode {req.mode!r}")
+        if req.sampling.max_tokens > MAX_TOKENS_LIMIT:
+            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"max_tokens {req.sampling.max_tokens} is absurd")
+        try:
+            params = convert.sampling_from_pb(req.sampling)
+        except ValueError as e:
+            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        ids = self.prompt_ids(req)
+        if len(ids) + 1 > self.max_model_len:
+            raise GenerateError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"prompt has {len(ids)} tokens; the context length is {self.max_model_len}")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) exceeds the context length {self.max_model_len}")
+        request_id = req.request_id or uuid.uuid4().hex
+        with self.lock:
+            if request_id in self.running:
+                raise GenerateError(grpc.StatusCode.ALREADY_EXISTS, f"request {request_id!r} is already running")
+        addr, stub = self.pick_target()
+        call = stub.Run(pb.RunRequest(seq_id=request_id, prompt_token_ids=ids, sampling=req.sampling, mode=req.mode),
+                        timeout=deadline_s)
+        with self.lock:
+            self.running[request_id] = call
+        decoder = self.tokenizer.stream_decoder()
+        produced = 0
+        try:
+            for resp in call:
+                produced += len(resp.token_ids)
+                text = "".join(decoder.push(t) for t in resp.token_ids)
+                out = pb.GenerateResponse(request_id=request_id, token_ids=resp.token_ids, text=text)
+                if resp.finish_reason:
+                    out.finish_reason = resp.finish_reason
+                    out.usage.CopyFrom(pb.Usage(prompt_tokens=len(ids), completion_tokens=produced))
+                    out.stats.CopyFrom(resp.stats)
+                yield out
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED and request_id not in self.running:
+                yield pb.GenerateResponse(request_id=request_id, finish_reason="abort",
+                                          usage=pb.Usage(prompt_tokens=len(ids), completion_tokens=produced))
+                return
+            raise GenerateError(e.code(), e.details() or str(e.code())) from None
+        finally:
+            with self.lock:
+                self.running.pop(request_id, None)
+            call.cancel()  # no-op when finished; frees the target sequence when the client left
+
+    def abort(self, request_id: str) -> bool:
+        with self.lock:
+            call = self.running.pop(request_id, None)
+        if call is None:
+            return False
+        call.cancel()
+        return True
+
+
+class GatewayService(pb_grpc.GatewayServicer):
+    def __init__(self, gw: Gateway):
+        self.gw = gw
+
+    def Generate(self, request, context):
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        # client cancel or deadline -> the target call is cancelled -> its KV and draft state freed
+        context.add_callback(lambda: self.gw.abort(request.request_id))
+        try:
+            yield from self.gw.generate(request, deadline_s=context.time_remaining())
+        except GenerateError as e:
+            context.abort(e.code, str(e))
+
+    def Abort(self, request, context):
+        return pb.AbortResponse(aborted=self.gw.abort(request.request_id))
+
+    def ListModels(self, request, context):
+        return pb.ListModelsResponse(models=[pb.ModelInfo(
+            name=self.gw.model_name, max_model_len=self.gw.max_model_len,
+            vocab_size=self.gw.tokenizer.vocab_size, draft=self.gw.draft_description)])

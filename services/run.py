@@ -1,0 +1,165 @@
+"""Process entry points: `ssd service draft|target|gateway` (one role, as in a pod) and
+`ssd serve` (all three as local processes: the embedded default, no cluster, no Redis)."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+
+READY = "SSD_READY"
+
+
+def _announce(port: int, http_port: int | None = None) -> None:
+    # the parent of `ssd serve` (and humans) read the bound ports from this line
+    print(f"{READY} port={port}" + (f" http_port={http_port}" if http_port is not None else ""), flush=True)
+
+
+def run_role(ns, cfg) -> int:
+    """Start one service and block until SIGTERM/SIGINT (drain, then exit)."""
+    import torch
+
+    from .common import add_health_and_reflection, drain_on_sigterm, make_server
+    from .protos import pb_grpc
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {ns.role} %(levelname)s %(message)s")
+    from ssd.models.draft import describe, draft_spec
+    from ssd.models.loader import resolve_model
+
+    target_path = resolve_model(cfg.target)
+    server = make_server()
+    on_stop = None
+    http_port = None
+    if ns.role == "draft":
+        from .draft.server import DraftService
+
+        torch.set_num_threads(cfg.draft_threads)
+        spec = draft_spec(cfg.draft, target_path, cfg.standin_layers)
+        pb_grpc.add_DraftServicer_to_server(DraftService(spec, cfg.spec, cfg.max_batch * 4, cfg.max_model_len), server)
+        names = ["Draft"]
+    elif ns.role == "target":
+        from ssd.models.loader import load_model
+        from ssd.tokenizer import Tokenizer
+
+        from .target.server import EngineLoop, TargetService, build_engine
+
+        torch.set_num_threads(cfg.target_threads)
+        model, _ = load_model(target_path)
+        engine = build_engine(cfg, model, Tokenizer(target_path).eos_token_ids, ns.draft_address)
+        loop = EngineLoop(engine)
+        on_stop = loop.stop
+        pb_grpc.add_TargetServicer_to_server(TargetService(loop, node=os.environ.get("NODE_NAME", "")), server)
+        names = ["Target"]
+    else:
+        from ssd.tokenizer import Tokenizer
+
+        from .gateway.http import serve_http
+        from .gateway.server import Gateway, GatewayService
+
+        targets = [t for t in ns.targets.split(",") if t]
+        if not targets:
+            raise SystemExit("error: --targets is required for the gateway")
+        desc = describe(draft_spec(cfg.draft, target_path, cfg.standin_layers))
+        gw = Gateway(Tokenizer(target_path), targets, ns.model_name, cfg.max_model_len, desc)
+        pb_grpc.add_GatewayServicer_to_server(GatewayService(gw), server)
+        names = ["Gateway"]
+        if ns.http_port >= 0:
+            httpd = serve_http(gw, ns.host, ns.http_port)
+            http_port = httpd.server_address[1]
+            on_stop = httpd.shutdown
+    hs = add_health_and_reflection(server, names)
+    port = server.add_insecure_port(f"{ns.host}:{ns.port}")
+    server.start()
+    _announce(port, http_port)
+    drain_on_sigterm(server, hs, ns.grace_s, on_stop).wait()
+    return 0
+
+
+def _spawn(role: str, args: list[str], env=None):
+    cmd = [sys.executable, "-m", "ssd.cli", "service", role, *args]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 600
+    ports = {}
+    while time.time() < deadline:
+        line = p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{role} service exited before it was ready (code {p.wait()})")
+        if line.startswith(READY):
+            ports = dict(kv.split("=") for kv in line.split()[1:])
+            break
+    return p, {k: int(v) for k, v in ports.items()}
+
+
+def serve_local(ns, cfg, common_args: list[str]) -> int:
+    """draft, target and gateway as three local processes on loopback."""
+    from ssd.models.loader import default_target_path
+
+    if cfg.target in ("default", "smollm2-135m-instruct"):
+        default_target_path()  # convert once here, not three times in parallel
+    procs = []
+    try:
+        draft, dports = _spawn("draft", common_args + ["--port", "0"])
+        procs.append(draft)
+        target, tports = _spawn("target", common_args + ["--port", "0", "--draft-address", f"127.0.0.1:{dports['port']}"])
+        procs.append(target)
+        gw, gports = _spawn("gateway", common_args + ["--port", str(ns.port), "--http-port", str(ns.http_port),
+                                                      "--targets", f"127.0.0.1:{tports['port']}"])
+        procs.append(gw)
+        addr = f"127.0.0.1:{gports['port']}"
+        print(f"gateway: grpc {addr}, http http://127.0.0.1:{gports.get('http_port')}  "
+              f"(target 127.0.0.1:{tports['port']}, draft 127.0.0.1:{dports['port']})", file=sys.stderr, flush=True)
+        if ns.prompt is None:
+            while all(p.poll() is None for p in procs):
+                time.sleep(0.5)
+            return 1
+        return _one_generation(addr, ns, cfg)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _one_generation(addr: str, ns, cfg) -> int:
+    import grpc
+
+    from .common import CHANNEL_OPTIONS
+    from .convert import sampling_to_pb
+    from .protos import pb, pb_grpc
+
+    from ssd.config import SamplingParams
+
+    params = SamplingParams(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, max_tokens=ns.max_tokens, seed=ns.seed)
+    stub = pb_grpc.GatewayStub(grpc.insecure_channel(addr, options=CHANNEL_OPTIONS))
+    req = pb.GenerateRequest(messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=ns.prompt)]),
+                             sampling=sampling_to_pb(params))
+    t0 = time.perf_counter()
+    last = None
+    try:
+        for r in stub.Generate(req, timeout=3600):
+            sys.stdout.write(r.text)
+            sys.stdout.flush()
+            last = r
+    except grpc.RpcError as e:
+        print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2
+    wall = time.perf_counter() - t0
+    st, n = last.stats, last.usage.completion_tokens
+    rounds_tokens = n - 1
+    print("\n---")
+    parts = [f"mode=ssd (services)", f"tokens={n}", f"{n / wall:.2f} tok/s",
+             f"mean accepted length={rounds_tokens / st.num_rounds:.2f}" if st.num_rounds else "mean accepted length=-"]
+    lookups = st.cache_hit + st.cache_late + st.cache_miss
+    if st.num_draft_tokens:
+        parts.append(f"acceptance={st.num_accepted_tokens / st.num_draft_tokens:.2f}")
+    if lookups:
+        parts.append(f"cache hit rate={(st.cache_hit + st.cache_late) / lookups:.2f}")
+    print("  ".join(parts))
+    return 0

@@ -1,0 +1,129 @@
+"""Target service: ssd.v1.Target over one core engine (continuous batching). A single engine
+thread steps the batch; each Run rpc adds a sequence and streams its committed tokens."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+import grpc
+
+from ssd.engine import AREngine, SSDEngine
+from ssd.engine.draft_link import DraftUnavailable
+
+from .. import convert
+from ..common import stats_to_pb
+from ..protos import pb, pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class EngineLoop:
+    """Owns the engine; other threads talk to it only through submit/abort."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.cv = threading.Condition()
+        self.streams: dict[int, queue.Queue] = {}
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, daemon=True, name="engine-loop")
+        self.thread.start()
+
+    def submit(self, prompt_ids, params) -> tuple[object, queue.Queue]:
+        with self.cv:
+            seq = self.engine.add_request(prompt_ids, params)  # ValueError: bad input
+            q: queue.Queue = queue.Queue()
+            self.streams[seq.seq_id] = q
+            self.cv.notify()
+        return seq, q
+
+    def abort(self, seq) -> None:
+        with self.cv:
+            if not seq.finished:
+                self.engine.abort(seq)
+                q = self.streams.pop(seq.seq_id, None)
+                if q is not None:
+                    q.put(None)
+
+    def load(self) -> tuple[int, int, int]:
+        sch = self.engine.scheduler
+        return len(sch.running), len(sch.waiting), self.engine.target.cache.num_free
+
+    def _run(self):
+        while True:
+            with self.cv:
+                while not self.stopped and not self.engine.has_unfinished():
+                    self.cv.wait()
+                if self.stopped:
+                    return
+                try:
+                    events = self.engine.step()
+                except Exception:  # never leave clients hanging: fail every open stream
+                    log.exception("engine step failed")
+                    for q in self.streams.values():
+                        q.put(RuntimeError("engine step failed"))
+                    self.streams.clear()
+                    continue
+                for seq, tokens in events:
+                    q = self.streams.get(seq.seq_id)
+                    if q is None:
+                        continue
+                    q.put((tokens, seq.finish_reason if seq.finished else None))
+                    if seq.finished:
+                        self.streams.pop(seq.seq_id, None)
+
+    def stop(self):
+        with self.cv:
+            self.stopped = True
+            self.cv.notify()
+        self.thread.join(timeout=10)
+        self.engine.close()
+
+
+class TargetService(pb_grpc.TargetServicer):
+    def __init__(self, loop: EngineLoop, node: str = ""):
+        self.loop = loop
+        self.node = node
+
+    def Run(self, request, context):
+        try:
+            params = convert.sampling_from_pb(request.sampling)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            seq, q = self.loop.submit(list(request.prompt_token_ids), params)
+        except ValueError as e:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if "context length" in str(e) else grpc.StatusCode.INVALID_ARGUMENT
+            context.abort(code, str(e))
+        # a client that cancels or whose deadline passes frees the sequence's KV and draft state
+        context.add_callback(lambda: self.loop.abort(seq))
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            if isinstance(item, Exception):
+                context.abort(grpc.StatusCode.INTERNAL, str(item))
+            tokens, finish = item
+            if finish is None:
+                yield pb.RunResponse(token_ids=tokens)
+            else:
+                yield pb.RunResponse(token_ids=tokens, finish_reason=finish, stats=stats_to_pb(seq.spec_stats))
+                return
+
+    def Load(self, request, context):
+        running, waiting, free = self.loop.load()
+        return pb.LoadResponse(running=running, waiting=waiting, free_slots=free, node=self.node)
+
+
+def build_engine(cfg, target_model, eos, draft_address: str | None):
+    """SSD when a draft service is given and reachable; otherwise target-only (AR): a missing
+    draft never blocks serving (invariant 2)."""
+    if draft_address:
+        from ..draft_link import GrpcDraftLink
+
+        try:
+            link = GrpcDraftLink(draft_address, k=cfg.spec.num_speculative_tokens)
+            return SSDEngine(cfg.replace(mode="ssd"), target_model, {}, eos, link=link)
+        except DraftUnavailable as e:
+            log.warning("draft at %s unavailable (%s): serving target-only", draft_address, e)
+    return AREngine(cfg.replace(mode="ar"), target_model, eos)
