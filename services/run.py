@@ -46,7 +46,12 @@ def run_role(ns, cfg) -> int:
 
         torch.set_num_threads(cfg.target_threads)
         model, _ = load_model(target_path)
-        engine = build_engine(cfg, model, Tokenizer(target_path).eos_token_ids, ns.draft_address)
+        index = None
+        if ns.redis_url:
+            from .index_redis import RedisIndex
+
+            index = RedisIndex(ns.redis_url)
+        engine = build_engine(cfg, model, Tokenizer(target_path).eos_token_ids, ns.draft_address, index)
         loop = EngineLoop(engine)
         on_stop = loop.stop
         pb_grpc.add_TargetServicer_to_server(TargetService(loop, node=os.environ.get("NODE_NAME", "")), server)
@@ -101,7 +106,10 @@ def serve_local(ns, cfg, common_args: list[str]) -> int:
     try:
         draft, dports = _spawn("draft", common_args + ["--port", "0"])
         procs.append(draft)
-        target, tports = _spawn("target", common_args + ["--port", "0", "--draft-address", f"127.0.0.1:{dports['port']}"])
+        target_args = ["--port", "0", "--draft-address", f"127.0.0.1:{dports['port']}"]
+        if ns.redis_url:
+            target_args += ["--redis-url", ns.redis_url]
+        target, tports = _spawn("target", common_args + target_args)
         procs.append(target)
         gw, gports = _spawn("gateway", common_args + ["--port", str(ns.port), "--http-port", str(ns.http_port),
                                                       "--targets", f"127.0.0.1:{tports['port']}"])

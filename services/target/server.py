@@ -115,7 +115,7 @@ class TargetService(pb_grpc.TargetServicer):
         return pb.LoadResponse(running=running, waiting=waiting, free_slots=free, node=self.node)
 
 
-def build_engine(cfg, target_model, eos, draft_address: str | None):
+def build_engine(cfg, target_model, eos, draft_address: str | None, index=None):
     """SSD when a draft service is given and reachable; otherwise target-only (AR): a missing
     draft never blocks serving (invariant 2)."""
     if draft_address:
@@ -123,7 +123,7 @@ def build_engine(cfg, target_model, eos, draft_address: str | None):
 
         try:
             link = GrpcDraftLink(draft_address, k=cfg.spec.num_speculative_tokens)
-            return SSDEngine(cfg.replace(mode="ssd"), target_model, {}, eos, link=link)
+            return SSDEngine(cfg.replace(mode="ssd"), target_model, {}, eos, link=link, index=index)
         except DraftUnavailable as e:
             log.warning("draft at %s unavailable (%s): serving target-only", draft_address, e)
     return AREngine(cfg.replace(mode="ar"), target_model, eos)

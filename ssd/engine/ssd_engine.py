@@ -14,6 +14,7 @@ import torch
 
 from ..config import EngineConfig
 from ..spec import ngram
+from ..spec.index import LocalIndex, context_key
 from .base import Engine
 from .draft_link import DraftUnavailable, ProcessDraftLink
 
@@ -25,8 +26,10 @@ class SSDEngine(Engine):
     mode = "ssd"
 
     def __init__(self, cfg: EngineConfig, target_model, draft_spec: dict, eos_token_ids, seed: int = 0,
-                 start_timeout: float = 300.0, link=None):
+                 start_timeout: float = 300.0, link=None, index=None):
         super().__init__(cfg, target_model, eos_token_ids)
+        self.index = index if index is not None else LocalIndex()
+        self.published: dict[int, list[str]] = {}  # seq_id -> index keys it stored
         self.link = link or ProcessDraftLink(draft_spec, cfg.spec, cfg.max_batch, cfg.max_model_len, cfg.draft_threads,
                                              self.vocab_size, seed, start_timeout)
         self.draft_alive = True
@@ -34,6 +37,8 @@ class SSDEngine(Engine):
         self.round_id = 0
         self.pending_ops: list[tuple] = []
         self.stale_rounds: set[int] = set()  # rounds whose cache we stopped waiting for
+        # speculations of different drafts (or draft settings) must never meet in the index
+        self.draft_fingerprint = repr((self.link.info.get("model", draft_spec.get("path")), sorted(vars(cfg.spec).items())))
         if self.link.info["vocab_size"] != self.vocab_size:
             raise ValueError(f"draft vocabulary {self.link.info['vocab_size']} != target vocabulary {self.vocab_size}")
 
@@ -85,6 +90,9 @@ class SSDEngine(Engine):
             for s in need:
                 backups[s.seq_id] = self._backup(s)
         hit_ids = [s.seq_id for s in running if s.speculation is not None and s.speculation[2] == "cache"]
+        for s in running:  # an index hit is, for the draft, a speculation handed to it
+            if s.speculation is not None and s.speculation[2] == "index":
+                backups[s.seq_id] = s.speculation[0].tolist()
         if self.draft_alive:
             try:
                 self.link.send(("round", self.round_id, self.pending_ops, jit_ids, backups, hit_ids))
@@ -92,10 +100,17 @@ class SSDEngine(Engine):
                 if jit_ids:
                     t0 = time.perf_counter()
                     _, _, reply, _ = self._recv_kind("jit", self.round_id)
+                    jit_items = {}
                     for s in need:
                         tokens, q_ref = reply[s.seq_id]
                         q = self.link.q_row(q_ref) if q_ref is not None else None
                         s.speculation = (torch.tensor(tokens), q, "jit")
+                        if s.params.greedy:  # a retry reaching this context will not wait for the draft
+                            key = self._key(s.context)
+                            jit_items[key] = tokens
+                            self.published.setdefault(s.seq_id, []).append(key)
+                    if jit_items:
+                        self.index.put_many(jit_items)
                     self.stats.t_jit += time.perf_counter() - t0
                     self.stats.n_jit += 1
             except DraftUnavailable as e:
@@ -116,9 +131,10 @@ class SSDEngine(Engine):
         round_id = self.round_id
         self.round_id += 1
 
+        base_len = {s.seq_id: len(s.context) for s in running}  # context each speculation continued
         for s, sp, (k, t) in zip(running, specs, outcomes):
             kept = self._commit_outcome(s, sp[0].tolist(), k, t)
-            if sp[2] == "cache":
+            if sp[2] in ("cache", "index"):
                 self.stats.tokens_after_hit += len(kept)
                 self.stats.rounds_after_hit += 1
             else:
@@ -148,27 +164,58 @@ class SSDEngine(Engine):
             except DraftUnavailable as e:
                 self._draft_lost(e)
             self.stats.t_wait_cache += time.perf_counter() - t0
+        self._publish(running, specs, base_len, entries)
+        index_rows = []
         for s, (k, t) in zip(running, outcomes):
             if s.finished:
                 continue
             entry = entries.get(s.seq_id)
             j = entry[0].get((k, t)) if entry is not None else None
             if j is None:
-                self.stats.cache_miss += 1
-                s.spec_stats.cache_miss += 1
+                if s.params.greedy:
+                    index_rows.append(s)  # maybe another request drafted this very context
+                else:
+                    self._count(s, "cache_miss")
                 continue
-            if on_time:
-                self.stats.cache_hit += 1
-                s.spec_stats.cache_hit += 1
-            else:
-                self.stats.cache_late += 1
-                s.spec_stats.cache_late += 1
-            q = None
-            if entry[2] is not None:
-                q = self.link.q_row(entry[2], j)
+            self._count(s, "cache_hit" if on_time else "cache_late")
+            q = self.link.q_row(entry[2], j) if entry[2] is not None else None
             s.speculation = (torch.tensor(entry[1][j]), q, "cache")
+        if index_rows:
+            found = self.index.get_many([self._key(s.context) for s in index_rows])
+            for s, tokens in zip(index_rows, found):
+                if tokens is None:
+                    self._count(s, "cache_miss")
+                else:
+                    self._count(s, "cache_hit")
+                    self.stats.index_hit += 1
+                    s.speculation = (torch.tensor(tokens), None, "index")
         self._retire()
         return events
+
+    # ---- speculation index -----------------------------------------------------------------------
+    def _key(self, context: list[int]) -> str:
+        return context_key(context, self.draft_fingerprint, ("greedy",), self.K)
+
+    def _publish(self, running, specs, base_len, entries) -> None:
+        """Store every greedy branch of the round's cache under the context it continues."""
+        items = {}
+        for s, sp in zip(running, specs):
+            entry = entries.get(s.seq_id)
+            if entry is None or not s.params.greedy:
+                continue
+            prefix = s.context[: base_len[s.seq_id]]
+            spec_tokens = sp[0].tolist()
+            keys = self.published.setdefault(s.seq_id, [])
+            for (k, t), j in entry[0].items():
+                key = self._key(prefix + spec_tokens[:k] + [t])
+                items[key] = entry[1][j]
+                keys.append(key)
+        if items:
+            self.index.put_many(items)
+
+    def _count(self, s, result: str) -> None:
+        setattr(self.stats, result, getattr(self.stats, result) + 1)
+        setattr(s.spec_stats, result, getattr(s.spec_stats, result) + 1)
 
     def _backup(self, s) -> tuple:
         t0 = time.perf_counter()
@@ -180,6 +227,9 @@ class SSDEngine(Engine):
         return tokens
 
     def _on_finished(self, s) -> None:
+        keys = self.published.pop(s.seq_id, [])
+        if s.finish_reason == "abort":  # cancelled or expired: free its index entries (finished ones age out by TTL)
+            self.index.delete_many(keys)
         # a sequence the draft never heard of (its "add" still pending) has nothing to release
         unknown_to_draft = any(op[0] == s.seq_id and op[1] == "add" for op in self.pending_ops)
         self.pending_ops = [op for op in self.pending_ops if op[0] != s.seq_id]
