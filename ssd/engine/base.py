@@ -13,7 +13,7 @@ import torch
 from ..config import EngineConfig, SamplingParams
 from ..kernels.rejection import greedy_verify, rejection_sample
 from ..sampling import process_logits, sample
-from .sequence import Scheduler, Sequence
+from .sequence import Scheduler, Sequence, count_accepted_per_pos
 from .target_runner import TargetRunner
 
 
@@ -52,10 +52,7 @@ class EngineStats:
         self.num_drafts += 1
         self.num_draft_tokens += num_draft
         self.num_accepted_tokens += num_accepted
-        while len(self.accepted_per_pos) < num_draft:
-            self.accepted_per_pos.append(0)
-        for i in range(num_accepted):
-            self.accepted_per_pos[i] += 1
+        count_accepted_per_pos(self.accepted_per_pos, num_draft, num_accepted)
 
     def summary(self) -> dict:
         lookups = self.cache_hit + self.cache_late + self.cache_miss

@@ -32,10 +32,15 @@ class SeqSpecStats:
             self.num_drafts += 1
             self.num_draft_tokens += num_draft
             self.num_accepted_tokens += num_accepted
-            while len(self.num_accepted_tokens_per_pos) < num_draft:
-                self.num_accepted_tokens_per_pos.append(0)
-            for i in range(num_accepted):
-                self.num_accepted_tokens_per_pos[i] += 1
+            count_accepted_per_pos(self.num_accepted_tokens_per_pos, num_draft, num_accepted)
+
+
+def count_accepted_per_pos(per_pos: list[int], num_draft: int, num_accepted: int) -> None:
+    """per_pos[i] += 1 for every accepted position i < num_accepted (grown to num_draft)."""
+    while len(per_pos) < num_draft:
+        per_pos.append(0)
+    for i in range(num_accepted):
+        per_pos[i] += 1
 
 
 @dataclass
