@@ -63,6 +63,29 @@ def thm7_ideal(st: EngineStats) -> dict | None:
     }
 
 
+def forward_costs(pair: ModelPair, k: int, context: int = 300, repeats: int = 15) -> dict:
+    """Median forward latency (ms) of the target and the draft for 1 and K+1 new tokens after a
+    `context`-token prefix, in this process's thread budget."""
+    from .kv_cache import append_batch
+
+    def median_ms(model, n):
+        cache = model.new_cache(1, context + n + 1)
+        model(torch.randint(0, 8000, (1, context)), append_batch([0], [0], context), cache)
+        ts = []
+        for _ in range(repeats):
+            x = torch.randint(0, 8000, (1, n))
+            t0 = time.perf_counter()
+            model(x, append_batch([0], [context], n), cache)
+            ts.append(time.perf_counter() - t0)
+        return 1000 * sorted(ts)[len(ts) // 2]
+
+    out = {"target_1": median_ms(pair.target, 1), f"target_{k + 1}": median_ms(pair.target, k + 1),
+           "draft_1": median_ms(pair.draft_model(), 1)}
+    out["draft_over_target_per_token"] = out["draft_1"] / out["target_1"]
+    out["verify_over_ar_step"] = out[f"target_{k + 1}"] / out["target_1"]
+    return out
+
+
 def decode_tps(st: EngineStats) -> float:
     """Tokens/s after the first token (prefill and its token excluded): what Thm 7 models."""
     t = st.wall - st.t_prefill
@@ -174,6 +197,8 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
     pair = ModelPair.load(cfg.replace(mode="ar"))
     tok = pair.tokenizer
     prompt_ids = [tok.apply_chat_template([{"role": "user", "content": p["prompt"]}]) for p in prompts]
+    torch.set_num_threads(cfg.target_threads)
+    costs = forward_costs(pair, cfg.spec.num_speculative_tokens)
     runs = {}
     for mode in modes:
         total, per = _run_engine(cfg.replace(mode=mode), pair, prompt_ids, params, mode)
@@ -191,6 +216,7 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
         "spec": vars(cfg.spec),
         "threads": {"target": cfg.target_threads, "draft_process": cfg.draft_threads, "torch_default": torch.get_num_threads()},
         "num_prompts": len(prompts),
+        "forward_ms": costs,
         "modes": {},
         "hf": {k: {kk: vv for kk, vv in v.items() if kk != "outputs"} for k, v in hf.items()},
     }
@@ -260,6 +286,8 @@ def _print_table(r: dict) -> None:
         print(f"SSD Thm 7: p_hit={t['p_hit']:.2f} E_hit={t['E_hit']:.2f} E_miss={t['E_miss']:.2f} T_p={t['T_p']:.2f} "
               f"T_b={t['T_b']:.2f} -> ideal {t['ideal_decode_tokens_per_s']:.2f} tok/s (decode), measured "
               f"{ssd['decode_tokens_per_s']:.2f}; measured/ideal = {t['measured_over_ideal']:.2f}")
+    c = r["forward_ms"]
+    print("forward (ms, median): " + ", ".join(f"{k}={v:.3g}" for k, v in c.items()))
     sd = r["modes"].get("sd")
     if sd and sd.get("sd_model"):
         m = sd["sd_model"]
