@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -30,17 +31,27 @@ def add_health_and_reflection(server: grpc.Server, service_names: list[str]) -> 
     return hs
 
 
-def drain_on_sigterm(server: grpc.Server, hs: health.HealthServicer, grace_s: float, on_stop=None) -> threading.Event:
-    """SIGTERM: readiness off (health NOT_SERVING), in-flight rpcs finish within grace_s, exit."""
+def drain_on_sigterm(server: grpc.Server, hs: health.HealthServicer, grace_s: float, on_stop=None,
+                     unready_s: float = 2.0) -> threading.Event:
+    """SIGTERM: readiness off (health NOT_SERVING) while still answering probes for unready_s,
+    so load balancers and kubelets see it; then new rpcs are refused, in-flight ones finish
+    within the rest of grace_s, and the process exits."""
     done = threading.Event()
 
-    def stop(*_):
+    def drain():
         logging.getLogger("ssd").info("draining (grace %.0f s)", grace_s)
         hs.enter_graceful_shutdown()
-        server.stop(grace_s).wait()
+        delay = min(unready_s, grace_s / 2)
+        time.sleep(delay)
+        server.stop(grace_s - delay).wait()
         if on_stop is not None:
             on_stop()
         done.set()
+
+    def stop(*_):
+        if not getattr(stop, "started", False):
+            stop.started = True
+            threading.Thread(target=drain, daemon=True, name="drain").start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
