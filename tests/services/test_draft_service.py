@@ -26,11 +26,21 @@ def draft_server(small_pair):
     server.stop(0)
 
 
-def test_greedy_over_grpc_identical_to_ar(small_pair, draft_server):
-    t_dir, _, _ = small_pair
-    target, _ = load_model(t_dir)
-    params = SamplingParams(max_tokens=30, ignore_eos=True)
-    ref = [s.output_ids for s in AREngine(_cfg().replace(mode="ar"), target, (3,)).generate(PROMPTS, params)]
+GREEDY = SamplingParams(max_tokens=30, ignore_eos=True)
+
+
+@pytest.fixture
+def target(small_pair):
+    return load_model(small_pair[0])[0]
+
+
+@pytest.fixture
+def ar_reference(target):
+    return [s.output_ids for s in AREngine(_cfg().replace(mode="ar"), target, (3,)).generate(PROMPTS, GREEDY)]
+
+
+def test_greedy_over_grpc_identical_to_ar(target, ar_reference, draft_server):
+    params, ref = GREEDY, ar_reference
     link = GrpcDraftLink(draft_server[1], k=2)
     with SSDEngine(_cfg(), target, {}, (3,), link=link) as eng:
         out = [s.output_ids for s in eng.generate(PROMPTS, params)]
@@ -39,10 +49,8 @@ def test_greedy_over_grpc_identical_to_ar(small_pair, draft_server):
     assert eng.draft_alive and st.cache_hit + st.cache_late > 0 and st.n_jit > 0
 
 
-def test_sampled_over_grpc_carries_q_rows(small_pair, draft_server):
+def test_sampled_over_grpc_carries_q_rows(target, draft_server):
     """Sampling needs the full q rows: they travel inline in the gRPC messages."""
-    t_dir, _, _ = small_pair
-    target, _ = load_model(t_dir)
     link = GrpcDraftLink(draft_server[1], k=2)
     with SSDEngine(_cfg(saguaro_c=0.5), target, {}, (3,), link=link) as eng:
         seqs = eng.generate(PROMPTS, [SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True, seed=i) for i in range(4)])
@@ -50,11 +58,8 @@ def test_sampled_over_grpc_carries_q_rows(small_pair, draft_server):
     assert all(len(s.output_ids) == 20 for s in seqs)
 
 
-def test_draft_service_stopped_mid_run_output_unchanged(small_pair, draft_server):
-    t_dir, _, _ = small_pair
-    target, _ = load_model(t_dir)
-    params = SamplingParams(max_tokens=30, ignore_eos=True)
-    ref = [s.output_ids for s in AREngine(_cfg().replace(mode="ar"), target, (3,)).generate(PROMPTS, params)]
+def test_draft_service_stopped_mid_run_output_unchanged(target, ar_reference, draft_server):
+    params, ref = GREEDY, ar_reference
     link = GrpcDraftLink(draft_server[1], k=2)
     with SSDEngine(_cfg(), target, {}, (3,), link=link) as eng:
         seqs = [eng.add_request(p, params) for p in PROMPTS]
