@@ -43,11 +43,15 @@ def round_to_pb(msg) -> "pb.SpeculateRequest":
     req = pb.SpeculateRequest(round=round_id, jit=[str(i) for i in jit_ids], hit=[str(i) for i in hit_ids])
     for seq_id, op, data in ops:
         if op == "add":
-            req.add.append(pb.SequenceSetup(seq_id=str(seq_id), context_token_ids=data[0], sampling=sampling_to_pb(data[1])))
+            meta = data[2] if len(data) > 2 else {}
+            req.add.append(pb.SequenceSetup(seq_id=str(seq_id), context_token_ids=data[0], sampling=sampling_to_pb(data[1]),
+                                            traceparent=meta.get("traceparent", "")))
         elif op == "outcome":
             req.outcomes.append(pb.Outcome(seq_id=str(seq_id), committed_token_ids=data))
         elif op == "release":
             req.release.append(str(seq_id))
+            if data == "abort":
+                req.aborted.append(str(seq_id))
     for seq_id, tokens in backups.items():
         req.backup.append(pb.BackupSpeculation(seq_id=str(seq_id), draft_token_ids=tokens))
     return req
@@ -55,45 +59,71 @@ def round_to_pb(msg) -> "pb.SpeculateRequest":
 
 def round_from_pb(req, seq_key) -> tuple:
     """seq_key(str) -> the draft's own id for a sequence of this stream."""
-    ops = [(seq_key(a.seq_id), "add", (list(a.context_token_ids), sampling_from_pb(a.sampling))) for a in req.add]
+    ops = [(seq_key(a.seq_id), "add", (list(a.context_token_ids), sampling_from_pb(a.sampling),
+                                       {"traceparent": a.traceparent} if a.traceparent else {})) for a in req.add]
     ops += [(seq_key(o.seq_id), "outcome", list(o.committed_token_ids)) for o in req.outcomes]
-    ops += [(seq_key(r), "release", None) for r in req.release]
+    aborted = set(req.aborted)
+    ops += [(seq_key(r), "release", "abort" if r in aborted else None) for r in req.release]
     backups = {seq_key(b.seq_id): list(b.draft_token_ids) for b in req.backup}
     return ("round", req.round, ops, [seq_key(i) for i in req.jit], backups, [seq_key(i) for i in req.hit])
 
 
-def reply_to_pb(msg, seq_name) -> "pb.SpeculateResponse":
-    """Draft reply tuple -> response; q refs are ("inline", tensor) on this transport."""
+def reply_to_pb(msg, seq_name, channel: bool = False):
+    """Draft reply tuple -> (response, tensor | None). q refs are ("inline", tensor); with a
+    tensor channel the rows are gathered into one [rows, K, vocab] tensor sent after the
+    response instead of travelling as bytes inside it."""
     kind, round_id = msg[0], msg[1]
+    rows: list[torch.Tensor] = []
+
+    def attach(sp, q):  # q: [K, vocab]
+        if channel:
+            sp.channel_probs = True
+            rows.append(q)
+        else:
+            sp.draft_probs = tensor_to_bytes(q)
+
     if kind == "keys":
         items = [pb.Speculation(seq_id=seq_name(i), num_accepted=k, token=t) for i, keys in msg[2].items() for k, t in keys]
-        return pb.SpeculateResponse(round=round_id, keys=pb.Speculations(items=items))
-    if kind == "jit":
+        resp = pb.SpeculateResponse(round=round_id, keys=pb.Speculations(items=items))
+    elif kind == "jit":
         items = []
         for i, (tokens, q_ref) in msg[2].items():
             sp = pb.Speculation(seq_id=seq_name(i), draft_token_ids=tokens)
             if q_ref is not None:
-                sp.draft_probs = tensor_to_bytes(q_ref[1])
+                attach(sp, q_ref[1])
             items.append(sp)
-        return pb.SpeculateResponse(round=round_id, jit=pb.Speculations(items=items), seconds=msg[3])
-    if kind == "cache":
+        resp = pb.SpeculateResponse(round=round_id, jit=pb.Speculations(items=items), seconds=msg[3])
+    elif kind == "cache":
         if msg[2] is None:
-            return pb.SpeculateResponse(round=round_id, cache=pb.Speculations(abandoned=True), seconds=msg[3])
+            return pb.SpeculateResponse(round=round_id, cache=pb.Speculations(abandoned=True), seconds=msg[3]), None
         items = []
         for i, (keys, token_ids, q_ref) in msg[2].items():
             for (k, t), j in keys.items():
                 sp = pb.Speculation(seq_id=seq_name(i), num_accepted=k, token=t, draft_token_ids=token_ids[j])
                 if q_ref is not None:
-                    sp.draft_probs = tensor_to_bytes(q_ref[1][j])
+                    attach(sp, q_ref[1][j])
                 items.append(sp)
-        return pb.SpeculateResponse(round=round_id, cache=pb.Speculations(items=items), seconds=msg[3])
-    raise ValueError(f"unknown draft reply {kind!r}")
+        resp = pb.SpeculateResponse(round=round_id, cache=pb.Speculations(items=items), seconds=msg[3])
+    else:
+        raise ValueError(f"unknown draft reply {kind!r}")
+    if not rows:
+        return resp, None
+    resp.channel_rows = len(rows)
+    return resp, torch.stack(rows)  # [rows, K, vocab]
 
 
-def reply_from_pb(resp, k: int, vocab_size: int) -> tuple:
-    """Response -> the reply tuple the SSD engine expects; q refs become ("inline", tensor)."""
+def reply_from_pb(resp, k: int, vocab_size: int, channel_rows: torch.Tensor | None = None) -> tuple:
+    """Response -> the reply tuple the SSD engine expects; q refs become ("inline", tensor).
+    channel_rows: the [rows, K, vocab] tensor received on the tensor channel after resp."""
     body = resp.WhichOneof("body")
     items = getattr(resp, body).items
+    taken = iter(range(resp.channel_rows))
+
+    def q_of(sp):
+        if sp.channel_probs:
+            return channel_rows[next(taken)]
+        return tensor_from_bytes(sp.draft_probs, (k, vocab_size)) if sp.draft_probs else None
+
     if body == "keys":
         keys: dict[int, list] = {}
         for sp in items:
@@ -102,8 +132,8 @@ def reply_from_pb(resp, k: int, vocab_size: int) -> tuple:
     if body == "jit":
         reply = {}
         for sp in items:
-            q = ("inline", tensor_from_bytes(sp.draft_probs, (k, vocab_size))) if sp.draft_probs else None
-            reply[int(sp.seq_id)] = (list(sp.draft_token_ids), q)
+            q = q_of(sp)
+            reply[int(sp.seq_id)] = (list(sp.draft_token_ids), None if q is None else ("inline", q))
         return ("jit", resp.round, reply, resp.seconds)
     if resp.cache.abandoned:
         return ("cache", resp.round, None, resp.seconds)
@@ -115,7 +145,7 @@ def reply_from_pb(resp, k: int, vocab_size: int) -> tuple:
         keys = {(sp.num_accepted, sp.token): j for j, sp in enumerate(sps)}
         tokens = [list(sp.draft_token_ids) for sp in sps]
         q = None
-        if sps[0].draft_probs:
-            q = ("inline", torch.stack([tensor_from_bytes(sp.draft_probs, (k, vocab_size)) for sp in sps]))
+        if sps[0].draft_probs or sps[0].channel_probs:
+            q = ("inline", torch.stack([q_of(sp) for sp in sps]))
         reply[i] = (keys, tokens, q)
     return ("cache", resp.round, reply, resp.seconds)

@@ -1,22 +1,30 @@
 """The SSD engine's DraftLink (ssd/engine/draft_link.py) over a gRPC Draft/Speculate stream."""
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 
 import grpc
 
 from ssd.engine.draft_link import DraftUnavailable
+from ssd.tensor_channel import TensorChannel
 
 from . import convert
 from .protos import pb, pb_grpc
 
 _END = object()
+log = logging.getLogger(__name__)
 
 
 class GrpcDraftLink:
-    def __init__(self, address: str, k: int, timeout: float = 30.0):
+    """tensor_channel: "inline" (q rows as bytes in the messages), "gloo", "nccl", or "auto"
+    (nccl when this target runs on a GPU, falling back to inline when the channel cannot be set
+    up; inline on CPU)."""
+
+    def __init__(self, address: str, k: int, timeout: float = 30.0, tensor_channel: str = "inline", device: str = "cpu"):
         self.k = k
+        self.address = address
         self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 256 << 20),
                                                                 ("grpc.max_receive_message_length", 256 << 20)])
         stub = pb_grpc.DraftStub(self.channel)
@@ -24,19 +32,45 @@ class GrpcDraftLink:
             load = stub.Load(pb.LoadRequest(), timeout=timeout)
         except grpc.RpcError as e:
             raise DraftUnavailable(f"draft at {address} unreachable: {e.code().name}") from e
-        self.info = {"vocab_size": load.vocab_size, "model": load.model}
+        self.info = {"vocab_size": load.vocab_size, "model": load.model, "node": load.node,
+                     "fingerprint": load.fingerprint, "publishes": load.publishes}
+        self.tensors: TensorChannel | None = None
+        metadata = ()
+        if tensor_channel == "auto" and not str(device).startswith("cuda"):
+            tensor_channel = "inline"  # on CPU loopback gloo measured no faster than inline bytes (docs/services.md)
+        if tensor_channel != "inline":
+            try:
+                metadata = (("ssd-channel", self._open_channel(stub, tensor_channel, device, timeout)),)
+            except (grpc.RpcError, RuntimeError, ValueError) as e:
+                if tensor_channel != "auto":
+                    raise DraftUnavailable(f"tensor channel to {address} failed: {e}") from e
+                log.warning("tensor channel to %s unavailable (%s): q rows go inline", address, e)
+        self.info["tensor_channel"] = self.tensors.backend if self.tensors else "inline"
         self.requests: queue.Queue = queue.Queue()
         self.replies: queue.Queue = queue.Queue()
-        self.call = stub.Speculate(iter(self.requests.get, _END))
+        self.call = stub.Speculate(iter(self.requests.get, _END), metadata=metadata)
         threading.Thread(target=self._read, daemon=True).start()
+
+    def _open_channel(self, stub, backend: str, device: str, timeout: float) -> str:
+        resp = stub.OpenChannel(pb.OpenChannelRequest(backend="" if backend == "auto" else backend), timeout=timeout)
+        host = self.address.rsplit(":", 1)[0].strip("[]")
+        if resp.backend == "nccl" and not str(device).startswith("cuda"):
+            raise ValueError("the draft offers nccl but this target runs on the CPU")
+        self.tensors = TensorChannel.connect(host, resp.port, resp.backend, device, timeout_s=timeout)
+        return resp.channel_id
 
     def _read(self):
         try:
             for resp in self.call:
-                self.replies.put(resp)
+                rows = None
+                if resp.channel_rows:  # [rows, K, vocab] follows on the tensor channel
+                    rows = self.tensors.recv((resp.channel_rows, self.k, self.info["vocab_size"]))
+                self.replies.put((resp, rows))
             self.replies.put(DraftUnavailable("draft stream ended"))
         except grpc.RpcError as e:
             self.replies.put(DraftUnavailable(f"draft stream failed: {e.code().name} {e.details()}"))
+        except RuntimeError as e:  # the tensor channel broke
+            self.replies.put(DraftUnavailable(f"tensor channel failed: {e}"))
 
     def send(self, msg) -> None:
         if msg[0] == "stop":
@@ -55,7 +89,8 @@ class GrpcDraftLink:
         if isinstance(item, Exception):
             self.replies.put(item)  # every later recv fails the same way
             raise item
-        return convert.reply_from_pb(item, self.k, self.info["vocab_size"])
+        resp, rows = item
+        return convert.reply_from_pb(resp, self.k, self.info["vocab_size"], rows)
 
     def q_row(self, q_ref, j: int | None = None):
         t = q_ref[1]
@@ -64,3 +99,5 @@ class GrpcDraftLink:
     def close(self) -> None:
         self.requests.put(_END)
         self.channel.close()
+        if self.tensors is not None:
+            self.tensors.close()

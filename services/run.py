@@ -36,7 +36,9 @@ def run_role(ns, cfg) -> int:
 
         torch.set_num_threads(cfg.draft_threads)
         spec = draft_spec(cfg.draft, target_path, cfg.standin_layers)
-        pb_grpc.add_DraftServicer_to_server(DraftService(spec, cfg.spec, cfg.max_batch * 4, cfg.max_model_len), server)
+        service = DraftService(spec, cfg.spec, cfg.max_batch * 4, cfg.max_model_len, index=_index(ns.redis_url),
+                               node=os.environ.get("NODE_NAME", ""), channel_host=ns.host)
+        pb_grpc.add_DraftServicer_to_server(service, server)
         names = ["Draft"]
     elif ns.role == "target":
         from ssd.models.loader import load_model
@@ -46,12 +48,8 @@ def run_role(ns, cfg) -> int:
 
         torch.set_num_threads(cfg.target_threads)
         model, _ = load_model(target_path)
-        index = None
-        if ns.redis_url:
-            from .index_redis import RedisIndex
-
-            index = RedisIndex(ns.redis_url)
-        engine = build_engine(cfg, model, Tokenizer(target_path).eos_token_ids, ns.draft_address, index)
+        engine = build_engine(cfg, model, Tokenizer(target_path).eos_token_ids, ns.draft_address, _index(ns.redis_url),
+                              tensor_channel=ns.tensor_channel, device=str(next(model.parameters()).device))
         loop = EngineLoop(engine)
         on_stop = loop.stop
         pb_grpc.add_TargetServicer_to_server(TargetService(loop, node=os.environ.get("NODE_NAME", "")), server)
@@ -62,11 +60,16 @@ def run_role(ns, cfg) -> int:
         from .gateway.http import serve_http
         from .gateway.server import Gateway, GatewayService
 
+        from .discovery import from_args
+
         targets = [t for t in ns.targets.split(",") if t]
-        if not targets:
-            raise SystemExit("error: --targets is required for the gateway")
+        drafts = [t for t in ns.drafts.split(",") if t]
+        if ns.discovery == "static" and not targets:
+            raise SystemExit("error: the gateway needs --targets (or --discovery kubernetes)")
+        discovery = from_args(ns.discovery, ns.k8s_namespace or os.environ.get("POD_NAMESPACE", "default"),
+                              ns.target_service, ns.draft_service, targets, drafts)
         desc = describe(draft_spec(cfg.draft, target_path, cfg.standin_layers))
-        gw = Gateway(Tokenizer(target_path), targets, ns.model_name, cfg.max_model_len, desc)
+        gw = Gateway(Tokenizer(target_path), discovery, ns.model_name, cfg.max_model_len, desc)
         pb_grpc.add_GatewayServicer_to_server(GatewayService(gw), server)
         names = ["Gateway"]
         if ns.http_port >= 0:
@@ -79,6 +82,14 @@ def run_role(ns, cfg) -> int:
     _announce(port, http_port)
     drain_on_sigterm(server, hs, ns.grace_s, on_stop).wait()
     return 0
+
+
+def _index(redis_url: str):
+    if not redis_url:
+        return None
+    from .index_redis import RedisIndex
+
+    return RedisIndex(redis_url)
 
 
 def _spawn(role: str, args: list[str], env=None):
@@ -104,15 +115,16 @@ def serve_local(ns, cfg, common_args: list[str]) -> int:
         default_target_path()  # convert once here, not three times in parallel
     procs = []
     try:
-        draft, dports = _spawn("draft", common_args + ["--port", "0"])
+        draft, dports = _spawn("draft", common_args + ["--port", "0"] + (["--redis-url", ns.redis_url] if ns.redis_url else []))
         procs.append(draft)
-        target_args = ["--port", "0", "--draft-address", f"127.0.0.1:{dports['port']}"]
+        target_args = ["--port", "0", "--draft-address", f"127.0.0.1:{dports['port']}", "--tensor-channel", ns.tensor_channel]
         if ns.redis_url:
             target_args += ["--redis-url", ns.redis_url]
         target, tports = _spawn("target", common_args + target_args)
         procs.append(target)
         gw, gports = _spawn("gateway", common_args + ["--port", str(ns.port), "--http-port", str(ns.http_port),
-                                                      "--targets", f"127.0.0.1:{tports['port']}"])
+                                                      "--targets", f"127.0.0.1:{tports['port']}",
+                                                      "--drafts", f"127.0.0.1:{dports['port']}"])
         procs.append(gw)
         addr = f"127.0.0.1:{gports['port']}"
         print(f"gateway: grpc {addr}, http http://127.0.0.1:{gports.get('http_port')}  "

@@ -197,6 +197,8 @@ def main(argv=None) -> int:
     sv.add_argument("--port", type=int, default=50051, help="gateway gRPC port (0 = any free port)")
     sv.add_argument("--http-port", type=int, default=8000, help="gateway OpenAI-compatible HTTP port (0 = any, -1 = off)")
     sv.add_argument("--redis-url", default="", help="speculation index in Redis (default: in-process map)")
+    sv.add_argument("--tensor-channel", default="auto", choices=["inline", "gloo", "nccl", "auto"],
+                    help="how full q rows travel from draft to target (auto: nccl on GPUs, gloo on CPU, else inline)")
     _add_fields(sv, EngineConfig, skip=("mode",))
     _add_fields(sv, SpecConfig)
     _add_fields(sv, SamplingParams)
@@ -207,9 +209,19 @@ def main(argv=None) -> int:
     se.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in a pod)")
     se.add_argument("--port", type=int, default=0, help="gRPC port (0 = any free port, printed on start)")
     se.add_argument("--http-port", type=int, default=-1, help="gateway: OpenAI-compatible HTTP port (-1 = off)")
-    se.add_argument("--targets", default="", help="gateway: comma-separated target addresses")
-    se.add_argument("--draft-address", default="", help="target: draft service address (empty = target-only)")
-    se.add_argument("--redis-url", default="", help="target: speculation index in Redis (default: in-process map)")
+    se.add_argument("--targets", default="", help="gateway: comma-separated target addresses (static discovery)")
+    se.add_argument("--drafts", default="", help="gateway: comma-separated draft addresses (static discovery)")
+    se.add_argument("--discovery", default="static", choices=["static", "kubernetes"],
+                    help="gateway: static addresses, or ready pods from the Kubernetes API (EndpointSlices)")
+    se.add_argument("--k8s-namespace", default="", help="gateway: namespace to watch (default: $POD_NAMESPACE)")
+    se.add_argument("--target-service", default="ssd-target", help="gateway: Kubernetes Service of the target pods")
+    se.add_argument("--draft-service", default="ssd-draft", help="gateway: Kubernetes Service of the draft pods")
+    se.add_argument("--draft-address", default="", help="target: comma-separated draft addresses (empty = target-only; "
+                                                         "the gateway may name more per request)")
+    se.add_argument("--tensor-channel", default="auto", choices=["inline", "gloo", "nccl", "auto"],
+                    help="target: how full q rows travel from the draft (auto: nccl on GPUs, gloo on CPU, else inline)")
+    se.add_argument("--redis-url", default="", help="target, draft: speculation index in Redis (default: in-process "
+                                                     "map in the target; the draft publishes only with Redis)")
     se.add_argument("--model-name", default="smollm2-135m-instruct", help="gateway: served model name")
     se.add_argument("--grace-s", type=float, default=30.0, help="SIGTERM drain period (seconds)")
     _add_fields(se, EngineConfig, skip=("mode",))

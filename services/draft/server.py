@@ -6,6 +6,7 @@ import itertools
 import logging
 import queue
 import threading
+import uuid
 from concurrent import futures
 
 import grpc
@@ -15,6 +16,8 @@ from ssd.config import SpecConfig
 from ssd.engine.draft_runner import DraftRunner
 from ssd.engine.draft_worker import RoundServer
 from ssd.models.draft import describe, load_draft
+from ssd.spec.index import draft_fingerprint
+from ssd.tensor_channel import TensorChannel, default_backend
 
 from .. import convert
 from ..protos import pb, pb_grpc
@@ -23,19 +26,54 @@ log = logging.getLogger(__name__)
 
 
 class DraftService(pb_grpc.DraftServicer):
-    def __init__(self, draft_spec: dict, spec: SpecConfig, max_seqs: int = 64, max_model_len: int = 2048, seed: int = 0):
+    def __init__(self, draft_spec: dict, spec: SpecConfig, max_seqs: int = 64, max_model_len: int = 2048, seed: int = 0,
+                 index=None, node: str = "", channel_host: str = "0.0.0.0"):
         self.model = load_draft(draft_spec)
         self.description = describe(draft_spec)
-        self.server = RoundServer(DraftRunner(self.model, spec, max_seqs, max_model_len, seed))
+        self.fingerprint = draft_fingerprint(self.description, spec)
+        self.index = index
+        self.server = RoundServer(DraftRunner(self.model, spec, max_seqs, max_model_len, seed), index, self.fingerprint)
         self.lock = threading.Lock()
         self._ids = itertools.count(1)
         self.queue_depth = 0
+        self.node = node
+        self.channel_host = channel_host
+        self.channels: dict[str, object] = {}  # channel id -> Future[TensorChannel] until a stream takes it
+        self.device = next(self.model.parameters()).device
 
     def Load(self, request, context):
         return pb.DraftLoadResponse(sequences=len(self.server.runner.seqs), queue_depth=self.queue_depth,
-                                    vocab_size=self.model.cfg.vocab_size, model=self.description)
+                                    vocab_size=self.model.cfg.vocab_size, model=self.description, node=self.node,
+                                    fingerprint=self.fingerprint, publishes=self.index is not None)
+
+    def OpenChannel(self, request, context):
+        if request.backend not in ("", "gloo", "nccl"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown tensor channel backend {request.backend!r} (gloo | nccl)")
+        backend = request.backend or default_backend(self.device)
+        if backend == "nccl" and self.device.type != "cuda":
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "nccl needs the draft on a GPU; use gloo")
+        try:
+            port, fut = TensorChannel.listen(backend, self.device, host=self.channel_host)
+        except Exception as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"tensor channel: {e}")
+        channel_id = uuid.uuid4().hex
+        self.channels[channel_id] = fut
+        return pb.OpenChannelResponse(channel_id=channel_id, port=port, backend=backend, device=str(self.device))
+
+    def _take_channel(self, context):
+        channel_id = dict(context.invocation_metadata()).get("ssd-channel")
+        if not channel_id:
+            return None
+        fut = self.channels.pop(channel_id, None)
+        if fut is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown tensor channel {channel_id!r}")
+        try:
+            return fut.result(timeout=30)
+        except Exception as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"tensor channel {channel_id} not joined: {e}")
 
     def Speculate(self, request_iterator, context):
+        channel = self._take_channel(context)
         names: dict[int, str] = {}  # draft id -> the target's seq id, for this stream
         ids: dict[str, int] = {}
 
@@ -56,6 +94,12 @@ class DraftService(pb_grpc.DraftServicer):
                 pass
             inbox.put(None)
 
+        def send(reply):
+            resp, rows = reply
+            outbox.put(resp)
+            if rows is not None:  # after the response that announces it; the target reads in order
+                channel.send(rows)
+
         def work():
             try:
                 while (req := inbox.get()) is not None:
@@ -65,7 +109,7 @@ class DraftService(pb_grpc.DraftServicer):
                         self.queue_depth -= 1
                         self.server.handle(
                             msg,
-                            send=lambda m: outbox.put(convert.reply_to_pb(m, names.__getitem__)),
+                            send=lambda m: send(convert.reply_to_pb(m, names.__getitem__, channel is not None)),
                             poll=lambda: not inbox.empty(),
                             put_q=lambda kind, round_id, slot, probs: ("inline", probs),
                         )
@@ -79,6 +123,8 @@ class DraftService(pb_grpc.DraftServicer):
                             self.server.runner.release(i)
                         self.server.entries.pop(i, None)
                 outbox.put(None)
+                if channel is not None:
+                    channel.close()
 
         threading.Thread(target=read, daemon=True).start()
         threading.Thread(target=work, daemon=True).start()

@@ -27,36 +27,63 @@ class GenerateError(Exception):
 
 
 class Gateway:
-    """Routing and the generation path, shared by the gRPC servicer and the HTTP front."""
+    """Routing and the generation path, shared by the gRPC servicer and the HTTP front.
 
-    def __init__(self, tokenizer, targets: list[str], model_name: str, max_model_len: int, draft_description: str = ""):
+    discovery: an object with targets() / drafts() -> [Endpoint(address, node)] (static
+    addresses for local runs, Kubernetes EndpointSlices in a cluster: services/discovery.py)."""
+
+    def __init__(self, tokenizer, discovery, model_name: str, max_model_len: int, draft_description: str = ""):
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.draft_description = draft_description
-        self.targets = {addr: pb_grpc.TargetStub(grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)) for addr in targets}
+        self.discovery = discovery
+        self._stubs: dict[tuple[str, str], object] = {}
         self.running: dict[str, object] = {}  # request id -> the target call (for Abort)
         self.lock = threading.Lock()
         self._rr = itertools.count()
 
+    def _stub(self, kind: str, addr: str):
+        with self.lock:
+            stub = self._stubs.get((kind, addr))
+            if stub is None:
+                channel = grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
+                stub = (pb_grpc.TargetStub if kind == "target" else pb_grpc.DraftStub)(channel)
+                self._stubs[(kind, addr)] = stub
+            return stub
+
     # ---- routing ---------------------------------------------------------------------------
-    def pick_target(self):
-        """Least loaded ready target (running + waiting); round robin among equals."""
-        best, best_load = None, None
-        order = list(self.targets.items())
-        start = next(self._rr) % max(1, len(order))
-        for addr, stub in order[start:] + order[:start]:
+    def _least_loaded(self, kind: str, endpoints, load_of):
+        """(endpoint, stub, Load reply) of the least loaded ready endpoint; round robin among equals."""
+        best = None
+        if not endpoints:
+            return None
+        start = next(self._rr) % len(endpoints)
+        for ep in endpoints[start:] + endpoints[:start]:
+            stub = self._stub(kind, ep.address)
             try:
                 load = stub.Load(pb.LoadRequest(), timeout=2.0)
             except grpc.RpcError:
                 continue
-            value = load.running + load.waiting
-            if best_load is None or value < best_load:
-                best, best_load = (addr, stub), value
-        if best is None:
-            raise GenerateError(grpc.StatusCode.UNAVAILABLE, "no target is ready")
+            if best is None or load_of(load) < load_of(best[2]):
+                best = (ep, stub, load)
         return best
 
+    def pick_target(self):
+        """Least loaded ready target (running + waiting)."""
+        best = self._least_loaded("target", self.discovery.targets(), lambda l: l.running + l.waiting)
+        if best is None:
+            raise GenerateError(grpc.StatusCode.UNAVAILABLE, "no target is ready")
+        ep, stub, load = best
+        return ep.address, stub, ep.node or load.node
+
+    def pick_draft(self, node: str) -> str:
+        """Least loaded draft, on the target's node when any draft runs there (NCCL P2P; no
+        network hop for q rows). Empty: let the target use its own drafts."""
+        drafts = self.discovery.drafts()
+        local = [d for d in drafts if node and d.node == node]
+        best = self._least_loaded("draft", local or drafts, lambda l: l.sequences + l.queue_depth)
+        return best[0].address if best is not None else ""
     # ---- the generation path ---------------------------------------------------------------
     def prompt_ids(self, req) -> list[int]:
         which = req.WhichOneof("input")
@@ -102,9 +129,10 @@ class Gateway:
         with self.lock:
             if request_id in self.running:
                 raise GenerateError(grpc.StatusCode.ALREADY_EXISTS, f"request {request_id!r} is already running")
-        addr, stub = self.pick_target()
-        call = stub.Run(pb.RunRequest(seq_id=request_id, prompt_token_ids=ids, sampling=req.sampling, mode=req.mode),
-                        timeout=deadline_s)
+        addr, stub, node = self.pick_target()
+        draft = self.pick_draft(node)
+        call = stub.Run(pb.RunRequest(seq_id=request_id, prompt_token_ids=ids, sampling=req.sampling, mode=req.mode,
+                                      draft_address=draft), timeout=deadline_s)
         with self.lock:
             self.running[request_id] = call
         decoder = self.tokenizer.stream_decoder()

@@ -10,6 +10,7 @@ import grpc
 
 from ssd.engine import AREngine, SSDEngine
 from ssd.engine.draft_link import DraftUnavailable
+from ssd.engine.multi_draft import MultiDraftLink
 
 from .. import convert
 from ..common import stats_to_pb
@@ -29,9 +30,9 @@ class EngineLoop:
         self.thread = threading.Thread(target=self._run, daemon=True, name="engine-loop")
         self.thread.start()
 
-    def submit(self, prompt_ids, params) -> tuple[object, queue.Queue]:
+    def submit(self, prompt_ids, params, meta=None) -> tuple[object, queue.Queue]:
         with self.cv:
-            seq = self.engine.add_request(prompt_ids, params)  # ValueError: bad input
+            seq = self.engine.add_request(prompt_ids, params, meta)  # ValueError: bad input
             q: queue.Queue = queue.Queue()
             self.streams[seq.seq_id] = q
             self.cv.notify()
@@ -91,7 +92,8 @@ class TargetService(pb_grpc.TargetServicer):
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
-            seq, q = self.loop.submit(list(request.prompt_token_ids), params)
+            meta = {"draft": request.draft_address} if request.draft_address else {}
+            seq, q = self.loop.submit(list(request.prompt_token_ids), params, meta)
         except ValueError as e:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if "context length" in str(e) else grpc.StatusCode.INVALID_ARGUMENT
             context.abort(code, str(e))
@@ -115,15 +117,20 @@ class TargetService(pb_grpc.TargetServicer):
         return pb.LoadResponse(running=running, waiting=waiting, free_slots=free, node=self.node)
 
 
-def build_engine(cfg, target_model, eos, draft_address: str | None, index=None):
-    """SSD when a draft service is given and reachable; otherwise target-only (AR): a missing
-    draft never blocks serving (invariant 2)."""
-    if draft_address:
+def build_engine(cfg, target_model, eos, draft_addresses, index=None, tensor_channel: str = "inline", device: str = "cpu"):
+    """SSD over every reachable draft (MultiDraftLink: sequences spread over replicas, more
+    drafts joined on demand when the gateway names them); target-only (AR) when none is
+    reachable: a missing draft never blocks serving (invariant 2)."""
+    if isinstance(draft_addresses, str):
+        draft_addresses = [a for a in draft_addresses.split(",") if a]
+    if draft_addresses:
         from ..draft_link import GrpcDraftLink
 
+        k = cfg.spec.num_speculative_tokens
         try:
-            link = GrpcDraftLink(draft_address, k=cfg.spec.num_speculative_tokens)
+            link = MultiDraftLink(lambda addr: GrpcDraftLink(addr, k=k, tensor_channel=tensor_channel, device=device),
+                                  draft_addresses)
             return SSDEngine(cfg.replace(mode="ssd"), target_model, {}, eos, link=link, index=index)
         except DraftUnavailable as e:
-            log.warning("draft at %s unavailable (%s): serving target-only", draft_address, e)
+            log.warning("no draft available among %s (%s): serving target-only", draft_addresses, e)
     return AREngine(cfg.replace(mode="ar"), target_model, eos)

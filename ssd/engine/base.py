@@ -91,9 +91,13 @@ class Engine:
         self.eos_token_ids = tuple(eos_token_ids)
         self.scheduler = Scheduler(cfg.max_batch)
         self.stats = EngineStats()
+        # on_step(record): called after every batched verify step with what each sequence's
+        # round did (the services turn it into ssd.verify spans and metrics; see RoundRecord)
+        self.on_step = None
+        self.step_count = 0
 
     # ---- requests ------------------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, meta: dict | None = None) -> Sequence:
         if not prompt_ids:
             raise ValueError("prompt is empty")
         if len(prompt_ids) + 1 > self.cfg.max_model_len:
@@ -103,7 +107,7 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
-        seq = Sequence(list(prompt_ids), params, self.eos_token_ids)
+        seq = Sequence(list(prompt_ids), params, self.eos_token_ids, meta=dict(meta or {}))
         self.scheduler.add(seq)
         self.stats.requests += 1
         return seq
@@ -203,6 +207,33 @@ class Engine:
     def _on_finished(self, seq: Sequence) -> None:
         """Free whatever the engine's draft holds for a finished or aborted sequence."""
 
+    def _report(self, record: "StepRecord") -> None:
+        if self.on_step is not None:
+            self.on_step(record)
+
+
+@dataclass
+class RoundRow:
+    """One sequence's round within a batched step."""
+    seq: Sequence
+    drafted: int          # speculated tokens verified (K; 0 for target-only decoding)
+    accepted: int         # of which accepted
+    kept: int             # tokens committed (accepted + recovery/bonus, cut at a stop)
+    source: str           # where the verified speculation came from: cache | index | jit | backup | none
+    cache_result: str | None  # hit | late | miss as counted for that speculation; None: no lookup (first round)
+
+
+@dataclass
+class StepRecord:
+    """One batched verify step, wall-clock ns (time.time_ns) so spans can be drawn from it."""
+    round: int
+    start_ns: int
+    end_ns: int
+    rows: list[RoundRow]
+    jit_ns: tuple[int, int] | None = None      # just-in-time draft before the verify
+    lookup_ns: tuple[int, int] | None = None   # wait for the speculation cache + index lookup after it
+    jit_seq_ids: tuple = ()
+
 
 class AREngine(Engine):
     """Plain autoregressive decoding with the target: the baseline every ratio is taken against."""
@@ -214,15 +245,19 @@ class AREngine(Engine):
         events = self._prefill(new)
         old = [s for s in self.scheduler.running if s not in new and not s.finished]
         if old:
-            t0 = time.perf_counter()
+            t0, start_ns = time.perf_counter(), time.time_ns()
             logits = self.target.forward(old, None, 1)[:, 0]
             self.stats.t_verify += time.perf_counter() - t0
             self.stats.steps += 1
+            rows = []
             for s, t in zip(old, self._sample_rows(old, logits)):
                 kept = s.commit([t], self.cfg.max_model_len)
                 self.stats.tokens += len(kept)
                 self.stats.rounds += 1
                 s.spec_stats.record(0, 0)
                 events.append((s, kept))
+                rows.append(RoundRow(s, drafted=0, accepted=0, kept=len(kept), source="none", cache_result=None))
+            self._report(StepRecord(self.step_count, start_ns, time.time_ns(), rows))
+            self.step_count += 1
         self._retire()
         return events

@@ -1,7 +1,8 @@
 """The draft in its own process (its own thread budget), speaking a small pipe protocol.
 
 target -> draft:  ("round", round_id, ops, jit_ids, backups, hit_ids) | ("stop",)
-    ops      [(seq_id, "add", (ctx, params)) | (seq_id, "outcome", new_tokens) | (seq_id, "release", None)]
+    ops      [(seq_id, "add", (ctx, params, meta)) | (seq_id, "outcome", new_tokens)
+              | (seq_id, "release", finish_reason)]   ("abort" also deletes its index entries)
     jit_ids  sequences that missed: draft a speculation just in time and reply at once
     backups  {seq_id: token_ids} speculations the target took from the fast backup
     hit_ids  sequences whose speculation came from the last cache (key = their outcome)
@@ -21,6 +22,7 @@ import traceback
 
 import torch
 
+from ..spec.index import GREEDY, branch_items, context_key
 
 def allocate_q_buffers(max_seqs: int, max_branches: int, k: int, vocab_size: int):
     cache_q = torch.empty(2, max_seqs, max_branches, k, vocab_size).share_memory_()
@@ -34,9 +36,24 @@ class RoundServer:
     send(msg): deliver a reply; poll() -> bool: a newer message is waiting (abandon the build);
     put_q(kind, round_id, slot, probs) -> q_ref: make full q rows reachable by the target."""
 
-    def __init__(self, runner):
+    def __init__(self, runner, index=None, fingerprint: str = ""):
         self.runner = runner
         self.entries = {}  # seq_id -> the CacheEntry of its last round
+        # with an index (Redis in a cluster) the draft publishes every greedy branch and JIT
+        # speculation itself, the moment it exists; without one the target publishes what it receives
+        self.index = index
+        self.fingerprint = fingerprint
+        self.published: dict[int, list[str]] = {}  # seq_id -> keys it stored (deleted on abort)
+        self.meta: dict[int, dict] = {}  # seq_id -> its "add" meta (traceparent, ...)
+        # on_round(record): after every round, what it built (the draft service turns it into
+        # ssd.speculate spans and metrics). record: {"round", "start_ns", "end_ns", "abandoned",
+        # "jit_ns", "jit": [seq_id], "seqs": {seq_id: {"fan_out", "after"}}}
+        self.on_round = None
+
+    def _publish(self, seq_id: int, items: dict[str, list[int]]) -> None:
+        if items and self.runner.seqs[seq_id].params.greedy:
+            self.index.put_many(items)
+            self.published.setdefault(seq_id, []).extend(items)
 
     def handle(self, msg, send, poll, put_q) -> None:
         runner = self.runner
@@ -44,39 +61,64 @@ class RoundServer:
         for seq_id, op, data in ops:
             if op == "add":
                 runner.add(seq_id, data[0], data[1])
+                self.meta[seq_id] = data[2] if len(data) > 2 else {}
             elif op == "outcome":
                 runner.on_outcome(seq_id, data)
             elif op == "release":
                 runner.release(seq_id)
                 self.entries.pop(seq_id, None)
-        specs = {}
+                self.meta.pop(seq_id, None)
+                keys = self.published.pop(seq_id, [])
+                if data == "abort" and self.index is not None:
+                    self.index.delete_many(keys)
+        specs, jit_ns = {}, None
         if jit_ids:
-            t0 = time.perf_counter()
+            t0, jit_start = time.perf_counter(), time.time_ns()
             reply = {}
             for i, (tokens, q) in runner.jit(jit_ids, after="miss").items():
                 q_ref = put_q("jit", round_id, runner.seqs[i].slot, q) if q is not None else None
                 reply[i] = (tokens.tolist(), q_ref)
                 specs[i] = (tokens.tolist(), "miss")
             send(("jit", round_id, reply, time.perf_counter() - t0))
+            jit_ns = (jit_start, time.time_ns())
+            if self.index is not None:
+                for i, (tokens, _) in reply.items():
+                    self._publish(i, {context_key(runner.seqs[i].ctx, self.fingerprint, GREEDY, runner.K): tokens})
         for i, tokens in backups.items():
             specs[i] = (list(tokens), "miss")
         for i in hit_ids:
             s = runner.seqs[i]
             entry = self.entries[i]
             specs[i] = (entry.token_ids[entry.keys[(s.last_outcome_k, s.ctx[-1])]].tolist(), "hit")
-        t0 = time.perf_counter()
+        prefixes = {i: list(runner.seqs[i].ctx) for i in specs} if self.index is not None else {}
+        t0, build_start = time.perf_counter(), time.time_ns()
         built = runner.build(specs, on_keys=lambda keys: send(("keys", round_id, keys)), should_abort=poll)
         if built is None:
             for i in specs:
                 self.entries.pop(i, None)
             send(("cache", round_id, None, time.perf_counter() - t0))
+            self._report(round_id, build_start, jit_ns, jit_ids, specs, None)
             return
         reply = {}
         for i, entry in built.items():
             self.entries[i] = entry
             q_ref = put_q("cache", round_id, runner.seqs[i].slot, entry.probs) if entry.probs is not None else None
             reply[i] = (entry.keys, entry.token_ids.tolist(), q_ref)  # lists: tensors would travel as fds
-        send(("cache", round_id, reply, time.perf_counter() - t0))
+        seconds = time.perf_counter() - t0
+        if self.index is not None:  # before the reply: a target that misses its own cache may look these up
+            for i, (keys, token_ids, _) in reply.items():
+                self._publish(i, branch_items(prefixes[i], specs[i][0], keys, token_ids, self.fingerprint, runner.K))
+        send(("cache", round_id, reply, seconds))
+        self._report(round_id, build_start, jit_ns, jit_ids, specs, built)
+
+    def _report(self, round_id, build_start, jit_ns, jit_ids, specs, built) -> None:
+        if self.on_round is None:
+            return
+        self.on_round({
+            "round": round_id, "start_ns": build_start, "end_ns": time.time_ns(), "abandoned": built is None,
+            "jit_ns": jit_ns, "jit": list(jit_ids),
+            "seqs": {i: {"after": specs[i][1], "fan_out": len(built[i].keys) if built and i in built else 0} for i in specs},
+        })
 
 
 def worker_main(conn, draft_spec: dict, spec_cfg, max_seqs: int, max_model_len: int, threads: int, cache_q, jit_q, seed: int):

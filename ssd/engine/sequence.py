@@ -59,7 +59,11 @@ class Sequence:
     first_token_at: float | None = None
     # speculation currently waiting to be verified: (token_ids [K], q [K, V] | None, source)
     speculation: tuple | None = None
+    spec_result: str | None = None  # hit | late | miss: how that speculation was found (None: not looked up)
     spec_stats: SeqSpecStats = field(default_factory=SeqSpecStats)
+    # routing and tracing hints that travel with the sequence to its draft: "draft" (preferred
+    # draft address), "traceparent" (W3C context of the request)
+    meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.params.greedy:

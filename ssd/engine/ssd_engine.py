@@ -14,8 +14,8 @@ import torch
 
 from ..config import EngineConfig
 from ..spec import ngram
-from ..spec.index import LocalIndex, context_key
-from .base import Engine
+from ..spec.index import GREEDY, LocalIndex, branch_items, context_key, draft_fingerprint
+from .base import Engine, RoundRow, StepRecord
 from .draft_link import DraftUnavailable, ProcessDraftLink
 
 
@@ -37,8 +37,11 @@ class SSDEngine(Engine):
         self.round_id = 0
         self.pending_ops: list[tuple] = []
         self.stale_rounds: set[int] = set()  # rounds whose cache we stopped waiting for
-        # speculations of different drafts (or draft settings) must never meet in the index
-        self.draft_fingerprint = repr((self.link.info.get("model", draft_spec.get("path")), sorted(vars(cfg.spec).items())))
+        # speculations of different drafts (or draft settings) must never meet in the index; a
+        # draft service names its own fingerprint (and publishes itself when it has the index)
+        self.draft_fingerprint = self.link.info.get("fingerprint") or draft_fingerprint(
+            self.link.info.get("model", draft_spec.get("path")), cfg.spec)
+        self.draft_publishes = bool(self.link.info.get("publishes"))
         if self.link.info["vocab_size"] != self.vocab_size:
             raise ValueError(f"draft vocabulary {self.link.info['vocab_size']} != target vocabulary {self.vocab_size}")
 
@@ -74,7 +77,7 @@ class SSDEngine(Engine):
         events = self._prefill(new)
         for s in new:
             if not s.finished:
-                self.pending_ops.append((s.seq_id, "add", (s.context, s.params)))
+                self.pending_ops.append((s.seq_id, "add", (s.context, s.params, s.meta)))
                 s.speculation = None
         self._retire()
         running = list(self.scheduler.running)
@@ -83,7 +86,7 @@ class SSDEngine(Engine):
             return events
 
         need = [s for s in running if s.speculation is None]
-        jit_ids, backups = [], {}
+        jit_ids, backups, jit_ns = [], {}, None
         if need and self.draft_alive and len(running) < self.cfg.spec.critical_batch_size:
             jit_ids = [s.seq_id for s in need]
         else:
@@ -98,14 +101,17 @@ class SSDEngine(Engine):
                 self.link.send(("round", self.round_id, self.pending_ops, jit_ids, backups, hit_ids))
                 self.pending_ops = []
                 if jit_ids:
-                    t0 = time.perf_counter()
+                    t0, jit_start = time.perf_counter(), time.time_ns()
                     _, _, reply, _ = self._recv_kind("jit", self.round_id)
                     jit_items = {}
                     for s in need:
+                        if s.seq_id not in reply:  # its draft (one of several) was lost this round
+                            self._backup(s)
+                            continue
                         tokens, q_ref = reply[s.seq_id]
                         q = self.link.q_row(q_ref) if q_ref is not None else None
                         s.speculation = (torch.tensor(tokens), q, "jit")
-                        if s.params.greedy:  # a retry reaching this context will not wait for the draft
+                        if s.params.greedy and not self.draft_publishes:  # a retry reaching this context will not wait
                             key = self._key(s.context)
                             jit_items[key] = tokens
                             self.published.setdefault(s.seq_id, []).append(key)
@@ -113,6 +119,7 @@ class SSDEngine(Engine):
                         self.index.put_many(jit_items)
                     self.stats.t_jit += time.perf_counter() - t0
                     self.stats.n_jit += 1
+                    jit_ns = (jit_start, time.time_ns())
             except DraftUnavailable as e:
                 self._draft_lost(e)  # drops cache and JIT speculations: the backup takes over
                 for s in running:
@@ -122,14 +129,16 @@ class SSDEngine(Engine):
             self.pending_ops = []
 
         # verify every running sequence's speculation in one target forward
-        t0 = time.perf_counter()
+        t0, verify_start = time.perf_counter(), time.time_ns()
         specs = [s.speculation for s in running]
         logits = self.target.forward(running, [sp[0].tolist() for sp in specs], self.K + 1)
         outcomes = self._verify_rows(running, logits, specs)
         self.stats.t_verify += time.perf_counter() - t0
+        verify_end = time.time_ns()
         self.stats.steps += 1
         round_id = self.round_id
         self.round_id += 1
+        rows = []
 
         base_len = {s.seq_id: len(s.context) for s in running}  # context each speculation continued
         for s, sp, (k, t) in zip(running, specs, outcomes):
@@ -141,7 +150,8 @@ class SSDEngine(Engine):
                 self.stats.tokens_after_miss += len(kept)
                 self.stats.rounds_after_miss += 1
             events.append((s, kept))
-            s.speculation = None
+            rows.append(RoundRow(s, len(sp[0]), k, len(kept), sp[2], s.spec_result))
+            s.speculation, s.spec_result = None, None
             if not s.finished:
                 self.pending_ops.append((s.seq_id, "outcome", kept))
 
@@ -149,6 +159,7 @@ class SSDEngine(Engine):
         # every outcome missed we do not wait for the tokens; the next round message (JIT)
         # makes the draft abandon the build.
         entries, on_time = {}, False
+        lookup_start = time.time_ns()
         if self.draft_alive:
             t0 = time.perf_counter()
             try:
@@ -189,31 +200,33 @@ class SSDEngine(Engine):
                     self._count(s, "cache_hit")
                     self.stats.index_hit += 1
                     s.speculation = (torch.tensor(tokens), None, "index")
+        self._report(StepRecord(round_id, verify_start, verify_end, rows, jit_ns, (lookup_start, time.time_ns()),
+                                tuple(jit_ids)))
         self._retire()
         return events
 
     # ---- speculation index -----------------------------------------------------------------------
     def _key(self, context: list[int]) -> str:
-        return context_key(context, self.draft_fingerprint, ("greedy",), self.K)
+        return context_key(context, self.draft_fingerprint, GREEDY, self.K)
 
     def _publish(self, running, specs, base_len, entries) -> None:
-        """Store every greedy branch of the round's cache under the context it continues."""
+        """Store every greedy branch of the round's cache under the context it continues
+        (unless the draft already published them itself)."""
+        if self.draft_publishes:
+            return
         items = {}
         for s, sp in zip(running, specs):
             entry = entries.get(s.seq_id)
             if entry is None or not s.params.greedy:
                 continue
-            prefix = s.context[: base_len[s.seq_id]]
-            spec_tokens = sp[0].tolist()
-            keys = self.published.setdefault(s.seq_id, [])
-            for (k, t), j in entry[0].items():
-                key = self._key(prefix + spec_tokens[:k] + [t])
-                items[key] = entry[1][j]
-                keys.append(key)
+            mine = branch_items(s.context[: base_len[s.seq_id]], sp[0].tolist(), entry[0], entry[1], self.draft_fingerprint, self.K)
+            self.published.setdefault(s.seq_id, []).extend(mine)
+            items.update(mine)
         if items:
             self.index.put_many(items)
 
     def _count(self, s, result: str) -> None:
+        s.spec_result = result[len("cache_"):]  # travels with the speculation to the next round's record
         setattr(self.stats, result, getattr(self.stats, result) + 1)
         setattr(s.spec_stats, result, getattr(s.spec_stats, result) + 1)
 
@@ -234,7 +247,7 @@ class SSDEngine(Engine):
         unknown_to_draft = any(op[0] == s.seq_id and op[1] == "add" for op in self.pending_ops)
         self.pending_ops = [op for op in self.pending_ops if op[0] != s.seq_id]
         if not unknown_to_draft:
-            self.pending_ops.append((s.seq_id, "release", None))
+            self.pending_ops.append((s.seq_id, "release", s.finish_reason))
 
     def _flush_ops(self) -> None:
         if not (self.pending_ops and self.draft_alive):

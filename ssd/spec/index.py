@@ -27,6 +27,23 @@ def context_key(context: list[int], draft_fingerprint: str, sampling_signature: 
     return "ssd:spec:" + h.hexdigest()
 
 
+GREEDY = ("greedy",)  # the sampling signature of indexable speculations (sampled ones need full q rows)
+
+
+def draft_fingerprint(model_description: str, spec_cfg) -> str:
+    """Speculations of different drafts (or draft settings) must never meet in the index; the
+    target and the draft compute this the same way, so either may publish."""
+    return repr((model_description, sorted(vars(spec_cfg).items())))
+
+
+def branch_items(prefix: list[int], spec_tokens: list[int], keys: dict, token_ids: list[list[int]],
+                 fingerprint: str, k: int) -> dict[str, list[int]]:
+    """Index entries of one sequence's speculation cache: branch j (keyed by its outcome
+    (accepted k', recovery/bonus token t)) continues the context prefix + spec[:k'] + [t]."""
+    return {context_key(prefix + spec_tokens[:kk] + [t], fingerprint, GREEDY, k): list(token_ids[j])
+            for (kk, t), j in keys.items()}
+
+
 @dataclass
 class IndexCounters:
     hit: int = 0

@@ -75,3 +75,136 @@ def test_draft_service_stopped_mid_run_output_unchanged(target, ar_reference, dr
 def test_unreachable_draft_is_a_clear_error():
     with pytest.raises(DraftUnavailable, match="unreachable"):
         GrpcDraftLink("127.0.0.1:1", k=2, timeout=1.0)
+
+
+# ---- tensor channel ---------------------------------------------------------------------------
+def test_tensor_channel_carries_q_rows_exactly():
+    """reply -> (response, rows) -> gloo channel -> reply: the q rows arrive bit for bit."""
+    import threading
+
+    import torch
+
+    from ssd.services import convert
+    from ssd.tensor_channel import TensorChannel
+
+    port, fut = TensorChannel.listen("gloo", host="127.0.0.1")
+    target_side = {}
+    t = threading.Thread(target=lambda: target_side.setdefault("ch", TensorChannel.connect("127.0.0.1", port, "gloo")))
+    t.start()
+    draft_ch = fut.result(timeout=30)
+    t.join()
+    q = torch.rand(3, 2, 7)  # [branches, K, vocab]
+    msg = ("cache", 5, {1: ({(0, 4): 0, (1, 2): 1, (2, 6): 2}, [[1, 2], [3, 4], [5, 6]], ("inline", q))}, 0.01)
+    resp, rows = convert.reply_to_pb(msg, str, channel=True)
+    assert rows.shape == (3, 2, 7) and resp.channel_rows == 3 and not resp.cache.items[0].draft_probs
+    sender = threading.Thread(target=draft_ch.send, args=(rows,))
+    sender.start()
+    got = target_side["ch"].recv((resp.channel_rows, 2, 7))
+    sender.join()
+    back = convert.reply_from_pb(resp, 2, 7, got)
+    assert torch.equal(back[2][1][2][1], q)
+    assert target_side["ch"].received_bytes == q.numel() * 4
+    draft_ch.close()
+    target_side["ch"].close()
+
+
+def test_bad_tensor_channel_backend_is_invalid_argument(draft_server):
+    import grpc
+
+    from ssd.services.protos import pb, pb_grpc
+
+    stub = pb_grpc.DraftStub(grpc.insecure_channel(draft_server[1]))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.OpenChannel(pb.OpenChannelRequest(backend="carrier-pigeon"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "backend" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:  # no GPU draft here: NCCL is refused, not hung
+        stub.OpenChannel(pb.OpenChannelRequest(backend="nccl"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+# ---- several drafts per target, several targets per draft ---------------------------------------
+@pytest.fixture
+def two_drafts(small_pair):
+    _, d_dir, _ = small_pair
+    servers = [serve({"path": str(d_dir)}, _cfg().spec, max_seqs=8, max_model_len=64) for _ in range(2)]
+    yield [(s, f"127.0.0.1:{p}") for s, p in servers]
+    for s, _ in servers:
+        s.stop(0)
+
+
+def _multi(addrs, **kw):
+    from ssd.engine.multi_draft import MultiDraftLink
+
+    return MultiDraftLink(lambda a: GrpcDraftLink(a, k=2, **kw), addrs)
+
+
+def test_two_drafts_spread_sequences_and_survive_losing_one(target, ar_reference, two_drafts):
+    link = _multi([a for _, a in two_drafts])
+    with SSDEngine(_cfg(), target, {}, (3,), link=link) as eng:
+        seqs = [eng.add_request(p, GREEDY) for p in PROMPTS]
+        eng.step()
+        eng.step()
+        assert sorted(link.load().values()) == [2, 2]  # least loaded placement
+        two_drafts[0][0].stop(0)  # one draft dies; its sequences move to the other
+        while eng.has_unfinished():
+            eng.step()
+        assert eng.draft_alive and list(link.links) == [two_drafts[1][1]]
+        assert eng.stats.cache_hit + eng.stats.cache_late > 0
+    assert [s.output_ids for s in seqs] == ar_reference
+
+
+def test_sequence_goes_to_the_draft_the_gateway_named(target, two_drafts):
+    a, b = (addr for _, addr in two_drafts)
+    link = _multi([a])  # b is joined on demand
+    with SSDEngine(_cfg(), target, {}, (3,), link=link) as eng:
+        s1 = eng.add_request(PROMPTS[0], GREEDY, {"draft": b})
+        s2 = eng.add_request(PROMPTS[1], GREEDY)
+        eng.step()
+        assert link.owner[s1.seq_id] == b and link.owner[s2.seq_id] == a
+        while eng.has_unfinished():
+            eng.step()
+
+
+def test_two_targets_share_one_draft(target, ar_reference, draft_server):
+    import threading
+
+    out = {}
+
+    def run(name):
+        with SSDEngine(_cfg(), target, {}, (3,), link=GrpcDraftLink(draft_server[1], k=2)) as eng:
+            out[name] = [s.output_ids for s in eng.generate(PROMPTS, GREEDY)]
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
+    [t.start() for t in threads]
+    [t.join(timeout=300) for t in threads]
+    assert out == {"a": ar_reference, "b": ar_reference}
+
+
+def test_sampled_over_gloo_with_two_drafts_matches_target_distribution(small_pair, two_drafts):
+    """Lossless sampling end to end over the services' transport: q rows on a gloo tensor
+    channel, sequences spread over two draft services (chi-square, as in the engine tests)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("lossless", Path(__file__).parent.parent / "engine" / "test_sampling_lossless.py")
+    lossless = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lossless)
+    ALPHA, SAMPLINGS, chi_square_pvalue = lossless.ALPHA, lossless.SAMPLINGS, lossless.chi_square_pvalue
+    exact_distribution, params_list, run, big_cfg = lossless.exact_distribution, lossless.params_list, lossless.run, lossless._cfg
+
+    t_dir, d_dir, hf = small_pair
+    tgt = load_model(t_dir)[0]
+    cfg = big_cfg(saguaro_c=0.5, critical_batch_size=1000)
+    servers = [serve({"path": str(d_dir)}, cfg.spec, max_seqs=128, max_model_len=32) for _ in range(2)]
+    try:
+        link = _multi([f"127.0.0.1:{p}" for _, p in servers], tensor_channel="gloo")
+        assert all(l.info["tensor_channel"] == "gloo" for l in link.links.values())
+        with SSDEngine(cfg, tgt, {}, (3,), link=link) as eng:
+            samples = run(eng, params_list(SAMPLINGS["t1"]))
+            st = eng.stats
+        assert all(l.tensors.received_bytes > 0 for l in link.links.values())
+        assert st.cache_hit + st.cache_late > 100 and st.n_jit > 0
+        assert chi_square_pvalue(samples, exact_distribution(hf, SAMPLINGS["t1"])) > ALPHA
+    finally:
+        for s, _ in servers:
+            s.stop(0)

@@ -92,3 +92,46 @@ def test_redis_stopped_mid_run_requests_complete(small_pair, redis_server):
             assert steps < 200
     assert [s.output_ids for s in seqs] == [s.output_ids for s in ref]
     assert index.counters.errors > 0
+
+
+def test_draft_service_publishes_its_speculations_itself(small_pair, redis_server):
+    """With Redis the draft publishes every greedy branch and JIT speculation itself; a target
+    replica that never talked to that draft hits them, and an aborted sequence's keys go away."""
+    from ssd.services.draft.server import serve
+    from ssd.services.draft_link import GrpcDraftLink
+
+    t_dir, d_dir, _ = small_pair
+    _, url = redis_server
+    target, _ = load_model(t_dir)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    server, port = serve({"path": str(d_dir)}, _cfg().spec, max_seqs=8, max_model_len=64, index=RedisIndex(url))
+    client = redis.Redis.from_url(url)
+    try:
+        link = GrpcDraftLink(f"127.0.0.1:{port}", k=2)
+        assert link.info["publishes"] and link.info["fingerprint"]
+        with SSDEngine(_cfg(), target, {}, (3,), link=link, index=RedisIndex(url)) as a:
+            first = a.generate([PROMPT], params)[0].output_ids
+            assert a.published == {}  # the target stored nothing itself
+        stored = client.keys("ssd:spec:*")
+        assert len(stored) > 10
+        # a replica with its own in-process draft of the same model: the keys agree, so it hits
+        replica_link = GrpcDraftLink(f"127.0.0.1:{port}", k=2)
+        with SSDEngine(_cfg(), target, {}, (3,), link=replica_link, index=RedisIndex(url)) as b:
+            assert b.generate([PROMPT], params)[0].output_ids == first
+            assert b.stats.index_hit > 0
+        # abort: the draft deletes what it published for that sequence
+        client.flushdb()
+        with SSDEngine(_cfg(), target, {}, (3,), link=GrpcDraftLink(f"127.0.0.1:{port}", k=2), index=RedisIndex(url)) as c:
+            s = c.add_request([1, 2, 3, 0], SamplingParams(max_tokens=40, ignore_eos=True))
+            for _ in range(4):
+                c.step()
+            assert client.keys("ssd:spec:*")
+            c.abort(s)
+            c.step()  # the release travels with the next round
+            c._flush_ops()
+        deadline = time.time() + 10
+        while client.keys("ssd:spec:*") and time.time() < deadline:
+            time.sleep(0.05)
+        assert client.keys("ssd:spec:*") == []
+    finally:
+        server.stop(0)

@@ -15,6 +15,7 @@ from ssd.engine import AREngine, ModelPair
 from ssd.models.draft import draft_spec, describe
 from ssd.services.common import CHANNEL_OPTIONS, add_health_and_reflection, make_server
 from ssd.services.draft.server import DraftService
+from ssd.services.discovery import StaticDiscovery
 from ssd.services.gateway.http import serve_http
 from ssd.services.gateway.server import Gateway, GatewayService
 from ssd.services.protos import pb, pb_grpc
@@ -36,7 +37,7 @@ class Stack:
         engine = build_engine(CFG, pair.target, pair.tokenizer.eos_token_ids, f"127.0.0.1:{self.draft[1]}")
         self.loop = EngineLoop(engine)
         self.target = self._start(lambda s: pb_grpc.add_TargetServicer_to_server(TargetService(self.loop), s), ["Target"])
-        self.gw = Gateway(pair.tokenizer, [f"127.0.0.1:{self.target[1]}"], "smollm2-135m-instruct", MAX_LEN, describe(spec))
+        self.gw = Gateway(pair.tokenizer, StaticDiscovery([f"127.0.0.1:{self.target[1]}"], [f"127.0.0.1:{self.draft[1]}"]), "smollm2-135m-instruct", MAX_LEN, describe(spec))
         self.gateway = self._start(lambda s: pb_grpc.add_GatewayServicer_to_server(GatewayService(self.gw), s), ["Gateway"])
         self.httpd = serve_http(self.gw)
         self.stub = pb_grpc.GatewayStub(grpc.insecure_channel(f"127.0.0.1:{self.gateway[1]}", options=CHANNEL_OPTIONS))

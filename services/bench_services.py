@@ -1,0 +1,139 @@
+"""Tokens/s through the services vs the in-process engine, same pair, same prompts, one run.
+
+    python -m ssd.services.bench_services [--num-prompts 6] [--max-tokens 96] [--out DIR]
+
+In-process: `ssd generate`'s path (SSDEngine, the draft in a spawned process over a pipe and
+shared memory). Services: draft, target and gateway as three local processes on loopback (what
+`ssd serve` starts), driven through the gateway's gRPC Generate with the same token ids. The two
+systems alternate prompt by prompt so machine noise hits both alike. Greedy outputs must be
+identical; the ratio services / in-process is the number that matters (issue 4 asks >= 0.95).
+Extra service variants: --traced adds a run with OpenTelemetry export to an in-process OTLP
+receiver at the default sampling ratio (issue 5 asks tracing to cost <= 3 %).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _services(common: list[str], env: dict | None):
+    from .run import _spawn
+
+    procs = []
+    draft, dp = _spawn("draft", common + ["--port", "0"], env)
+    procs.append(draft)
+    target, tp = _spawn("target", common + ["--port", "0", "--draft-address", f"127.0.0.1:{dp['port']}"], env)
+    procs.append(target)
+    gw, gp = _spawn("gateway", common + ["--port", "0", "--targets", f"127.0.0.1:{tp['port']}",
+                                         "--drafts", f"127.0.0.1:{dp['port']}"], env)
+    procs.append(gw)
+    return procs, f"127.0.0.1:{gp['port']}"
+
+
+def _stop(procs):
+    for p in reversed(procs):
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except Exception:
+            p.kill()
+
+
+def _via_gateway(stub, ids, params, pb, sampling_to_pb):
+    t0 = time.perf_counter()
+    out = []
+    for r in stub.Generate(pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=ids), sampling=sampling_to_pb(params)),
+                           timeout=3600):
+        out.extend(r.token_ids)
+    return out, time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--num-prompts", type=int, default=6)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--traced", action="store_true", help="also run the services with tracing exported (OTLP)")
+    p.add_argument("--out", default="bench-results/services")
+    ns = p.parse_args(argv)
+
+    import grpc
+    from tqdm import tqdm
+
+    from ssd.bench import load_prompts
+    from ssd.cli import _config_args
+    from ssd.config import EngineConfig, SamplingParams
+    from ssd.engine import ModelPair, build_engine
+    from ssd.engine.base import EngineStats
+
+    from .common import CHANNEL_OPTIONS
+    from .convert import sampling_to_pb
+    from .protos import pb, pb_grpc
+
+    cfg = EngineConfig(mode="ssd")
+    params = SamplingParams(max_tokens=ns.max_tokens, temperature=0.0)
+    pair = ModelPair.load(cfg.replace(mode="ar"))
+    prompts = load_prompts(None, ns.num_prompts)
+    prompt_ids = [pair.tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}]) for r in prompts]
+    common = _config_args(cfg)
+
+    variants = {"services": None}
+    receiver = None
+    if ns.traced:
+        from .otlp_receiver import OTLPReceiver
+
+        receiver = OTLPReceiver().start()
+        variants["services+tracing"] = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint)
+    systems, procs = {}, []
+    try:
+        for name, env in variants.items():
+            ps, addr = _services(common, env)
+            procs += ps
+            systems[name] = pb_grpc.GatewayStub(grpc.insecure_channel(addr, options=CHANNEL_OPTIONS))
+        totals = {name: [0, 0.0] for name in ["in-process", *variants]}
+        outputs = {name: [] for name in totals}
+        with build_engine(cfg, pair) as eng:
+            warm = SamplingParams(max_tokens=8)
+            eng.generate([prompt_ids[0]], warm)
+            for stub in systems.values():
+                _via_gateway(stub, prompt_ids[0], warm, pb, sampling_to_pb)
+            for i, ids in enumerate(tqdm(prompt_ids, desc="prompts")):
+                order = ["in-process", *variants]
+                if i % 2:
+                    order.reverse()
+                for name in order:
+                    if name == "in-process":
+                        eng.stats = EngineStats()
+                        t0 = time.perf_counter()
+                        out = eng.generate([ids], params)[0].output_ids
+                        wall = time.perf_counter() - t0
+                    else:
+                        out, wall = _via_gateway(systems[name], ids, params, pb, sampling_to_pb)
+                    totals[name][0] += len(out)
+                    totals[name][1] += wall
+                    outputs[name].append(out)
+    finally:
+        _stop(procs)
+    base = totals["in-process"][0] / totals["in-process"][1]
+    result = {"command": "python -m ssd.services.bench_services " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "num_prompts": len(prompt_ids), "max_tokens": ns.max_tokens, "systems": {}}
+    for name, (tokens, wall) in totals.items():
+        tps = tokens / wall
+        result["systems"][name] = {"tokens": tokens, "seconds": wall, "tokens_per_s": tps, "ratio_vs_in_process": tps / base,
+                                   "identical_to_in_process": outputs[name] == outputs["in-process"]}
+        print(f"{name:18s} {tps:7.2f} tok/s  ratio {tps / base:5.3f}  identical={outputs[name] == outputs['in-process']}")
+    if receiver is not None:
+        result["spans_received"] = len(receiver.spans())
+        receiver.stop()
+    os.makedirs(ns.out, exist_ok=True)
+    with open(os.path.join(ns.out, "services.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {ns.out}/services.json", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

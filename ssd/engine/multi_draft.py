@@ -1,0 +1,233 @@
+"""Several drafts behind one target: a DraftLink that spreads sequences over draft replicas.
+
+The SSD engine speaks one round protocol (draft_worker.py) to one link. MultiDraftLink keeps
+that seam: each round message is split by the draft that owns each sequence, every draft gets
+its part, and the replies of one kind and round are merged before the engine sees them.
+
+- Placement: a sequence goes to the draft named in its meta["draft"] (the gateway's node-local
+  pick) when that draft is reachable, else to the draft with the fewest sequences.
+- Loss of one draft: its sequences move to a surviving draft, which is told their current
+  context (an "add"); a speculation the target already took from the lost draft's cache is
+  handed to the new owner as a backup speculation. Only when every draft is lost does the
+  engine see DraftUnavailable (and fall back to the fast backup for everyone).
+- All drafts must be replicas of one draft model (one fingerprint): index keys name the draft.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+from .draft_link import DraftUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class MultiDraftLink:
+    def __init__(self, connect, addresses: list[str], retry_s: float = 30.0):
+        """connect(address) -> a DraftLink (raises DraftUnavailable)."""
+        self.connect = connect
+        self.retry_s = retry_s
+        self.links: dict[str, object] = {}
+        self.failed: dict[str, float] = {}  # address -> when it last failed to connect
+        for addr in addresses:
+            self._try_connect(addr)
+        if not self.links:
+            raise DraftUnavailable(f"no draft reachable among {addresses}")
+        first = next(iter(self.links.values()))
+        self.info = dict(first.info)
+        self.info["drafts"] = list(self.links)
+        self.owner: dict[int, str] = {}        # seq_id -> draft address
+        self.state: dict[int, list] = {}       # seq_id -> [context, params, meta, last kept tokens]
+        self.last_cache: dict[int, tuple] = {}  # seq_id -> (keys, token_ids) of its last merged cache entry
+        self.rehomed: set[int] = set()         # moved since the target took their speculation
+        self.inject: dict[str, list] = {}      # address -> ops to prepend to its next round
+        self.expect: deque = deque()           # (kind, round_id, [addresses]) replies still to merge
+
+    # ---- drafts --------------------------------------------------------------------------------
+    def _try_connect(self, addr: str):
+        if addr in self.links:
+            return self.links[addr]
+        if time.monotonic() - self.failed.get(addr, -1e9) < self.retry_s:
+            return None
+        try:
+            link = self.connect(addr)
+        except DraftUnavailable as e:
+            log.warning("draft %s unreachable: %s", addr, e)
+            self.failed[addr] = time.monotonic()
+            return None
+        if self.links:
+            ref = next(iter(self.links.values())).info
+            if (link.info.get("fingerprint"), link.info["vocab_size"]) != (ref.get("fingerprint"), ref["vocab_size"]):
+                log.warning("draft %s is a different draft model; not used beside %s", addr, list(self.links))
+                link.close()
+                self.failed[addr] = time.monotonic()
+                return None
+        self.links[addr] = link
+        self.failed.pop(addr, None)
+        return link
+
+    def _place(self, meta: dict) -> str:
+        want = meta.get("draft")
+        if want and self._try_connect(want) is not None:
+            return want
+        counts = {a: 0 for a in self.links}
+        for a in self.owner.values():
+            if a in counts:
+                counts[a] += 1
+        return min(counts, key=counts.get)
+
+    def _lose(self, addr: str, err: Exception) -> None:
+        link = self.links.pop(addr, None)
+        if link is None:
+            return
+        log.warning("draft %s lost (%s); moving its sequences", addr, err)
+        self.failed[addr] = time.monotonic()
+        try:
+            link.close()
+        except Exception:
+            pass
+        self.inject.pop(addr, None)
+        if not self.links:
+            return
+        for seq_id, a in list(self.owner.items()):
+            if a != addr:
+                continue
+            ctx, params, meta, _ = self.state[seq_id]
+            new = self._place({})
+            self.owner[seq_id] = new
+            self.inject.setdefault(new, []).append((seq_id, "add", (list(ctx), params, meta)))
+            self.rehomed.add(seq_id)
+
+    # ---- the DraftLink protocol ------------------------------------------------------------------
+    def send(self, msg) -> None:
+        if msg[0] == "stop":
+            for link in self.links.values():
+                link.send(msg)
+            return
+        _, round_id, ops, jit_ids, backups, hit_ids = msg
+        parts: dict[str, tuple] = {}
+        for seq_id, op, data in ops:
+            if op == "add":
+                addr = self._place(data[2] if len(data) > 2 else {})  # may join a draft named by the gateway
+                self.owner[seq_id] = addr
+                self.state[seq_id] = [list(data[0]), data[1], data[2] if len(data) > 2 else {}, []]
+        parts = {a: ([], [], {}, []) for a in self.links}
+        for seq_id, op, data in ops:
+            addr = self.owner.get(seq_id)
+            if addr not in parts:
+                continue
+            if op == "outcome":
+                st = self.state[seq_id]
+                st[0].extend(data)
+                st[3] = list(data)
+            elif op == "release":
+                self.owner.pop(seq_id, None)
+                self.state.pop(seq_id, None)
+                self.last_cache.pop(seq_id, None)
+                self.rehomed.discard(seq_id)
+            parts[addr][0].append((seq_id, op, data))
+        for addr, extra in self.inject.items():  # re-homed sequences: set them up before their ops
+            if addr in parts:
+                parts[addr][0][:0] = [op for op in extra if op[0] in self.owner]
+        self.inject = {}
+        for i in jit_ids:
+            parts[self.owner[i]][1].append(i)
+            self.rehomed.discard(i)
+        for i, tokens in backups.items():
+            parts[self.owner[i]][2][i] = tokens
+            self.rehomed.discard(i)
+        for i in hit_ids:
+            if i in self.rehomed:  # the new draft never built that cache: hand it the tokens
+                keys, token_ids = self.last_cache[i]
+                st = self.state[i]
+                parts[self.owner[i]][2][i] = token_ids[keys[(len(st[3]) - 1, st[0][-1])]]
+                self.rehomed.discard(i)
+            else:
+                parts[self.owner[i]][3].append(i)
+        sent, with_jit, with_specs = [], [], []
+        for addr, (p_ops, p_jit, p_backups, p_hits) in parts.items():
+            if not (p_ops or p_jit or p_backups or p_hits):
+                continue
+            try:
+                self.links[addr].send(("round", round_id, p_ops, p_jit, p_backups, p_hits))
+            except DraftUnavailable as e:
+                self._lose(addr, e)
+                continue
+            sent.append(addr)
+            if p_jit:
+                with_jit.append(addr)
+            if p_jit or p_backups or p_hits:
+                with_specs.append(addr)
+        if with_jit:
+            self.expect.append(("jit", round_id, with_jit))
+        if with_specs:
+            self.expect.append(("keys", round_id, with_specs))
+        self.expect.append(("cache", round_id, sent))
+        if not self.links:
+            raise DraftUnavailable("every draft was lost")
+
+    def ready(self) -> bool:
+        if not self.expect:
+            return False
+        _, _, addrs = self.expect[0]
+        return all(self.links[a].ready() for a in addrs if a in self.links)
+
+    def recv(self, timeout: float | None = None):
+        if not self.expect:
+            raise DraftUnavailable("draft protocol error: no reply expected")
+        kind, round_id, addrs = self.expect.popleft()
+        merged, seconds, abandoned = {}, 0.0, True
+        for addr in addrs:
+            link = self.links.get(addr)
+            if link is None:
+                continue
+            try:
+                msg = link.recv(timeout)
+            except DraftUnavailable as e:
+                self._lose(addr, e)
+                continue
+            if msg[0] != kind or msg[1] != round_id:
+                self._lose(addr, DraftUnavailable(f"protocol error: expected {kind} {round_id}, got {msg[0]} {msg[1]}"))
+                continue
+            if kind == "keys":
+                merged.update(msg[2])
+                abandoned = False
+                continue
+            seconds = max(seconds, msg[3])
+            if msg[2] is None:
+                continue
+            abandoned = False
+            for seq_id, value in msg[2].items():
+                if kind == "jit":
+                    tokens, q_ref = value
+                    merged[seq_id] = (tokens, None if q_ref is None else (addr, q_ref))
+                else:
+                    keys, token_ids, q_ref = value
+                    merged[seq_id] = (keys, token_ids, None if q_ref is None else (addr, q_ref))
+                    self.last_cache[seq_id] = (keys, token_ids)
+        if not self.links:
+            raise DraftUnavailable("every draft was lost")
+        if kind == "keys":
+            return ("keys", round_id, merged)
+        if kind == "cache" and abandoned and addrs:
+            return ("cache", round_id, None, seconds)
+        return (kind, round_id, merged, seconds)
+
+    def q_row(self, q_ref, j: int | None = None):
+        addr, inner = q_ref
+        link = self.links.get(addr)
+        if link is None:  # rows that already arrived inline stay readable after the loss
+            return inner[1] if j is None else inner[1][j]
+        return link.q_row(inner, j)
+
+    def close(self) -> None:
+        for link in self.links.values():
+            link.close()
+
+    def load(self) -> dict[str, int]:
+        counts = {a: 0 for a in self.links}
+        for a in self.owner.values():
+            if a in counts:
+                counts[a] += 1
+        return counts
