@@ -11,9 +11,10 @@ import time
 READY = "SSD_READY"
 
 
-def _announce(port: int, http_port: int | None = None) -> None:
+def _announce(port: int, http_port: int | None = None, metrics_port: int | None = None) -> None:
     # the parent of `ssd serve` (and humans) read the bound ports from this line
-    print(f"{READY} port={port}" + (f" http_port={http_port}" if http_port is not None else ""), flush=True)
+    print(f"{READY} port={port}" + (f" http_port={http_port}" if http_port is not None else "")
+          + (f" metrics_port={metrics_port}" if metrics_port is not None else ""), flush=True)
 
 
 def run_role(ns, cfg) -> int:
@@ -27,17 +28,24 @@ def run_role(ns, cfg) -> int:
     from ssd.models.draft import describe, draft_spec
     from ssd.models.loader import resolve_model
 
+    from . import telemetry as tm
+    from .metrics import Metrics
+
     target_path = resolve_model(cfg.target)
     server = make_server()
-    on_stop = None
+    stops = []
     http_port = None
+    tm.setup_tracing(f"ssd-{ns.role}")  # OTEL_* environment; off (no-op) without an exporter
+    tracer = tm.get_tracer(f"ssd-{ns.role}")
+    metrics = Metrics(ns.role, num_speculative_tokens=cfg.spec.num_speculative_tokens)
+    metrics_port = metrics.start_http(ns.metrics_port, ns.host) if ns.metrics_port >= 0 else None
     if ns.role == "draft":
         from .draft.server import DraftService
 
         torch.set_num_threads(cfg.draft_threads)
         spec = draft_spec(cfg.draft, target_path, cfg.standin_layers)
         service = DraftService(spec, cfg.spec, cfg.max_batch * 4, cfg.max_model_len, index=_index(ns.redis_url),
-                               node=os.environ.get("NODE_NAME", ""), channel_host=ns.host)
+                               node=os.environ.get("NODE_NAME", ""), channel_host=ns.host, tracer=tracer, metrics=metrics)
         pb_grpc.add_DraftServicer_to_server(service, server)
         names = ["Draft"]
     elif ns.role == "target":
@@ -50,9 +58,9 @@ def run_role(ns, cfg) -> int:
         model, _ = load_model(target_path)
         engine = build_engine(cfg, model, Tokenizer(target_path).eos_token_ids, ns.draft_address, _index(ns.redis_url),
                               tensor_channel=ns.tensor_channel, device=str(next(model.parameters()).device))
-        loop = EngineLoop(engine)
-        on_stop = loop.stop
-        pb_grpc.add_TargetServicer_to_server(TargetService(loop, node=os.environ.get("NODE_NAME", "")), server)
+        loop = EngineLoop(engine, tracer, metrics)
+        stops.append(loop.stop)
+        pb_grpc.add_TargetServicer_to_server(TargetService(loop, node=os.environ.get("NODE_NAME", ""), tracer=tracer), server)
         names = ["Target"]
     else:
         from ssd.tokenizer import Tokenizer
@@ -69,17 +77,25 @@ def run_role(ns, cfg) -> int:
         discovery = from_args(ns.discovery, ns.k8s_namespace or os.environ.get("POD_NAMESPACE", "default"),
                               ns.target_service, ns.draft_service, targets, drafts)
         desc = describe(draft_spec(cfg.draft, target_path, cfg.standin_layers))
-        gw = Gateway(Tokenizer(target_path), discovery, ns.model_name, cfg.max_model_len, desc)
+        gw = Gateway(Tokenizer(target_path), discovery, ns.model_name, cfg.max_model_len, desc, tracer, metrics)
+        stops.append(discovery.stop)
         pb_grpc.add_GatewayServicer_to_server(GatewayService(gw), server)
         names = ["Gateway"]
         if ns.http_port >= 0:
             httpd = serve_http(gw, ns.host, ns.http_port)
             http_port = httpd.server_address[1]
-            on_stop = httpd.shutdown
+            stops.append(httpd.shutdown)
     hs = add_health_and_reflection(server, names)
     port = server.add_insecure_port(f"{ns.host}:{ns.port}")
     server.start()
-    _announce(port, http_port)
+    _announce(port, http_port, metrics_port)
+
+    def on_stop():
+        for stop in stops:
+            stop()
+        tm.shutdown()  # flush the spans of the last requests
+        metrics.stop_http()
+
     drain_on_sigterm(server, hs, ns.grace_s, on_stop).wait()
     return 0
 

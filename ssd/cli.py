@@ -224,9 +224,16 @@ def main(argv=None) -> int:
                                                      "map in the target; the draft publishes only with Redis)")
     se.add_argument("--model-name", default="smollm2-135m-instruct", help="gateway: served model name")
     se.add_argument("--grace-s", type=float, default=30.0, help="SIGTERM drain period (seconds)")
+    se.add_argument("--metrics-port", type=int, default=-1, help="Prometheus /metrics port (0 = any free port, -1 = off)")
     _add_fields(se, EngineConfig, skip=("mode",))
     _add_fields(se, SpecConfig)
     se.set_defaults(func=cmd_service)
+
+    tr = sub.add_parser("trace", help="draw a PNG timeline of a request's verify/speculate spans (OTLP file or live)")
+    from .services import trace_view  # matplotlib and the OTLP receiver load only when it runs
+
+    trace_view.add_arguments(tr)
+    tr.set_defaults(func=trace_view.run)
 
     ns = p.parse_args(argv)
     ns.command_line = "ssd " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -20,6 +20,8 @@ from ssd.spec.index import draft_fingerprint
 from ssd.tensor_channel import TensorChannel, default_backend
 
 from .. import convert
+from .. import telemetry as tm
+from ..observe import DraftObserver
 from ..protos import pb, pb_grpc
 
 log = logging.getLogger(__name__)
@@ -27,13 +29,16 @@ log = logging.getLogger(__name__)
 
 class DraftService(pb_grpc.DraftServicer):
     def __init__(self, draft_spec: dict, spec: SpecConfig, max_seqs: int = 64, max_model_len: int = 2048, seed: int = 0,
-                 index=None, node: str = "", channel_host: str = "0.0.0.0"):
+                 index=None, node: str = "", channel_host: str = "0.0.0.0", tracer=None, metrics=None):
         self.model = load_draft(draft_spec)
         self.description = describe(draft_spec)
         self.fingerprint = draft_fingerprint(self.description, spec)
         self.index = index
         self.server = RoundServer(DraftRunner(self.model, spec, max_seqs, max_model_len, seed), index, self.fingerprint)
+        self.server.on_round = DraftObserver(tracer or tm.get_tracer(), metrics, self.server).on_round
+        self.metrics = metrics
         self.lock = threading.Lock()
+        self._depth_lock = threading.Lock()
         self._ids = itertools.count(1)
         self.queue_depth = 0
         self.node = node
@@ -45,6 +50,13 @@ class DraftService(pb_grpc.DraftServicer):
         return pb.DraftLoadResponse(sequences=len(self.server.runner.seqs), queue_depth=self.queue_depth,
                                     vocab_size=self.model.cfg.vocab_size, model=self.description, node=self.node,
                                     fingerprint=self.fingerprint, publishes=self.index is not None)
+
+    def _queue(self, delta: int) -> None:
+        """Rounds waiting for the model (every target stream shares it): the autoscaling signal."""
+        with self._depth_lock:
+            self.queue_depth += delta
+            if self.metrics is not None:
+                self.metrics.set_draft_queue(self.queue_depth)
 
     def OpenChannel(self, request, context):
         if request.backend not in ("", "gloo", "nccl"):
@@ -104,9 +116,9 @@ class DraftService(pb_grpc.DraftServicer):
             try:
                 while (req := inbox.get()) is not None:
                     msg = convert.round_from_pb(req, seq_key)
-                    self.queue_depth += 1
+                    self._queue(+1)
                     with self.lock:
-                        self.queue_depth -= 1
+                        self._queue(-1)
                         self.server.handle(
                             msg,
                             send=lambda m: send(convert.reply_to_pb(m, names.__getitem__, channel is not None)),

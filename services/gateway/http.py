@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import grpc
 
 from ..protos import pb
+from .. import telemetry as tm
 from .server import Gateway, GenerateError
 
 MAX_BODY_BYTES = 4 << 20
@@ -108,7 +109,7 @@ def make_handler(gw: Gateway):
                 self._error(_HTTP_STATUS.get(e.code, 500), str(e))
 
         def _generate(self, req, chat: bool, stream: bool) -> None:
-            gen = gw.generate(req)
+            gen = gw.generate(req, parent_ctx=tm.extract_headers(dict(self.headers.items())))
             first = next(gen)  # validation errors surface here, before any header is sent
             created = int(time.time())
             kind = "chat.completion" if chat else "text_completion"

@@ -10,8 +10,10 @@ import time
 import uuid
 
 import grpc
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .. import convert
+from .. import telemetry as tm
 from ..common import CHANNEL_OPTIONS
 from ..protos import pb, pb_grpc
 
@@ -32,7 +34,10 @@ class Gateway:
     discovery: an object with targets() / drafts() -> [Endpoint(address, node)] (static
     addresses for local runs, Kubernetes EndpointSlices in a cluster: services/discovery.py)."""
 
-    def __init__(self, tokenizer, discovery, model_name: str, max_model_len: int, draft_description: str = ""):
+    def __init__(self, tokenizer, discovery, model_name: str, max_model_len: int, draft_description: str = "",
+                 tracer=None, metrics=None):
+        self.tracer = tracer or tm.get_tracer()
+        self.metrics = metrics
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -106,8 +111,19 @@ class Gateway:
             return ids
         raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, "one of prompt, messages, prompt_token_ids is required")
 
-    def generate(self, req, deadline_s: float | None = None):
-        """Yields GenerateResponse messages; raises GenerateError on bad input or target errors."""
+    def generate(self, req, deadline_s: float | None = None, parent_ctx=None):
+        """Yields GenerateResponse messages; raises GenerateError on bad input or target errors.
+        The request's root span (`ssd.request`) covers it all; its context goes to the target."""
+        span = self.tracer.start_span(tm.SPAN_REQUEST, context=parent_ctx, kind=SpanKind.SERVER)
+        try:  # not made current: the generator resumes on whichever thread the server picks
+            yield from self._generate(req, deadline_s, span)
+        except GenerateError as e:
+            span.set_status(Status(StatusCode.ERROR, f"{e.code.name}: {e}"))
+            raise
+        finally:
+            span.end()
+
+    def _generate(self, req, deadline_s, span):
         if req.model and req.model != self.model_name:
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown model {req.model!r}; served: {self.model_name!r}")
         if req.mode not in ("", "ssd", "sd", "ar"):
@@ -131,18 +147,35 @@ class Gateway:
                 raise GenerateError(grpc.StatusCode.ALREADY_EXISTS, f"request {request_id!r} is already running")
         addr, stub, node = self.pick_target()
         draft = self.pick_draft(node)
+        span.set_attributes({tm.ATTR_REQUEST_ID: request_id, "ssd.model": self.model_name, "ssd.prompt_tokens": len(ids),
+                             "ssd.target": addr, "ssd.draft": draft, "ssd.node": node})
+        t_start = last = time.perf_counter()
         call = stub.Run(pb.RunRequest(seq_id=request_id, prompt_token_ids=ids, sampling=req.sampling, mode=req.mode,
-                                      draft_address=draft), timeout=deadline_s)
+                                      draft_address=draft), timeout=deadline_s, metadata=tm.inject_metadata(span))
         with self.lock:
             self.running[request_id] = call
         decoder = self.tokenizer.stream_decoder()
         produced = 0
         try:
             for resp in call:
+                now = time.perf_counter()
+                if self.metrics is not None and resp.token_ids:
+                    if produced == 0:
+                        self.metrics.observe_ttft(now - t_start)
+                        rest = len(resp.token_ids) - 1
+                    else:
+                        rest = len(resp.token_ids)
+                    for _ in range(rest):  # a round commits several tokens at once: spread its interval
+                        self.metrics.observe_itl((now - last) / rest)
+                last = now
                 produced += len(resp.token_ids)
                 text = "".join(decoder.push(t) for t in resp.token_ids)
                 out = pb.GenerateResponse(request_id=request_id, token_ids=resp.token_ids, text=text)
                 if resp.finish_reason:
+                    span.set_attributes({"ssd.completion_tokens": produced, "ssd.finish_reason": resp.finish_reason,
+                                         "ssd.rounds": resp.stats.num_rounds})
+                    if self.metrics is not None:
+                        self.metrics.request_finished(resp.finish_reason, len(ids), produced, now - t_start)
                     out.finish_reason = resp.finish_reason
                     out.usage.CopyFrom(pb.Usage(prompt_tokens=len(ids), completion_tokens=produced))
                     out.stats.CopyFrom(resp.stats)
@@ -177,7 +210,7 @@ class GatewayService(pb_grpc.GatewayServicer):
         # client cancel or deadline -> the target call is cancelled -> its KV and draft state freed
         context.add_callback(lambda: self.gw.abort(request.request_id))
         try:
-            yield from self.gw.generate(request, deadline_s=context.time_remaining())
+            yield from self.gw.generate(request, deadline_s=context.time_remaining(), parent_ctx=tm.extract_grpc(context))
         except GenerateError as e:
             context.abort(e.code, str(e))
 

@@ -7,13 +7,16 @@ import queue
 import threading
 
 import grpc
+from opentelemetry.trace import SpanKind
 
 from ssd.engine import AREngine, SSDEngine
 from ssd.engine.draft_link import DraftUnavailable
 from ssd.engine.multi_draft import MultiDraftLink
 
 from .. import convert
+from .. import telemetry as tm
 from ..common import stats_to_pb
+from ..observe import TargetObserver
 from ..protos import pb, pb_grpc
 
 log = logging.getLogger(__name__)
@@ -22,8 +25,10 @@ log = logging.getLogger(__name__)
 class EngineLoop:
     """Owns the engine; other threads talk to it only through submit/abort."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, tracer=None, metrics=None):
         self.engine = engine
+        self.metrics = metrics
+        engine.on_step = TargetObserver(tracer or tm.get_tracer(), metrics).on_step
         self.cv = threading.Condition()
         self.streams: dict[int, queue.Queue] = {}
         self.stopped = False
@@ -65,6 +70,9 @@ class EngineLoop:
                         q.put(RuntimeError("engine step failed"))
                     self.streams.clear()
                     continue
+                if self.metrics is not None:
+                    self.metrics.set_running(len(self.engine.scheduler.running))
+                    self.metrics.set_waiting(len(self.engine.scheduler.waiting))
                 for seq, tokens in events:
                     q = self.streams.get(seq.seq_id)
                     if q is None:
@@ -82,17 +90,32 @@ class EngineLoop:
 
 
 class TargetService(pb_grpc.TargetServicer):
-    def __init__(self, loop: EngineLoop, node: str = ""):
+    def __init__(self, loop: EngineLoop, node: str = "", tracer=None):
         self.loop = loop
         self.node = node
+        self.tracer = tracer or tm.get_tracer()
 
     def Run(self, request, context):
+        # a live span for the sequence's life here; its context parents every ssd.verify span
+        # of the sequence and travels to the draft (ssd.speculate spans)
+        span = self.tracer.start_span("ssd.target.run", context=tm.extract_grpc(context), kind=SpanKind.SERVER,
+                                      attributes={tm.ATTR_REQUEST_ID: request.seq_id})
+        try:  # not made current: the generator resumes on whichever thread gRPC picks
+            yield from self._run(request, context, span)
+        finally:
+            span.end()
+
+    def _run(self, request, context, span):
         try:
             params = convert.sampling_from_pb(request.sampling)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        meta = {"request_id": request.seq_id}
+        if request.draft_address:
+            meta["draft"] = request.draft_address
+        if span.get_span_context().is_valid:
+            meta["traceparent"] = tm.traceparent_of(span)
         try:
-            meta = {"draft": request.draft_address} if request.draft_address else {}
             seq, q = self.loop.submit(list(request.prompt_token_ids), params, meta)
         except ValueError as e:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if "context length" in str(e) else grpc.StatusCode.INVALID_ARGUMENT
@@ -109,6 +132,8 @@ class TargetService(pb_grpc.TargetServicer):
             if finish is None:
                 yield pb.RunResponse(token_ids=tokens)
             else:
+                span.set_attributes({"ssd.finish_reason": finish, "ssd.completion_tokens": len(seq.output_ids),
+                                     "ssd.rounds": seq.spec_stats.num_rounds})
                 yield pb.RunResponse(token_ids=tokens, finish_reason=finish, stats=stats_to_pb(seq.spec_stats))
                 return
 

@@ -1,0 +1,92 @@
+"""Core round records -> OpenTelemetry spans and Prometheus metrics.
+
+The core engines know nothing of tracing: after each batched verify step the target engine
+hands over a StepRecord (ssd/engine/base.py) and after each round the draft's RoundServer a
+round dict (ssd/engine/draft_worker.py). A batched step serves many requests at once, so each
+sequence's round becomes its own already-finished span, parented on that sequence's trace
+context (the traceparent that came with the request), with the step's real start and end
+times. Untraced or unsampled sequences cost one flag check.
+"""
+from __future__ import annotations
+
+from . import telemetry as tm
+
+
+class TargetObserver:
+    """engine.on_step: one `ssd.verify` span per sequence and round (+ `ssd.jit_draft` and
+    `ssd.index.lookup` children) and the spec-decode counters."""
+
+    def __init__(self, tracer, metrics=None):
+        self.tracer = tracer
+        self.metrics = metrics
+        self.tracing = tm.tracing_enabled(tracer)
+
+    def on_step(self, rec) -> None:
+        seconds = (rec.end_ns - rec.start_ns) / 1e9
+        m = self.metrics
+        if m is not None:
+            m.observe_step(seconds)
+            if rec.jit_ns is not None:
+                m.observe_jit((rec.jit_ns[1] - rec.jit_ns[0]) / 1e9)
+            for row in rec.rows:
+                if row.drafted:
+                    m.record_round(row.drafted, row.accepted)
+                if row.cache_result is not None:
+                    m.cache_result(row.cache_result)
+        if not self.tracing:
+            return
+        jit = set(rec.jit_seq_ids)
+        for row in rec.rows:
+            parent = row.seq.meta.get("traceparent")
+            if not parent or not tm.sampled(parent):
+                continue
+            attrs = {
+                tm.ATTR_ROUND: rec.round, tm.ATTR_ACCEPTED_TOKENS: row.accepted, "ssd.committed_tokens": row.kept,
+                tm.ATTR_NUM_SPECULATIVE_TOKENS: row.drafted, tm.ATTR_BATCH_SIZE: len(rec.rows),
+                tm.ATTR_CACHE_RESULT: row.cache_result or "miss", "ssd.speculation_source": row.source,
+                tm.ATTR_VERIFY_MS: seconds * 1e3, tm.ATTR_SEQ_ID: row.seq.seq_id,
+                tm.ATTR_REQUEST_ID: row.seq.meta.get("request_id"),
+            }
+            span = tm.round_span(self.tracer, tm.SPAN_VERIFY, parent, rec.start_ns, rec.end_ns, attrs)
+            if row.seq.seq_id in jit and rec.jit_ns is not None:  # the miss that preceded this verify
+                tm.child_span(self.tracer, tm.SPAN_JIT_DRAFT, span, rec.jit_ns[0], rec.jit_ns[1],
+                              {tm.ATTR_ROUND: rec.round})
+            if rec.lookup_ns is not None and not row.seq.finished:  # the next speculation: cache keys, tokens, index
+                tm.child_span(self.tracer, tm.SPAN_INDEX_LOOKUP, span, rec.lookup_ns[0], rec.lookup_ns[1],
+                              {tm.ATTR_ROUND: rec.round})
+
+
+class DraftObserver:
+    """RoundServer.on_round: one `ssd.speculate` span per sequence and round (+ `ssd.jit_draft`
+    children), the fan-out latency histogram."""
+
+    def __init__(self, tracer, metrics, server):
+        self.tracer = tracer
+        self.metrics = metrics
+        self.server = server  # RoundServer: its meta holds each sequence's traceparent
+        self.tracing = tm.tracing_enabled(tracer)
+
+    def on_round(self, rec: dict) -> None:
+        build_s = (rec["end_ns"] - rec["start_ns"]) / 1e9
+        if self.metrics is not None:
+            if rec["seqs"]:
+                self.metrics.observe_step(build_s)  # role="draft": one speculation-cache build
+                self.metrics.observe_fan_out(build_s)
+            if rec["jit_ns"] is not None:
+                self.metrics.observe_jit((rec["jit_ns"][1] - rec["jit_ns"][0]) / 1e9)
+        if not self.tracing:
+            return
+        jit = set(rec["jit"])
+        for seq_id, info in rec["seqs"].items():
+            parent = self.server.meta.get(seq_id, {}).get("traceparent")
+            if not parent or not tm.sampled(parent):
+                continue
+            attrs = {
+                tm.ATTR_ROUND: rec["round"], tm.ATTR_FAN_OUT: info["fan_out"], tm.ATTR_BATCH_SIZE: len(rec["seqs"]),
+                tm.ATTR_CACHE_RESULT: info["after"], tm.ATTR_SPECULATE_MS: build_s * 1e3,
+                "ssd.abandoned": rec["abandoned"], tm.ATTR_SEQ_ID: seq_id,
+            }
+            span = tm.round_span(self.tracer, tm.SPAN_SPECULATE, parent, rec["start_ns"], rec["end_ns"], attrs)
+            if seq_id in jit and rec["jit_ns"] is not None:
+                tm.child_span(self.tracer, tm.SPAN_JIT_DRAFT, span, rec["jit_ns"][0], rec["jit_ns"][1],
+                              {tm.ATTR_ROUND: rec["round"]})

@@ -1,0 +1,185 @@
+"""Issue 5 end to end: the three real services, as separate processes configured only by the
+standard OTEL_* environment, export spans to an in-process OTLP receiver over gRPC; their
+Prometheus /metrics are scraped over HTTP. Checked against the tokens actually produced."""
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+
+import grpc
+import pytest
+
+from ssd.services.common import CHANNEL_OPTIONS
+from ssd.services.metrics import sample, scrape
+from ssd.services.otlp_receiver import OTLPReceiver
+from ssd.services.protos import pb, pb_grpc
+from ssd.services.run import _spawn
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["--max-batch", "4", "--max-model-len", "512", "--metrics-port", "0"]
+PROMPTS = ["Name three colours.", "Count from one to five."]
+MAX_TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def traced_stack(real_target_path):
+    rx = OTLPReceiver().start()
+    env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=rx.endpoint, OTEL_BSP_SCHEDULE_DELAY="200",
+               OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG="1.0")
+    procs, ports = [], {}
+    try:
+        p, ports["draft"] = _spawn("draft", COMMON + ["--port", "0"], env)
+        procs.append(p)
+        p, ports["target"] = _spawn("target", COMMON + ["--port", "0", "--draft-address", f"127.0.0.1:{ports['draft']['port']}"], env)
+        procs.append(p)
+        p, ports["gateway"] = _spawn("gateway", COMMON + ["--port", "0", "--http-port", "0",
+                                                          "--targets", f"127.0.0.1:{ports['target']['port']}",
+                                                          "--drafts", f"127.0.0.1:{ports['draft']['port']}"], env)
+        procs.append(p)
+        stub = pb_grpc.GatewayStub(grpc.insecure_channel(f"127.0.0.1:{ports['gateway']['port']}", options=CHANNEL_OPTIONS))
+        finals = []
+        for prompt in PROMPTS:
+            req = pb.GenerateRequest(messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=prompt)]),
+                                     sampling=pb.SamplingParams(max_tokens=MAX_TOKENS))
+            chunks = list(stub.Generate(req, timeout=600))
+            finals.append(chunks[-1])
+        # over HTTP, inside a trace the client already started (W3C traceparent header)
+        client_trace, client_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+        body = json.dumps({"prompt": "Hello", "max_tokens": 12, "temperature": 0}).encode()
+        http = urllib.request.Request(f"http://127.0.0.1:{ports['gateway']['http_port']}/v1/completions", data=body,
+                                      headers={"content-type": "application/json",
+                                               "traceparent": f"00-{client_trace}-{client_span}-01"})
+        with urllib.request.urlopen(http, timeout=600) as r:
+            http_resp = json.loads(r.read())
+        expected_rounds = sum(f.stats.num_rounds for f in finals)
+        rx.wait_for(lambda spans: sum(s["name"] == "ssd.verify" for s in spans) >= expected_rounds
+                    and sum(s["name"] == "ssd.request" for s in spans) >= 3, timeout=60)
+        metrics = {role: scrape(f"http://127.0.0.1:{ports[role]['metrics_port']}/metrics") for role in ports}
+        yield {"rx": rx, "finals": finals, "metrics": metrics, "http": http_resp,
+               "client": (client_trace, client_span)}
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=60)
+        rx.stop()
+
+
+@pytest.fixture(scope="module")
+def real_target_path():
+    from ssd.models.loader import default_target_path
+
+    return default_target_path()
+
+
+def _by_trace(spans):
+    out = {}
+    for s in spans:
+        out.setdefault(s["trace_id"], []).append(s)
+    return out
+
+
+def test_one_trace_per_request_across_gateway_target_and_draft(traced_stack):
+    spans = traced_stack["rx"].spans()
+    roots = [s for s in spans if s["name"] == "ssd.request"]
+    assert len(roots) == len(PROMPTS) + 1
+    traces = _by_trace(spans)
+    for root in roots:
+        trace = traces[root["trace_id"]]
+        assert {s["service"] for s in trace} == {"ssd-gateway", "ssd-target", "ssd-draft"}
+        assert sum(s["name"] == "ssd.request" for s in trace) == 1
+        # the HTTP request joined the client's trace
+        if root["trace_id"] == traced_stack["client"][0]:
+            assert root["parent_span_id"] == traced_stack["client"][1]
+        else:
+            assert root["parent_span_id"] == ""
+    assert traced_stack["client"][0] in {r["trace_id"] for r in roots}
+
+
+def test_every_round_has_verify_and_speculate_spans_with_correct_parents(traced_stack):
+    spans = traced_stack["rx"].spans()
+    traces = _by_trace(spans)
+    grpc_roots = [s for s in spans if s["name"] == "ssd.request" and s["trace_id"] != traced_stack["client"][0]]
+    assert len(grpc_roots) == len(traced_stack["finals"])
+    for root, final in zip(sorted(grpc_roots, key=lambda s: s["start_ns"]), traced_stack["finals"]):
+        trace = traces[root["trace_id"]]
+        runs = [s for s in trace if s["name"] == "ssd.target.run"]
+        assert len(runs) == 1 and runs[0]["parent_span_id"] == root["span_id"]
+        run_id = runs[0]["span_id"]
+        verify = sorted((s for s in trace if s["name"] == "ssd.verify"), key=lambda s: s["attributes"]["ssd.round"])
+        speculate = [s for s in trace if s["name"] == "ssd.speculate"]
+        assert all(s["parent_span_id"] == run_id for s in verify + speculate)
+        assert all(s["service"] == "ssd-draft" for s in speculate)
+        # one verify span per round; the draft built a speculation cache during every one of them
+        assert len(verify) == final.stats.num_rounds
+        spec_rounds = {s["attributes"]["ssd.round"] for s in speculate}
+        assert {s["attributes"]["ssd.round"] for s in verify} <= spec_rounds
+        for s in verify:  # the verify window sits inside the request
+            assert root["start_ns"] <= s["start_ns"] <= s["end_ns"] <= root["end_ns"]
+        # children: JIT drafts and index lookups hang off their round's verify span
+        verify_ids = {s["span_id"] for s in verify}
+        children = [s for s in trace if s["name"] in ("ssd.jit_draft", "ssd.index.lookup") and s["service"] == "ssd-target"]
+        assert children and all(c["parent_span_id"] in verify_ids for c in children)
+
+
+def test_span_attributes_agree_with_the_tokens_produced(traced_stack):
+    spans = traced_stack["rx"].spans()
+    traces = _by_trace(spans)
+    grpc_roots = sorted((s for s in spans if s["name"] == "ssd.request" and s["trace_id"] != traced_stack["client"][0]),
+                        key=lambda s: s["start_ns"])
+    for root, final in zip(grpc_roots, traced_stack["finals"]):
+        verify = [s["attributes"] for s in traces[root["trace_id"]] if s["name"] == "ssd.verify"]
+        # every output token but the prefill's was committed by some round
+        assert sum(a["ssd.committed_tokens"] for a in verify) == final.usage.completion_tokens - 1
+        assert sum(a["ssd.accepted_tokens"] for a in verify) == final.stats.num_accepted_tokens
+        assert sum(a["ssd.num_speculative_tokens"] for a in verify) == final.stats.num_draft_tokens
+        assert {a["ssd.cache_result"] for a in verify} <= {"hit", "miss", "late"}
+        assert sum(a["ssd.cache_result"] in ("hit", "late") for a in verify) == final.stats.cache_hit + final.stats.cache_late
+        assert root["attributes"]["ssd.completion_tokens"] == final.usage.completion_tokens
+
+
+def test_metrics_are_consistent_with_what_was_generated(traced_stack):
+    m, finals = traced_stack["metrics"], traced_stack["finals"]
+    http_tokens = traced_stack["http"]["usage"]["completion_tokens"]
+    t, g, d = m["target"], m["gateway"], m["draft"]
+    accepted = sum(f.stats.num_accepted_tokens for f in finals)
+    drafted = sum(f.stats.num_draft_tokens for f in finals)
+    # target: spec-decode counters (the HTTP request's rounds are counted too: compare with >=)
+    assert sample(t, "ssd_spec_decode_num_accepted_tokens_total") >= accepted > 0
+    assert sample(t, "ssd_spec_decode_num_draft_tokens_total") >= drafted
+    per_pos = [sample(t, "ssd_spec_decode_num_accepted_tokens_per_pos_total", position=i) for i in range(4)]
+    assert per_pos == sorted(per_pos, reverse=True) and sum(per_pos) == sample(t, "ssd_spec_decode_num_accepted_tokens_total")
+    cache = {r: sample(t, "ssd_speculation_cache_total", result=r) for r in ("hit", "miss", "late")}
+    assert cache["hit"] + cache["late"] >= sum(f.stats.cache_hit + f.stats.cache_late for f in finals)
+    assert sample(t, "ssd_num_requests_running") == 0
+    assert sample(t, "ssd_step_duration_seconds_count", role="target") > 0
+    # gateway: requests and tokens, TTFT once per request
+    total_tokens = sum(f.usage.completion_tokens for f in finals) + http_tokens
+    assert sample(g, "ssd_generation_tokens_total") == total_tokens
+    finished = sum(sample(g, "ssd_request_success_total", finish_reason=r) for r in ("stop", "length"))
+    assert finished == len(finals) + 1
+    assert sample(g, "ssd_time_to_first_token_seconds_count") == len(finals) + 1
+    assert sample(g, "ssd_inter_token_latency_seconds_count") == total_tokens - (len(finals) + 1)
+    # draft: one fan-out build per round served, queue empty at rest
+    assert sample(d, "ssd_fan_out_duration_seconds_count") > 0
+    assert sample(d, "ssd_draft_queue_depth") == 0
+
+
+def test_trace_timeline_png_from_the_received_spans(traced_stack, tmp_path):
+    """`ssd trace --from` on what the services exported: the picture and its numbers."""
+    from ssd.cli import main as ssd_main
+    from ssd.services.trace_view import draw_timeline
+
+    spans = traced_stack["rx"].spans()
+    saved = tmp_path / "spans.json"
+    traced_stack["rx"].save_json(saved)
+    out = tmp_path / "timeline.png"
+    assert ssd_main(["trace", "--from", str(saved), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    root = min((s for s in spans if s["name"] == "ssd.request" and s["trace_id"] != traced_stack["client"][0]),
+               key=lambda s: s["start_ns"])
+    summary = draw_timeline(spans, str(tmp_path / "one.png"), trace_id=root["trace_id"])
+    assert summary["rounds"] == traced_stack["finals"][0].stats.num_rounds
+    assert summary["overlap_ms"] > 0  # drafting ran while the target verified
