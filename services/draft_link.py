@@ -53,7 +53,7 @@ class GrpcDraftLink:
 
     def _open_channel(self, stub, backend: str, device: str, timeout: float) -> str:
         resp = stub.OpenChannel(pb.OpenChannelRequest(backend="" if backend == "auto" else backend), timeout=timeout)
-        host = self.address.rsplit(":", 1)[0].strip("[]")
+        host = resp.host or self.address.rsplit(":", 1)[0].strip("[]")
         if resp.backend == "nccl" and not str(device).startswith("cuda"):
             raise ValueError("the draft offers nccl but this target runs on the CPU")
         self.tensors = TensorChannel.connect(host, resp.port, resp.backend, device, timeout_s=timeout)

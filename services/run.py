@@ -45,7 +45,8 @@ def run_role(ns, cfg) -> int:
         torch.set_num_threads(cfg.draft_threads)
         spec = draft_spec(cfg.draft, target_path, cfg.standin_layers)
         service = DraftService(spec, cfg.spec, cfg.max_batch * 4, cfg.max_model_len, index=_index(ns.redis_url),
-                               node=os.environ.get("NODE_NAME", ""), channel_host=ns.host, tracer=tracer, metrics=metrics)
+                               node=os.environ.get("NODE_NAME", ""), channel_host=ns.host,
+                               advertise_host=os.environ.get("POD_IP", ""), tracer=tracer, metrics=metrics)
         pb_grpc.add_DraftServicer_to_server(service, server)
         names = ["Draft"]
     elif ns.role == "target":

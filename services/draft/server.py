@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 class DraftService(pb_grpc.DraftServicer):
     def __init__(self, draft_spec: dict, spec: SpecConfig, max_seqs: int = 64, max_model_len: int = 2048, seed: int = 0,
-                 index=None, node: str = "", channel_host: str = "0.0.0.0", tracer=None, metrics=None):
+                 index=None, node: str = "", channel_host: str = "0.0.0.0", advertise_host: str = "",
+                 tracer=None, metrics=None):
         self.model = load_draft(draft_spec)
         self.description = describe(draft_spec)
         self.fingerprint = draft_fingerprint(self.description, spec)
@@ -43,6 +44,7 @@ class DraftService(pb_grpc.DraftServicer):
         self.queue_depth = 0
         self.node = node
         self.channel_host = channel_host
+        self.advertise_host = advertise_host
         self.channels: dict[str, object] = {}  # channel id -> Future[TensorChannel] until a stream takes it
         self.device = next(self.model.parameters()).device
 
@@ -70,7 +72,8 @@ class DraftService(pb_grpc.DraftServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, f"tensor channel: {e}")
         channel_id = uuid.uuid4().hex
         self.channels[channel_id] = fut
-        return pb.OpenChannelResponse(channel_id=channel_id, port=port, backend=backend, device=str(self.device))
+        return pb.OpenChannelResponse(channel_id=channel_id, port=port, backend=backend, device=str(self.device),
+                                      host=self.advertise_host)
 
     def _take_channel(self, context):
         channel_id = dict(context.invocation_metadata()).get("ssd-channel")
