@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from concurrent.futures import Future
 
 import grpc
 from opentelemetry.trace import SpanKind
@@ -23,63 +24,101 @@ log = logging.getLogger(__name__)
 
 
 class EngineLoop:
-    """Owns the engine; other threads talk to it only through submit/abort."""
+    """Owns the engine: only its thread touches it. Other threads hand it work through an inbox
+    under a lock that is held for microseconds, never across an engine step, so a request
+    arriving or a client cancelling (whose callback runs on gRPC's own polling thread) never
+    waits for a step to finish."""
 
     def __init__(self, engine, tracer=None, metrics=None):
         self.engine = engine
         self.metrics = metrics
         engine.on_step = TargetObserver(tracer or tm.get_tracer(), metrics).on_step
         self.cv = threading.Condition()
-        self.streams: dict[int, queue.Queue] = {}
+        self.inbox: list[tuple] = []  # ("add", prompt_ids, params, meta, Future) | ("abort", seq)
+        self.streams: dict[int, queue.Queue] = {}  # engine thread only
         self.stopped = False
         self.thread = threading.Thread(target=self._run, daemon=True, name="engine-loop")
         self.thread.start()
 
-    def submit(self, prompt_ids, params, meta=None) -> tuple[object, queue.Queue]:
+    def _post(self, item) -> None:
         with self.cv:
-            seq = self.engine.add_request(prompt_ids, params, meta)  # ValueError: bad input
-            q: queue.Queue = queue.Queue()
-            self.streams[seq.seq_id] = q
+            if self.stopped:
+                raise RuntimeError("the target is shutting down")
+            self.inbox.append(item)
             self.cv.notify()
-        return seq, q
+
+    def submit(self, prompt_ids, params, meta=None, timeout: float = 60.0) -> tuple[object, queue.Queue]:
+        """Blocks until the engine thread admitted the request (at most one step); raises
+        ValueError for bad input."""
+        fut: Future = Future()
+        self._post(("add", prompt_ids, params, meta, fut))
+        return fut.result(timeout=timeout)
 
     def abort(self, seq) -> None:
-        with self.cv:
-            if not seq.finished:
-                self.engine.abort(seq)
-                q = self.streams.pop(seq.seq_id, None)
-                if q is not None:
-                    q.put(None)
+        """Non-blocking: the engine thread frees the sequence before its next step."""
+        try:
+            self._post(("abort", seq))
+        except RuntimeError:
+            pass
 
     def load(self) -> tuple[int, int, int]:
         sch = self.engine.scheduler
         return len(sch.running), len(sch.waiting), self.engine.target.cache.num_free
 
+    def _apply(self, items) -> None:
+        for item in items:
+            if item[0] == "add":
+                _, prompt_ids, params, meta, fut = item
+                try:
+                    seq = self.engine.add_request(prompt_ids, params, meta)
+                except ValueError as e:
+                    fut.set_exception(e)
+                    continue
+                q: queue.Queue = queue.Queue()
+                self.streams[seq.seq_id] = q
+                fut.set_result((seq, q))
+            else:
+                seq = item[1]
+                if not seq.finished:
+                    self.engine.abort(seq)
+                q = self.streams.pop(seq.seq_id, None)
+                if q is not None:
+                    q.put(None)
+
     def _run(self):
         while True:
             with self.cv:
-                while not self.stopped and not self.engine.has_unfinished():
+                while not self.stopped and not self.inbox and not self.engine.has_unfinished():
                     self.cv.wait()
                 if self.stopped:
-                    return
-                try:
-                    events = self.engine.step()
-                except Exception:  # never leave clients hanging: fail every open stream
-                    log.exception("engine step failed")
-                    for q in self.streams.values():
-                        q.put(RuntimeError("engine step failed"))
-                    self.streams.clear()
+                    break
+                items, self.inbox = self.inbox, []
+            self._apply(items)
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                events = self.engine.step()
+            except Exception:  # never leave clients hanging: fail every open stream
+                log.exception("engine step failed")
+                for q in self.streams.values():
+                    q.put(RuntimeError("engine step failed"))
+                self.streams.clear()
+                continue
+            if self.metrics is not None:
+                self.metrics.set_running(len(self.engine.scheduler.running))
+                self.metrics.set_waiting(len(self.engine.scheduler.waiting))
+            for seq, tokens in events:
+                q = self.streams.get(seq.seq_id)
+                if q is None:
                     continue
-                if self.metrics is not None:
-                    self.metrics.set_running(len(self.engine.scheduler.running))
-                    self.metrics.set_waiting(len(self.engine.scheduler.waiting))
-                for seq, tokens in events:
-                    q = self.streams.get(seq.seq_id)
-                    if q is None:
-                        continue
-                    q.put((tokens, seq.finish_reason if seq.finished else None))
-                    if seq.finished:
-                        self.streams.pop(seq.seq_id, None)
+                q.put((tokens, seq.finish_reason if seq.finished else None))
+                if seq.finished:
+                    self.streams.pop(seq.seq_id, None)
+        for item in self.inbox:  # submitted while stopping
+            if item[0] == "add":
+                item[4].set_exception(RuntimeError("the target is shutting down"))
+        for q in self.streams.values():
+            q.put(RuntimeError("the target is shutting down"))
 
     def stop(self):
         with self.cv:
@@ -120,6 +159,8 @@ class TargetService(pb_grpc.TargetServicer):
         except ValueError as e:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if "context length" in str(e) else grpc.StatusCode.INVALID_ARGUMENT
             context.abort(code, str(e))
+        except (RuntimeError, TimeoutError) as e:  # draining, or the engine thread is wedged
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e) or "the target did not admit the request in time")
         # a client that cancels or whose deadline passes frees the sequence's KV and draft state
         context.add_callback(lambda: self.loop.abort(seq))
         while True:
