@@ -25,8 +25,11 @@ class GrpcDraftLink:
     def __init__(self, address: str, k: int, timeout: float = 30.0, tensor_channel: str = "inline", device: str = "cpu"):
         self.k = k
         self.address = address
+        # a channel of its own (local subchannel pool): a draft that restarts on the same address
+        # is reached at once, not after the reconnect backoff of an earlier, dead connection
         self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 256 << 20),
-                                                                ("grpc.max_receive_message_length", 256 << 20)])
+                                                                ("grpc.max_receive_message_length", 256 << 20),
+                                                                ("grpc.use_local_subchannel_pool", 1)])
         stub = pb_grpc.DraftStub(self.channel)
         try:
             load = stub.Load(pb.LoadRequest(), timeout=timeout)

@@ -58,7 +58,8 @@ def run_role(ns, cfg) -> int:
         torch.set_num_threads(cfg.target_threads)
         model, _ = load_model(target_path)
         engine = build_engine(cfg, model, Tokenizer(target_path).eos_token_ids, ns.draft_address, _index(ns.redis_url),
-                              tensor_channel=ns.tensor_channel, device=str(next(model.parameters()).device))
+                              tensor_channel=ns.tensor_channel, device=str(next(model.parameters()).device),
+                              draft_wait_s=ns.draft_wait_s)
         loop = EngineLoop(engine, tracer, metrics)
         stops.append(loop.stop)
         pb_grpc.add_TargetServicer_to_server(TargetService(loop, node=os.environ.get("NODE_NAME", ""), tracer=tracer), server)

@@ -218,6 +218,8 @@ def main(argv=None) -> int:
     se.add_argument("--draft-service", default="ssd-draft", help="gateway: Kubernetes Service of the draft pods")
     se.add_argument("--draft-address", default="", help="target: comma-separated draft addresses (empty = target-only; "
                                                          "the gateway may name more per request)")
+    se.add_argument("--draft-wait-s", type=float, default=60.0,
+                    help="target: how long to wait at start for a draft to answer before serving target-only")
     se.add_argument("--tensor-channel", default="auto", choices=["inline", "gloo", "nccl", "auto"],
                     help="target: how full q rows travel from the draft (auto: nccl on GPUs, gloo on CPU, else inline)")
     se.add_argument("--redis-url", default="", help="target, draft: speculation index in Redis (default: in-process "

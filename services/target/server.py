@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 
 import grpc
@@ -183,20 +184,29 @@ class TargetService(pb_grpc.TargetServicer):
         return pb.LoadResponse(running=running, waiting=waiting, free_slots=free, node=self.node)
 
 
-def build_engine(cfg, target_model, eos, draft_addresses, index=None, tensor_channel: str = "inline", device: str = "cpu"):
+def build_engine(cfg, target_model, eos, draft_addresses, index=None, tensor_channel: str = "inline", device: str = "cpu",
+                 draft_wait_s: float = 60.0):
     """SSD over every reachable draft (MultiDraftLink: sequences spread over replicas, more
-    drafts joined on demand when the gateway names them); target-only (AR) when none is
-    reachable: a missing draft never blocks serving (invariant 2)."""
+    drafts joined on demand when the gateway names them, lost ones retried); target-only (AR)
+    when none answers within draft_wait_s: a missing draft never blocks serving (invariant 2)."""
     if isinstance(draft_addresses, str):
         draft_addresses = [a for a in draft_addresses.split(",") if a]
     if draft_addresses:
         from ..draft_link import GrpcDraftLink
 
         k = cfg.spec.num_speculative_tokens
-        try:
-            link = MultiDraftLink(lambda addr: GrpcDraftLink(addr, k=k, tensor_channel=tensor_channel, device=device),
-                                  draft_addresses)
-            return SSDEngine(cfg.replace(mode="ssd"), target_model, {}, eos, link=link, index=index)
-        except DraftUnavailable as e:
-            log.warning("no draft available among %s (%s): serving target-only", draft_addresses, e)
+
+        def connect(addr):  # short: a join happens inside an engine step
+            return GrpcDraftLink(addr, k=k, timeout=10.0, tensor_channel=tensor_channel, device=device)
+
+        deadline = time.monotonic() + draft_wait_s
+        while True:  # pods start together: give the drafts a moment to come up
+            try:
+                link = MultiDraftLink(connect, draft_addresses)
+                return SSDEngine(cfg.replace(mode="ssd"), target_model, {}, eos, link=link, index=index)
+            except DraftUnavailable as e:
+                if time.monotonic() >= deadline:
+                    log.warning("no draft available among %s (%s): serving target-only", draft_addresses, e)
+                    break
+                time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
     return AREngine(cfg.replace(mode="ar"), target_model, eos)

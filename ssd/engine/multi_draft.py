@@ -9,14 +9,17 @@ its part, and the replies of one kind and round are merged before the engine see
 - Loss of one draft: its sequences move to a surviving draft, which is told their current
   context (an "add"); a speculation the target already took from the lost draft's cache is
   handed to the new owner as a backup speculation. Only when every draft is lost does the
-  engine see DraftUnavailable (and fall back to the fast backup for everyone).
+  engine see DraftUnavailable (and fall back to the fast backup for everyone); it then calls
+  revive() every few seconds, and the first draft that answers again takes over.
 - All drafts must be replicas of one draft model (one fingerprint): index keys name the draft.
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 
 from .draft_link import DraftUnavailable
 
@@ -30,6 +33,10 @@ class MultiDraftLink:
         self.retry_s = retry_s
         self.links: dict[str, object] = {}
         self.failed: dict[str, float] = {}  # address -> when it last failed to connect
+        self.known: list[str] = list(dict.fromkeys(addresses))  # every draft ever configured or named
+        self.revive_every_s = 5.0
+        self._revival: Future | None = None
+        self._revival_started = -1e9
         for addr in addresses:
             self._try_connect(addr)
         if not self.links:
@@ -56,15 +63,20 @@ class MultiDraftLink:
             log.warning("draft %s unreachable: %s", addr, e)
             self.failed[addr] = time.monotonic()
             return None
-        if self.links:
-            ref = next(iter(self.links.values())).info
+        return self._admit(addr, link)
+
+    def _admit(self, addr: str, link):
+        ref = getattr(self, "info", None) or (next(iter(self.links.values())).info if self.links else None)
+        if ref is not None:  # the first draft's identity binds every later one (index keys, vocabulary)
             if (link.info.get("fingerprint"), link.info["vocab_size"]) != (ref.get("fingerprint"), ref["vocab_size"]):
-                log.warning("draft %s is a different draft model; not used beside %s", addr, list(self.links))
+                log.warning("draft %s is a different draft model than this target's; not used", addr)
                 link.close()
                 self.failed[addr] = time.monotonic()
                 return None
         self.links[addr] = link
         self.failed.pop(addr, None)
+        if addr not in self.known:
+            self.known.append(addr)
         return link
 
     def _place(self, meta: dict) -> str:
@@ -220,6 +232,45 @@ class MultiDraftLink:
         if link is None:  # rows that already arrived inline stay readable after the loss
             return inner[1] if j is None else inner[1][j]
         return link.q_row(inner, j)
+
+    def revive(self) -> bool:
+        """After every draft was lost, called by the engine each step; never blocks. Every
+        revive_every_s a background thread tries the known drafts; once one answers, it takes
+        over on the next call (True), and the engine re-adds its running sequences there, so
+        all per-sequence state starts afresh."""
+        fut = self._revival
+        if fut is not None and fut.done():
+            self._revival = None
+            for addr, link in fut.result().items():
+                if self._admit(addr, link) is None:
+                    link.close()
+            if not self.links:
+                return False
+        elif fut is None and time.monotonic() - self._revival_started >= self.revive_every_s:
+            self._revival_started = time.monotonic()
+            self._revival = Future()
+            threading.Thread(target=self._reconnect, args=(list(self.known), self._revival), daemon=True,
+                             name="draft-revive").start()
+            return False
+        else:
+            return False
+        self.info["drafts"] = list(self.links)
+        self.owner.clear()
+        self.state.clear()
+        self.last_cache.clear()
+        self.rehomed.clear()
+        self.inject.clear()
+        self.expect.clear()
+        return True
+
+    def _reconnect(self, addresses: list[str], fut: Future) -> None:
+        found = {}
+        for addr in addresses:
+            try:
+                found[addr] = self.connect(addr)
+            except DraftUnavailable:
+                pass
+        fut.set_result(found)
 
     def close(self) -> None:
         for link in self.links.values():

@@ -68,11 +68,22 @@ class SSDEngine(Engine):
             if s.speculation is not None and s.speculation[2] != "backup":
                 s.speculation = None
 
+    def _maybe_revive(self) -> None:
+        """A draft that came back (a restarted pod, a new replica) takes over again: it is told
+        every running sequence's context and builds caches from the next round on."""
+        if self.draft_alive or not hasattr(self.link, "revive") or not self.link.revive():  # revive() never blocks
+            return
+        log.info("draft back (%s): speculating again", self.link.info.get("drafts"))
+        self.draft_alive, self.draft_error = True, None
+        self.stale_rounds.clear()
+        self.pending_ops = [(s.seq_id, "add", (s.context, s.params, s.meta)) for s in self.scheduler.running if not s.finished]
+
     def close(self) -> None:
         self.link.close()
 
     # ---- one step: schedule, run, postprocess -------------------------------------------------
     def step(self):
+        self._maybe_revive()
         new = self.scheduler.admit()
         events = self._prefill(new)
         for s in new:

@@ -208,3 +208,36 @@ def test_sampled_over_gloo_with_two_drafts_matches_target_distribution(small_pai
     finally:
         for s, _ in servers:
             s.stop(0)
+
+
+def test_draft_restarted_after_loss_takes_over_again(target, ar_reference, small_pair):
+    """Every draft lost -> the n-gram backup; the draft pod comes back on its address -> the
+    engine re-adds its sequences there and speculates again. Output stays identical."""
+    _, d_dir, _ = small_pair
+    server, port = serve({"path": str(d_dir)}, _cfg().spec, max_seqs=8, max_model_len=64)
+    addr = f"127.0.0.1:{port}"
+    link = _multi([addr])
+    long = SamplingParams(max_tokens=100, ignore_eos=True)
+    ref = [s.output_ids for s in AREngine(_cfg().replace(mode="ar"), target, (3,)).generate(PROMPTS, long)]
+    with SSDEngine(_cfg(), target, {}, (3,), link=link) as eng:
+        link.revive_every_s = 0.1
+        seqs = [eng.add_request(p, long) for p in PROMPTS]
+        eng.step()
+        server.stop(0).wait()
+        for _ in range(3):
+            eng.step()
+        assert not eng.draft_alive
+        lost_hits = eng.stats.cache_hit + eng.stats.cache_late
+        server, _ = serve({"path": str(d_dir)}, _cfg().spec, max_seqs=8, max_model_len=64, address=addr)
+        import time
+
+        deadline = time.time() + 30
+        while not eng.draft_alive and eng.has_unfinished() and time.time() < deadline:
+            eng.step()  # never blocks on the reconnect: it runs in the background
+            time.sleep(0.05)
+        assert eng.draft_alive and eng.has_unfinished()
+        while eng.has_unfinished():
+            eng.step()
+        assert eng.stats.cache_hit + eng.stats.cache_late > lost_hits  # speculating from its caches again
+    server.stop(0)
+    assert [s.output_ids for s in seqs] == ref
