@@ -189,7 +189,7 @@ class MultiDraftLink:
         if not self.expect:
             raise DraftUnavailable("draft protocol error: no reply expected")
         kind, round_id, addrs = self.expect.popleft()
-        merged, seconds, abandoned = {}, 0.0, True
+        merged, seconds, abandoned = {}, 0.0, False  # abandoned only when a draft said so
         for addr in addrs:
             link = self.links.get(addr)
             if link is None:
@@ -204,12 +204,11 @@ class MultiDraftLink:
                 continue
             if kind == "keys":
                 merged.update(msg[2])
-                abandoned = False
                 continue
             seconds = max(seconds, msg[3])
             if msg[2] is None:
+                abandoned = True
                 continue
-            abandoned = False
             for seq_id, value in msg[2].items():
                 if kind == "jit":
                     tokens, q_ref = value
@@ -222,7 +221,7 @@ class MultiDraftLink:
             raise DraftUnavailable("every draft was lost")
         if kind == "keys":
             return ("keys", round_id, merged)
-        if kind == "cache" and abandoned and addrs:
+        if kind == "cache" and abandoned and not merged:
             return ("cache", round_id, None, seconds)
         return (kind, round_id, merged, seconds)
 

@@ -178,7 +178,7 @@ class SSDEngine(Engine):
                 if any((k, t) in set(keys.get(s.seq_id, ())) for s, (k, t) in zip(running, outcomes) if not s.finished):
                     on_time = self.link.ready()
                     msg = self._recv_kind("cache", round_id)
-                    entries = msg[2]
+                    entries = msg[2] or {}  # None: abandoned (a draft lost mid-round leaves nothing either)
                     self.stats.t_build += msg[3]
                     self.stats.n_build += 1
                 else:

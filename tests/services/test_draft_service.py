@@ -241,3 +241,37 @@ def test_draft_restarted_after_loss_takes_over_again(target, ar_reference, small
         assert eng.stats.cache_hit + eng.stats.cache_late > lost_hits  # speculating from its caches again
     server.stop(0)
     assert [s.output_ids for s in seqs] == ref
+
+
+def test_draft_dying_between_keys_and_cache_with_another_draft_alive(target, two_drafts):
+    """All of a round's sequences sit on one draft (node-local routing makes that normal); it
+    dies after announcing its keys and before its cache. The other draft is still up: the
+    sequences move there and the output is unchanged (the merged cache must not read as an
+    abandoned one)."""
+    a, b = (addr for _, addr in two_drafts)
+
+    class DiesBeforeCache(GrpcDraftLink):
+        armed = False
+
+        def recv(self, timeout=None):
+            msg = super().recv(timeout)
+            if self.armed and msg[0] == "cache" and msg[2] is not None:
+                self.armed = False
+                raise DraftUnavailable("draft stream ended (pod killed after keys, before cache)")
+            return msg
+
+    from ssd.engine.multi_draft import MultiDraftLink
+
+    link = MultiDraftLink(lambda addr: (DiesBeforeCache if addr == a else GrpcDraftLink)(addr, k=2), [a, b])
+    prompts = PROMPTS[:2]
+    ref = [s.output_ids for s in AREngine(_cfg().replace(mode="ar"), target, (3,)).generate(prompts, GREEDY)]
+    with SSDEngine(_cfg(), target, {}, (3,), link=link) as eng:
+        seqs = [eng.add_request(p, GREEDY, {"draft": a}) for p in prompts]
+        eng.step()
+        eng.step()
+        assert set(link.owner.values()) == {a}
+        link.links[a].armed = True
+        while eng.has_unfinished():
+            eng.step()
+        assert eng.draft_alive and list(link.links) == [b]
+    assert [s.output_ids for s in seqs] == ref
