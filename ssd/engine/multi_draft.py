@@ -5,7 +5,8 @@ that seam: each round message is split by the draft that owns each sequence, eve
 its part, and the replies of one kind and round are merged before the engine sees them.
 
 - Placement: a sequence goes to the draft named in its meta["draft"] (the gateway's node-local
-  pick) when that draft is reachable, else to the draft with the fewest sequences.
+  pick) when this target is connected to it, else to the draft with the fewest sequences while
+  the named one is joined in the background for the sequences that follow.
 - Loss of one draft: its sequences move to a surviving draft, which is told their current
   context (an "add"); a speculation the target already took from the lost draft's cache is
   handed to the new owner as a backup speculation. Only when every draft is lost does the
@@ -37,6 +38,7 @@ class MultiDraftLink:
         self.revive_every_s = 5.0
         self._revival: Future | None = None
         self._revival_started = -1e9
+        self._joining: dict[str, Future] = {}  # drafts named by the gateway, being connected
         for addr in addresses:
             self._try_connect(addr)
         if not self.links:
@@ -80,9 +82,15 @@ class MultiDraftLink:
         return link
 
     def _place(self, meta: dict) -> str:
+        """The gateway's pick when already connected; otherwise the least loaded draft now, and
+        the named one is joined in the background (a step never waits on a connect)."""
         want = meta.get("draft")
-        if want and self._try_connect(want) is not None:
+        if want in self.links:
             return want
+        if want and want not in self._joining and time.monotonic() - self.failed.get(want, -1e9) >= self.retry_s:
+            fut: Future = Future()
+            self._joining[want] = fut
+            threading.Thread(target=self._reconnect, args=([want], fut), daemon=True, name="draft-join").start()
         counts = {a: 0 for a in self.links}
         for a in self.owner.values():
             if a in counts:
@@ -118,6 +126,7 @@ class MultiDraftLink:
                 link.send(msg)
             return
         _, round_id, ops, jit_ids, backups, hit_ids = msg
+        self._harvest_joins()
         parts: dict[str, tuple] = {}
         for seq_id, op, data in ops:
             if op == "add":
@@ -171,9 +180,11 @@ class MultiDraftLink:
                 with_jit.append(addr)
             if p_jit or p_backups or p_hits:
                 with_specs.append(addr)
-        if with_jit:
+        # what the engine will wait for follows the round, not which sends succeeded: a kind
+        # whose drafts were all lost merges to an empty reply (those sequences take the backup)
+        if jit_ids:
             self.expect.append(("jit", round_id, with_jit))
-        if with_specs:
+        if jit_ids or backups or hit_ids:
             self.expect.append(("keys", round_id, with_specs))
         self.expect.append(("cache", round_id, sent))
         if not self.links:
@@ -261,6 +272,17 @@ class MultiDraftLink:
         self.inject.clear()
         self.expect.clear()
         return True
+
+    def _harvest_joins(self) -> None:
+        for addr, fut in list(self._joining.items()):
+            if not fut.done():
+                continue
+            del self._joining[addr]
+            link = fut.result().get(addr)
+            if link is None:
+                self.failed[addr] = time.monotonic()
+            elif self._admit(addr, link) is None:
+                link.close()
 
     def _reconnect(self, addresses: list[str], fut: Future) -> None:
         found = {}

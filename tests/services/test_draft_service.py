@@ -153,16 +153,26 @@ def test_two_drafts_spread_sequences_and_survive_losing_one(target, ar_reference
     assert [s.output_ids for s in seqs] == ar_reference
 
 
-def test_sequence_goes_to_the_draft_the_gateway_named(target, two_drafts):
+def test_sequence_goes_to_the_draft_the_gateway_named(target, ar_reference, two_drafts):
+    import time
+
     a, b = (addr for _, addr in two_drafts)
-    link = _multi([a])  # b is joined on demand
+    link = _multi([a])  # b is joined on demand, in the background
     with SSDEngine(_cfg(), target, {}, (3,), link=link) as eng:
         s1 = eng.add_request(PROMPTS[0], GREEDY, {"draft": b})
-        s2 = eng.add_request(PROMPTS[1], GREEDY)
         eng.step()
-        assert link.owner[s1.seq_id] == b and link.owner[s2.seq_id] == a
+        assert link.owner[s1.seq_id] == a  # not connected to b yet: no step waits for the join
+        deadline = time.time() + 30
+        while b not in link.links and time.time() < deadline:
+            eng.step()
+            time.sleep(0.02)
+        s2 = eng.add_request(PROMPTS[1], GREEDY, {"draft": b})
+        s3 = eng.add_request(PROMPTS[2], GREEDY)
+        eng.step()
+        assert link.owner[s2.seq_id] == b and link.owner[s3.seq_id] == a
         while eng.has_unfinished():
             eng.step()
+    assert [s2.output_ids, s3.output_ids] == ar_reference[1:3]
 
 
 def test_two_targets_share_one_draft(target, ar_reference, draft_server):
