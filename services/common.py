@@ -15,10 +15,16 @@ from .protos import pb
 
 MAX_MESSAGE_BYTES = 64 << 20  # q rows of a sampled speculation cache fit; larger requests get RESOURCE_EXHAUSTED
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+# long-lived streams between services ping every 10 s, so a peer that vanished without closing
+# its connection (node loss, partition) is noticed in ~15 s rather than at TCP's timeout
+KEEPALIVE_CLIENT = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                    ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+KEEPALIVE_SERVER = [("grpc.keepalive_permit_without_calls", 1),
+                    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000)]
 
 
 def make_server(max_workers: int = 32) -> grpc.Server:
-    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS)
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS + KEEPALIVE_SERVER)
 
 
 def add_health_and_reflection(server: grpc.Server, service_names: list[str]) -> health.HealthServicer:

@@ -45,7 +45,7 @@ def round_to_pb(msg) -> "pb.SpeculateRequest":
         if op == "add":
             meta = data[2] if len(data) > 2 else {}
             req.add.append(pb.SequenceSetup(seq_id=str(seq_id), context_token_ids=data[0], sampling=sampling_to_pb(data[1]),
-                                            traceparent=meta.get("traceparent", "")))
+                                            traceparent=meta.get("traceparent", ""), request_id=meta.get("request_id", "")))
         elif op == "outcome":
             req.outcomes.append(pb.Outcome(seq_id=str(seq_id), committed_token_ids=data))
         elif op == "release":
@@ -60,7 +60,8 @@ def round_to_pb(msg) -> "pb.SpeculateRequest":
 def round_from_pb(req, seq_key) -> tuple:
     """seq_key(str) -> the draft's own id for a sequence of this stream."""
     ops = [(seq_key(a.seq_id), "add", (list(a.context_token_ids), sampling_from_pb(a.sampling),
-                                       {"traceparent": a.traceparent} if a.traceparent else {})) for a in req.add]
+                                       {k: v for k, v in (("traceparent", a.traceparent), ("request_id", a.request_id)) if v}))
+           for a in req.add]
     ops += [(seq_key(o.seq_id), "outcome", list(o.committed_token_ids)) for o in req.outcomes]
     aborted = set(req.aborted)
     ops += [(seq_key(r), "release", "abort" if r in aborted else None) for r in req.release]

@@ -78,13 +78,15 @@ class DraftObserver:
             return
         jit = set(rec["jit"])
         for seq_id, info in rec["seqs"].items():
-            parent = self.server.meta.get(seq_id, {}).get("traceparent")
+            meta = self.server.meta.get(seq_id, {})
+            parent = meta.get("traceparent")
             if not parent or not tm.sampled(parent):
                 continue
             attrs = {
                 tm.ATTR_ROUND: rec["round"], tm.ATTR_FAN_OUT: info["fan_out"], tm.ATTR_BATCH_SIZE: len(rec["seqs"]),
                 tm.ATTR_CACHE_RESULT: info["after"], tm.ATTR_SPECULATE_MS: build_s * 1e3,
-                "ssd.abandoned": rec["abandoned"], tm.ATTR_SEQ_ID: seq_id,
+                "ssd.abandoned": rec["abandoned"], tm.ATTR_REQUEST_ID: meta.get("request_id"),
+                "ssd.draft_seq_id": seq_id,  # the draft's own id for the sequence
             }
             span = tm.round_span(self.tracer, tm.SPAN_SPECULATE, parent, rec["start_ns"], rec["end_ns"], attrs)
             if seq_id in jit and rec["jit_ns"] is not None:

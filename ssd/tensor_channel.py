@@ -65,7 +65,9 @@ class TensorChannel:
 
         def build():
             try:
-                fut.set_result(cls(cls._group(store, 0, backend, device, timeout_s), 0, backend, device, store))
+                ch = cls(cls._group(store, 0, backend, device, timeout_s), 0, backend, device, store)
+                ch._handshake()
+                fut.set_result(ch)
             except Exception as e:  # the target never came: the caller falls back to inline bytes
                 fut.set_exception(e)
 
@@ -78,7 +80,19 @@ class TensorChannel:
         """Target side: join the draft's rendezvous."""
         device = torch.device(device)
         store = dist.TCPStore(host, port, 2, False, timeout=datetime.timedelta(seconds=timeout_s))
-        return cls(cls._group(store, 1, backend, device, timeout_s), 1, backend, device, store)
+        ch = cls(cls._group(store, 1, backend, device, timeout_s), 1, backend, device, store)
+        ch._handshake()
+        return ch
+
+    def _handshake(self) -> None:
+        """One tiny transfer at set-up: NCCL builds its communicator lazily, so a channel that
+        cannot work (e.g. both ends on one GPU) fails here, where the caller can still fall
+        back to inline bytes, and not at the first sampled round."""
+        if self.rank == 0:
+            self.send(torch.ones(1))
+        elif self.recv((1,)).item() != 1.0:
+            raise RuntimeError("tensor channel handshake returned garbage")
+        self.sent_bytes = self.received_bytes = 0
 
     # ---- transfer ------------------------------------------------------------------------------
     def send(self, t: torch.Tensor) -> None:

@@ -6,6 +6,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 import uuid
 from concurrent import futures
 
@@ -20,6 +21,7 @@ from ssd.spec.index import draft_fingerprint
 from ssd.tensor_channel import TensorChannel, default_backend
 
 from .. import convert
+from ..common import KEEPALIVE_SERVER
 from .. import telemetry as tm
 from ..observe import DraftObserver
 from ..protos import pb, pb_grpc
@@ -45,7 +47,7 @@ class DraftService(pb_grpc.DraftServicer):
         self.node = node
         self.channel_host = channel_host
         self.advertise_host = advertise_host
-        self.channels: dict[str, object] = {}  # channel id -> Future[TensorChannel] until a stream takes it
+        self.channels: dict[str, tuple] = {}  # channel id -> (offered at, Future[TensorChannel]) until a stream takes it
         self.device = next(self.model.parameters()).device
 
     def Load(self, request, context):
@@ -71,7 +73,13 @@ class DraftService(pb_grpc.DraftServicer):
         except Exception as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"tensor channel: {e}")
         channel_id = uuid.uuid4().hex
-        self.channels[channel_id] = fut
+        now = time.monotonic()
+        for cid, (t, f) in list(self.channels.items()):  # offered but never taken by a stream
+            if now - t > 120:
+                del self.channels[cid]
+                if f.done() and f.exception() is None:
+                    f.result().close()
+        self.channels[channel_id] = (now, fut)
         return pb.OpenChannelResponse(channel_id=channel_id, port=port, backend=backend, device=str(self.device),
                                       host=self.advertise_host)
 
@@ -79,9 +87,10 @@ class DraftService(pb_grpc.DraftServicer):
         channel_id = dict(context.invocation_metadata()).get("ssd-channel")
         if not channel_id:
             return None
-        fut = self.channels.pop(channel_id, None)
-        if fut is None:
+        entry = self.channels.pop(channel_id, None)
+        if entry is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown tensor channel {channel_id!r}")
+        fut = entry[1]
         try:
             return fut.result(timeout=30)
         except Exception as e:
@@ -109,11 +118,24 @@ class DraftService(pb_grpc.DraftServicer):
                 pass
             inbox.put(None)
 
+        ordered: queue.Queue = queue.Queue()
+
         def send(reply):
-            resp, rows = reply
-            outbox.put(resp)
-            if rows is not None:  # after the response that announces it; the target reads in order
-                channel.send(rows)
+            if channel is None:
+                outbox.put(reply[0])
+            else:  # the tensor goes out from its own thread: a slow or dead target never holds the model lock
+                ordered.put(reply)
+
+        def send_tensors():
+            while (item := ordered.get()) is not None:
+                resp, rows = item
+                outbox.put(resp)
+                if rows is not None:  # after the response that announces it; the target reads in order
+                    try:
+                        channel.send(rows)
+                    except Exception as e:  # the target went away mid-transfer: end this stream
+                        outbox.put(e)
+                        return
 
         def work():
             try:
@@ -128,20 +150,26 @@ class DraftService(pb_grpc.DraftServicer):
                             poll=lambda: not inbox.empty(),
                             put_q=lambda kind, round_id, slot, probs: ("inline", probs),
                         )
+                    for i, op, _ in msg[2]:  # forget released sequences' names (a stream lives long)
+                        if op == "release":
+                            ids.pop(names.pop(i, None), None)
             except Exception as e:  # a failed round ends this stream; the target falls back
                 log.exception("draft round failed")
                 outbox.put(e)
             finally:
                 with self.lock:  # the target went away: free everything of this stream
                     for i in list(names):
-                        if i in self.server.runner.seqs:
-                            self.server.runner.release(i)
-                        self.server.entries.pop(i, None)
-                outbox.put(None)
+                        self.server.forget(i)
                 if channel is not None:
+                    ordered.put(None)
+                    sender.join(timeout=60)
                     channel.close()
+                outbox.put(None)
 
         threading.Thread(target=read, daemon=True).start()
+        if channel is not None:
+            sender = threading.Thread(target=send_tensors, daemon=True)
+            sender.start()
         threading.Thread(target=work, daemon=True).start()
         while (item := outbox.get()) is not None:
             if isinstance(item, Exception):
@@ -153,7 +181,8 @@ def serve(draft_spec: dict, spec: SpecConfig, address: str = "127.0.0.1:0", thre
     """Start the draft service; returns (grpc server, bound port)."""
     torch.set_num_threads(threads)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
-                         options=[("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)])
+                         options=[("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20),
+                                  *KEEPALIVE_SERVER])
     pb_grpc.add_DraftServicer_to_server(DraftService(draft_spec, spec, **kw), server)
     port = server.add_insecure_port(address)
     server.start()

@@ -44,7 +44,7 @@ class Gateway:
         self.draft_description = draft_description
         self.discovery = discovery
         self._stubs: dict[tuple[str, str], object] = {}
-        self.running: dict[str, object] = {}  # request id -> the target call (for Abort)
+        self.running: dict[str, list] = {}  # request id -> [owner, the target call | None] (for Abort)
         self.lock = threading.Lock()
         self._rr = itertools.count()
 
@@ -111,19 +111,19 @@ class Gateway:
             return ids
         raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, "one of prompt, messages, prompt_token_ids is required")
 
-    def generate(self, req, deadline_s: float | None = None, parent_ctx=None):
+    def generate(self, req, deadline_s: float | None = None, parent_ctx=None, owner=None):
         """Yields GenerateResponse messages; raises GenerateError on bad input or target errors.
         The request's root span (`ssd.request`) covers it all; its context goes to the target."""
         span = self.tracer.start_span(tm.SPAN_REQUEST, context=parent_ctx, kind=SpanKind.SERVER)
         try:  # not made current: the generator resumes on whichever thread the server picks
-            yield from self._generate(req, deadline_s, span)
+            yield from self._generate(req, deadline_s, span, owner)
         except GenerateError as e:
             span.set_status(Status(StatusCode.ERROR, f"{e.code.name}: {e}"))
             raise
         finally:
             span.end()
 
-    def _generate(self, req, deadline_s, span):
+    def _generate(self, req, deadline_s, span, owner):
         if req.model and req.model != self.model_name:
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown model {req.model!r}; served: {self.model_name!r}")
         if req.mode not in ("", "ssd", "sd", "ar"):
@@ -142,10 +142,16 @@ class Gateway:
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) exceeds the context length {self.max_model_len}")
         request_id = req.request_id or uuid.uuid4().hex
-        with self.lock:
+        with self.lock:  # reserve the id now: two concurrent requests with one id must not both run
             if request_id in self.running:
                 raise GenerateError(grpc.StatusCode.ALREADY_EXISTS, f"request {request_id!r} is already running")
-        addr, stub, node = self.pick_target()
+            self.running[request_id] = [owner, None]
+        try:
+            addr, stub, node = self.pick_target()
+        except GenerateError:
+            with self.lock:
+                self.running.pop(request_id, None)
+            raise
         draft = self.pick_draft(node)
         span.set_attributes({tm.ATTR_REQUEST_ID: request_id, "ssd.model": self.model_name, "ssd.prompt_tokens": len(ids),
                              "ssd.target": addr, "ssd.draft": draft, "ssd.node": node})
@@ -153,7 +159,10 @@ class Gateway:
         call = stub.Run(pb.RunRequest(seq_id=request_id, prompt_token_ids=ids, sampling=req.sampling, mode=req.mode,
                                       draft_address=draft), timeout=deadline_s, metadata=tm.inject_metadata(span))
         with self.lock:
-            self.running[request_id] = call
+            aborted = request_id not in self.running  # Abort arrived while we picked a target
+            self.running[request_id] = [owner, call]
+        if aborted:
+            self.abort(request_id)
         decoder = self.tokenizer.stream_decoder()
         produced = 0
         try:
@@ -191,12 +200,17 @@ class Gateway:
                 self.running.pop(request_id, None)
             call.cancel()  # no-op when finished; frees the target sequence when the client left
 
-    def abort(self, request_id: str) -> bool:
+    def abort(self, request_id: str, owner=None) -> bool:
+        """owner: only the request started by that owner (a failed duplicate must not cancel
+        the request whose id it reused)."""
         with self.lock:
-            call = self.running.pop(request_id, None)
-        if call is None:
-            return False
-        call.cancel()
+            entry = self.running.get(request_id)
+            if entry is None or (owner is not None and entry[0] is not owner):
+                return False
+            del self.running[request_id]
+        call = entry[1]
+        if call is not None:  # None: still being routed; generate() cancels the call it starts
+            call.cancel()
         return True
 
 
@@ -208,9 +222,11 @@ class GatewayService(pb_grpc.GatewayServicer):
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         # client cancel or deadline -> the target call is cancelled -> its KV and draft state freed
-        context.add_callback(lambda: self.gw.abort(request.request_id))
+        owner = object()
+        context.add_callback(lambda: self.gw.abort(request.request_id, owner))
         try:
-            yield from self.gw.generate(request, deadline_s=context.time_remaining(), parent_ctx=tm.extract_grpc(context))
+            yield from self.gw.generate(request, deadline_s=context.time_remaining(), parent_ctx=tm.extract_grpc(context),
+                                        owner=owner)
         except GenerateError as e:
             context.abort(e.code, str(e))
 

@@ -53,7 +53,14 @@ class EngineLoop:
         ValueError for bad input."""
         fut: Future = Future()
         self._post(("add", prompt_ids, params, meta, fut))
-        return fut.result(timeout=timeout)
+        try:
+            return fut.result(timeout=timeout)
+        except TimeoutError:
+            if fut.cancel():  # not admitted yet: the engine thread will skip it
+                raise
+            seq, _ = fut.result()  # admitted just now: free it
+            self.abort(seq)
+            raise
 
     def abort(self, seq) -> None:
         """Non-blocking: the engine thread frees the sequence before its next step."""
@@ -70,6 +77,8 @@ class EngineLoop:
         for item in items:
             if item[0] == "add":
                 _, prompt_ids, params, meta, fut = item
+                if not fut.set_running_or_notify_cancel():  # the caller gave up waiting
+                    continue
                 try:
                     seq = self.engine.add_request(prompt_ids, params, meta)
                 except ValueError as e:
@@ -162,8 +171,18 @@ class TargetService(pb_grpc.TargetServicer):
             context.abort(code, str(e))
         except (RuntimeError, TimeoutError) as e:  # draining, or the engine thread is wedged
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e) or "the target did not admit the request in time")
-        # a client that cancels or whose deadline passes frees the sequence's KV and draft state
-        context.add_callback(lambda: self.loop.abort(seq))
+        # a client that cancels or whose deadline passes frees the sequence's KV and draft state;
+        # one that left while the request was being admitted gets the same
+        if not context.add_callback(lambda: self.loop.abort(seq)):
+            self.loop.abort(seq)
+            return
+        try:
+            yield from self._stream(seq, q, span, context)
+        finally:  # the generator closed early (client gone): nothing keeps decoding for nobody
+            if not seq.finished:
+                self.loop.abort(seq)
+
+    def _stream(self, seq, q, span, context):
         while True:
             item = q.get()
             if item is None:

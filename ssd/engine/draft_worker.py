@@ -17,12 +17,15 @@ Full q rows never travel through the pipe: they are written into shared-memory b
 """
 from __future__ import annotations
 
+import logging
 import time
 import traceback
 
 import torch
 
 from ..spec.index import GREEDY, branch_items, context_key
+
+log = logging.getLogger(__name__)
 
 def allocate_q_buffers(max_seqs: int, max_branches: int, k: int, vocab_size: int):
     cache_q = torch.empty(2, max_seqs, max_branches, k, vocab_size).share_memory_()
@@ -45,10 +48,20 @@ class RoundServer:
         self.fingerprint = fingerprint
         self.published: dict[int, list[str]] = {}  # seq_id -> keys it stored (deleted on abort)
         self.meta: dict[int, dict] = {}  # seq_id -> its "add" meta (traceparent, ...)
+        self.refused: set[int] = set()  # sequences this draft had no room for
         # on_round(record): after every round, what it built (the draft service turns it into
         # ssd.speculate spans and metrics). record: {"round", "start_ns", "end_ns", "abandoned",
         # "jit_ns", "jit": [seq_id], "seqs": {seq_id: {"fan_out", "after"}}}
         self.on_round = None
+
+    def forget(self, seq_id: int) -> None:
+        """Free everything held for a sequence (released, or its target went away)."""
+        if seq_id in self.runner.seqs:
+            self.runner.release(seq_id)
+        self.entries.pop(seq_id, None)
+        self.meta.pop(seq_id, None)
+        self.published.pop(seq_id, None)
+        self.refused.discard(seq_id)
 
     def _publish(self, seq_id: int, items: dict[str, list[int]]) -> None:
         if items and self.runner.seqs[seq_id].params.greedy:
@@ -60,22 +73,34 @@ class RoundServer:
         _, round_id, ops, jit_ids, backups, hit_ids = msg
         for seq_id, op, data in ops:
             if op == "add":
-                runner.add(seq_id, data[0], data[1])
+                try:
+                    runner.add(seq_id, data[0], data[1])
+                except (RuntimeError, ValueError) as e:  # full (or a duplicate): only this sequence goes without
+                    log.warning("draft refuses sequence %s: %s", seq_id, e)
+                    self.refused.add(seq_id)
+                    continue
                 self.meta[seq_id] = data[2] if len(data) > 2 else {}
+            elif seq_id in self.refused:
+                if op == "release":
+                    self.refused.discard(seq_id)
             elif op == "outcome":
                 runner.on_outcome(seq_id, data)
             elif op == "release":
-                runner.release(seq_id)
-                self.entries.pop(seq_id, None)
-                self.meta.pop(seq_id, None)
-                keys = self.published.pop(seq_id, [])
+                keys = self.published.get(seq_id, [])
                 if data == "abort" and self.index is not None:
                     self.index.delete_many(keys)
+                self.forget(seq_id)
+        # the replies the target waits for follow its message, whatever this draft can serve
+        want_jit, want_keys = bool(jit_ids), bool(jit_ids or backups or hit_ids)
+        if self.refused:  # no speculation for refused sequences: the target uses its backup for them
+            jit_ids = [i for i in jit_ids if i not in self.refused]
+            backups = {i: t for i, t in backups.items() if i not in self.refused}
+            hit_ids = [i for i in hit_ids if i not in self.refused]
         specs, jit_ns = {}, None
-        if jit_ids:
+        if want_jit:
             t0, jit_start = time.perf_counter(), time.time_ns()
             reply = {}
-            for i, (tokens, q) in runner.jit(jit_ids, after="miss").items():
+            for i, (tokens, q) in (runner.jit(jit_ids, after="miss") if jit_ids else {}).items():
                 q_ref = put_q("jit", round_id, runner.seqs[i].slot, q) if q is not None else None
                 reply[i] = (tokens.tolist(), q_ref)
                 specs[i] = (tokens.tolist(), "miss")
@@ -90,6 +115,8 @@ class RoundServer:
             s = runner.seqs[i]
             entry = self.entries[i]
             specs[i] = (entry.token_ids[entry.keys[(s.last_outcome_k, s.ctx[-1])]].tolist(), "hit")
+        if want_keys and not specs:
+            send(("keys", round_id, {}))
         prefixes = {i: list(runner.seqs[i].ctx) for i in specs} if self.index is not None else {}
         t0, build_start = time.perf_counter(), time.time_ns()
         built = runner.build(specs, on_keys=lambda keys: send(("keys", round_id, keys)), should_abort=poll)

@@ -34,6 +34,7 @@ class SSDEngine(Engine):
                                              self.vocab_size, seed, start_timeout)
         self.draft_alive = True
         self.draft_error: str | None = None
+        self.draft_timeout_s = 60.0  # longest wait for one draft reply (a cache build under load included)
         self.round_id = 0
         self.pending_ops: list[tuple] = []
         self.stale_rounds: set[int] = set()  # rounds whose cache we stopped waiting for
@@ -49,7 +50,7 @@ class SSDEngine(Engine):
     def _recv_kind(self, kind: str, round_id: int):
         """The next message of this kind for this round, skipping the replies of abandoned rounds."""
         while True:
-            msg = self.link.recv()
+            msg = self.link.recv(timeout=self.draft_timeout_s)  # a hung draft counts as lost (invariant 2)
             if msg[0] == kind and msg[1] == round_id:
                 return msg
             if msg[0] in ("keys", "cache") and (msg[1] in self.stale_rounds or msg[1] < round_id):
@@ -211,8 +212,9 @@ class SSDEngine(Engine):
                     self._count(s, "cache_hit")
                     self.stats.index_hit += 1
                     s.speculation = (torch.tensor(tokens), None, "index")
+        jit_served = tuple(s.seq_id for s, sp in zip(running, specs) if sp[2] == "jit")  # not those left to the backup
         self._report(StepRecord(round_id, verify_start, verify_end, rows, jit_ns, (lookup_start, time.time_ns()),
-                                tuple(jit_ids)))
+                                jit_served))
         self._retire()
         return events
 

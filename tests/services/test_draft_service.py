@@ -285,3 +285,15 @@ def test_draft_dying_between_keys_and_cache_with_another_draft_alive(target, two
             eng.step()
         assert eng.draft_alive and list(link.links) == [b]
     assert [s.output_ids for s in seqs] == ref
+
+
+def test_a_full_draft_refuses_only_the_sequences_it_has_no_room_for(target, ar_reference, small_pair):
+    _, d_dir, _ = small_pair
+    server, port = serve({"path": str(d_dir)}, _cfg().spec, max_seqs=2, max_model_len=64)
+    try:
+        with SSDEngine(_cfg(), target, {}, (3,), link=GrpcDraftLink(f"127.0.0.1:{port}", k=2)) as eng:
+            out = [s.output_ids for s in eng.generate(PROMPTS, GREEDY)]  # 4 sequences, room for 2
+            assert eng.draft_alive and eng.stats.n_backup > 0 and eng.stats.cache_hit + eng.stats.cache_late > 0
+    finally:
+        server.stop(0)
+    assert out == ar_reference

@@ -206,6 +206,19 @@ def test_cancel_and_deadline_free_kv(stack):
     assert _free_slots(stack) == full
 
 
+def test_duplicate_request_id_is_refused_without_touching_the_first(stack, reference):
+    req = pb.GenerateRequest(request_id="same-id", messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=PROMPTS[0])]),
+                             sampling=pb.SamplingParams(max_tokens=24))
+    first = stack.stub.Generate(req, timeout=300)
+    chunks = [next(first)]
+    with pytest.raises(grpc.RpcError) as e:
+        list(stack.stub.Generate(req, timeout=60))
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    chunks += list(first)  # the first request runs to its end, untouched
+    assert chunks[-1].finish_reason in ("stop", "length")
+    assert [t for c in chunks for t in c.token_ids] == reference[PROMPTS[0]]
+
+
 def test_draft_stopped_mid_generation_output_unchanged(pair, reference):
     st = Stack(pair)
     try:
