@@ -480,3 +480,69 @@ def test_from_args_uses_the_kubeconfig(emu, tmp_path, monkeypatch):
         assert d.drafts() == [Endpoint("10.0.1.1:50051", "node-a", "draft-0")] and d.targets() == []
     finally:
         d.stop()
+
+
+# ------------------------------------------------------------------------------------------------
+# Discovery feeding the gateway's routing, with real target and draft gRPC servers behind the slices
+# ------------------------------------------------------------------------------------------------
+def test_gateway_routes_to_discovered_pods_and_follows_readiness(emu, make_discovery, small_pair):
+    from ssd.config import EngineConfig, SamplingParams, SpecConfig
+    from ssd.engine import AREngine
+    from ssd.models.loader import load_model
+    from ssd.services.common import make_server
+    from ssd.services.draft.server import DraftService
+    from ssd.services.gateway.server import Gateway, GenerateError
+    from ssd.services.protos import pb_grpc
+    from ssd.services.target.server import EngineLoop, TargetService
+
+    t_dir, d_dir, _ = small_pair
+    cfg = EngineConfig(mode="ar", max_batch=4, max_model_len=64, spec=SpecConfig(num_speculative_tokens=2, fan_out_budget=3))
+    target = load_model(t_dir)[0]
+    servers, loops, ports = [], {}, {}
+    try:
+        for node in ("node-a", "node-b"):
+            loops[node] = EngineLoop(AREngine(cfg, target, (3,)))
+            for role, add in (("target", lambda s, n=node: pb_grpc.add_TargetServicer_to_server(TargetService(loops[n], node=n), s)),
+                              ("draft", lambda s, n=node: pb_grpc.add_DraftServicer_to_server(
+                                  DraftService({"path": str(d_dir)}, cfg.spec, 8, 64, node=n), s))):
+                s = make_server()
+                add(s)
+                ports[role, node] = s.add_insecure_port("127.0.0.1:0")
+                s.start()
+                servers.append(s)
+
+        def publish(role, node, ready=True):
+            svc = TARGET_SVC if role == "target" else DRAFT_SVC
+            emu.put(eslice(f"{role}-{node}", svc, [ep("127.0.0.1", node, f"{role}-{node}", ready=ready)],
+                           ports=[{"name": "grpc", "port": ports[role, node], "protocol": "TCP"}]))
+
+        for node in ("node-a", "node-b"):
+            publish("target", node)
+            publish("draft", node)
+        d = make_discovery()
+        assert d.wait_for(lambda x: len(x.targets()) == 2 and len(x.drafts()) == 2, WAIT)
+        gw = Gateway(None, d, "m", 64)
+        # node-a's target is busy: the gateway picks node-b's, then the draft on node-b
+        for _ in range(2):
+            loops["node-a"].submit([0, 1, 2], SamplingParams(max_tokens=60, ignore_eos=True))
+        addr, _, node = gw.pick_target()
+        assert (addr, node) == (f"127.0.0.1:{ports['target', 'node-b']}", "node-b")
+        assert gw.pick_draft(node) == f"127.0.0.1:{ports['draft', 'node-b']}"
+        # node-b's target turns unready: only node-a's is left, busy or not
+        publish("target", "node-b", ready=False)
+        assert d.wait_for(lambda x: len(x.targets()) == 1, WAIT)
+        assert gw.pick_target()[0] == f"127.0.0.1:{ports['target', 'node-a']}"
+        # node-b's draft pod goes away: a target on node-b would now pair with any draft left
+        emu.delete("draft-node-b")
+        assert d.wait_for(lambda x: len(x.drafts()) == 1, WAIT)
+        assert gw.pick_draft("node-b") == f"127.0.0.1:{ports['draft', 'node-a']}"
+        emu.delete("target-node-a")
+        emu.delete("target-node-b")
+        assert d.wait_for(lambda x: not x.targets(), WAIT)
+        with pytest.raises(GenerateError, match="no target is ready"):
+            gw.pick_target()
+    finally:
+        for s in servers:
+            s.stop(0)
+        for loop in loops.values():
+            loop.stop()
