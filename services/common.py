@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -15,16 +16,25 @@ from .protos import pb
 
 MAX_MESSAGE_BYTES = 64 << 20  # q rows of a sampled speculation cache fit; larger requests get RESOURCE_EXHAUSTED
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-# long-lived streams between services ping every 10 s, so a peer that vanished without closing
-# its connection (node loss, partition) is noticed in ~15 s rather than at TCP's timeout
-KEEPALIVE_CLIENT = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
-                    ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
-KEEPALIVE_SERVER = [("grpc.keepalive_permit_without_calls", 1),
-                    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000)]
+# long-lived streams between services ping every SSD_GRPC_KEEPALIVE_MS (10 s), so a peer that
+# vanished without closing its connection (node loss, partition) is noticed in seconds rather
+# than at TCP's timeout. Servers must accept pings that often (else: GOAWAY "too_many_pings").
+def keepalive_ms() -> int:
+    return int(os.environ.get("SSD_GRPC_KEEPALIVE_MS", "10000"))
+
+
+def keepalive_client_options() -> list[tuple]:
+    return [("grpc.keepalive_time_ms", keepalive_ms()), ("grpc.keepalive_timeout_ms", max(1000, keepalive_ms() // 2)),
+            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+
+
+def keepalive_server_options() -> list[tuple]:
+    return [("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", max(100, keepalive_ms() // 2))]
 
 
 def make_server(max_workers: int = 32) -> grpc.Server:
-    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS + KEEPALIVE_SERVER)
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS + keepalive_server_options())
 
 
 def add_health_and_reflection(server: grpc.Server, service_names: list[str]) -> health.HealthServicer:

@@ -21,7 +21,7 @@ from ssd.spec.index import draft_fingerprint
 from ssd.tensor_channel import TensorChannel, default_backend
 
 from .. import convert
-from ..common import KEEPALIVE_SERVER
+from ..common import keepalive_server_options
 from .. import telemetry as tm
 from ..observe import DraftObserver
 from ..protos import pb, pb_grpc
@@ -182,7 +182,7 @@ def serve(draft_spec: dict, spec: SpecConfig, address: str = "127.0.0.1:0", thre
     torch.set_num_threads(threads)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
                          options=[("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20),
-                                  *KEEPALIVE_SERVER])
+                                  *keepalive_server_options()])
     pb_grpc.add_DraftServicer_to_server(DraftService(draft_spec, spec, **kw), server)
     port = server.add_insecure_port(address)
     server.start()

@@ -297,3 +297,21 @@ def test_a_full_draft_refuses_only_the_sequences_it_has_no_room_for(target, ar_r
     finally:
         server.stop(0)
     assert out == ar_reference
+
+
+def test_idle_draft_stream_survives_keepalive_pings(target, small_pair, monkeypatch):
+    """The target pings its draft streams (to notice a vanished peer); the draft must accept
+    pings that often or it answers GOAWAY "too_many_pings" and the stream dies while idle."""
+    import time
+
+    monkeypatch.setenv("SSD_GRPC_KEEPALIVE_MS", "500")
+    _, d_dir, _ = small_pair
+    server, port = serve({"path": str(d_dir)}, _cfg().spec, max_seqs=8, max_model_len=64)
+    try:
+        with SSDEngine(_cfg(), target, {}, (3,), link=GrpcDraftLink(f"127.0.0.1:{port}", k=2)) as eng:
+            eng.generate(PROMPTS[:1], SamplingParams(max_tokens=8, ignore_eos=True))
+            time.sleep(4)  # ~8 pings on an idle stream
+            eng.generate(PROMPTS[:1], SamplingParams(max_tokens=8, ignore_eos=True))
+            assert eng.draft_alive, eng.draft_error
+    finally:
+        server.stop(0)
