@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-prompts", type=int, default=6)
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--traced", action="store_true", help="also run the services with tracing exported (OTLP)")
+    p.add_argument("--control", action="store_true",
+                   help="also run a second, identical untraced services stack (an A/A run: the noise floor)")
     p.add_argument("--out", default="bench-results/services")
     ns = p.parse_args(argv)
 
@@ -81,6 +83,8 @@ def main(argv=None) -> int:
     common = _config_args(cfg)
 
     variants = {"services": None}
+    if ns.control:
+        variants["services (A/A)"] = None
     receiver = None
     if ns.traced:
         from .otlp_receiver import OTLPReceiver
@@ -98,15 +102,15 @@ def main(argv=None) -> int:
             systems[name] = pb_grpc.GatewayStub(grpc.insecure_channel(addr, options=CHANNEL_OPTIONS))
         totals = {name: [0, 0.0] for name in ["in-process", *variants]}
         outputs = {name: [] for name in totals}
+        walls = {name: [] for name in totals}
         with build_engine(cfg, pair) as eng:
             warm = SamplingParams(max_tokens=8)
             eng.generate([prompt_ids[0]], warm)
             for stub in systems.values():
                 _via_gateway(stub, prompt_ids[0], warm, pb, sampling_to_pb)
             for i, ids in enumerate(tqdm(prompt_ids, desc="prompts")):
-                order = ["in-process", *variants]
-                if i % 2:
-                    order.reverse()
+                names = ["in-process", *variants]
+                order = names[i % len(names):] + names[: i % len(names)]  # every system takes every position in turn
                 for name in order:
                     if name == "in-process":
                         eng.stats = EngineStats()
@@ -118,6 +122,7 @@ def main(argv=None) -> int:
                     totals[name][0] += len(out)
                     totals[name][1] += wall
                     outputs[name].append(out)
+                    walls[name].append(wall)
     finally:
         _stop(procs)
     base = totals["in-process"][0] / totals["in-process"][1]
@@ -125,17 +130,62 @@ def main(argv=None) -> int:
               "num_prompts": len(prompt_ids), "max_tokens": ns.max_tokens, "systems": {}}
     for name, (tokens, wall) in totals.items():
         tps = tokens / wall
-        result["systems"][name] = {"tokens": tokens, "seconds": wall, "tokens_per_s": tps, "ratio_vs_in_process": tps / base,
-                                   "identical_to_in_process": outputs[name] == outputs["in-process"]}
-        print(f"{name:18s} {tps:7.2f} tok/s  ratio {tps / base:5.3f}  identical={outputs[name] == outputs['in-process']}")
+        row = {"tokens": tokens, "seconds": wall, "tokens_per_s": tps, "ratio_vs_in_process": tps / base,
+               "identical_to_in_process": outputs[name] == outputs["in-process"], "per_prompt_seconds": walls[name]}
+        # paired per prompt (same prompt, same tokens): geometric mean speed ratio and its 95 % interval
+        for ref in ("in-process", "services"):
+            if name != ref:
+                row[f"paired_vs_{ref}"] = paired_ratio(walls[ref], walls[name])
+        result["systems"][name] = row
+        vs = row.get("paired_vs_services")
+        extra = f"  vs services {vs['mean']:.3f} [{vs['lo']:.3f}, {vs['hi']:.3f}]" if vs else ""
+        print(f"{name:22s} {tps:7.2f} tok/s  ratio {tps / base:5.3f}{extra}  identical={row['identical_to_in_process']}")
     if receiver is not None:
         result["spans_received"] = len(receiver.spans())
         receiver.stop()
     os.makedirs(ns.out, exist_ok=True)
     with open(os.path.join(ns.out, "services.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(f"wrote {ns.out}/services.json", file=sys.stderr)
+    plot(result, os.path.join(ns.out, "services.png"))
+    print(f"wrote {ns.out}/services.json and services.png", file=sys.stderr)
     return 0
+
+
+def paired_ratio(ref_walls: list[float], walls: list[float]) -> dict:
+    """Speed of a system relative to ref, prompt by prompt: exp(mean log(ref / this)) with a 95 %
+    t interval. Above 1: faster than ref."""
+    import math
+
+    from scipy import stats
+
+    logs = [math.log(r / w) for r, w in zip(ref_walls, walls)]
+    n = len(logs)
+    mean = sum(logs) / n
+    sd = (sum((x - mean) ** 2 for x in logs) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    half = stats.t.ppf(0.975, n - 1) * sd / n ** 0.5 if n > 1 else 0.0
+    return {"mean": math.exp(mean), "lo": math.exp(mean - half), "hi": math.exp(mean + half), "n": n}
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in result["systems"] if n != "in-process"]
+    rows = [result["systems"][n]["paired_vs_in-process"] for n in names]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    ax.bar(range(len(names)), [r["mean"] for r in rows],
+           yerr=[[r["mean"] - r["lo"] for r in rows], [r["hi"] - r["mean"] for r in rows]], capsize=5, color="#4c72b0")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.axhline(0.95, color="#d62728", lw=0.8, ls="--", label="0.95 (issue 4 floor)")
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_ylabel("tokens/s vs in-process engine")
+    ax.set_ylim(0.8, 1.1)
+    ax.set_title(f"{result['num_prompts']} prompts x {result['max_tokens']} tokens, greedy (95 % paired intervals)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
