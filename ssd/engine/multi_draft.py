@@ -70,8 +70,10 @@ class MultiDraftLink:
     def _admit(self, addr: str, link):
         ref = getattr(self, "info", None) or (next(iter(self.links.values())).info if self.links else None)
         if ref is not None:  # the first draft's identity binds every later one (index keys, vocabulary)
-            if (link.info.get("fingerprint"), link.info["vocab_size"]) != (ref.get("fingerprint"), ref["vocab_size"]):
-                log.warning("draft %s is a different draft model than this target's; not used", addr)
+            ident = lambda info: (info.get("fingerprint"), info["vocab_size"], bool(info.get("publishes")))  # noqa: E731
+            if ident(link.info) != ident(ref):
+                log.warning("draft %s differs from this target's drafts (model, vocabulary or index publishing); "
+                            "not used", addr)
                 link.close()
                 self.failed[addr] = time.monotonic()
                 return None

@@ -42,7 +42,9 @@ class SSDEngine(Engine):
         # draft service names its own fingerprint (and publishes itself when it has the index)
         self.draft_fingerprint = self.link.info.get("fingerprint") or draft_fingerprint(
             self.link.info.get("model", draft_spec.get("path")), cfg.spec)
-        self.draft_publishes = bool(self.link.info.get("publishes"))
+        # the draft's own publishing helps only when both sides share the index (Redis); with the
+        # in-process map the target stores what it receives itself
+        self.draft_publishes = bool(self.link.info.get("publishes")) and not isinstance(self.index, LocalIndex)
         if self.link.info["vocab_size"] != self.vocab_size:
             raise ValueError(f"draft vocabulary {self.link.info['vocab_size']} != target vocabulary {self.vocab_size}")
 
