@@ -19,30 +19,6 @@ import sys
 import time
 
 
-def _services(common: list[str], env: dict | None):
-    from .run import _spawn
-
-    procs = []
-    draft, dp = _spawn("draft", common + ["--port", "0"], env)
-    procs.append(draft)
-    target, tp = _spawn("target", common + ["--port", "0", "--draft-address", f"127.0.0.1:{dp['port']}"], env)
-    procs.append(target)
-    gw, gp = _spawn("gateway", common + ["--port", "0", "--targets", f"127.0.0.1:{tp['port']}",
-                                         "--drafts", f"127.0.0.1:{dp['port']}"], env)
-    procs.append(gw)
-    return procs, f"127.0.0.1:{gp['port']}"
-
-
-def _stop(procs):
-    for p in reversed(procs):
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=30)
-        except Exception:
-            p.kill()
-
-
 def _via_gateway(stub, ids, params, pb, sampling_to_pb):
     t0 = time.perf_counter()
     out = []
@@ -74,6 +50,7 @@ def main(argv=None) -> int:
     from .common import CHANNEL_OPTIONS
     from .convert import sampling_to_pb
     from .protos import pb, pb_grpc
+    from .run import start_stack, stop_stack
 
     cfg = EngineConfig(mode="ssd")
     params = SamplingParams(max_tokens=ns.max_tokens, temperature=0.0)
@@ -97,9 +74,8 @@ def main(argv=None) -> int:
     systems, procs = {}, []
     try:
         for name, env in variants.items():
-            ps, addr = _services(common, env)
-            procs += ps
-            systems[name] = pb_grpc.GatewayStub(grpc.insecure_channel(addr, options=CHANNEL_OPTIONS))
+            port = start_stack(common, procs, env=env)["gateway"]["port"]
+            systems[name] = pb_grpc.GatewayStub(grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS))
         totals = {name: [0, 0.0] for name in ["in-process", *variants]}
         outputs = {name: [] for name in totals}
         walls = {name: [] for name in totals}
@@ -124,7 +100,7 @@ def main(argv=None) -> int:
                     outputs[name].append(out)
                     walls[name].append(wall)
     finally:
-        _stop(procs)
+        stop_stack(procs)
     base = totals["in-process"][0] / totals["in-process"][1]
     result = {"command": "python -m ssd.services.bench_services " + " ".join(argv if argv is not None else sys.argv[1:]),
               "num_prompts": len(prompt_ids), "max_tokens": ns.max_tokens, "systems": {}}

@@ -125,6 +125,36 @@ def _spawn(role: str, args: list[str], env=None):
     return p, {k: int(v) for k, v in ports.items()}
 
 
+def start_stack(common_args: list[str], procs: list, *, env=None, redis_url: str = "", tensor_channel: str = "auto",
+                port: int = 0, http_port: int = -1) -> dict[str, dict[str, int]]:
+    """draft, target and gateway as local processes wired to each other on loopback; each
+    started process is appended to procs at once (the caller stops them, even after a failure
+    half-way). Returns each role's bound ports."""
+    redis = ["--redis-url", redis_url] if redis_url else []
+    draft, dports = _spawn("draft", common_args + ["--port", "0"] + redis, env)
+    procs.append(draft)
+    target, tports = _spawn("target", common_args + ["--port", "0", "--draft-address", f"127.0.0.1:{dports['port']}",
+                                                     "--tensor-channel", tensor_channel] + redis, env)
+    procs.append(target)
+    gw, gports = _spawn("gateway", common_args + ["--port", str(port), "--http-port", str(http_port),
+                                                  "--targets", f"127.0.0.1:{tports['port']}",
+                                                  "--drafts", f"127.0.0.1:{dports['port']}"], env)
+    procs.append(gw)
+    return {"draft": dports, "target": tports, "gateway": gports}
+
+
+def stop_stack(procs: list) -> None:
+    """SIGTERM (drain) in reverse start order, then wait; kill what does not exit."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def serve_local(ns, cfg, common_args: list[str]) -> int:
     """draft, target and gateway as three local processes on loopback."""
     from ssd.models.loader import default_target_path
@@ -133,17 +163,9 @@ def serve_local(ns, cfg, common_args: list[str]) -> int:
         default_target_path()  # convert once here, not three times in parallel
     procs = []
     try:
-        draft, dports = _spawn("draft", common_args + ["--port", "0"] + (["--redis-url", ns.redis_url] if ns.redis_url else []))
-        procs.append(draft)
-        target_args = ["--port", "0", "--draft-address", f"127.0.0.1:{dports['port']}", "--tensor-channel", ns.tensor_channel]
-        if ns.redis_url:
-            target_args += ["--redis-url", ns.redis_url]
-        target, tports = _spawn("target", common_args + target_args)
-        procs.append(target)
-        gw, gports = _spawn("gateway", common_args + ["--port", str(ns.port), "--http-port", str(ns.http_port),
-                                                      "--targets", f"127.0.0.1:{tports['port']}",
-                                                      "--drafts", f"127.0.0.1:{dports['port']}"])
-        procs.append(gw)
+        ports = start_stack(common_args, procs, redis_url=ns.redis_url, tensor_channel=ns.tensor_channel,
+                            port=ns.port, http_port=ns.http_port)
+        dports, tports, gports = ports["draft"], ports["target"], ports["gateway"]
         addr = f"127.0.0.1:{gports['port']}"
         print(f"gateway: grpc {addr}, http http://127.0.0.1:{gports.get('http_port')}  "
               f"(target 127.0.0.1:{tports['port']}, draft 127.0.0.1:{dports['port']})", file=sys.stderr, flush=True)
@@ -155,14 +177,7 @@ def serve_local(ns, cfg, common_args: list[str]) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_stack(procs)
 
 
 def _one_generation(addr: str, ns, cfg) -> int:
@@ -192,7 +207,7 @@ def _one_generation(addr: str, ns, cfg) -> int:
     st, n = last.stats, last.usage.completion_tokens
     rounds_tokens = n - 1
     print("\n---")
-    parts = [f"mode=ssd (services)", f"tokens={n}", f"{n / wall:.2f} tok/s",
+    parts = ["mode=ssd (services)", f"tokens={n}", f"{n / wall:.2f} tok/s",
              f"mean accepted length={rounds_tokens / st.num_rounds:.2f}" if st.num_rounds else "mean accepted length=-"]
     lookups = st.cache_hit + st.cache_late + st.cache_miss
     if st.num_draft_tokens:

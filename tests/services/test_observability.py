@@ -3,8 +3,6 @@ standard OTEL_* environment, export spans to an in-process OTLP receiver over gR
 Prometheus /metrics are scraped over HTTP. Checked against the tokens actually produced."""
 import json
 import os
-import subprocess
-import sys
 import urllib.request
 
 import grpc
@@ -14,7 +12,7 @@ from ssd.services.common import CHANNEL_OPTIONS
 from ssd.services.metrics import sample, scrape
 from ssd.services.otlp_receiver import OTLPReceiver
 from ssd.services.protos import pb, pb_grpc
-from ssd.services.run import _spawn
+from ssd.services.run import start_stack, stop_stack
 
 pytestmark = pytest.mark.slow
 
@@ -28,16 +26,9 @@ def traced_stack(real_target_path):
     rx = OTLPReceiver().start()
     env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=rx.endpoint, OTEL_BSP_SCHEDULE_DELAY="200",
                OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG="1.0")
-    procs, ports = [], {}
+    procs = []
     try:
-        p, ports["draft"] = _spawn("draft", COMMON + ["--port", "0"], env)
-        procs.append(p)
-        p, ports["target"] = _spawn("target", COMMON + ["--port", "0", "--draft-address", f"127.0.0.1:{ports['draft']['port']}"], env)
-        procs.append(p)
-        p, ports["gateway"] = _spawn("gateway", COMMON + ["--port", "0", "--http-port", "0",
-                                                          "--targets", f"127.0.0.1:{ports['target']['port']}",
-                                                          "--drafts", f"127.0.0.1:{ports['draft']['port']}"], env)
-        procs.append(p)
+        ports = start_stack(COMMON, procs, env=env, http_port=0)
         stub = pb_grpc.GatewayStub(grpc.insecure_channel(f"127.0.0.1:{ports['gateway']['port']}", options=CHANNEL_OPTIONS))
         finals = []
         for prompt in PROMPTS:
@@ -60,10 +51,7 @@ def traced_stack(real_target_path):
         yield {"rx": rx, "finals": finals, "metrics": metrics, "http": http_resp,
                "client": (client_trace, client_span)}
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=60)
+        stop_stack(procs)
         rx.stop()
 
 
