@@ -95,14 +95,20 @@ class TensorChannel:
         self.sent_bytes = self.received_bytes = 0
 
     # ---- transfer ------------------------------------------------------------------------------
+    def _group_or_raise(self):
+        pg = self.pg
+        if pg is None:  # closed while a transfer was still expected (the stream is ending)
+            raise RuntimeError("tensor channel closed")
+        return pg
+
     def send(self, t: torch.Tensor) -> None:
         t = t.detach().to(self.device, torch.float32).contiguous()
-        self.pg.send([t], self.peer, 0).wait()
+        self._group_or_raise().send([t], self.peer, 0).wait()
         self.sent_bytes += t.numel() * 4
 
     def recv(self, shape) -> torch.Tensor:
         out = torch.empty(tuple(shape), dtype=torch.float32, device=self.device)
-        self.pg.recv([out], self.peer, 0).wait()
+        self._group_or_raise().recv([out], self.peer, 0).wait()
         self.received_bytes += out.numel() * 4
         return out
 
