@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssd.kernels.attention import AttnBatch, attention
+from ssd.kernels.linear import LinearPacks, linear
 from ssd.kv_cache import KVCache
 
 _MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -115,12 +116,14 @@ class DecoderLayer(nn.Module):
         self.down_weight = e(H, inter)
         self.eps, self.Hq, self.Hkv, self.D, self.inter = cfg.rms_norm_eps, Hq, Hkv, D, inter
 
-    def forward(self, x, cos, sin, batch: AttnBatch, cache: KVCache, layer: int):
+    def forward(self, x, cos, sin, batch: AttnBatch, cache: KVCache, layer: int,
+                packs: LinearPacks | None = None, invariant: bool = True):
         # x [B, n, H]; cos, sin [B, n, 1, D/2]
         B, n, _ = x.shape
         Hq, Hkv, D = self.Hq, self.Hkv, self.D
+        lin = lambda t, name, w, b=None: linear(t, w, b, packs=packs, name=f"{layer}.{name}", invariant=invariant)
         h = F.rms_norm(x, (x.shape[-1],), self.in_norm_weight, self.eps)
-        qkv = F.linear(h, self.qkv_weight, self.qkv_bias).view(B, n, Hq + 2 * Hkv, D)
+        qkv = lin(h, "qkv", self.qkv_weight, self.qkv_bias).view(B, n, Hq + 2 * Hkv, D)
         qk, v = qkv[:, :, :Hq + Hkv], qkv[:, :, Hq + Hkv:]  # [B, n, Hq+Hkv, D], [B, n, Hkv, D]
         if self.qk_norm_weight is not None:
             qk = F.rms_norm(qk, (D,), None, self.eps) * self.qk_norm_weight
@@ -128,11 +131,11 @@ class DecoderLayer(nn.Module):
         qk = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)  # rotate-half RoPE
         q = qk[:, :, :Hq].transpose(1, 2)  # [B, Hq, n, D]
         k, v = cache.write_and_read(layer, qk[:, :, Hq:].transpose(1, 2), v.transpose(1, 2), batch)  # [B, Hkv, S, D]
-        a = attention(q, k, v, batch).transpose(1, 2).reshape(B, n, Hq * D)
-        x = x + F.linear(a, self.o_weight, self.o_bias)
+        a = attention(q, k, v, batch, invariant=invariant).transpose(1, 2).reshape(B, n, Hq * D)
+        x = x + lin(a, "o", self.o_weight, self.o_bias)
         h = F.rms_norm(x, (x.shape[-1],), self.post_norm_weight, self.eps)
-        gu = F.linear(h, self.gate_up_weight)  # [B, n, 2*inter]
-        return x + F.linear(F.silu(gu[..., :self.inter]) * gu[..., self.inter:], self.down_weight)
+        gu = lin(h, "gate_up", self.gate_up_weight)  # [B, n, 2*inter]
+        return x + lin(F.silu(gu[..., :self.inter]) * gu[..., self.inter:], "down", self.down_weight)
 
 
 class LlamaModel(nn.Module):
@@ -145,6 +148,10 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head.weight.requires_grad_(False)
         self.tie_weights()
+        # batch invariance (kernels/): the same token gets the same bits in any batch shape;
+        # False selects the fast non-invariant kernels (SDPA / flash-attn, F.linear)
+        self.invariant = True
+        self.packs = LinearPacks()  # oneDNN-packed copies of the linear weights (CPU)
         self.register_buffer("rope_cos", None, persistent=False)  # [max_position, D/2]
         self.register_buffer("rope_sin", None, persistent=False)
         if not self.embed.weight.is_meta:  # under torch.device("meta") the loader calls init_rope
@@ -187,7 +194,7 @@ class LlamaModel(nn.Module):
         cos = self.rope_cos[batch.positions].unsqueeze(2)  # [B, n, 1, D/2]
         sin = self.rope_sin[batch.positions].unsqueeze(2)
         for i, layer in enumerate(self.layers):
-            x = layer.forward(x, cos, sin, batch, cache, i)
+            x = layer.forward(x, cos, sin, batch, cache, i, self.packs, self.invariant)
         return F.rms_norm(x, (x.shape[-1],), self.norm_weight, self.cfg.rms_norm_eps)
 
     @torch.inference_mode()
@@ -197,4 +204,4 @@ class LlamaModel(nn.Module):
         h = self._hidden(input_ids, batch, cache)
         if logits_rows is not None:
             h = h.gather(1, logits_rows[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, m, H]
-        return F.linear(h, self.lm_head.weight).float()
+        return linear(h, self.lm_head.weight, packs=self.packs, name="lm_head", invariant=self.invariant).float()
