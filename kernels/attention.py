@@ -46,6 +46,11 @@ class AttnBatch:
     # host-side hints the builders fill in so the cache can use slices instead of index_put/gather
     slot_start: int | None = None     # slots == range(slot_start, slot_start + B)
     write_start: int | None = None    # write_cols[b] == range(write_start, write_start + n) for every row
+    # columns the cache hands to attention (>= kv_len; the invariant kernel reads whole 64-column
+    # tiles and masks the columns past kv_len); None = kv_len
+    read_len: int | None = None
+    # per-forward state of the invariant kernel (mask turned into additive biases), shared by all layers
+    prep: object = None
 
     @property
     def num_rows(self) -> int:
@@ -58,7 +63,7 @@ class AttnBatch:
     def to(self, device) -> "AttnBatch":
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)
         return AttnBatch(mv(self.slots), mv(self.positions), mv(self.write_cols), mv(self.mask),
-                         self.kv_len, mv(self.prefix_lens), self.slot_start, self.write_start)
+                         self.kv_len, mv(self.prefix_lens), self.slot_start, self.write_start, self.read_len)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttnBatch) -> None:
@@ -67,8 +72,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttnBatch) 
         raise ValueError(f"bad k/v shapes {tuple(k.shape)} {tuple(v.shape)} for q {tuple(q.shape)}")
     if Hq % k.shape[1]:
         raise ValueError(f"num_heads {Hq} not a multiple of num_kv_heads {k.shape[1]}")
-    if k.shape[2] != batch.kv_len:
-        raise ValueError(f"k has {k.shape[2]} columns, batch.kv_len={batch.kv_len}")
+    if k.shape[2] != (batch.read_len or batch.kv_len):
+        raise ValueError(f"k has {k.shape[2]} columns, batch reads {batch.read_len or batch.kv_len}")
     if batch.mask is not None and batch.mask.shape != (B, n, batch.kv_len):
         raise ValueError(f"mask {tuple(batch.mask.shape)} != {(B, n, batch.kv_len)}")
 
@@ -84,8 +89,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttnBatc
     _check(q, k, v, batch)
     B, Hq, n, D = q.shape
     if invariant:
-        mask = batch.mask if batch.mask is not None else _append_mask(batch.prefix_lens, n, batch.kv_len)
-        return attention_invariant(q, k, v, mask)
+        if batch.prep is None or batch.prep.rep != Hq // k.shape[1]:
+            mask = batch.mask if batch.mask is not None else _append_mask(batch.prefix_lens, n, batch.kv_len)
+            batch.prep = InvariantPrep(mask, Hq // k.shape[1])
+        return _attend(q, k, v, batch.prep)
+    if batch.read_len not in (None, batch.kv_len):
+        k, v = k[:, :, :batch.kv_len], v[:, :, :batch.kv_len]
     if _use_flash(q, batch):
         # flash layout is [B, S, H, D]; causal is aligned to the bottom right of cache_seqlens,
         # i.e. token i sees columns < prefix_lens + i + 1, exactly the append-causal mask
@@ -132,48 +141,72 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 ROW_TILE = 8     # query rows per (sequence, kv head) are padded to a multiple of this
 COL_TILE = 64    # key/value columns are padded to a multiple of this; P @ V runs per tile
 MAX_ROWS = 1024  # query rows per GEMM call (prefill is split; rows are independent)
+_MASKED = -1e30  # additive bias of a masked column: exp(-1e30 - max) is exactly 0, and a row
+                 # with nothing visible stays finite (its output is zeroed explicitly)
+
+
+def padded_len(kv_len: int) -> int:
+    """Columns the invariant kernel reads for kv_len visible ones (whole 64-column tiles)."""
+    return -(-kv_len // COL_TILE) * COL_TILE
+
+
+class InvariantPrep:
+    """The mask of one forward as the invariant kernel uses it, built once and shared by every
+    layer: per chunk of query tokens, an additive bias [B, 1, Rp, S64] (0 or -1e30) over rows
+    ordered (query head within its kv group, token) and padded to a multiple of ROW_TILE, and a
+    keep factor [B, 1, Rp, 1] that zeroes rows seeing nothing (padding rows, tree padding)."""
+
+    def __init__(self, mask: torch.Tensor, rep: int):
+        B, n, S = mask.shape
+        self.rep, self.n, self.S64 = rep, n, padded_len(S)
+        mask = F.pad(mask, (0, self.S64 - S))  # [B, n, S64], padding columns masked
+        self.tok = max(1, MAX_ROWS // rep)  # query tokens per GEMM call
+        self.chunks = []
+        for i0 in range(0, n, self.tok):
+            m = mask[:, i0:i0 + self.tok]
+            nc = m.shape[1]
+            R = rep * nc
+            Rp = -(-R // ROW_TILE) * ROW_TILE
+            rows = m[:, None].expand(B, rep, nc, self.S64).reshape(B, 1, R, self.S64)
+            rows = F.pad(rows, (0, 0, 0, Rp - R))  # padded rows see nothing
+            bias = torch.zeros(rows.shape, dtype=torch.float32, device=mask.device).masked_fill_(~rows, _MASKED)
+            seen = rows.any(-1, keepdim=True)
+            keep = None if bool(seen.all()) else seen.float()
+            self.chunks.append((i0, nc, R, Rp, bias, keep))
 
 
 def attention_invariant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Batch-invariant attention (see the module docstring). q [B, Hq, n, D]; k, v [B, Hkv, S, D];
     mask [B, n, S] bool (True = may attend) -> [B, Hq, n, D] in q's dtype. Fully masked rows give
     zeros."""
+    return _attend(q, k, v, InvariantPrep(mask, q.shape[1] // k.shape[1]))
+
+
+def _attend(q, k, v, prep: InvariantPrep) -> torch.Tensor:
     B, Hq, n, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    rep = Hq // Hkv
-    S64 = -(-S // COL_TILE) * COL_TILE
-    kf = F.pad(k.float(), (0, 0, 0, S64 - S))  # [B, Hkv, S64, D]; padded columns are masked
-    vf = F.pad(v.float(), (0, 0, 0, S64 - S))
-    mask = F.pad(mask, (0, S64 - S))  # [B, n, S64], padding False
-    # the rep query heads that share a kv head become rows of one GEMM: row = r * n + i
-    qf = q.float().reshape(B, Hkv, rep, n, D) * (1.0 / math.sqrt(D))
-    tok = max(1, MAX_ROWS // rep)  # query tokens per GEMM call (rows are independent)
-    outs = [_attend_block(qf[:, :, :, i0:i0 + tok], kf, vf, mask[:, i0:i0 + tok]) for i0 in range(0, n, tok)]
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)  # [B, Hkv, rep, n, D]
-    return out.reshape(B, Hq, n, D).to(q.dtype)
-
-
-def _attend_block(q5, kf, vf, mask):
-    # q5 [B, Hkv, rep, n, D]; kf, vf [B, Hkv, S64, D]; mask [B, n, S64] -> [B, Hkv, rep, n, D]
-    B, Hkv, rep, n, D = q5.shape
-    S64 = kf.shape[2]
-    R = rep * n
-    qf = q5.reshape(B, Hkv, R, D)
-    Rp = -(-R // ROW_TILE) * ROW_TILE
-    if Rp > R:
-        qf = F.pad(qf, (0, 0, 0, Rp - R))
-    allowed = mask[:, None, None].expand(B, 1, rep, n, S64).reshape(B, 1, R, S64)
-    if Rp > R:
-        allowed = F.pad(allowed, (0, 0, 0, Rp - R))  # padded rows see nothing
-    scores = torch.matmul(qf, kf.transpose(-1, -2))  # [B, Hkv, Rp, S64]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    mx = scores.amax(-1, keepdim=True)
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    p = torch.exp(scores - mx)  # masked -> exactly 0
+    Hkv, S64, rep = k.shape[1], prep.S64, prep.rep
+    if k.shape[2] >= S64:  # the cache handed over whole tiles (columns past kv_len are masked)
+        kf, vf = k[:, :, :S64].float(), v[:, :, :S64].float()
+    else:
+        kf, vf = F.pad(k.float(), (0, 0, 0, S64 - k.shape[2])), F.pad(v.float(), (0, 0, 0, S64 - k.shape[2]))
     tiles = S64 // COL_TILE
-    pt = p.view(B, Hkv, Rp, tiles, COL_TILE)
-    denom = pt.sum(-1).cumsum(-1)[..., -1:]  # [B, Hkv, Rp, 1]: tile sums, added tile by tile
-    part = torch.matmul(pt.transpose(2, 3), vf.view(B, Hkv, tiles, COL_TILE, D))  # [B, Hkv, tiles, Rp, D]
-    num = part.cumsum(2)[:, :, -1]  # [B, Hkv, Rp, D]
-    out = num / torch.where(denom > 0, denom, torch.ones_like(denom))
-    return out[:, :, :R].reshape(B, Hkv, rep, n, D)
+    vt = vf.reshape(B, Hkv, tiles, COL_TILE, D)
+    kT = kf.transpose(-1, -2)
+    # rows that share a kv head form one GEMM: row = r * n_chunk + i (query head r of the group)
+    q5 = q.reshape(B, Hkv, rep, n, D)
+    outs = []
+    for i0, nc, R, Rp, bias, keep in prep.chunks:
+        qf = q5[:, :, :, i0:i0 + nc].float().reshape(B, Hkv, R, D) * (1.0 / math.sqrt(D))
+        if Rp > R:
+            qf = F.pad(qf, (0, 0, 0, Rp - R))
+        scores = torch.matmul(qf, kT).add_(bias)  # [B, Hkv, Rp, S64]
+        p = torch.exp(scores - scores.amax(-1, keepdim=True))  # masked -> exactly 0
+        pt = p.view(B, Hkv, Rp, tiles, COL_TILE)
+        denom = pt.sum(-1).cumsum(-1)[..., -1:]  # [B, Hkv, Rp, 1]: tile sums, added tile by tile
+        part = torch.matmul(pt.transpose(2, 3), vt)  # [B, Hkv, tiles, Rp, D]: one GEMM per tile
+        out = part.cumsum(2)[:, :, -1].div_(denom)  # tiles added in order
+        if keep is not None:
+            out = out.mul_(keep)
+        outs.append(out[:, :, :R].reshape(B, Hkv, rep, nc, D))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)
+    return out.reshape(B, Hq, n, D).to(q.dtype)

@@ -31,7 +31,10 @@ def run_role(ns, cfg) -> int:
     from . import telemetry as tm
     from .metrics import Metrics
 
+    from ssd.models.precision import dtype_name, resolve_dtype
+
     target_path = resolve_model(cfg.target)
+    dtype = dtype_name(resolve_dtype(cfg.dtype)[0])  # target and draft resolve `auto` alike on one node
     server = make_server()
     stops = []
     http_port = None
@@ -43,20 +46,20 @@ def run_role(ns, cfg) -> int:
         from .draft.server import DraftService
 
         torch.set_num_threads(cfg.draft_threads)
-        spec = draft_spec(cfg.draft, target_path, cfg.standin_layers)
+        spec = draft_spec(cfg.draft, target_path, cfg.standin_layers, dtype, cfg.batch_invariant)
         service = DraftService(spec, cfg.spec, cfg.max_batch * 4, cfg.max_model_len, index=_index(ns.redis_url),
                                node=os.environ.get("NODE_NAME", ""), channel_host=ns.host,
                                advertise_host=os.environ.get("POD_IP", ""), tracer=tracer, metrics=metrics)
         pb_grpc.add_DraftServicer_to_server(service, server)
         names = ["Draft"]
     elif ns.role == "target":
-        from ssd.models.loader import load_model
+        from ssd.engine import load_target
         from ssd.tokenizer import Tokenizer
 
         from .target.server import EngineLoop, TargetService, build_engine
 
         torch.set_num_threads(cfg.target_threads)
-        model, _ = load_model(target_path)
+        model, _ = load_target(cfg, target_path)
         engine = build_engine(cfg, model, Tokenizer(target_path).eos_token_ids, ns.draft_address, _index(ns.redis_url),
                               tensor_channel=ns.tensor_channel, device=str(next(model.parameters()).device),
                               draft_wait_s=ns.draft_wait_s)
@@ -78,7 +81,7 @@ def run_role(ns, cfg) -> int:
             raise SystemExit("error: the gateway needs --targets (or --discovery kubernetes)")
         discovery = from_args(ns.discovery, ns.k8s_namespace or os.environ.get("POD_NAMESPACE", "default"),
                               ns.target_service, ns.draft_service, targets, drafts)
-        desc = describe(draft_spec(cfg.draft, target_path, cfg.standin_layers))
+        desc = describe(draft_spec(cfg.draft, target_path, cfg.standin_layers, dtype, cfg.batch_invariant))
         gw = Gateway(Tokenizer(target_path), discovery, ns.model_name, cfg.max_model_len, desc, tracer, metrics)
         stops.append(discovery.stop)
         pb_grpc.add_GatewayServicer_to_server(GatewayService(gw), server)

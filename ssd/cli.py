@@ -20,6 +20,9 @@ _HELP = {
     "saguaro_c": "Saguaro sampling C in [0, 1] (1 = off); sampled decoding only",
     "critical_batch_size": "b*: misses use the JIT draft below it, the n-gram backup at or above it",
     "temperature": "0 = greedy",
+    "dtype": "auto | bfloat16 | float32 for target and draft; auto = bf16 where the hardware has it natively",
+    "batch_invariant": "kernels whose results do not depend on the batch shape, so speculative greedy output is "
+                       "bit-identical to AR (--no-batch-invariant: the fast non-invariant kernels)",
     "max_tokens": "new tokens to generate",
 }
 
@@ -32,7 +35,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls, skip=()) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
         if "bool" in kind:
-            parser.add_argument(flag, action="store_true", default=default, help=_HELP.get(f.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=_HELP.get(f.name))
         else:
             conv = int if kind.startswith("int") else float if kind.startswith("float") else str
             parser.add_argument(flag, type=conv, default=default, help=_HELP.get(f.name, f"(default {default})"))
@@ -142,7 +145,8 @@ def _config_args(cfg: EngineConfig) -> list[str]:
         for f in dataclasses.fields(obj):
             if f.name in ("spec", "mode"):
                 continue
-            out += ["--" + f.name.replace("_", "-"), str(getattr(obj, f.name))]
+            flag, value = f.name.replace("_", "-"), getattr(obj, f.name)
+            out += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
     return out
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 MODES = ("ar", "sd", "ssd")
 FANOUT_KINDS = ("geometric", "uniform")
+DTYPES = ("auto", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ class EngineConfig:
     max_model_len: int = 2048  # prompt + output tokens per sequence
     target_threads: int = 1  # torch intra-op threads of the target (this process)
     draft_threads: int = 1  # torch intra-op threads of the draft process (SSD) / in-process draft (SD)
+    dtype: str = "auto"  # auto | bfloat16 | float32, for target and draft (auto: bf16 where native)
+    batch_invariant: bool = True  # kernels whose results do not depend on the batch shape (exact greedy)
     spec: SpecConfig = field(default_factory=SpecConfig)
 
     def __post_init__(self):
@@ -94,6 +97,8 @@ class EngineConfig:
             raise ValueError("thread counts must be >= 1")
         if self.standin_layers < 1:
             raise ValueError("standin_layers must be >= 1")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
 
     def replace(self, **kw) -> "EngineConfig":
         return dataclasses.replace(self, **kw)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from ssd.kernels.attention import AttnBatch
+from ssd.kernels.attention import AttnBatch, padded_len
 
 
 class KVCache:
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int, max_len: int,
                  dtype=torch.float32, device="cpu"):
-        shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
+        # storage rounded up to whole 64-column tiles so the batch-invariant attention can read
+        # whole tiles without copying (columns past a row's length are masked)
+        shape = (num_layers, num_slots, num_kv_heads, padded_len(max_len), head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, slots, Hkv, max_len, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, slots, Hkv, max_len, D]
         self.num_slots, self.max_len = num_slots, max_len
@@ -48,7 +50,7 @@ class KVCache:
     def write_and_read(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor,
                        batch: AttnBatch) -> tuple[torch.Tensor, torch.Tensor]:
         # k_new, v_new [B, Hkv, n, D] -> k, v [B, Hkv, S, D] (cache columns [0, S) of each row's slot)
-        B, n, S = k_new.shape[0], k_new.shape[2], batch.kv_len
+        B, n, S = k_new.shape[0], k_new.shape[2], batch.read_len or batch.kv_len
         kc, vc = self.k[layer], self.v[layer]  # [slots, Hkv, max_len, D]
         s0, w0 = batch.slot_start, batch.write_start
         if s0 is not None and w0 is not None:

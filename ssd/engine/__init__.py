@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
 
@@ -23,16 +24,18 @@ class ModelPair:
     tokenizer: object
     draft_spec: dict
     draft: object | None = None  # in-process draft model (SD), loaded on first use
+    numerics: dict = dataclasses.field(default_factory=dict)  # dtype choice + batch-invariance probe
 
     @classmethod
-    def load(cls, cfg: EngineConfig) -> "ModelPair":
+    def load(cls, cfg: EngineConfig, quiet: bool = False) -> "ModelPair":
         from ..models.draft import draft_spec
-        from ..models.loader import load_model, resolve_model
+        from ..models.loader import resolve_model
         from ..tokenizer import Tokenizer
 
         path = resolve_model(cfg.target)
-        target, _ = load_model(path)
-        return cls(str(path), target, Tokenizer(path), draft_spec(cfg.draft, path, cfg.standin_layers))
+        target, numerics = load_target(cfg, path, quiet=quiet)
+        spec = draft_spec(cfg.draft, path, cfg.standin_layers, numerics["dtype"], cfg.batch_invariant)
+        return cls(str(path), target, Tokenizer(path), spec, numerics=numerics)
 
     def draft_model(self):
         if self.draft is None:
@@ -40,6 +43,32 @@ class ModelPair:
 
             self.draft = load_draft(self.draft_spec)
         return self.draft
+
+
+def load_target(cfg: EngineConfig, path, device: str = "cpu", quiet: bool = False):
+    """The target in cfg.dtype with cfg.batch_invariant, and what was chosen and measured:
+    {"dtype", "dtype_reason", "batch_invariant", "invariance": self_check report}. Prints both
+    (stderr) unless quiet; a failed probe is always printed."""
+    from ..models.invariance import self_check
+    from ..models.loader import load_model
+    from ..models.precision import dtype_name, resolve_dtype
+
+    dtype, why = resolve_dtype(cfg.dtype, device)
+    model, _ = load_model(path, dtype=dtype, device=device)
+    model.invariant = cfg.batch_invariant
+    rows = cfg.max_batch * (cfg.spec.num_speculative_tokens + 1)
+    report = self_check(model, rows, cfg.max_model_len) if cfg.batch_invariant else None
+    numerics = {"dtype": dtype_name(dtype), "dtype_reason": why, "batch_invariant": cfg.batch_invariant,
+                "invariance": report}
+    if report is not None and not report["invariant"]:
+        print(f"ssd: WARNING: batch invariance does NOT hold on this platform ({dtype_name(dtype)}, "
+              f"{torch.get_num_threads()} threads): {'; '.join(report['failures'][:3])}. Greedy speculative "
+              "output may differ from AR in low-probability ties.", file=sys.stderr, flush=True)
+    elif not quiet:
+        inv = (f"batch-invariant kernels, probed here up to {rows} rows: invariant" if report is not None
+               else "non-invariant kernels (--no-batch-invariant)")
+        print(f"ssd: target {dtype_name(dtype)} ({why}); {inv}", file=sys.stderr, flush=True)
+    return model, numerics
 
 
 def build_engine(cfg: EngineConfig, pair: ModelPair | None = None, seed: int = 0) -> Engine:

@@ -27,7 +27,15 @@ DEFAULT_DRAFT_DIR = Path(__file__).resolve().parent.parent / "data" / "drafts" /
 STANDIN_HEAD_VOCAB = 8192  # BPE ids are roughly in merge (frequency) order: ids < 8192 cover ~94 % of SmolLM2's output tokens
 
 
-def draft_spec(draft: str, target_path, standin_layers: int) -> dict:
+def draft_spec(draft: str, target_path, standin_layers: int, dtype: str = "float32",
+               batch_invariant: bool = True) -> dict:
+    """dtype: a resolved dtype name (bfloat16 | float32); the draft runs in it wherever it is loaded."""
+    spec = _draft_location(draft, target_path, standin_layers)
+    spec.update(dtype=dtype, batch_invariant=bool(batch_invariant))
+    return spec
+
+
+def _draft_location(draft: str, target_path, standin_layers: int) -> dict:
     if draft == STANDIN:
         return {"path": str(target_path), "standin_layers": standin_layers, "head_vocab": STANDIN_HEAD_VOCAB}
     if draft == DEFAULT:
@@ -41,6 +49,12 @@ def draft_spec(draft: str, target_path, standin_layers: int) -> dict:
 
 
 def describe(spec: dict) -> str:
+    dtype = spec.get("dtype", "float32")
+    exact = "" if spec.get("batch_invariant", True) else ", non-invariant kernels"
+    return f"{_describe_model(spec)} [{dtype}{exact}]"
+
+
+def _describe_model(spec: dict) -> str:
     if "standin_layers" in spec:
         head = f", {spec['head_vocab']}-token head" if spec.get("head_vocab") else ""
         return f"stand-in draft (target truncated to its first {spec['standin_layers']} layers{head}; weak, not trained)"
@@ -68,7 +82,14 @@ def restrict_head(model, head_ids: torch.Tensor) -> None:
     model.head_ids = head_ids
 
 
-def load_draft(spec: dict, dtype=torch.float32, device="cpu"):
+def load_draft(spec: dict, dtype=None, device="cpu"):
+    """The draft model of a spec, in the spec's dtype unless dtype overrides it."""
+    model = _load_draft(spec, dtype or getattr(torch, spec.get("dtype", "float32")), device)
+    model.invariant = bool(spec.get("batch_invariant", True))
+    return model
+
+
+def _load_draft(spec: dict, dtype, device):
     from ssd.train.draft_io import is_draft_dir, load_draft_dir
 
     if is_draft_dir(spec["path"]):  # a trained draft (ssd train-draft): the embedding comes from its target

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssd.kernels.attention import AttnBatch, attention
+from ssd.kernels.attention import AttnBatch, attention, padded_len
 from ssd.kernels.linear import LinearPacks, linear
 from ssd.kv_cache import KVCache
 
@@ -190,6 +190,8 @@ class LlamaModel(nn.Module):
         return self._hidden(input_ids, batch, cache)
 
     def _hidden(self, input_ids: torch.Tensor, batch: AttnBatch, cache: KVCache) -> torch.Tensor:
+        if self.invariant:  # whole 64-column tiles straight from the cache (see kernels/attention.py)
+            batch.read_len = min(padded_len(batch.kv_len), cache.k.shape[3])
         x = self.embed(input_ids)
         cos = self.rope_cos[batch.positions].unsqueeze(2)  # [B, n, 1, D/2]
         sin = self.rope_sin[batch.positions].unsqueeze(2)

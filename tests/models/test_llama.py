@@ -72,7 +72,11 @@ def test_real_target_matches_hf():
     with torch.no_grad():
         ref = hf(ids).logits
     ours = our_logits(model, ids)
-    assert (ours - ref).abs().max() <= 1e-4
+    # fp32 through 30 layers with another summation order than HF's (oneDNN linears, the
+    # blocked invariant attention): logits up to ~30 agree to a few 1e-5 relative
+    assert (ours - ref).abs().max() <= 3e-4
+    model.invariant = False  # the fast non-invariant kernels agree as well
+    assert (our_logits(model, ids) - ref).abs().max() <= 3e-4
     assert cfg.tie_word_embeddings and model.lm_head.weight is model.embed.weight
 
 

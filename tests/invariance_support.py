@@ -1,0 +1,14 @@
+"""Shared by the batch-invariance tests (kernels and the real model): a negative control."""
+import torch
+
+
+def shape_dependent_attention(q, k, v, mask):
+    """A deliberately non-invariant attention: it sums P @ V in column order for one query token
+    and in reverse column order for blocks of several, the way shape-driven kernels differ."""
+    scores = (q.float() @ k.float().repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-1, -2)) / q.shape[-1] ** 0.5
+    p = torch.softmax(scores.masked_fill(~mask[:, None], float("-inf")), -1).nan_to_num(0.0)
+    vv = v.float().repeat_interleave(q.shape[1] // k.shape[1], 1)
+    if q.shape[2] > 1:
+        p, vv = p.flip(-1), vv.flip(-2)
+    terms = p[..., :, :, None] * vv[:, :, None]  # [B, H, n, S, D]
+    return terms.cumsum(-2)[..., -1, :].to(q.dtype)

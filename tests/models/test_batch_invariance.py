@@ -1,0 +1,42 @@
+"""The real SmolLM2 target, bit for bit: a token's logits and KV entries are the same computed
+alone (AR step), inside a verify block, next to other sequences of other lengths, and after a
+rollback, in fp32 and bf16. The negative control swaps in an attention whose summation order
+follows the block shape and must be caught."""
+import pytest
+import torch
+
+import ssd.models.llama as llama
+from ssd.models.invariance import check_forward_invariance, self_check
+from ssd.models.loader import default_target_path, load_model
+
+from invariance_support import shape_dependent_attention
+
+pytestmark = pytest.mark.slow
+
+SMALL = dict(prompt_len=24, steps=14, trials=7, max_block=9, max_batch=4)
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def target(request):
+    model, _ = load_model(default_target_path(), dtype=request.param)
+    return model
+
+
+def test_logits_and_kv_are_bitwise_invariant(target):
+    assert check_forward_invariance(target, seed=1, **SMALL) == []
+
+
+def test_start_up_probe_passes_over_the_serving_envelope(target):
+    report = self_check(target, max_rows=8 * 5, max_len=2048)
+    assert report == {"invariant": True, "failures": [], "rows": 40}
+
+
+def test_negative_control_non_invariant_attention_is_caught(target, monkeypatch):
+    def shape_dependent(q, k, v, batch, invariant=True):
+        mask = batch.mask if batch.mask is not None else None
+        S = batch.kv_len
+        return shape_dependent_attention(q, k[:, :, :S], v[:, :, :S], mask)
+
+    monkeypatch.setattr(llama, "attention", shape_dependent)
+    failures = check_forward_invariance(target, seed=1, **{**SMALL, "trials": 3})
+    assert failures, "the property check missed a shape-dependent attention"
