@@ -120,8 +120,9 @@ def _hf_references(pair: ModelPair, prompt_ids, params, k: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     out = {}
-    target = AutoModelForCausalLM.from_pretrained(pair.target_path, dtype=torch.float32).eval()
-    assistant = _hf_assistant(pair)
+    dtype = getattr(torch, pair.numerics.get("dtype", "float32"))  # the same dtype as our engines
+    target = AutoModelForCausalLM.from_pretrained(pair.target_path, dtype=dtype).eval()
+    assistant = _hf_assistant(pair).to(dtype)
     assistant.generation_config.num_assistant_tokens = k
     assistant.generation_config.num_assistant_tokens_schedule = "constant"
     assistant.generation_config.assistant_confidence_threshold = 0.0
@@ -214,6 +215,7 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
         "params": vars(params),
         "engine": {k: v for k, v in vars(cfg).items() if k != "spec"},
         "spec": vars(cfg.spec),
+        "numerics": pair.numerics,
         "threads": {"target": cfg.target_threads, "draft_process": cfg.draft_threads, "torch_default": torch.get_num_threads()},
         "num_prompts": len(prompts),
         "forward_ms": costs,
@@ -271,6 +273,11 @@ def _print_table(r: dict) -> None:
     print(f"target: {r['target']}")
     print(f"draft:  {r['draft']}")
     print(f"threads: target {r['threads']['target']}, SSD draft process {r['threads']['draft_process']}")
+    n = r.get("numerics") or {}
+    if n:
+        inv = n.get("invariance")
+        print(f"dtype: {n['dtype']} ({n['dtype_reason']}); kernels: "
+              + ("batch-invariant" + ("" if inv is None or inv["invariant"] else " (probe FAILED here)") if n["batch_invariant"] else "plain"))
     print(f"{'system':<12} {'tok/s':>8} {'vs AR':>7} {'accept':>7} {'mean len':>9} {'hit rate':>9} {'same as AR':>11}")
     for mode, row in r["modes"].items():
         print(f"{mode:<12} {row['tokens_per_s']:>8.2f} {_fmt(row.get('speedup_vs_ar')):>7} {_fmt(row['acceptance_rate']):>7} "

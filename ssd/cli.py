@@ -127,6 +127,10 @@ def cmd_bench(ns) -> int:
     from .bench import run_bench
 
     cfg, params = _configs(ns)
+    if ns.numerics:
+        from .bench_numerics import run_numerics
+
+        return run_numerics(cfg, params, ns)
     return run_bench(cfg, params, ns)
 
 
@@ -182,6 +186,8 @@ def main(argv=None) -> int:
     b.add_argument("--num-prompts", type=int, default=0, help="use only the first N prompts (0 = all)")
     b.add_argument("--modes", default="ar,sd,ssd")
     b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers references")
+    b.add_argument("--numerics", action="store_true",
+                   help="instead: forward costs and AR tokens/s in fp32 and bf16, batch-invariant vs plain kernels, vs HF")
     b.add_argument("--json", action="store_true", help="print the result JSON to stdout")
     b.add_argument("--out", default="bench-results", help="directory for the JSON and PNG")
     _add_fields(b, EngineConfig, skip=("mode",))

@@ -57,3 +57,25 @@ def test_thm7_ideal_matches_the_formula():
     expect = (p * e_hit + (1 - p) * e_miss) / (p * max(1, t_p) + (1 - p) * (1 + t_b))
     assert t["tokens_per_verify_unit"] == pytest.approx(expect)
     assert t["ideal_decode_tokens_per_s"] == pytest.approx(expect / 0.1)
+
+
+def test_numerics_flags_parse_and_reach_child_processes(monkeypatch):
+    import ssd.cli
+    from ssd.config import EngineConfig
+
+    seen = []
+    monkeypatch.setattr(ssd.cli, "cmd_generate", lambda ns: seen.append(ssd.cli._configs(ns)[0]) or 0)
+    assert ssd.cli.main(["generate", "--prompt", "hi", "--dtype", "bfloat16", "--no-batch-invariant"]) == 0
+    assert seen[0].dtype == "bfloat16" and seen[0].batch_invariant is False
+    assert ssd.cli.main(["generate", "--prompt", "hi"]) == 0
+    assert seen[1].dtype == "auto" and seen[1].batch_invariant is True
+    # ssd serve hands the same settings to its three child processes
+    cfg = EngineConfig(dtype="bfloat16", batch_invariant=False)
+    args = ssd.cli._config_args(cfg)
+    assert args[args.index("--dtype") + 1] == "bfloat16" and "--no-batch-invariant" in args
+    assert "--batch-invariant" in ssd.cli._config_args(EngineConfig())
+
+
+def test_bad_dtype_exits_2_with_message():
+    r = _ssd("generate", "--prompt", "hi", "--dtype", "float16")
+    assert r.returncode == 2 and "dtype" in r.stderr

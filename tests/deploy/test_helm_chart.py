@@ -34,6 +34,7 @@ VALUE_SETS = {
                              "cache.existingClaim=ssd-cache", "cache.seed=copy", "gateway.pdb.maxUnavailable=50%",
                              "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring",
                              "networkPolicy.gatewayFrom[0].namespaceSelector.matchLabels.name=clients"),
+    "bf16-plain-kernels": ("engine.dtype=bfloat16", "engine.batchInvariant=false"),
     "minimal": ("draft.enabled=false", "redis.enabled=false", "jaeger.enabled=false", "networkPolicy.enabled=false",
                 "serviceAccount.createRBAC=false", "gateway.discovery=static", "telemetry.metrics.podAnnotations=false"),
 }
@@ -157,6 +158,7 @@ def test_schema_is_strict_at_component_level():
     ("gateway.discovery=dns", "discovery"),
     ("telemetry.metrics.port=0", "port"),
     ("redis.externalUrl=http://x", "externalUrl"),
+    ("engine.dtype=float16", "dtype"),
 ])
 def test_schema_rejects_bad_values(render_error, bad, message):
     assert message in render_error(bad)
@@ -250,9 +252,12 @@ def test_container_args_parse_with_the_real_cli(sets, monkeypatch, name):
             except SystemExit as e:  # argparse: unknown flag or bad value
                 pytest.fail(f"{c['name']}: `ssd {' '.join(args)}` does not parse (exit {e.code})")
             assert rc == 0
-            ns, _ = seen[-1]
+            ns, cfg = seen[-1]
             assert ns.role == c["name"]
             assert ns.grace_s == float(arg(c, "--grace-s"))
+            # numerics reach every role as the values say
+            assert cfg.dtype == ("bfloat16" if name == "bf16-plain-kernels" else "auto") == arg(c, "--dtype")
+            assert cfg.batch_invariant is (name != "bf16-plain-kernels")
 
 
 # ---- autoscaling ----------------------------------------------------------------------------------

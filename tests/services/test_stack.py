@@ -13,13 +13,10 @@ import pytest
 from ssd.config import EngineConfig, SamplingParams, SpecConfig
 from ssd.engine import AREngine, ModelPair
 from ssd.models.draft import draft_spec, describe
-from ssd.services.common import CHANNEL_OPTIONS, add_health_and_reflection, make_server
-from ssd.services.draft.server import DraftService
-from ssd.services.discovery import StaticDiscovery
-from ssd.services.gateway.http import serve_http
-from ssd.services.gateway.server import Gateway, GatewayService
+from ssd.services.common import CHANNEL_OPTIONS
 from ssd.services.protos import pb, pb_grpc
-from ssd.services.target.server import EngineLoop, TargetService, build_engine
+
+from stack_support import Stack as _Stack
 
 pytestmark = pytest.mark.slow
 
@@ -28,42 +25,14 @@ CFG = EngineConfig(mode="ssd", max_batch=16, max_model_len=MAX_LEN, spec=SpecCon
 PROMPTS = ["Name three colours.", "What is the capital of France?", "Count from one to five.", "Say something kind."]
 
 
-class Stack:
-    def __init__(self, pair):
-        self.servers = []
-        spec = pair.draft_spec
-        self.draft = self._start(lambda s: pb_grpc.add_DraftServicer_to_server(
-            DraftService(spec, CFG.spec, 64, MAX_LEN), s), ["Draft"])
-        engine = build_engine(CFG, pair.target, pair.tokenizer.eos_token_ids, f"127.0.0.1:{self.draft[1]}")
-        self.loop = EngineLoop(engine)
-        self.target = self._start(lambda s: pb_grpc.add_TargetServicer_to_server(TargetService(self.loop), s), ["Target"])
-        self.gw = Gateway(pair.tokenizer, StaticDiscovery([f"127.0.0.1:{self.target[1]}"], [f"127.0.0.1:{self.draft[1]}"]), "smollm2-135m-instruct", MAX_LEN, describe(spec))
-        self.gateway = self._start(lambda s: pb_grpc.add_GatewayServicer_to_server(GatewayService(self.gw), s), ["Gateway"])
-        self.httpd = serve_http(self.gw)
-        self.stub = pb_grpc.GatewayStub(grpc.insecure_channel(f"127.0.0.1:{self.gateway[1]}", options=CHANNEL_OPTIONS))
-        self.target_stub = pb_grpc.TargetStub(grpc.insecure_channel(f"127.0.0.1:{self.target[1]}"))
-        self.http = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def _start(self, add, names):
-        s = make_server()
-        add(s)
-        add_health_and_reflection(s, names)
-        port = s.add_insecure_port("127.0.0.1:0")
-        s.start()
-        self.servers.append(s)
-        return s, port
-
-    def close(self):
-        self.httpd.shutdown()
-        for s in reversed(self.servers):
-            s.stop(0)
-        self.loop.stop()
-
-
 @pytest.fixture(scope="module")
 def pair():
     p = ModelPair.load(EngineConfig(mode="ar"))
     return p
+
+
+def Stack(pair):
+    return _Stack(pair, CFG, MAX_LEN)
 
 
 @pytest.fixture(scope="module")

@@ -186,6 +186,9 @@ the shared tag defaults to appVersion, with "-cuda" when gpu.enabled. Call with
 - {{ $e.numSpeculativeTokens | quote }}
 - --fan-out-budget
 - {{ $e.fanOutBudget | quote }}
+- --dtype
+- {{ $e.dtype | quote }}
+- {{ ternary "--batch-invariant" "--no-batch-invariant" $e.batchInvariant }}
 {{- end -}}
 
 {{/* Volumes of a service pod. Call with the root context. */}}
