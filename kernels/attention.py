@@ -52,19 +52,6 @@ class AttnBatch:
     # per-forward state of the invariant kernel (mask turned into additive biases), shared by all layers
     prep: object = None
 
-    @property
-    def num_rows(self) -> int:
-        return self.positions.shape[0]
-
-    @property
-    def num_new(self) -> int:
-        return self.positions.shape[1]
-
-    def to(self, device) -> "AttnBatch":
-        mv = lambda t: None if t is None else t.to(device, non_blocking=True)
-        return AttnBatch(mv(self.slots), mv(self.positions), mv(self.write_cols), mv(self.mask),
-                         self.kv_len, mv(self.prefix_lens), self.slot_start, self.write_start, self.read_len)
-
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttnBatch) -> None:
     B, Hq, n, D = q.shape

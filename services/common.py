@@ -14,7 +14,12 @@ from grpc_reflection.v1alpha import reflection
 
 from .protos import pb
 
-MAX_MESSAGE_BYTES = 64 << 20  # q rows of a sampled speculation cache fit; larger requests get RESOURCE_EXHAUSTED
+# One message limit for every server and channel of the project. A sampled speculation cache
+# carries compact q rows (only the draft head's support: services/convert.put_q_rows), about
+# 1.6 MB per sequence for the default draft, so max batch fits with room; a larger request gets
+# RESOURCE_EXHAUSTED, and a draft reply that would not fit is refused by the draft (logged) and
+# the target falls back instead of losing the stream.
+MAX_MESSAGE_BYTES = 64 << 20
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 # long-lived streams between services ping every SSD_GRPC_KEEPALIVE_MS (10 s), so a peer that
 # vanished without closing its connection (node loss, partition) is noticed in seconds rather
@@ -31,6 +36,11 @@ def keepalive_client_options() -> list[tuple]:
 def keepalive_server_options() -> list[tuple]:
     return [("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", max(100, keepalive_ms() // 2))]
+
+
+def client_options(*extra: tuple) -> list[tuple]:
+    """Options of every channel a service opens to another service."""
+    return [*CHANNEL_OPTIONS, *keepalive_client_options(), *extra]
 
 
 def make_server(max_workers: int = 32) -> grpc.Server:

@@ -1,12 +1,17 @@
 """protobuf <-> core values. The only place that knows both shapes."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
 from ssd.config import SamplingParams
 
+from .common import MAX_MESSAGE_BYTES
 from .protos import pb
+
+log = logging.getLogger(__name__)
 
 
 def sampling_from_pb(m) -> SamplingParams:
@@ -35,6 +40,30 @@ def tensor_to_bytes(t: torch.Tensor) -> bytes:
 
 def tensor_from_bytes(b: bytes, shape) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(b, dtype="<f4").copy()).reshape(shape)
+
+
+def put_q_rows(sp, q: torch.Tensor) -> None:
+    """q [K, vocab] into sp: only the columns where some row is nonzero (a reduced draft head or
+    top-k/top-p leaves most of the vocabulary at exactly 0), as fp32 values, so a sampled
+    speculation cache at full batch stays far below the message limit. Exact: the zeros are
+    restored as zeros and the kept values are the draft's own fp32 values."""
+    support = (q != 0).any(0).nonzero().flatten()
+    if 2 * support.numel() < q.shape[1]:  # compact pays (ids + values vs values alone)
+        sp.draft_probs_support.extend(support.tolist())
+        sp.draft_probs = tensor_to_bytes(q[:, support])
+    else:
+        sp.draft_probs = tensor_to_bytes(q)
+
+
+def get_q_rows(sp, k: int, vocab_size: int) -> torch.Tensor | None:
+    if not sp.draft_probs:
+        return None
+    if not sp.draft_probs_support:
+        return tensor_from_bytes(sp.draft_probs, (k, vocab_size))
+    support = torch.tensor(list(sp.draft_probs_support), dtype=torch.int64)
+    q = torch.zeros(k, vocab_size, dtype=torch.float32)
+    q[:, support] = tensor_from_bytes(sp.draft_probs, (k, support.numel()))
+    return q
 
 
 # ---- the round protocol (ssd/engine/draft_worker.py) over ssd.v1.Draft/Speculate ------------
@@ -81,7 +110,7 @@ def reply_to_pb(msg, seq_name, channel: bool = False):
             sp.channel_probs = True
             rows.append(q)
         else:
-            sp.draft_probs = tensor_to_bytes(q)
+            put_q_rows(sp, q)
 
     if kind == "keys":
         items = [pb.Speculation(seq_id=seq_name(i), num_accepted=k, token=t) for i, keys in msg[2].items() for k, t in keys]
@@ -105,6 +134,12 @@ def reply_to_pb(msg, seq_name, channel: bool = False):
                     attach(sp, q_ref[1][j])
                 items.append(sp)
         resp = pb.SpeculateResponse(round=round_id, cache=pb.Speculations(items=items), seconds=msg[3])
+        if not channel and resp.ByteSize() > MAX_MESSAGE_BYTES - (1 << 20):
+            # would not fit the message limit: refuse this round's cache (the target counts the
+            # round as a miss and falls back) instead of losing the whole stream
+            log.warning("speculation cache of round %s is %.1f MB, over the %d MB message limit: not sent",
+                        round_id, resp.ByteSize() / 1e6, MAX_MESSAGE_BYTES >> 20)
+            return pb.SpeculateResponse(round=round_id, cache=pb.Speculations(abandoned=True), seconds=msg[3]), None
     else:
         raise ValueError(f"unknown draft reply {kind!r}")
     if not rows:
@@ -123,7 +158,7 @@ def reply_from_pb(resp, k: int, vocab_size: int, channel_rows: torch.Tensor | No
     def q_of(sp):
         if sp.channel_probs:
             return channel_rows[next(taken)]
-        return tensor_from_bytes(sp.draft_probs, (k, vocab_size)) if sp.draft_probs else None
+        return get_q_rows(sp, k, vocab_size)
 
     if body == "keys":
         keys: dict[int, list] = {}

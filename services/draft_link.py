@@ -11,7 +11,7 @@ from ssd.engine.draft_link import DraftUnavailable
 from ssd.tensor_channel import TensorChannel
 
 from . import convert
-from .common import keepalive_client_options
+from .common import client_options
 from .protos import pb, pb_grpc
 
 _END = object()
@@ -28,9 +28,7 @@ class GrpcDraftLink:
         self.address = address
         # a channel of its own (local subchannel pool): a draft that restarts on the same address
         # is reached at once, not after the reconnect backoff of an earlier, dead connection
-        self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 256 << 20),
-                                                                ("grpc.max_receive_message_length", 256 << 20),
-                                                                ("grpc.use_local_subchannel_pool", 1), *keepalive_client_options()])
+        self.channel = grpc.insecure_channel(address, options=client_options(("grpc.use_local_subchannel_pool", 1)))
         stub = pb_grpc.DraftStub(self.channel)
         try:
             load = stub.Load(pb.LoadRequest(), timeout=timeout)

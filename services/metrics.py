@@ -1,6 +1,6 @@
 """Prometheus metrics of an ssd service, served on /metrics.
 
-Names follow ../docs/observability.md (and DESIGN.md): the spec-decode counters are named like
+Names follow docs/observability.md: the spec-decode counters are named like
 vLLM's (`ssd_spec_decode_*` where vLLM has `vllm:spec_decode_*`) so the usual PromQL carries
 over. Each `Metrics` owns its own registry (not prometheus_client's global one), so several
 services, or several tests, can live in one process.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import threading
 import urllib.request
-from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -104,11 +103,6 @@ class Metrics:
             self._pos_counter(accepted - 1)
             for p in range(accepted):
                 self._pos[p].inc()
-
-    def record_rounds(self, rounds: Iterable[tuple[int, int]]) -> None:
-        """record_round for each (num_draft_tokens, accepted) of a batched step."""
-        for k, a in rounds:
-            self.record_round(k, a)
 
     def cache_result(self, result: str, n: int = 1) -> None:
         if result not in CACHE_RESULTS:

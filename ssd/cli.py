@@ -124,11 +124,11 @@ def cmd_generate(ns) -> int:
 
 # ---- ssd bench ---------------------------------------------------------------------------------
 def cmd_bench(ns) -> int:
-    from .bench import run_bench
+    from .benchmarks.engines import run_bench
 
     cfg, params = _configs(ns)
     if ns.numerics:
-        from .bench_numerics import run_numerics
+        from .benchmarks.numerics import run_numerics
 
         return run_numerics(cfg, params, ns)
     return run_bench(cfg, params, ns)

@@ -36,10 +36,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def signature(self) -> tuple:
-        """What a speculation depends on besides the context (part of the index key)."""
-        return (self.temperature, self.top_k, self.top_p)
-
 
 @dataclass(frozen=True)
 class SpecConfig:

@@ -2,7 +2,7 @@
 
 Target probabilities p and draft probabilities q must be produced by the same processing
 (temperature, top-k, top-p) so the ratio test compares like with like; the draft's q may
-additionally be reshaped by Saguaro sampling (SAGUARO.md section 4).
+additionally be reshaped by Saguaro sampling (docs/algorithm.md section 4).
 """
 from __future__ import annotations
 

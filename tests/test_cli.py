@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from ssd.bench import load_prompts, thm7_ideal
+from ssd.benchmarks.engines import load_prompts, thm7_ideal
 from ssd.engine.base import EngineStats
 
 

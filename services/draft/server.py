@@ -8,7 +8,6 @@ import queue
 import threading
 import time
 import uuid
-from concurrent import futures
 
 import grpc
 import torch
@@ -21,7 +20,7 @@ from ssd.spec.index import draft_fingerprint
 from ssd.tensor_channel import TensorChannel, default_backend
 
 from .. import convert
-from ..common import keepalive_server_options
+from ..common import make_server
 from .. import telemetry as tm
 from ..observe import DraftObserver
 from ..protos import pb, pb_grpc
@@ -180,9 +179,7 @@ class DraftService(pb_grpc.DraftServicer):
 def serve(draft_spec: dict, spec: SpecConfig, address: str = "127.0.0.1:0", threads: int = 1, **kw):
     """Start the draft service; returns (grpc server, bound port)."""
     torch.set_num_threads(threads)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
-                         options=[("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20),
-                                  *keepalive_server_options()])
+    server = make_server(max_workers=16)
     pb_grpc.add_DraftServicer_to_server(DraftService(draft_spec, spec, **kw), server)
     port = server.add_insecure_port(address)
     server.start()

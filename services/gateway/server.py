@@ -14,7 +14,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .. import convert
 from .. import telemetry as tm
-from ..common import CHANNEL_OPTIONS
+from ..common import client_options
 from ..protos import pb, pb_grpc
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class Gateway:
         with self.lock:
             stub = self._stubs.get((kind, addr))
             if stub is None:
-                channel = grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
+                channel = grpc.insecure_channel(addr, options=client_options())
                 stub = (pb_grpc.TargetStub if kind == "target" else pb_grpc.DraftStub)(channel)
                 self._stubs[(kind, addr)] = stub
             return stub

@@ -7,7 +7,8 @@ import sys
 import torch
 
 from ..config import EngineConfig
-from .base import AREngine, Engine, EngineStats
+from .ar import AREngine
+from .base import Engine, EngineStats
 from .sd import SDEngine
 from .sequence import Sequence
 from .ssd_engine import SSDEngine
@@ -75,10 +76,15 @@ def build_engine(cfg: EngineConfig, pair: ModelPair | None = None, seed: int = 0
     torch.set_num_threads(cfg.target_threads)
     pair = pair or ModelPair.load(cfg)
     eos = pair.tokenizer.eos_token_ids
+    # the engine's kernels are cfg's, whatever the shared models were last used with
+    pair.target.invariant = cfg.batch_invariant
     if cfg.mode == "ar":
         return AREngine(cfg, pair.target, eos)
     if cfg.mode == "sd":
         # Saguaro reshaping only helps cache hits; plain SD samples the draft as it is
         sd_cfg = cfg.replace(spec=dataclasses.replace(cfg.spec, saguaro_c=1.0))
-        return SDEngine(sd_cfg, pair.target, pair.draft_model(), eos)
-    return SSDEngine(cfg, pair.target, pair.draft_spec, eos, seed=seed)
+        draft = pair.draft_model()
+        draft.invariant = cfg.batch_invariant
+        return SDEngine(sd_cfg, pair.target, draft, eos)
+    spec = {**pair.draft_spec, "batch_invariant": cfg.batch_invariant}
+    return SSDEngine(cfg, pair.target, spec, eos, seed=seed)

@@ -172,19 +172,29 @@ class Engine:
         return out
 
     def _verify_rows(self, seqs: list[Sequence], logits: torch.Tensor, specs: list[tuple]) -> list[tuple[int, int]]:
-        """Outcome (k, t*) per row. logits [B, K+1, V]; specs[b] = (token_ids [K], q [K, V] | None)."""
-        out = []
+        """Outcome (k, t*) per row. logits [B, K+1, V]; specs[b] = (token_ids [K], q [K, V] | None).
+        Rows are verified in batches: greedy rows together, sampled rows together (grouped by
+        speculation length). Each sampled row draws its uniforms from its own generator, in row
+        order, so a sequence's randomness does not depend on its neighbours."""
+        out: list[tuple[int, int] | None] = [None] * len(seqs)
+        groups: dict[tuple[bool, int], list[int]] = {}
         for b, s in enumerate(seqs):
-            d = specs[b][0].view(1, -1)
-            if s.params.greedy:
-                k, t = greedy_verify(d, logits[b : b + 1])
+            groups.setdefault((s.params.greedy, specs[b][0].numel()), []).append(b)
+        for (greedy, n), rows in groups.items():
+            d = torch.stack([specs[b][0].view(-1) for b in rows])  # [G, n]
+            lg = logits[rows, : n + 1]  # [G, n+1, V]
+            if greedy:
+                ks, ts = greedy_verify(d, lg)
             else:
-                p = process_logits(logits[b], s.params).unsqueeze(0)  # [1, K+1, V]
-                q = specs[b][1].unsqueeze(0)  # [1, K, V]
-                u_accept = torch.rand((1, d.shape[1]), generator=s.generator)
-                u_token = torch.rand((1,), generator=s.generator)
-                k, t = rejection_sample(d, q, p, u_accept, u_token)
-            out.append((int(k[0]), int(t[0])))
+                p = torch.stack([process_logits(lg[i], seqs[b].params) for i, b in enumerate(rows)])
+                q = torch.stack([specs[b][1] for b in rows])  # [G, n, V]
+                u_accept, u_token = [], []
+                for b in rows:
+                    u_accept.append(torch.rand((1, n), generator=seqs[b].generator)[0])
+                    u_token.append(torch.rand((1,), generator=seqs[b].generator)[0])
+                ks, ts = rejection_sample(d, q, p, torch.stack(u_accept), torch.stack(u_token))
+            for i, b in enumerate(rows):
+                out[b] = (int(ks[i]), int(ts[i]))
         return out
 
     def _commit_outcome(self, s: Sequence, spec_tokens: list[int], k: int, t: int) -> list[int]:
@@ -233,31 +243,3 @@ class StepRecord:
     jit_ns: tuple[int, int] | None = None      # just-in-time draft before the verify
     lookup_ns: tuple[int, int] | None = None   # wait for the speculation cache + index lookup after it
     jit_seq_ids: tuple = ()
-
-
-class AREngine(Engine):
-    """Plain autoregressive decoding with the target: the baseline every ratio is taken against."""
-
-    mode = "ar"
-
-    def step(self):
-        new = self.scheduler.admit()
-        events = self._prefill(new)
-        old = [s for s in self.scheduler.running if s not in new and not s.finished]
-        if old:
-            t0, start_ns = time.perf_counter(), time.time_ns()
-            logits = self.target.forward(old, None, 1)[:, 0]
-            self.stats.t_verify += time.perf_counter() - t0
-            self.stats.steps += 1
-            rows = []
-            for s, t in zip(old, self._sample_rows(old, logits)):
-                kept = s.commit([t], self.cfg.max_model_len)
-                self.stats.tokens += len(kept)
-                self.stats.rounds += 1
-                s.spec_stats.record(0, 0)
-                events.append((s, kept))
-                rows.append(RoundRow(s, drafted=0, accepted=0, kept=len(kept), source="none", cache_result=None))
-            self._report(StepRecord(self.step_count, start_ns, time.time_ns(), rows))
-            self.step_count += 1
-        self._retire()
-        return events

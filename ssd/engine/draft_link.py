@@ -8,7 +8,7 @@ The engine speaks the message protocol of draft_worker.py through a link:
   q_row(q_ref, j)      a full draft-probability row named by a reply ([K, V])
   close()
 ProcessDraftLink runs the draft in a spawned local process with its own thread budget and
-moves q rows through shared memory; the gRPC link of the services (issue 4) implements the
+moves q rows through shared memory; the gRPC link of the services implements the
 same five methods over a bidirectional stream.
 """
 from __future__ import annotations

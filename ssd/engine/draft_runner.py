@@ -167,7 +167,7 @@ class DraftRunner:
         glue_logits = self.model(ids, batch, self.cache, logits_rows=glue_rows)  # [B, K+1, V]
 
         # 2. fork: top-F_k candidates per depth, the drafted token excluded below depth K
-        branch_tok, branch_depth, fans, ranked_all = [], [], [], []
+        branch_tok, branch_depth, fans = [], [], []
         for b, (r, i) in enumerate(zip(rows, seq_ids)):
             spec_tokens, after = specs[i]
             r.draft_len = len(r.ctx) + K  # context + speculated tokens now hold valid KV

@@ -4,9 +4,11 @@ A draft spec is a small dict so it can cross a process boundary:
   {"path": <HF dir>}                                   a real draft model
   {"path": <target HF dir>, "standin_layers": N}        the stand-in: the target's first N layers
                                                         with its final norm and LM head.
-The stand-in exists only until a trained draft ships (issue 3). It is WEAK: a layer-truncated
-SmolLM2 agrees with the full model on few top-1 tokens (ENVIRONMENT.md: 6-44 % for 8-26 of 30
-layers), and every report names it as a stand-in.
+plus "dtype" (bfloat16 | float32) and "batch_invariant" (which kernels), so the draft runs with
+the same numerics wherever it is loaded.
+The stand-in predates the trained default draft and is kept as a baseline. It is WEAK: a
+layer-truncated SmolLM2 agrees with the full model on few top-1 tokens (measured: 6-44 % for
+8-26 of 30 layers), and every report names it as a stand-in.
 """
 from __future__ import annotations
 

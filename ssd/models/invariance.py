@@ -92,28 +92,33 @@ def check_forward_invariance(model, *, prompt_len: int = 40, steps: int = 24, tr
 
 def probe_attention(head_dim: int, num_heads: int, num_kv_heads: int, max_rows: int, max_len: int,
                     dtype=torch.float32, device="cpu", seed: int = 0) -> list[str]:
-    """One query token computed alone vs as row i of a block of n, for n over the envelope."""
+    """One query token computed alone vs as row i of a block of n tokens (n over the row
+    envelope), after contexts from a few columns up to max_len."""
     from ssd.kernels.attention import AttnBatch
 
     g = torch.Generator().manual_seed(seed)
-    S = min(max_len, 300)
-    k = torch.randn(1, num_kv_heads, S + max_rows, head_dim, generator=g).to(dtype).to(device)
-    v = torch.randn(1, num_kv_heads, S + max_rows, head_dim, generator=g).to(dtype).to(device)
-    q = torch.randn(1, num_heads, max_rows, head_dim, generator=g).to(dtype).to(device)
+    total = max_len + 1
+    k = torch.randn(1, num_kv_heads, total, head_dim, generator=g).to(dtype).to(device)
+    v = torch.randn(1, num_kv_heads, total, head_dim, generator=g).to(dtype).to(device)
+    q = torch.randn(1, num_heads, total, head_dim, generator=g).to(dtype).to(device)
 
-    def run(lo, n):  # tokens lo..lo+n-1 at columns S+lo.., append-causal
-        kv_len = S + lo + n
-        prefix = torch.tensor([S + lo], device=device)
+    def run(start, n):  # tokens start..start+n-1 appended after `start` columns, causal
+        kv_len = start + n
+        prefix = torch.tensor([start], device=device)
         cols = torch.arange(kv_len, device=device)
         mask = cols[None, None, :] < (prefix[:, None] + torch.arange(1, n + 1, device=device))[:, :, None]
         b = AttnBatch(torch.zeros(1, dtype=torch.long, device=device), None, None, mask, kv_len, prefix)
-        return attention(q[:, :, lo:lo + n], k[:, :, :kv_len], v[:, :, :kv_len], b)
+        return attention(q[:, :, start:start + n], k[:, :, :kv_len], v[:, :, :kv_len], b)
 
     failures = []
-    alone = run(0, 1)
-    for n in envelope_rows(max_rows):
-        if not torch.equal(run(0, n)[:, :, :1], alone):
-            failures.append(f"attention {dtype}: row 0 of a {n}-token block differs from the token alone")
+    for start in sorted({0, 63, 300, max(0, max_len - max_rows)}):
+        if start >= max_len:
+            continue
+        alone = run(start, 1)
+        for n in envelope_rows(min(max_rows, max_len - start)):
+            if not torch.equal(run(start, n)[:, :, :1], alone):
+                failures.append(f"attention {dtype}: after {start} columns, the first of {n} tokens differs from the token alone")
+                break
     return failures
 
 

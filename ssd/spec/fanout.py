@@ -3,7 +3,7 @@
 Outcome k of a round has probability pi_k = a^k (1 - a) for k < K and pi_K = a^K (a = measured
 per-token acceptance). A fan-out F at one depth misses with probability F^(-r) (power law, r
 fitted from measured recovery-token ranks). Maximising sum_k pi_k (1 - F_k^(-r)) subject to
-sum_k F_k = B gives F_k proportional to pi_k^(1/(1+r)) (paper, section 3 / our SAGUARO.md).
+sum_k F_k = B gives F_k proportional to pi_k^(1/(1+r)) (docs/algorithm.md section 3).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Its proposals are a deterministic function of the context, so its draft distribution q is a
 point mass on each proposed token. The ratio test with that q is exact: accept d with
 probability p(d); on rejection the recovery token comes from p with d removed. This keeps
-sampled output lossless after a fast-backup miss (the pitfall in SAGUARO.md section 8).
+sampled output lossless after a fast-backup miss (docs/algorithm.md section 5).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Small-vocabulary random models make the exact target distribution of the first N output tokens
 enumerable; thousands of seeded generations are compared with it by a chi-square test at
-ALPHA. A deliberately wrong verifier (accept on greedy match, the pitfall in SAGUARO.md 8) must
+ALPHA. A deliberately wrong verifier (accept on greedy match, the pitfall in docs/algorithm.md section 5) must
 be rejected by the same test, so the test has the power to see the bug it guards against.
 """
 import itertools

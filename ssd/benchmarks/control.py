@@ -1,6 +1,6 @@
 """Control overhead per round on loopback: one empty round through each draft transport
 (local process pipe, gRPC stream) and one batched speculation-index lookup (in-process map,
-Redis). Prints p50/p99 in microseconds.  python -m ssd.services.bench_control [--redis-url URL]"""
+Redis). Prints p50/p99 in microseconds.  python -m ssd.benchmarks.control [--redis-url URL]"""
 from __future__ import annotations
 
 import argparse
@@ -47,9 +47,9 @@ def main(argv=None) -> int:
     from ssd.engine.draft_link import ProcessDraftLink
     from ssd.spec.index import LocalIndex, context_key
 
-    from .draft.server import serve
-    from .draft_link import GrpcDraftLink
-    from .index_redis import RedisIndex
+    from ssd.services.draft.server import serve
+    from ssd.services.draft_link import GrpcDraftLink
+    from ssd.services.index_redis import RedisIndex
 
     res = {}
     with tempfile.TemporaryDirectory() as d:

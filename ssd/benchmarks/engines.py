@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .config import EngineConfig, SamplingParams
-from .engine import ModelPair, build_engine
-from .engine.base import EngineStats
+from ..config import EngineConfig, SamplingParams
+from . import save_results
+from ..engine import ModelPair, build_engine
+from ..engine.base import EngineStats
 
 
 def load_prompts(path: str | None, limit: int = 0) -> list[dict]:
@@ -66,7 +67,7 @@ def thm7_ideal(st: EngineStats) -> dict | None:
 def forward_costs(pair: ModelPair, k: int, context: int = 300, repeats: int = 15) -> dict:
     """Median forward latency (ms) of the target and the draft for 1 and K+1 new tokens after a
     `context`-token prefix, in this process's thread budget."""
-    from .kv_cache import append_batch
+    from ..kv_cache import append_batch
 
     def median_ms(model, n):
         cache = model.new_cache(1, context + n + 1)
@@ -162,7 +163,7 @@ def _hf_assistant(pair: ModelPair):
     else:
         from safetensors.torch import load_file
 
-        from .train.draft_io import WEIGHTS, is_draft_dir
+        from ..train.draft_io import WEIGHTS, is_draft_dir
 
         if not is_draft_dir(spec["path"]):
             return AutoModelForCausalLM.from_pretrained(spec["path"], dtype=torch.float32).eval()
@@ -191,7 +192,7 @@ def _same_prefix(a: list[int], b: list[int]) -> bool:
 
 
 def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
-    from .models.draft import describe
+    from ..models.draft import describe
 
     prompts = load_prompts(ns.prompts, ns.num_prompts)
     modes = [m.strip() for m in ns.modes.split(",") if m.strip()]
@@ -205,6 +206,11 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
         total, per = _run_engine(cfg.replace(mode=mode), pair, prompt_ids, params, mode)
         runs[mode] = (total, per)
         print(f"{mode:>4}: {total.tokens / total.wall:7.2f} tok/s  ({total.tokens} tokens, {total.wall:.1f} s)", flush=True)
+    if "ar" in modes and cfg.batch_invariant:
+        # the baseline a skeptic picks: AR on the plain (fastest single-token, non-invariant) kernels
+        total, per = _run_engine(cfg.replace(mode="ar", batch_invariant=False), pair, prompt_ids, params, "ar-plain")
+        runs["ar-plain"] = (total, per)
+        print(f"ar with plain kernels: {total.tokens / total.wall:7.2f} tok/s", flush=True)
     hf = {} if ns.no_hf else _hf_references(pair, prompt_ids, params, cfg.spec.num_speculative_tokens)
 
     base = runs.get("ar")
@@ -227,6 +233,8 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
         row["decode_tokens_per_s"] = decode_tps(st)
         if base is not None:
             row["speedup_vs_ar"] = row["tokens_per_s"] / (base[0].tokens / base[0].wall)
+        if "ar-plain" in runs:
+            row["speedup_vs_plain_ar"] = row["tokens_per_s"] / (runs["ar-plain"][0].tokens / runs["ar-plain"][0].wall)
             if params.greedy:
                 row["identical_to_ar"] = all(p["output_ids"] == b["output_ids"] for p, b in zip(per, base[1]))
         cats = {}
@@ -234,7 +242,7 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
             c = cats.setdefault(p["category"], [0, 0])
             c[0] += q["stats"].num_accepted_tokens
             c[1] += q["stats"].num_draft_tokens
-        if mode != "ar":
+        if mode not in ("ar", "ar-plain"):
             row["acceptance_by_category"] = {c: (a / d if d else None) for c, (a, d) in cats.items()}
         if mode == "ssd":
             ideal = thm7_ideal(st)
@@ -254,11 +262,8 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
             if params.greedy:
                 v["identical_to_our_ar"] = all(_same_prefix(o, b["output_ids"]) for o, b in zip(hf[k]["outputs"], base[1]))
     _print_table(result)
-    out = Path(ns.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(result, indent=2, default=str))
-    _plot(result, out / "bench.png")
-    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    js, png = save_results(ns.out, "bench", result, _plot)
+    print(f"wrote {js} and {png}")
     if ns.json:
         print(json.dumps(result, default=str))
     return 0
@@ -278,13 +283,14 @@ def _print_table(r: dict) -> None:
         inv = n.get("invariance")
         print(f"dtype: {n['dtype']} ({n['dtype_reason']}); kernels: "
               + ("batch-invariant" + ("" if inv is None or inv["invariant"] else " (probe FAILED here)") if n["batch_invariant"] else "plain"))
-    print(f"{'system':<12} {'tok/s':>8} {'vs AR':>7} {'accept':>7} {'mean len':>9} {'hit rate':>9} {'same as AR':>11}")
+    print(f"{'system':<12} {'tok/s':>8} {'vs AR':>7} {'vs plain AR':>12} {'accept':>7} {'mean len':>9} {'hit rate':>9} {'same as AR':>11}")
     for mode, row in r["modes"].items():
-        print(f"{mode:<12} {row['tokens_per_s']:>8.2f} {_fmt(row.get('speedup_vs_ar')):>7} {_fmt(row['acceptance_rate']):>7} "
-              f"{_fmt(row['mean_accepted_length']):>9} {_fmt(row['cache_hit_rate']):>9} {str(row.get('identical_to_ar', '-')):>11}")
+        print(f"{mode:<12} {row['tokens_per_s']:>8.2f} {_fmt(row.get('speedup_vs_ar')):>7} {_fmt(row.get('speedup_vs_plain_ar')):>12} "
+              f"{_fmt(row['acceptance_rate']):>7} {_fmt(row['mean_accepted_length']):>9} {_fmt(row['cache_hit_rate']):>9} "
+              f"{str(row.get('identical_to_ar', '-')):>11}")
     for k, v in r["hf"].items():
         print(f"{k:<12} {v['tokens_per_s']:>8.2f} {_fmt(1 / v['ours_ar_over_this'] if 'ours_ar_over_this' in v else None):>7}"
-              f" {'':>7} {'':>9} {'':>9} {str(v.get('identical_to_our_ar', '-')):>11}")
+              f" {'':>12} {'':>7} {'':>9} {'':>9} {str(v.get('identical_to_our_ar', '-')):>11}")
     if "ar" in r["modes"] and r["hf"].get("hf"):
         print(f"our AR / HF generate = {r['hf']['hf']['ours_ar_over_this']:.2f}")
     ssd = r["modes"].get("ssd")
@@ -301,7 +307,7 @@ def _print_table(r: dict) -> None:
         print(f"SD model: E_SD={m['E_SD']:.2f} T_SD={m['T_SD']:.2f} -> ideal {m['ideal_decode_tokens_per_s']:.2f} tok/s, "
               f"measured/ideal = {m['measured_over_ideal']:.2f}")
     for mode, row in r["modes"].items():
-        if row.get("acceptance_by_category"):
+        if row.get("acceptance_by_category") and any(a is not None for a in row["acceptance_by_category"].values()):
             cats = ", ".join(f"{c}={_fmt(a)}" for c, a in row["acceptance_by_category"].items())
             print(f"{mode} acceptance by category: {cats}")
 
@@ -316,7 +322,7 @@ def _plot(r: dict, path: Path) -> None:
     tps = [r["modes"][m]["tokens_per_s"] for m in r["modes"]] + [r["hf"][k]["tokens_per_s"] for k in r["hf"]]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
-    bars = ax.bar(labels, tps, color=["#888", "#4a7", "#d62", "#57a", "#9ad"][: len(labels)])
+    bars = ax.bar(labels, tps, color=["#888", "#4a7", "#d62", "#bbb", "#57a", "#9ad", "#cde"][: len(labels)])
     ar = r["modes"].get("ar", {}).get("tokens_per_s")
     for b, v in zip(bars, tps):
         ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1f}" + (f"\n{v / ar:.2f}x AR" if ar else ""), ha="center", va="bottom", fontsize=8)

@@ -1,7 +1,7 @@
 """Tensor channel benchmark: q rows from a draft process to a target process, inline gRPC bytes
 vs the torch.distributed channel (gloo on CPU; nccl when both ends have a GPU), side by side.
 
-    python -m ssd.services.bench_channel [--iters 30] [--out docs/bench/channel] [--backend gloo]
+    python -m ssd.benchmarks.channel [--iters 30] [--out docs/bench/channel] [--backend gloo]
 
 A child process plays the draft: a gRPC server whose stream answers each request with one
 float32 tensor [rows, K, vocab], either as bytes inside the response (inline) or announced by
@@ -11,8 +11,9 @@ set, and a full speculation cache (fan-out budget 12) for the default target's v
 """
 from __future__ import annotations
 
+from . import save_results
+
 import argparse
-import json
 import multiprocessing as mp
 import os
 import queue
@@ -148,11 +149,8 @@ def main(argv=None) -> int:
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     backend = ns.backend or ("nccl" if device != "cpu" else "gloo")
     res = run(ns.iters, backend, device)
-    os.makedirs(ns.out, exist_ok=True)
-    with open(os.path.join(ns.out, "channel.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    plot(res, os.path.join(ns.out, "channel.png"))
-    print(f"wrote {ns.out}/channel.json and channel.png", file=sys.stderr)
+    js, png = save_results(ns.out, "channel", res, plot)
+    print(f"wrote {js} and {png}", file=sys.stderr)
     return 0
 
 

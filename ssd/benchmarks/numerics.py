@@ -10,20 +10,21 @@ the plain one. Writes numerics.json and numerics.png. Ratios, not times: the mac
 """
 from __future__ import annotations
 
-import json
+import os
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .config import EngineConfig, SamplingParams
+from ..config import EngineConfig, SamplingParams
+from . import save_results
 
 TOKENS_IN_FORWARD = (1, 2, 3, 5, 8, 16)
 
 
 def forward_table(model, context: int = 300, repeats: int = 11) -> dict[int, float]:
-    from .kv_cache import append_batch
+    from ..kv_cache import append_batch
 
     g = torch.Generator().manual_seed(0)
     cache = model.new_cache(1, context + max(TOKENS_IN_FORWARD) + 1)
@@ -41,7 +42,7 @@ def forward_table(model, context: int = 300, repeats: int = 11) -> dict[int, flo
 
 
 def _ar_tps(cfg: EngineConfig, model, eos, prompt_ids, params) -> tuple[float, list[list[int]]]:
-    from .engine import AREngine
+    from ..engine import AREngine
 
     eng = AREngine(cfg.replace(mode="ar"), model, eos)
     eng.generate([prompt_ids[0]], SamplingParams(max_tokens=4))  # warm-up (packs the weights)
@@ -76,10 +77,11 @@ def _hf_tps(path: str, dtype, eos, prompt_ids, params) -> tuple[float, list[list
 
 
 def run_numerics(cfg: EngineConfig, params: SamplingParams, ns) -> int:
-    from .bench import load_prompts
-    from .models.loader import load_model, resolve_model
-    from .models.precision import cpu_has_native_bf16
-    from .tokenizer import Tokenizer
+    from .engines import load_prompts
+    from ..models.invariance import self_check
+    from ..models.loader import load_model, resolve_model
+    from ..models.precision import cpu_has_native_bf16
+    from ..tokenizer import Tokenizer
 
     torch.set_num_threads(cfg.target_threads)
     path = resolve_model(cfg.target)
@@ -92,9 +94,17 @@ def run_numerics(cfg: EngineConfig, params: SamplingParams, ns) -> int:
               "native_bf16": cpu_has_native_bf16(), "num_prompts": len(prompts), "max_tokens": params.max_tokens,
               "k": k, "configs": {}, "hf": {}}
     bar = tqdm(total=2 * 3, desc="numerics")
+    # the envelope: verify rows (max_batch x (K+1)) and the draft's tree rows (max_batch x fan-out
+    # budget), contexts up to max_model_len, at 1, 2 and all threads
+    rows = max(cfg.max_batch * (k + 1), cfg.max_batch * cfg.spec.fan_out_budget)
+    result["envelope"] = {"rows": rows, "max_len": cfg.max_model_len, "probes": {}}
     for dname in ("float32", "bfloat16"):
         dtype = getattr(torch, dname)
         model, _ = load_model(path, dtype=dtype)
+        for threads in sorted({1, 2, os.cpu_count() or 1}):
+            torch.set_num_threads(threads)
+            result["envelope"]["probes"][f"{dname}/{threads} threads"] = self_check(model, rows, cfg.max_model_len)["failures"]
+        torch.set_num_threads(cfg.target_threads)
         for inv in (True, False):
             model.invariant = inv
             model.packs.clear()
@@ -113,11 +123,8 @@ def run_numerics(cfg: EngineConfig, params: SamplingParams, ns) -> int:
     bar.close()
     _ratios(result)
     _print(result)
-    out = Path(ns.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "numerics.json").write_text(json.dumps(result, indent=2))
-    _plot(result, out / "numerics.png")
-    print(f"wrote {out / 'numerics.json'} and {out / 'numerics.png'}")
+    js, png = save_results(ns.out, "numerics", result, _plot)
+    print(f"wrote {js} and {png}")
     return 0
 
 
@@ -153,6 +160,10 @@ def _print(r: dict) -> None:
         print(f"{'HF generate ' + d:<24}{'':>{8 * len(TOKENS_IN_FORWARD)}}  {'':>8}  {row['tokens_per_s']:>9.2f}")
     for k, v in r["ratios"].items():
         print(f"  {k} = {v:.2f}")
+    env = r["envelope"]
+    for label, failures in env["probes"].items():
+        print(f"envelope {label} (rows <= {env['rows']}, context <= {env['max_len']}): "
+              + ("invariant" if not failures else "NOT invariant: " + "; ".join(failures[:2])))
 
 
 def _plot(r: dict, path: Path) -> None:
