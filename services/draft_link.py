@@ -8,7 +8,7 @@ import threading
 import grpc
 
 from ssd.engine.draft_link import DraftUnavailable
-from ssd.tensor_channel import TensorChannel
+from .tensor_channel import TensorChannel
 
 from . import convert
 from .common import client_options
@@ -97,6 +97,9 @@ class GrpcDraftLink:
     def q_row(self, q_ref, j: int | None = None):
         t = q_ref[1]
         return t if j is None else t[j]
+
+    def revive(self) -> bool:
+        return False  # one fixed draft; MultiDraftLink reconnects
 
     def close(self) -> None:
         self.requests.put(_END)

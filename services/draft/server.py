@@ -17,7 +17,7 @@ from ssd.engine.draft_runner import DraftRunner
 from ssd.engine.draft_worker import RoundServer
 from ssd.models.draft import describe, load_draft
 from ssd.spec.index import draft_fingerprint
-from ssd.tensor_channel import TensorChannel, default_backend
+from ..tensor_channel import TensorChannel, default_backend
 
 from .. import convert
 from ..common import make_server

@@ -13,7 +13,8 @@ from opentelemetry.trace import SpanKind
 
 from ssd.engine import AREngine, SSDEngine
 from ssd.engine.draft_link import DraftUnavailable
-from ssd.engine.multi_draft import MultiDraftLink
+from ssd.errors import ContextTooLong
+from ..multi_draft import MultiDraftLink
 
 from .. import convert
 from .. import telemetry as tm
@@ -166,9 +167,10 @@ class TargetService(pb_grpc.TargetServicer):
             meta["traceparent"] = tm.traceparent_of(span)
         try:
             seq, q = self.loop.submit(list(request.prompt_token_ids), params, meta)
+        except ContextTooLong as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except ValueError as e:
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED if "context length" in str(e) else grpc.StatusCode.INVALID_ARGUMENT
-            context.abort(code, str(e))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except (RuntimeError, TimeoutError) as e:  # draining, or the engine thread is wedged
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e) or "the target did not admit the request in time")
         # a client that cancels or whose deadline passes frees the sequence's KV and draft state;

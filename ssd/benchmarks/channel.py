@@ -37,7 +37,7 @@ def _child(conn, backend: str, device: str):
     import grpc
     import torch
 
-    from ssd.tensor_channel import TensorChannel
+    from ssd.services.tensor_channel import TensorChannel
 
     tensors = {name: torch.rand(shape, device=device) for name, shape in SHAPES.items()}
     port_ch, fut = TensorChannel.listen(backend, device, host="127.0.0.1")
@@ -69,7 +69,7 @@ def run(iters: int, backend: str, device: str) -> dict:
     import numpy as np
     import torch
 
-    from ssd.tensor_channel import TensorChannel
+    from ssd.services.tensor_channel import TensorChannel
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()

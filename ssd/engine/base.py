@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import EngineConfig, SamplingParams
+from ..errors import ContextTooLong, RequestError
 from ..kernels.rejection import greedy_verify, rejection_sample
 from ..sampling import process_logits, sample
 from .sequence import Scheduler, Sequence, count_accepted_per_pos
@@ -99,14 +100,14 @@ class Engine:
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, meta: dict | None = None) -> Sequence:
         if not prompt_ids:
-            raise ValueError("prompt is empty")
+            raise RequestError("prompt is empty")
         if len(prompt_ids) + 1 > self.cfg.max_model_len:
-            raise ValueError(
+            raise ContextTooLong(
                 f"prompt has {len(prompt_ids)} tokens; the context length is {self.cfg.max_model_len}"
             )
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
+            raise RequestError(f"token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
         seq = Sequence(list(prompt_ids), params, self.eos_token_ids, meta=dict(meta or {}))
         self.scheduler.add(seq)
         self.stats.requests += 1

@@ -1,19 +1,13 @@
-"""How the SSD engine reaches its draft: a small transport seam.
+"""How the SSD engine reaches its draft: a small transport seam (the `DraftLink` protocol).
 
-The engine speaks the message protocol of draft_worker.py through a link:
-  send(msg)            one target -> draft message
-  recv(timeout=None)   the next draft -> target message; DraftUnavailable when the draft died,
-                       failed or did not answer in time
-  ready()              True when a message is waiting (never blocks)
-  q_row(q_ref, j)      a full draft-probability row named by a reply ([K, V])
-  close()
 ProcessDraftLink runs the draft in a spawned local process with its own thread budget and
-moves q rows through shared memory; the gRPC link of the services implements the
-same five methods over a bidirectional stream.
+moves q rows through shared memory; the services' links (ssd.services.draft_link,
+ssd.services.multi_draft) implement the same protocol over gRPC streams.
 """
 from __future__ import annotations
 
 import time
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.multiprocessing as mp
@@ -23,6 +17,33 @@ from .draft_worker import allocate_q_buffers, worker_main
 
 class DraftUnavailable(RuntimeError):
     pass
+
+
+@runtime_checkable
+class DraftLink(Protocol):
+    """What the SSD engine needs from a draft, wherever it runs. Messages are those of
+    draft_worker.py."""
+
+    info: dict  # vocab_size, model, fingerprint, publishes, ... as the draft reports them
+
+    def send(self, msg: tuple) -> None:
+        """One target -> draft message."""
+
+    def recv(self, timeout: float | None = None) -> tuple:
+        """The next draft -> target message; DraftUnavailable when the draft died, failed or did
+        not answer in time."""
+
+    def ready(self) -> bool:
+        """True when a message is waiting (never blocks)."""
+
+    def q_row(self, q_ref: Any, j: int | None = None) -> torch.Tensor:
+        """The draft-probability rows named by a reply: [K, V] (or all branches when j is None)."""
+
+    def revive(self) -> bool:
+        """After DraftUnavailable: True once a draft is reachable again (never blocks). Links
+        with one fixed draft return False."""
+
+    def close(self) -> None: ...
 
 
 class ProcessDraftLink:
@@ -74,6 +95,9 @@ class ProcessDraftLink:
             return self.jit_q[q_ref[1]].clone()
         parity, slot = q_ref
         return self.cache_q[parity, slot, j].clone()
+
+    def revive(self) -> bool:
+        return False  # a dead local draft process is not restarted
 
     def close(self) -> None:
         if self.proc.is_alive():

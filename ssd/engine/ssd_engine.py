@@ -74,7 +74,7 @@ class SSDEngine(Engine):
     def _maybe_revive(self) -> None:
         """A draft that came back (a restarted pod, a new replica) takes over again: it is told
         every running sequence's context and builds caches from the next round on."""
-        if self.draft_alive or not hasattr(self.link, "revive") or not self.link.revive():  # revive() never blocks
+        if self.draft_alive or not self.link.revive():  # revive() never blocks
             return
         log.info("draft back (%s): speculating again", self.link.info.get("drafts"))
         self.draft_alive, self.draft_error = True, None

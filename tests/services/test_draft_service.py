@@ -85,7 +85,7 @@ def test_tensor_channel_carries_q_rows_exactly():
     import torch
 
     from ssd.services import convert
-    from ssd.tensor_channel import TensorChannel
+    from ssd.services.tensor_channel import TensorChannel
 
     port, fut = TensorChannel.listen("gloo", host="127.0.0.1")
     target_side = {}
@@ -133,7 +133,7 @@ def two_drafts(small_pair):
 
 
 def _multi(addrs, **kw):
-    from ssd.engine.multi_draft import MultiDraftLink
+    from ssd.services.multi_draft import MultiDraftLink
 
     return MultiDraftLink(lambda a: GrpcDraftLink(a, k=2, **kw), addrs)
 
@@ -270,7 +270,7 @@ def test_draft_dying_between_keys_and_cache_with_another_draft_alive(target, two
                 raise DraftUnavailable("draft stream ended (pod killed after keys, before cache)")
             return msg
 
-    from ssd.engine.multi_draft import MultiDraftLink
+    from ssd.services.multi_draft import MultiDraftLink
 
     link = MultiDraftLink(lambda addr: (DiesBeforeCache if addr == a else GrpcDraftLink)(addr, k=2), [a, b])
     prompts = PROMPTS[:2]

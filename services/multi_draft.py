@@ -22,7 +22,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 
-from .draft_link import DraftUnavailable
+from ssd.engine.draft_link import DraftUnavailable
 
 log = logging.getLogger(__name__)
 
