@@ -7,6 +7,8 @@ import numpy as np
 import torch
 
 from ssd.config import SamplingParams
+from ssd.engine.protocol import (AddSequence, Advance, CachedBranches, CacheKeys, CacheReply, JitReply, Release,
+                                 RoundReply, RoundRequest, Speculation)
 
 from .common import MAX_MESSAGE_BYTES
 from .protos import pb
@@ -66,43 +68,42 @@ def get_q_rows(sp, k: int, vocab_size: int) -> torch.Tensor | None:
     return q
 
 
-# ---- the round protocol (ssd/engine/draft_worker.py) over ssd.v1.Draft/Speculate ------------
-def round_to_pb(msg) -> "pb.SpeculateRequest":
-    _, round_id, ops, jit_ids, backups, hit_ids = msg
-    req = pb.SpeculateRequest(round=round_id, jit=[str(i) for i in jit_ids], hit=[str(i) for i in hit_ids])
-    for seq_id, op, data in ops:
-        if op == "add":
-            meta = data[2] if len(data) > 2 else {}
-            req.add.append(pb.SequenceSetup(seq_id=str(seq_id), context_token_ids=data[0], sampling=sampling_to_pb(data[1]),
-                                            traceparent=meta.get("traceparent", ""), request_id=meta.get("request_id", "")))
-        elif op == "outcome":
-            req.outcomes.append(pb.Outcome(seq_id=str(seq_id), committed_token_ids=data))
-        elif op == "release":
-            req.release.append(str(seq_id))
-            if data == "abort":
-                req.aborted.append(str(seq_id))
-    for seq_id, tokens in backups.items():
+# ---- the round protocol (ssd/engine/protocol.py) over ssd.v1.Draft/Speculate ----------------
+def round_to_pb(msg: RoundRequest) -> "pb.SpeculateRequest":
+    req = pb.SpeculateRequest(round=msg.round_id, jit=[str(i) for i in msg.jit_ids], hit=[str(i) for i in msg.hit_ids])
+    for op in msg.ops:
+        if isinstance(op, AddSequence):
+            req.add.append(pb.SequenceSetup(seq_id=str(op.seq_id), context_token_ids=op.context, sampling=sampling_to_pb(op.params),
+                                            traceparent=op.meta.get("traceparent", ""), request_id=op.meta.get("request_id", "")))
+        elif isinstance(op, Advance):
+            req.outcomes.append(pb.Outcome(seq_id=str(op.seq_id), committed_token_ids=op.tokens))
+        elif isinstance(op, Release):
+            req.release.append(str(op.seq_id))
+            if op.reason == "abort":
+                req.aborted.append(str(op.seq_id))
+        else:
+            raise TypeError(f"not a sequence op: {op!r}")
+    for seq_id, tokens in msg.backups.items():
         req.backup.append(pb.BackupSpeculation(seq_id=str(seq_id), draft_token_ids=tokens))
     return req
 
 
-def round_from_pb(req, seq_key) -> tuple:
+def round_from_pb(req, seq_key) -> RoundRequest:
     """seq_key(str) -> the draft's own id for a sequence of this stream."""
-    ops = [(seq_key(a.seq_id), "add", (list(a.context_token_ids), sampling_from_pb(a.sampling),
-                                       {k: v for k, v in (("traceparent", a.traceparent), ("request_id", a.request_id)) if v}))
-           for a in req.add]
-    ops += [(seq_key(o.seq_id), "outcome", list(o.committed_token_ids)) for o in req.outcomes]
+    ops: list = [AddSequence(seq_key(a.seq_id), list(a.context_token_ids), sampling_from_pb(a.sampling),
+                             {k: v for k, v in (("traceparent", a.traceparent), ("request_id", a.request_id)) if v})
+                 for a in req.add]
+    ops += [Advance(seq_key(o.seq_id), list(o.committed_token_ids)) for o in req.outcomes]
     aborted = set(req.aborted)
-    ops += [(seq_key(r), "release", "abort" if r in aborted else None) for r in req.release]
+    ops += [Release(seq_key(r), "abort" if r in aborted else None) for r in req.release]
     backups = {seq_key(b.seq_id): list(b.draft_token_ids) for b in req.backup}
-    return ("round", req.round, ops, [seq_key(i) for i in req.jit], backups, [seq_key(i) for i in req.hit])
+    return RoundRequest(req.round, ops, [seq_key(i) for i in req.jit], backups, [seq_key(i) for i in req.hit])
 
 
-def reply_to_pb(msg, seq_name, channel: bool = False):
-    """Draft reply tuple -> (response, tensor | None). q refs are ("inline", tensor); with a
-    tensor channel the rows are gathered into one [rows, K, vocab] tensor sent after the
-    response instead of travelling as bytes inside it."""
-    kind, round_id = msg[0], msg[1]
+def reply_to_pb(msg: RoundReply, seq_name, channel: bool = False):
+    """Draft reply -> (response, tensor | None). q refs are ("inline", tensor); with a tensor
+    channel the rows are gathered into one [rows, K, vocab] tensor sent after the response
+    instead of travelling as bytes inside it."""
     rows: list[torch.Tensor] = []
 
     def attach(sp, q):  # q: [K, vocab]
@@ -112,44 +113,44 @@ def reply_to_pb(msg, seq_name, channel: bool = False):
         else:
             put_q_rows(sp, q)
 
-    if kind == "keys":
-        items = [pb.Speculation(seq_id=seq_name(i), num_accepted=k, token=t) for i, keys in msg[2].items() for k, t in keys]
-        resp = pb.SpeculateResponse(round=round_id, keys=pb.Speculations(items=items))
-    elif kind == "jit":
+    if isinstance(msg, CacheKeys):
+        items = [pb.Speculation(seq_id=seq_name(i), num_accepted=k, token=t) for i, keys in msg.keys.items() for k, t in keys]
+        resp = pb.SpeculateResponse(round=msg.round_id, keys=pb.Speculations(items=items))
+    elif isinstance(msg, JitReply):
         items = []
-        for i, (tokens, q_ref) in msg[2].items():
-            sp = pb.Speculation(seq_id=seq_name(i), draft_token_ids=tokens)
-            if q_ref is not None:
-                attach(sp, q_ref[1])
+        for i, spec in msg.speculations.items():
+            sp = pb.Speculation(seq_id=seq_name(i), draft_token_ids=spec.token_ids)
+            if spec.q_ref is not None:
+                attach(sp, spec.q_ref[1])
             items.append(sp)
-        resp = pb.SpeculateResponse(round=round_id, jit=pb.Speculations(items=items), seconds=msg[3])
-    elif kind == "cache":
-        if msg[2] is None:
-            return pb.SpeculateResponse(round=round_id, cache=pb.Speculations(abandoned=True), seconds=msg[3]), None
+        resp = pb.SpeculateResponse(round=msg.round_id, jit=pb.Speculations(items=items), seconds=msg.seconds)
+    elif isinstance(msg, CacheReply):
+        if msg.entries is None:
+            return pb.SpeculateResponse(round=msg.round_id, cache=pb.Speculations(abandoned=True), seconds=msg.seconds), None
         items = []
-        for i, (keys, token_ids, q_ref) in msg[2].items():
-            for (k, t), j in keys.items():
-                sp = pb.Speculation(seq_id=seq_name(i), num_accepted=k, token=t, draft_token_ids=token_ids[j])
-                if q_ref is not None:
-                    attach(sp, q_ref[1][j])
+        for i, c in msg.entries.items():
+            for (k, t), j in c.keys.items():
+                sp = pb.Speculation(seq_id=seq_name(i), num_accepted=k, token=t, draft_token_ids=c.token_ids[j])
+                if c.q_ref is not None:
+                    attach(sp, c.q_ref[1][j])
                 items.append(sp)
-        resp = pb.SpeculateResponse(round=round_id, cache=pb.Speculations(items=items), seconds=msg[3])
+        resp = pb.SpeculateResponse(round=msg.round_id, cache=pb.Speculations(items=items), seconds=msg.seconds)
         if not channel and resp.ByteSize() > MAX_MESSAGE_BYTES - (1 << 20):
             # would not fit the message limit: refuse this round's cache (the target counts the
             # round as a miss and falls back) instead of losing the whole stream
             log.warning("speculation cache of round %s is %.1f MB, over the %d MB message limit: not sent",
-                        round_id, resp.ByteSize() / 1e6, MAX_MESSAGE_BYTES >> 20)
-            return pb.SpeculateResponse(round=round_id, cache=pb.Speculations(abandoned=True), seconds=msg[3]), None
+                        msg.round_id, resp.ByteSize() / 1e6, MAX_MESSAGE_BYTES >> 20)
+            return pb.SpeculateResponse(round=msg.round_id, cache=pb.Speculations(abandoned=True), seconds=msg.seconds), None
     else:
-        raise ValueError(f"unknown draft reply {kind!r}")
+        raise TypeError(f"not a draft reply: {msg!r}")
     if not rows:
         return resp, None
     resp.channel_rows = len(rows)
     return resp, torch.stack(rows)  # [rows, K, vocab]
 
 
-def reply_from_pb(resp, k: int, vocab_size: int, channel_rows: torch.Tensor | None = None) -> tuple:
-    """Response -> the reply tuple the SSD engine expects; q refs become ("inline", tensor).
+def reply_from_pb(resp, k: int, vocab_size: int, channel_rows: torch.Tensor | None = None) -> RoundReply:
+    """Response -> the reply the SSD engine expects; q refs become ("inline", tensor).
     channel_rows: the [rows, K, vocab] tensor received on the tensor channel after resp."""
     body = resp.WhichOneof("body")
     items = getattr(resp, body).items
@@ -164,15 +165,15 @@ def reply_from_pb(resp, k: int, vocab_size: int, channel_rows: torch.Tensor | No
         keys: dict[int, list] = {}
         for sp in items:
             keys.setdefault(int(sp.seq_id), []).append((sp.num_accepted, sp.token))
-        return ("keys", resp.round, keys)
+        return CacheKeys(resp.round, keys)
     if body == "jit":
         reply = {}
         for sp in items:
             q = q_of(sp)
-            reply[int(sp.seq_id)] = (list(sp.draft_token_ids), None if q is None else ("inline", q))
-        return ("jit", resp.round, reply, resp.seconds)
+            reply[int(sp.seq_id)] = Speculation(list(sp.draft_token_ids), None if q is None else ("inline", q))
+        return JitReply(resp.round, reply, resp.seconds)
     if resp.cache.abandoned:
-        return ("cache", resp.round, None, resp.seconds)
+        return CacheReply(resp.round, None, resp.seconds)
     grouped: dict[int, list] = {}
     for sp in items:
         grouped.setdefault(int(sp.seq_id), []).append(sp)
@@ -183,5 +184,5 @@ def reply_from_pb(resp, k: int, vocab_size: int, channel_rows: torch.Tensor | No
         q = None
         if sps[0].draft_probs or sps[0].channel_probs:
             q = ("inline", torch.stack([q_of(sp) for sp in sps]))
-        reply[i] = (keys, tokens, q)
-    return ("cache", resp.round, reply, resp.seconds)
+        reply[i] = CachedBranches(keys, tokens, q)
+    return CacheReply(resp.round, reply, resp.seconds)

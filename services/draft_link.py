@@ -8,6 +8,7 @@ import threading
 import grpc
 
 from ssd.engine.draft_link import DraftUnavailable
+from ssd.engine.protocol import Stop
 from .tensor_channel import TensorChannel
 
 from . import convert
@@ -75,7 +76,7 @@ class GrpcDraftLink:
             self.replies.put(DraftUnavailable(f"tensor channel failed: {e}"))
 
     def send(self, msg) -> None:
-        if msg[0] == "stop":
+        if isinstance(msg, Stop):
             self.requests.put(_END)
             return
         self.requests.put(convert.round_to_pb(msg))

@@ -22,7 +22,11 @@ import time
 from collections import deque
 from concurrent.futures import Future
 
+from dataclasses import replace
+
 from ssd.engine.draft_link import DraftUnavailable
+from ssd.engine.protocol import (AddSequence, Advance, CachedBranches, CacheKeys, CacheReply, JitReply, Release,
+                                 RoundRequest, Stop)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,7 @@ class MultiDraftLink:
         self.info["drafts"] = list(self.links)
         self.owner: dict[int, str] = {}        # seq_id -> draft address
         self.state: dict[int, list] = {}       # seq_id -> [context, params, meta, last kept tokens]
-        self.last_cache: dict[int, tuple] = {}  # seq_id -> (keys, token_ids) of its last merged cache entry
+        self.last_cache: dict[int, CachedBranches] = {}  # seq_id -> its last merged cache entry
         self.rehomed: set[int] = set()         # moved since the target took their speculation
         self.inject: dict[str, list] = {}      # address -> ops to prepend to its next round
         self.expect: deque = deque()           # (kind, round_id, [addresses]) replies still to merge
@@ -118,41 +122,41 @@ class MultiDraftLink:
             ctx, params, meta, _ = self.state[seq_id]
             new = self._place({})
             self.owner[seq_id] = new
-            self.inject.setdefault(new, []).append((seq_id, "add", (list(ctx), params, meta)))
+            self.inject.setdefault(new, []).append(AddSequence(seq_id, list(ctx), params, dict(meta)))
             self.rehomed.add(seq_id)
 
     # ---- the DraftLink protocol ------------------------------------------------------------------
-    def send(self, msg) -> None:
-        if msg[0] == "stop":
+    def send(self, msg: RoundRequest | Stop) -> None:
+        if isinstance(msg, Stop):
             for link in self.links.values():
                 link.send(msg)
             return
-        _, round_id, ops, jit_ids, backups, hit_ids = msg
+        round_id, jit_ids, backups, hit_ids = msg.round_id, msg.jit_ids, msg.backups, msg.hit_ids
         self._harvest_joins()
-        parts: dict[str, tuple] = {}
-        for seq_id, op, data in ops:
-            if op == "add":
-                addr = self._place(data[2] if len(data) > 2 else {})  # may join a draft named by the gateway
-                self.owner[seq_id] = addr
-                self.state[seq_id] = [list(data[0]), data[1], data[2] if len(data) > 2 else {}, []]
+        for op in msg.ops:
+            if isinstance(op, AddSequence):
+                addr = self._place(op.meta)  # may join a draft named by the gateway
+                self.owner[op.seq_id] = addr
+                self.state[op.seq_id] = [list(op.context), op.params, dict(op.meta), []]
         parts = {a: ([], [], {}, []) for a in self.links}
-        for seq_id, op, data in ops:
+        for op in msg.ops:
+            seq_id = op.seq_id
             addr = self.owner.get(seq_id)
             if addr not in parts:
                 continue
-            if op == "outcome":
+            if isinstance(op, Advance):
                 st = self.state[seq_id]
-                st[0].extend(data)
-                st[3] = list(data)
-            elif op == "release":
+                st[0].extend(op.tokens)
+                st[3] = list(op.tokens)
+            elif isinstance(op, Release):
                 self.owner.pop(seq_id, None)
                 self.state.pop(seq_id, None)
                 self.last_cache.pop(seq_id, None)
                 self.rehomed.discard(seq_id)
-            parts[addr][0].append((seq_id, op, data))
+            parts[addr][0].append(op)
         for addr, extra in self.inject.items():  # re-homed sequences: set them up before their ops
             if addr in parts:
-                parts[addr][0][:0] = [op for op in extra if op[0] in self.owner]
+                parts[addr][0][:0] = [op for op in extra if op.seq_id in self.owner]
         self.inject = {}
         for i in jit_ids:
             parts[self.owner[i]][1].append(i)
@@ -162,9 +166,9 @@ class MultiDraftLink:
             self.rehomed.discard(i)
         for i in hit_ids:
             if i in self.rehomed:  # the new draft never built that cache: hand it the tokens
-                keys, token_ids = self.last_cache[i]
+                c = self.last_cache[i]
                 st = self.state[i]
-                parts[self.owner[i]][2][i] = token_ids[keys[(len(st[3]) - 1, st[0][-1])]]
+                parts[self.owner[i]][2][i] = c.token_ids[c.keys[(len(st[3]) - 1, st[0][-1])]]
                 self.rehomed.discard(i)
             else:
                 parts[self.owner[i]][3].append(i)
@@ -173,7 +177,7 @@ class MultiDraftLink:
             if not (p_ops or p_jit or p_backups or p_hits):
                 continue
             try:
-                self.links[addr].send(("round", round_id, p_ops, p_jit, p_backups, p_hits))
+                self.links[addr].send(RoundRequest(round_id, p_ops, p_jit, p_backups, p_hits))
             except DraftUnavailable as e:
                 self._lose(addr, e)
                 continue
@@ -185,10 +189,10 @@ class MultiDraftLink:
         # what the engine will wait for follows the round, not which sends succeeded: a kind
         # whose drafts were all lost merges to an empty reply (those sequences take the backup)
         if jit_ids:
-            self.expect.append(("jit", round_id, with_jit))
+            self.expect.append((JitReply, round_id, with_jit))
         if jit_ids or backups or hit_ids:
-            self.expect.append(("keys", round_id, with_specs))
-        self.expect.append(("cache", round_id, sent))
+            self.expect.append((CacheKeys, round_id, with_specs))
+        self.expect.append((CacheReply, round_id, sent))
         if not self.links:
             raise DraftUnavailable("every draft was lost")
 
@@ -212,31 +216,29 @@ class MultiDraftLink:
             except DraftUnavailable as e:
                 self._lose(addr, e)
                 continue
-            if msg[0] != kind or msg[1] != round_id:
-                self._lose(addr, DraftUnavailable(f"protocol error: expected {kind} {round_id}, got {msg[0]} {msg[1]}"))
+            if not isinstance(msg, kind) or msg.round_id != round_id:
+                self._lose(addr, DraftUnavailable(f"protocol error: expected {kind.__name__} {round_id}, "
+                                                  f"got {type(msg).__name__} {getattr(msg, 'round_id', None)}"))
                 continue
-            if kind == "keys":
-                merged.update(msg[2])
+            if kind is CacheKeys:
+                merged.update(msg.keys)
                 continue
-            seconds = max(seconds, msg[3])
-            if msg[2] is None:
+            seconds = max(seconds, msg.seconds)
+            values = msg.speculations if kind is JitReply else msg.entries
+            if values is None:
                 abandoned = True
                 continue
-            for seq_id, value in msg[2].items():
-                if kind == "jit":
-                    tokens, q_ref = value
-                    merged[seq_id] = (tokens, None if q_ref is None else (addr, q_ref))
-                else:
-                    keys, token_ids, q_ref = value
-                    merged[seq_id] = (keys, token_ids, None if q_ref is None else (addr, q_ref))
-                    self.last_cache[seq_id] = (keys, token_ids)
+            for seq_id, value in values.items():  # q refs name the draft that holds the rows
+                merged[seq_id] = replace(value, q_ref=None if value.q_ref is None else (addr, value.q_ref))
+                if kind is CacheReply:
+                    self.last_cache[seq_id] = value
         if not self.links:
             raise DraftUnavailable("every draft was lost")
-        if kind == "keys":
-            return ("keys", round_id, merged)
-        if kind == "cache" and abandoned and not merged:
-            return ("cache", round_id, None, seconds)
-        return (kind, round_id, merged, seconds)
+        if kind is CacheKeys:
+            return CacheKeys(round_id, merged)
+        if kind is JitReply:
+            return JitReply(round_id, merged, seconds)
+        return CacheReply(round_id, None if abandoned and not merged else merged, seconds)
 
     def q_row(self, q_ref, j: int | None = None):
         addr, inner = q_ref

@@ -15,6 +15,7 @@ import torch
 from ssd.config import SpecConfig
 from ssd.engine.draft_runner import DraftRunner
 from ssd.engine.draft_worker import RoundServer
+from ssd.engine.protocol import Release
 from ssd.models.draft import describe, load_draft
 from ssd.spec.index import draft_fingerprint
 from ..tensor_channel import TensorChannel, default_backend
@@ -149,9 +150,9 @@ class DraftService(pb_grpc.DraftServicer):
                             poll=lambda: not inbox.empty(),
                             put_q=lambda kind, round_id, slot, probs: ("inline", probs),
                         )
-                    for i, op, _ in msg[2]:  # forget released sequences' names (a stream lives long)
-                        if op == "release":
-                            ids.pop(names.pop(i, None), None)
+                    for op in msg.ops:  # forget released sequences' names (a stream lives long)
+                        if isinstance(op, Release):
+                            ids.pop(names.pop(op.seq_id, None), None)
             except Exception as e:  # a failed round ends this stream; the target falls back
                 log.exception("draft round failed")
                 outbox.put(e)

@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from .draft_worker import allocate_q_buffers, worker_main
+from .protocol import DraftFailed, DraftReady, RoundReply, RoundRequest, Stop
 
 
 class DraftUnavailable(RuntimeError):
@@ -21,15 +22,14 @@ class DraftUnavailable(RuntimeError):
 
 @runtime_checkable
 class DraftLink(Protocol):
-    """What the SSD engine needs from a draft, wherever it runs. Messages are those of
-    draft_worker.py."""
+    """What the SSD engine needs from a draft, wherever it runs. Messages: protocol.py."""
 
     info: dict  # vocab_size, model, fingerprint, publishes, ... as the draft reports them
 
-    def send(self, msg: tuple) -> None:
+    def send(self, msg: RoundRequest | Stop) -> None:
         """One target -> draft message."""
 
-    def recv(self, timeout: float | None = None) -> tuple:
+    def recv(self, timeout: float | None = None) -> RoundReply:
         """The next draft -> target message; DraftUnavailable when the draft died, failed or did
         not answer in time."""
 
@@ -61,9 +61,9 @@ class ProcessDraftLink:
         self.proc.start()
         child.close()
         msg = self.recv(timeout=start_timeout)
-        if msg[0] != "ready":
-            raise DraftUnavailable(f"draft process failed to start: {msg[1]}")
-        self.info = msg[1]
+        if not isinstance(msg, DraftReady):
+            raise DraftUnavailable(f"draft process failed to start: {getattr(msg, 'message', msg)}")
+        self.info = dict(msg.info)
 
     def send(self, msg) -> None:
         try:
@@ -85,8 +85,8 @@ class ProcessDraftLink:
             msg = self.conn.recv()
         except (EOFError, OSError) as e:
             raise DraftUnavailable(f"draft connection lost: {e}") from e
-        if msg[0] == "error":
-            raise DraftUnavailable(f"draft process failed:\n{msg[1]}")
+        if isinstance(msg, DraftFailed):
+            raise DraftUnavailable(f"draft process failed:\n{msg.message}")
         return msg
 
     def q_row(self, q_ref, j: int | None = None) -> torch.Tensor:
@@ -102,7 +102,7 @@ class ProcessDraftLink:
     def close(self) -> None:
         if self.proc.is_alive():
             try:
-                self.conn.send(("stop",))
+                self.conn.send(Stop())
             except (OSError, BrokenPipeError):
                 pass
             self.proc.join(timeout=5)

@@ -1,20 +1,7 @@
-"""The draft in its own process (its own thread budget), speaking a small pipe protocol.
-
-target -> draft:  ("round", round_id, ops, jit_ids, backups, hit_ids) | ("stop",)
-    ops      [(seq_id, "add", (ctx, params, meta)) | (seq_id, "outcome", new_tokens)
-              | (seq_id, "release", finish_reason)]   ("abort" also deletes its index entries)
-    jit_ids  sequences that missed: draft a speculation just in time and reply at once
-    backups  {seq_id: token_ids} speculations the target took from the fast backup
-    hit_ids  sequences whose speculation came from the last cache (key = their outcome)
-draft -> target:  ("jit", round_id, {seq_id: (token_ids, q_ref | None)}, seconds)   iff jit_ids
-                  ("keys", round_id, {seq_id: [(k, token), ...]})   the cached outcomes, right after the fork
-                  ("cache", round_id, {seq_id: (keys, token_ids, q_ref | None)} | None, seconds)   always;
-                      None when the build was abandoned because the next round message arrived
-                      early (the target saw every outcome miss and needs a just-in-time draft now)
-                  ("error", message)
-Full q rows never travel through the pipe: they are written into shared-memory buffers
-(double-buffered by round parity for the cache, one region for JIT) and read by the target.
-"""
+"""The draft in its own process (its own thread budget), speaking the round protocol of
+protocol.py over a pipe. Full q rows never travel through the pipe: they are written into
+shared-memory buffers (double-buffered by round parity for the cache, one region for JIT) and
+read by the target."""
 from __future__ import annotations
 
 import logging
@@ -24,6 +11,8 @@ import traceback
 import torch
 
 from ..spec.index import GREEDY, branch_items, context_key
+from .protocol import (AddSequence, Advance, CachedBranches, CacheKeys, CacheReply, DraftFailed, DraftReady, JitReply,
+                       Release, RoundRequest, Speculation, Stop)
 
 log = logging.getLogger(__name__)
 
@@ -68,26 +57,27 @@ class RoundServer:
             self.index.put_many(items)
             self.published.setdefault(seq_id, []).extend(items)
 
-    def handle(self, msg, send, poll, put_q) -> None:
+    def handle(self, msg: RoundRequest, send, poll, put_q) -> None:
         runner = self.runner
-        _, round_id, ops, jit_ids, backups, hit_ids = msg
-        for seq_id, op, data in ops:
-            if op == "add":
+        round_id, jit_ids, backups, hit_ids = msg.round_id, msg.jit_ids, msg.backups, msg.hit_ids
+        for op in msg.ops:
+            seq_id = op.seq_id
+            if isinstance(op, AddSequence):
                 try:
-                    runner.add(seq_id, data[0], data[1])
+                    runner.add(seq_id, op.context, op.params)
                 except (RuntimeError, ValueError) as e:  # full (or a duplicate): only this sequence goes without
                     log.warning("draft refuses sequence %s: %s", seq_id, e)
                     self.refused.add(seq_id)
                     continue
-                self.meta[seq_id] = data[2] if len(data) > 2 else {}
+                self.meta[seq_id] = dict(op.meta)
             elif seq_id in self.refused:
-                if op == "release":
+                if isinstance(op, Release):
                     self.refused.discard(seq_id)
-            elif op == "outcome":
-                runner.on_outcome(seq_id, data)
-            elif op == "release":
+            elif isinstance(op, Advance):
+                runner.on_outcome(seq_id, op.tokens)
+            elif isinstance(op, Release):
                 keys = self.published.get(seq_id, [])
-                if data == "abort" and self.index is not None:
+                if op.reason == "abort" and self.index is not None:
                     self.index.delete_many(keys)
                 self.forget(seq_id)
         # the replies the target waits for follow its message, whatever this draft can serve
@@ -102,13 +92,13 @@ class RoundServer:
             reply = {}
             for i, (tokens, q) in (runner.jit(jit_ids, after="miss") if jit_ids else {}).items():
                 q_ref = put_q("jit", round_id, runner.seqs[i].slot, q) if q is not None else None
-                reply[i] = (tokens.tolist(), q_ref)
+                reply[i] = Speculation(tokens.tolist(), q_ref)
                 specs[i] = (tokens.tolist(), "miss")
-            send(("jit", round_id, reply, time.perf_counter() - t0))
+            send(JitReply(round_id, reply, time.perf_counter() - t0))
             jit_ns = (jit_start, time.time_ns())
             if self.index is not None:
-                for i, (tokens, _) in reply.items():
-                    self._publish(i, {context_key(runner.seqs[i].ctx, self.fingerprint, GREEDY, runner.K): tokens})
+                for i, sp in reply.items():
+                    self._publish(i, {context_key(runner.seqs[i].ctx, self.fingerprint, GREEDY, runner.K): sp.token_ids})
         for i, tokens in backups.items():
             specs[i] = (list(tokens), "miss")
         for i in hit_ids:
@@ -116,26 +106,26 @@ class RoundServer:
             entry = self.entries[i]
             specs[i] = (entry.token_ids[entry.keys[(s.last_outcome_k, s.ctx[-1])]].tolist(), "hit")
         if want_keys and not specs:
-            send(("keys", round_id, {}))
+            send(CacheKeys(round_id, {}))
         prefixes = {i: list(runner.seqs[i].ctx) for i in specs} if self.index is not None else {}
         t0, build_start = time.perf_counter(), time.time_ns()
-        built = runner.build(specs, on_keys=lambda keys: send(("keys", round_id, keys)), should_abort=poll)
+        built = runner.build(specs, on_keys=lambda keys: send(CacheKeys(round_id, keys)), should_abort=poll)
         if built is None:
             for i in specs:
                 self.entries.pop(i, None)
-            send(("cache", round_id, None, time.perf_counter() - t0))
+            send(CacheReply(round_id, None, time.perf_counter() - t0))
             self._report(round_id, build_start, jit_ns, jit_ids, specs, None)
             return
         reply = {}
         for i, entry in built.items():
             self.entries[i] = entry
             q_ref = put_q("cache", round_id, runner.seqs[i].slot, entry.probs) if entry.probs is not None else None
-            reply[i] = (entry.keys, entry.token_ids.tolist(), q_ref)  # lists: tensors would travel as fds
+            reply[i] = CachedBranches(entry.keys, entry.token_ids.tolist(), q_ref)  # lists: tensors would travel as fds
         seconds = time.perf_counter() - t0
         if self.index is not None:  # before the reply: a target that misses its own cache may look these up
-            for i, (keys, token_ids, _) in reply.items():
-                self._publish(i, branch_items(prefixes[i], specs[i][0], keys, token_ids, self.fingerprint, runner.K))
-        send(("cache", round_id, reply, seconds))
+            for i, c in reply.items():
+                self._publish(i, branch_items(prefixes[i], specs[i][0], c.keys, c.token_ids, self.fingerprint, runner.K))
+        send(CacheReply(round_id, reply, seconds))
         self._report(round_id, build_start, jit_ns, jit_ids, specs, built)
 
     def _report(self, round_id, build_start, jit_ns, jit_ids, specs, built) -> None:
@@ -156,9 +146,9 @@ def worker_main(conn, draft_spec: dict, spec_cfg, max_seqs: int, max_model_len: 
 
         model = load_draft(draft_spec)
         server = RoundServer(DraftRunner(model, spec_cfg, max_seqs, max_model_len, seed))
-        conn.send(("ready", {"vocab_size": model.cfg.vocab_size, "num_layers": model.cfg.num_layers}))
+        conn.send(DraftReady({"vocab_size": model.cfg.vocab_size, "num_layers": model.cfg.num_layers}))
     except Exception:
-        conn.send(("error", traceback.format_exc()))
+        conn.send(DraftFailed(traceback.format_exc()))
         return
 
     def put_q(kind, round_id, slot, probs):
@@ -174,10 +164,10 @@ def worker_main(conn, draft_spec: dict, spec_cfg, max_seqs: int, max_model_len: 
             msg = conn.recv()
         except EOFError:
             return
-        if msg[0] == "stop":
+        if isinstance(msg, Stop):
             return
         try:
             server.handle(msg, conn.send, lambda: conn.poll(0), put_q)
         except Exception:
-            conn.send(("error", traceback.format_exc()))
+            conn.send(DraftFailed(traceback.format_exc()))
             return

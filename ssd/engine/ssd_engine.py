@@ -17,6 +17,7 @@ from ..spec import ngram
 from ..spec.index import GREEDY, LocalIndex, branch_items, context_key, draft_fingerprint
 from .base import Engine, RoundRow, StepRecord
 from .draft_link import DraftUnavailable, ProcessDraftLink
+from .protocol import AddSequence, Advance, CacheKeys, CacheReply, JitReply, Release, RoundRequest, SequenceOp
 
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class SSDEngine(Engine):
         self.draft_error: str | None = None
         self.draft_timeout_s = 60.0  # longest wait for one draft reply (a cache build under load included)
         self.round_id = 0
-        self.pending_ops: list[tuple] = []
+        self.pending_ops: list[SequenceOp] = []
         self.stale_rounds: set[int] = set()  # rounds whose cache we stopped waiting for
         # speculations of different drafts (or draft settings) must never meet in the index; a
         # draft service names its own fingerprint (and publishes itself when it has the index)
@@ -49,17 +50,18 @@ class SSDEngine(Engine):
             raise ValueError(f"draft vocabulary {self.link.info['vocab_size']} != target vocabulary {self.vocab_size}")
 
     # ---- transport -----------------------------------------------------------------------------
-    def _recv_kind(self, kind: str, round_id: int):
-        """The next message of this kind for this round, skipping the replies of abandoned rounds."""
+    def _recv_kind(self, kind: type, round_id: int):
+        """The next reply of this kind for this round, skipping the replies of abandoned rounds."""
         while True:
             msg = self.link.recv(timeout=self.draft_timeout_s)  # a hung draft counts as lost (invariant 2)
-            if msg[0] == kind and msg[1] == round_id:
+            if isinstance(msg, kind) and msg.round_id == round_id:
                 return msg
-            if msg[0] in ("keys", "cache") and (msg[1] in self.stale_rounds or msg[1] < round_id):
-                if msg[0] == "cache":
-                    self.stale_rounds.discard(msg[1])
+            if isinstance(msg, (CacheKeys, CacheReply)) and (msg.round_id in self.stale_rounds or msg.round_id < round_id):
+                if isinstance(msg, CacheReply):
+                    self.stale_rounds.discard(msg.round_id)
                 continue
-            raise DraftUnavailable(f"draft protocol error: expected {kind} for round {round_id}, got {msg[0]} for {msg[1]}")
+            raise DraftUnavailable(f"draft protocol error: expected {kind.__name__} for round {round_id}, "
+                                   f"got {type(msg).__name__} for {getattr(msg, 'round_id', None)}")
 
     def _draft_lost(self, err: Exception) -> None:
         """Invariant 2: a dead draft never changes the output nor stalls a sequence; from now on
@@ -79,7 +81,8 @@ class SSDEngine(Engine):
         log.info("draft back (%s): speculating again", self.link.info.get("drafts"))
         self.draft_alive, self.draft_error = True, None
         self.stale_rounds.clear()
-        self.pending_ops = [(s.seq_id, "add", (s.context, s.params, s.meta)) for s in self.scheduler.running if not s.finished]
+        self.pending_ops = [AddSequence(s.seq_id, list(s.context), s.params, dict(s.meta))
+                            for s in self.scheduler.running if not s.finished]
 
     def close(self) -> None:
         self.link.close()
@@ -91,7 +94,7 @@ class SSDEngine(Engine):
         events = self._prefill(new)
         for s in new:
             if not s.finished:
-                self.pending_ops.append((s.seq_id, "add", (s.context, s.params, s.meta)))
+                self.pending_ops.append(AddSequence(s.seq_id, list(s.context), s.params, dict(s.meta)))
                 s.speculation = None
         self._retire()
         running = list(self.scheduler.running)
@@ -112,17 +115,17 @@ class SSDEngine(Engine):
                 backups[s.seq_id] = s.speculation[0].tolist()
         if self.draft_alive:
             try:
-                self.link.send(("round", self.round_id, self.pending_ops, jit_ids, backups, hit_ids))
+                self.link.send(RoundRequest(self.round_id, self.pending_ops, jit_ids, backups, hit_ids))
                 self.pending_ops = []
                 if jit_ids:
                     t0, jit_start = time.perf_counter(), time.time_ns()
-                    _, _, reply, _ = self._recv_kind("jit", self.round_id)
+                    reply = self._recv_kind(JitReply, self.round_id).speculations
                     jit_items = {}
                     for s in need:
                         if s.seq_id not in reply:  # its draft (one of several) was lost this round
                             self._backup(s)
                             continue
-                        tokens, q_ref = reply[s.seq_id]
+                        tokens, q_ref = reply[s.seq_id].token_ids, reply[s.seq_id].q_ref
                         q = self.link.q_row(q_ref) if q_ref is not None else None
                         s.speculation = (torch.tensor(tokens), q, "jit")
                         if s.params.greedy and not self.draft_publishes:  # a retry reaching this context will not wait
@@ -167,7 +170,7 @@ class SSDEngine(Engine):
             rows.append(RoundRow(s, len(sp[0]), k, len(kept), sp[2], s.spec_result))
             s.speculation, s.spec_result = None, None
             if not s.finished:
-                self.pending_ops.append((s.seq_id, "outcome", kept))
+                self.pending_ops.append(Advance(s.seq_id, list(kept)))
 
         # the speculation cache the draft built while we verified. Its keys arrive first: when
         # every outcome missed we do not wait for the tokens; the next round message (JIT)
@@ -177,12 +180,12 @@ class SSDEngine(Engine):
         if self.draft_alive:
             t0 = time.perf_counter()
             try:
-                keys = self._recv_kind("keys", round_id)[2]
+                keys = self._recv_kind(CacheKeys, round_id).keys
                 if any((k, t) in set(keys.get(s.seq_id, ())) for s, (k, t) in zip(running, outcomes) if not s.finished):
                     on_time = self.link.ready()
-                    msg = self._recv_kind("cache", round_id)
-                    entries = msg[2] or {}  # None: abandoned (a draft lost mid-round leaves nothing either)
-                    self.stats.t_build += msg[3]
+                    msg = self._recv_kind(CacheReply, round_id)
+                    entries = msg.entries or {}  # None: abandoned (a draft lost mid-round leaves nothing either)
+                    self.stats.t_build += msg.seconds
                     self.stats.n_build += 1
                 else:
                     self.stale_rounds.add(round_id)
@@ -195,7 +198,7 @@ class SSDEngine(Engine):
             if s.finished:
                 continue
             entry = entries.get(s.seq_id)
-            j = entry[0].get((k, t)) if entry is not None else None
+            j = entry.keys.get((k, t)) if entry is not None else None
             if j is None:
                 if s.params.greedy:
                     index_rows.append(s)  # maybe another request drafted this very context
@@ -203,8 +206,8 @@ class SSDEngine(Engine):
                     self._count(s, "cache_miss")
                 continue
             self._count(s, "cache_hit" if on_time else "cache_late")
-            q = self.link.q_row(entry[2], j) if entry[2] is not None else None
-            s.speculation = (torch.tensor(entry[1][j]), q, "cache")
+            q = self.link.q_row(entry.q_ref, j) if entry.q_ref is not None else None
+            s.speculation = (torch.tensor(entry.token_ids[j]), q, "cache")
         if index_rows:
             found = self.index.get_many([self._key(s.context) for s in index_rows])
             for s, tokens in zip(index_rows, found):
@@ -234,7 +237,8 @@ class SSDEngine(Engine):
             entry = entries.get(s.seq_id)
             if entry is None or not s.params.greedy:
                 continue
-            mine = branch_items(s.context[: base_len[s.seq_id]], sp[0].tolist(), entry[0], entry[1], self.draft_fingerprint, self.K)
+            mine = branch_items(s.context[: base_len[s.seq_id]], sp[0].tolist(), entry.keys, entry.token_ids,
+                                self.draft_fingerprint, self.K)
             self.published.setdefault(s.seq_id, []).extend(mine)
             items.update(mine)
         if items:
@@ -259,18 +263,18 @@ class SSDEngine(Engine):
         if s.finish_reason == "abort":  # cancelled or expired: free its index entries (finished ones age out by TTL)
             self.index.delete_many(keys)
         # a sequence the draft never heard of (its "add" still pending) has nothing to release
-        unknown_to_draft = any(op[0] == s.seq_id and op[1] == "add" for op in self.pending_ops)
-        self.pending_ops = [op for op in self.pending_ops if op[0] != s.seq_id]
+        unknown_to_draft = any(isinstance(op, AddSequence) and op.seq_id == s.seq_id for op in self.pending_ops)
+        self.pending_ops = [op for op in self.pending_ops if op.seq_id != s.seq_id]
         if not unknown_to_draft:
-            self.pending_ops.append((s.seq_id, "release", s.finish_reason))
+            self.pending_ops.append(Release(s.seq_id, s.finish_reason))
 
     def _flush_ops(self) -> None:
         if not (self.pending_ops and self.draft_alive):
             return
         try:
-            self.link.send(("round", self.round_id, self.pending_ops, [], {}, []))
+            self.link.send(RoundRequest(self.round_id, self.pending_ops))
             self.pending_ops = []
-            self._recv_kind("cache", self.round_id)
+            self._recv_kind(CacheReply, self.round_id)
             self.round_id += 1
         except DraftUnavailable as e:
             self._draft_lost(e)

@@ -3,6 +3,7 @@ import torch
 
 from ssd.config import EngineConfig, SamplingParams, SpecConfig
 from ssd.engine import AREngine, SSDEngine
+from ssd.engine.protocol import RoundRequest
 from ssd.models.loader import load_model
 
 PROMPTS = [[0, 1, 2], [2, 2, 1, 0], [1]]
@@ -50,5 +51,5 @@ def test_abort_releases_target_and_draft_slots(small_pair):
         assert eng.target.cache.num_free == eng.target.cache.num_slots
         eng._flush_ops()
         # the draft process freed both sequences: its reply to a probe round lists no one
-        eng.link.send(("round", eng.round_id, [], [], {}, []))
-        assert eng.link.recv()[2] == {}
+        eng.link.send(RoundRequest(eng.round_id))
+        assert eng.link.recv().entries == {}

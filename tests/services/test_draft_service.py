@@ -4,6 +4,7 @@ import pytest
 from ssd.config import EngineConfig, SamplingParams, SpecConfig
 from ssd.engine import AREngine, SSDEngine
 from ssd.engine.draft_link import DraftUnavailable
+from ssd.engine.protocol import CachedBranches, CacheReply
 from ssd.models.loader import load_model
 
 pytest.importorskip("grpc")
@@ -94,7 +95,7 @@ def test_tensor_channel_carries_q_rows_exactly():
     draft_ch = fut.result(timeout=30)
     t.join()
     q = torch.rand(3, 2, 7)  # [branches, K, vocab]
-    msg = ("cache", 5, {1: ({(0, 4): 0, (1, 2): 1, (2, 6): 2}, [[1, 2], [3, 4], [5, 6]], ("inline", q))}, 0.01)
+    msg = CacheReply(5, {1: CachedBranches({(0, 4): 0, (1, 2): 1, (2, 6): 2}, [[1, 2], [3, 4], [5, 6]], ("inline", q))}, 0.01)
     resp, rows = convert.reply_to_pb(msg, str, channel=True)
     assert rows.shape == (3, 2, 7) and resp.channel_rows == 3 and not resp.cache.items[0].draft_probs
     sender = threading.Thread(target=draft_ch.send, args=(rows,))
@@ -102,7 +103,7 @@ def test_tensor_channel_carries_q_rows_exactly():
     got = target_side["ch"].recv((resp.channel_rows, 2, 7))
     sender.join()
     back = convert.reply_from_pb(resp, 2, 7, got)
-    assert torch.equal(back[2][1][2][1], q)
+    assert torch.equal(back.entries[1].q_ref[1], q) and back.entries[1].token_ids == [[1, 2], [3, 4], [5, 6]]
     assert target_side["ch"].received_bytes == q.numel() * 4
     draft_ch.close()
     target_side["ch"].close()
@@ -265,7 +266,7 @@ def test_draft_dying_between_keys_and_cache_with_another_draft_alive(target, two
 
         def recv(self, timeout=None):
             msg = super().recv(timeout)
-            if self.armed and msg[0] == "cache" and msg[2] is not None:
+            if self.armed and isinstance(msg, CacheReply) and msg.entries is not None:
                 self.armed = False
                 raise DraftUnavailable("draft stream ended (pod killed after keys, before cache)")
             return msg

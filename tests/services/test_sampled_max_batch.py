@@ -7,6 +7,7 @@ import torch
 
 from ssd.config import EngineConfig, SamplingParams
 from ssd.engine import ModelPair, SSDEngine
+from ssd.engine.protocol import CachedBranches, CacheReply
 from ssd.services.common import MAX_MESSAGE_BYTES
 from ssd.services.convert import get_q_rows, put_q_rows, reply_to_pb
 from ssd.services.protos import pb
@@ -29,12 +30,12 @@ def test_compact_q_rows_are_exact():
 
 def test_a_cache_over_the_message_limit_is_refused_not_sent():
     q = torch.rand(12, 4, 49152)  # dense q rows: 9.4 MB per sequence
-    cache = {i: ({(0, t): t for t in range(12)}, [[1, 2, 3, 4]] * 12, ("inline", q)) for i in range(8)}
-    resp, rows = reply_to_pb(("cache", 3, cache, 0.1), str)
+    cache = {i: CachedBranches({(0, t): t for t in range(12)}, [[1, 2, 3, 4]] * 12, ("inline", q)) for i in range(8)}
+    resp, rows = reply_to_pb(CacheReply(3, cache, 0.1), str)
     assert resp.cache.abandoned and resp.ByteSize() < MAX_MESSAGE_BYTES
     # the same cache with the default draft's 8192-token support fits easily
     q[..., 8192:] = 0
-    resp, _ = reply_to_pb(("cache", 3, cache, 0.1), str)
+    resp, _ = reply_to_pb(CacheReply(3, cache, 0.1), str)
     assert not resp.cache.abandoned and len(resp.cache.items) == 96 and resp.ByteSize() < MAX_MESSAGE_BYTES / 4
 
 

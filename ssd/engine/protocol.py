@@ -1,0 +1,120 @@
+"""The messages between the target and its draft: one typed round protocol for every transport
+(the local draft process's pipe, the draft service's gRPC stream, several drafts behind one
+target). protos/ssd/v1/ssd.proto mirrors these field for field (services/convert.py maps them).
+
+target -> draft, once per target step:
+  RoundRequest(round_id, ops, jit_ids, backups, hit_ids)
+    ops       what changed for each sequence since the last round: AddSequence | Advance | Release
+    jit_ids   sequences that missed: draft a speculation just in time and reply at once
+    backups   {seq_id: tokens} speculations the target took elsewhere (fast backup, speculation
+              index, or a cache entry another draft built): the draft continues from them
+    hit_ids   sequences whose speculation came from this draft's last cache
+  Stop()
+
+draft -> target, in this order for a round:
+  JitReply      iff jit_ids: {seq_id: Speculation}
+  CacheKeys     the outcomes the cache will hold, sent right after the fork (before the tree
+                decode), so a target whose outcomes all missed need not wait for the tokens
+  CacheReply    always; entries None when the build was abandoned (a newer round arrived)
+  DraftFailed   the draft could not continue
+
+q rows (the draft's full distributions, needed by sampled verification) never travel inside
+these messages as dense arrays: a reply carries a q_ref that the link resolves (shared memory
+for the local process, inline bytes or a tensor channel for gRPC).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from ..config import SamplingParams
+
+
+# ---- target -> draft ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AddSequence:
+    """A new sequence (or one moved to this draft): its whole context so far."""
+    seq_id: int
+    context: list[int]
+    params: SamplingParams
+    meta: dict = field(default_factory=dict)  # request_id, traceparent, the gateway's draft pick
+
+
+@dataclass(frozen=True)
+class Advance:
+    """The tokens the target committed for a sequence in the last round (accepted + recovery/bonus)."""
+    seq_id: int
+    tokens: list[int]
+
+
+@dataclass(frozen=True)
+class Release:
+    """The sequence finished; reason is its finish reason ("abort" also deletes its index entries)."""
+    seq_id: int
+    reason: str | None = None
+
+
+SequenceOp = Union[AddSequence, Advance, Release]
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    round_id: int
+    ops: list[SequenceOp] = field(default_factory=list)
+    jit_ids: list[int] = field(default_factory=list)
+    backups: dict[int, list[int]] = field(default_factory=dict)
+    hit_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+# ---- draft -> target ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Speculation:
+    """K draft tokens and, when sampling, a reference to the q rows they were drawn from."""
+    token_ids: list[int]
+    q_ref: Any = None
+
+
+@dataclass(frozen=True)
+class JitReply:
+    round_id: int
+    speculations: dict[int, Speculation]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class CacheKeys:
+    round_id: int
+    keys: dict[int, list[tuple[int, int]]]  # seq_id -> the outcomes (k, t*) its cache will hold
+
+
+@dataclass(frozen=True)
+class CachedBranches:
+    """One sequence's speculation cache: outcome (k, t*) -> branch index into token_ids."""
+    keys: dict[tuple[int, int], int]
+    token_ids: list[list[int]]
+    q_ref: Any = None  # all branches' q rows; q_row(q_ref, j) gives branch j's [K, V]
+
+
+@dataclass(frozen=True)
+class CacheReply:
+    round_id: int
+    entries: dict[int, CachedBranches] | None  # None: the build was abandoned
+    seconds: float
+
+
+@dataclass(frozen=True)
+class DraftReady:
+    info: dict  # vocab_size, num_layers, ...
+
+
+@dataclass(frozen=True)
+class DraftFailed:
+    message: str
+
+
+RoundReply = Union[JitReply, CacheKeys, CacheReply]
