@@ -1,4 +1,4 @@
-"""Redis-backed speculation index (ssd/spec/index.py protocol): pipelined batch stores and
+"""Redis-backed speculation index (ssd/speculation/index.py protocol): pipelined batch stores and
 lookups with a TTL. Redis trouble never fails a request: errors count as misses."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import struct
 
 import redis
 
-from ssd.spec.index import IndexCounters
+from ssd.speculation.index import IndexCounters
 
 log = logging.getLogger(__name__)
 

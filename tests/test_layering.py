@@ -3,7 +3,7 @@ import subprocess
 import sys
 
 CORE = ["ssd", "ssd.config", "ssd.engine", "ssd.engine.draft_worker", "ssd.models.draft", "ssd.kernels.attention",
-        "ssd.kernels.rejection", "ssd.spec.fanout", "ssd.spec.ngram", "ssd.benchmarks.engines", "ssd.benchmarks.numerics", "ssd.cli", "ssd.train.distill"]
+        "ssd.kernels.rejection", "ssd.speculation.fanout", "ssd.speculation.ngram", "ssd.benchmarks.engines", "ssd.benchmarks.numerics", "ssd.cli", "ssd.train.distill"]
 
 
 def test_core_imports_no_network_libraries():

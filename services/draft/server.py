@@ -17,7 +17,7 @@ from ssd.engine.draft_runner import DraftRunner
 from ssd.engine.draft_worker import RoundServer
 from ssd.engine.protocol import Release
 from ssd.models.draft import describe, load_draft
-from ssd.spec.index import draft_fingerprint
+from ssd.speculation.index import draft_fingerprint
 from ..tensor_channel import TensorChannel, default_backend
 
 from .. import convert

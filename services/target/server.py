@@ -38,6 +38,9 @@ class EngineLoop:
         self.cv = threading.Condition()
         self.inbox: list[tuple] = []  # ("add", prompt_ids, params, meta, Future) | ("abort", seq)
         self.streams: dict[int, queue.Queue] = {}  # engine thread only
+        # (running, waiting, free KV slots) as the engine thread last saw them: other threads read
+        # this snapshot (one tuple, replaced whole) instead of the engine's own state
+        self._load = (0, 0, engine.target.cache.num_free)
         self.stopped = False
         self.thread = threading.Thread(target=self._run, daemon=True, name="engine-loop")
         self.thread.start()
@@ -71,8 +74,16 @@ class EngineLoop:
             pass
 
     def load(self) -> tuple[int, int, int]:
+        """(running, waiting, free KV slots), safe from any thread: the engine thread's last snapshot
+        plus the requests still in the inbox (they count as waiting)."""
+        running, waiting, free = self._load
+        with self.cv:
+            queued = sum(1 for item in self.inbox if item[0] == "add")
+        return running, waiting + queued, free
+
+    def _snapshot(self) -> None:
         sch = self.engine.scheduler
-        return len(sch.running), len(sch.waiting), self.engine.target.cache.num_free
+        self._load = (len(sch.running), len(sch.waiting), self.engine.target.cache.num_free)
 
     def _apply(self, items) -> None:
         for item in items:
@@ -105,6 +116,7 @@ class EngineLoop:
                     break
                 items, self.inbox = self.inbox, []
             self._apply(items)
+            self._snapshot()
             if not self.engine.has_unfinished():
                 continue
             try:
@@ -115,9 +127,10 @@ class EngineLoop:
                     q.put(RuntimeError("engine step failed"))
                 self.streams.clear()
                 continue
+            self._snapshot()
             if self.metrics is not None:
-                self.metrics.set_running(len(self.engine.scheduler.running))
-                self.metrics.set_waiting(len(self.engine.scheduler.waiting))
+                self.metrics.set_running(self._load[0])
+                self.metrics.set_waiting(self._load[1])
             for seq, tokens in events:
                 q = self.streams.get(seq.seq_id)
                 if q is None:

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     from ssd.config import SpecConfig
     from ssd.engine.draft_link import ProcessDraftLink
-    from ssd.spec.index import LocalIndex, context_key
+    from ssd.speculation.index import LocalIndex, context_key
 
     from ssd.services.draft.server import serve
     from ssd.services.draft_link import GrpcDraftLink

@@ -14,7 +14,7 @@ import torch
 from ..config import SamplingParams, SpecConfig
 from ..kv_cache import append_batch, tree_step_batch
 from ..sampling import process_logits, sample, saguaro_reshape
-from ..spec.fanout import FanOutPlanner
+from ..speculation.fanout import FanOutPlanner
 
 RANKED_CANDIDATES = 16  # candidates per depth kept for the power-law fit (tokens only)
 

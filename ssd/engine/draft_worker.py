@@ -10,7 +10,7 @@ import traceback
 
 import torch
 
-from ..spec.index import GREEDY, branch_items, context_key
+from ..speculation.index import GREEDY, branch_items, context_key
 from .protocol import (AddSequence, Advance, CachedBranches, CacheKeys, CacheReply, DraftFailed, DraftReady, JitReply,
                        Release, RoundRequest, Speculation, Stop)
 

@@ -13,8 +13,8 @@ import time
 import torch
 
 from ..config import EngineConfig
-from ..spec import ngram
-from ..spec.index import GREEDY, LocalIndex, branch_items, context_key, draft_fingerprint
+from ..speculation import ngram
+from ..speculation.index import GREEDY, LocalIndex, branch_items, context_key, draft_fingerprint
 from .base import Engine, RoundRow, StepRecord
 from .draft_link import DraftUnavailable, ProcessDraftLink
 from .protocol import AddSequence, Advance, CacheKeys, CacheReply, JitReply, Release, RoundRequest, SequenceOp
@@ -89,7 +89,34 @@ class SSDEngine(Engine):
 
     # ---- one step: schedule, run, postprocess -------------------------------------------------
     def step(self):
+        """One batched round for every running sequence: admit, make sure every sequence has a
+        speculation (cache, index, JIT draft or fast backup), verify them all in one target
+        forward, commit the outcomes, then take the next speculations from the draft's cache."""
         self._maybe_revive()
+        events = self._admit()
+        running = list(self.scheduler.running)
+        if not running:
+            self._flush_ops()
+            return events
+        need, jit_ids, backups, hit_ids = self._plan(running)
+        jit_ns = self._dispatch(running, need, jit_ids, backups, hit_ids)
+        round_id = self.round_id
+        self.round_id += 1
+        specs, outcomes, (verify_start, verify_end) = self._verify(running)
+        base_len = {s.seq_id: len(s.context) for s in running}  # context each speculation continued
+        rows = self._commit(running, specs, outcomes, events)
+        lookup_start = time.time_ns()
+        entries, on_time = self._receive_cache(running, outcomes, round_id)
+        self._publish(running, specs, base_len, entries)
+        self._take_next(running, outcomes, entries, on_time)
+        jit_served = tuple(s.seq_id for s, sp in zip(running, specs) if sp[2] == "jit")  # not those left to the backup
+        self._report(StepRecord(round_id, verify_start, verify_end, rows, jit_ns, (lookup_start, time.time_ns()),
+                                jit_served))
+        self._retire()
+        return events
+
+    def _admit(self) -> list:
+        """Prefill newly admitted sequences; the draft hears of them with the next round."""
         new = self.scheduler.admit()
         events = self._prefill(new)
         for s in new:
@@ -97,13 +124,13 @@ class SSDEngine(Engine):
                 self.pending_ops.append(AddSequence(s.seq_id, list(s.context), s.params, dict(s.meta)))
                 s.speculation = None
         self._retire()
-        running = list(self.scheduler.running)
-        if not running:
-            self._flush_ops()
-            return events
+        return events
 
+    def _plan(self, running):
+        """Which sequences lack a speculation, and where theirs comes from: the JIT draft below
+        the critical batch size b*, the fast backup at or above it (or without a draft)."""
         need = [s for s in running if s.speculation is None]
-        jit_ids, backups, jit_ns = [], {}, None
+        jit_ids, backups = [], {}
         if need and self.draft_alive and len(running) < self.cfg.spec.critical_batch_size:
             jit_ids = [s.seq_id for s in need]
         else:
@@ -113,51 +140,58 @@ class SSDEngine(Engine):
         for s in running:  # an index hit is, for the draft, a speculation handed to it
             if s.speculation is not None and s.speculation[2] == "index":
                 backups[s.seq_id] = s.speculation[0].tolist()
-        if self.draft_alive:
-            try:
-                self.link.send(RoundRequest(self.round_id, self.pending_ops, jit_ids, backups, hit_ids))
-                self.pending_ops = []
-                if jit_ids:
-                    t0, jit_start = time.perf_counter(), time.time_ns()
-                    reply = self._recv_kind(JitReply, self.round_id).speculations
-                    jit_items = {}
-                    for s in need:
-                        if s.seq_id not in reply:  # its draft (one of several) was lost this round
-                            self._backup(s)
-                            continue
-                        tokens, q_ref = reply[s.seq_id].token_ids, reply[s.seq_id].q_ref
-                        q = self.link.q_row(q_ref) if q_ref is not None else None
-                        s.speculation = (torch.tensor(tokens), q, "jit")
-                        if s.params.greedy and not self.draft_publishes:  # a retry reaching this context will not wait
-                            key = self._key(s.context)
-                            jit_items[key] = tokens
-                            self.published.setdefault(s.seq_id, []).append(key)
-                    if jit_items:
-                        self.index.put_many(jit_items)
-                    self.stats.t_jit += time.perf_counter() - t0
-                    self.stats.n_jit += 1
-                    jit_ns = (jit_start, time.time_ns())
-            except DraftUnavailable as e:
-                self._draft_lost(e)  # drops cache and JIT speculations: the backup takes over
-                for s in running:
-                    if s.speculation is None:
-                        self._backup(s)
-        else:
-            self.pending_ops = []
+        return need, jit_ids, backups, hit_ids
 
-        # verify every running sequence's speculation in one target forward
+    def _dispatch(self, running, need, jit_ids, backups, hit_ids):
+        """Send the round to the draft; wait for the JIT speculations it asks for. A lost draft
+        leaves every sequence without one to the fast backup. Returns the JIT span (ns) or None."""
+        if not self.draft_alive:
+            self.pending_ops = []
+            return None
+        jit_ns = None
+        try:
+            self.link.send(RoundRequest(self.round_id, self.pending_ops, jit_ids, backups, hit_ids))
+            self.pending_ops = []
+            if jit_ids:
+                t0, jit_start = time.perf_counter(), time.time_ns()
+                reply = self._recv_kind(JitReply, self.round_id).speculations
+                jit_items = {}
+                for s in need:
+                    if s.seq_id not in reply:  # its draft (one of several) was lost this round
+                        self._backup(s)
+                        continue
+                    tokens, q_ref = reply[s.seq_id].token_ids, reply[s.seq_id].q_ref
+                    q = self.link.q_row(q_ref) if q_ref is not None else None
+                    s.speculation = (torch.tensor(tokens), q, "jit")
+                    if s.params.greedy and not self.draft_publishes:  # a retry reaching this context will not wait
+                        key = self._key(s.context)
+                        jit_items[key] = tokens
+                        self.published.setdefault(s.seq_id, []).append(key)
+                if jit_items:
+                    self.index.put_many(jit_items)
+                self.stats.t_jit += time.perf_counter() - t0
+                self.stats.n_jit += 1
+                jit_ns = (jit_start, time.time_ns())
+        except DraftUnavailable as e:
+            self._draft_lost(e)  # drops cache and JIT speculations: the backup takes over
+            for s in running:
+                if s.speculation is None:
+                    self._backup(s)
+        return jit_ns
+
+    def _verify(self, running):
+        """Every running sequence's speculation in one target forward -> outcomes (k, t*)."""
         t0, verify_start = time.perf_counter(), time.time_ns()
         specs = [s.speculation for s in running]
         logits = self.target.forward(running, [sp[0].tolist() for sp in specs], self.K + 1)
         outcomes = self._verify_rows(running, logits, specs)
         self.stats.t_verify += time.perf_counter() - t0
-        verify_end = time.time_ns()
         self.stats.steps += 1
-        round_id = self.round_id
-        self.round_id += 1
-        rows = []
+        return specs, outcomes, (verify_start, time.time_ns())
 
-        base_len = {s.seq_id: len(s.context) for s in running}  # context each speculation continued
+    def _commit(self, running, specs, outcomes, events) -> list[RoundRow]:
+        """Commit each outcome, count it by where its speculation came from, and queue it for the draft."""
+        rows = []
         for s, sp, (k, t) in zip(running, specs, outcomes):
             kept = self._commit_outcome(s, sp[0].tolist(), k, t)
             if sp[2] in ("cache", "index"):
@@ -171,28 +205,34 @@ class SSDEngine(Engine):
             s.speculation, s.spec_result = None, None
             if not s.finished:
                 self.pending_ops.append(Advance(s.seq_id, list(kept)))
+        return rows
 
-        # the speculation cache the draft built while we verified. Its keys arrive first: when
-        # every outcome missed we do not wait for the tokens; the next round message (JIT)
-        # makes the draft abandon the build.
+    def _receive_cache(self, running, outcomes, round_id):
+        """The speculation cache the draft built while we verified. Its keys arrive first: when
+        every outcome missed we do not wait for the tokens (the next round message makes the
+        draft abandon the build). Returns (entries, whether they were there on time)."""
+        if not self.draft_alive:
+            return {}, False
         entries, on_time = {}, False
-        lookup_start = time.time_ns()
-        if self.draft_alive:
-            t0 = time.perf_counter()
-            try:
-                keys = self._recv_kind(CacheKeys, round_id).keys
-                if any((k, t) in set(keys.get(s.seq_id, ())) for s, (k, t) in zip(running, outcomes) if not s.finished):
-                    on_time = self.link.ready()
-                    msg = self._recv_kind(CacheReply, round_id)
-                    entries = msg.entries or {}  # None: abandoned (a draft lost mid-round leaves nothing either)
-                    self.stats.t_build += msg.seconds
-                    self.stats.n_build += 1
-                else:
-                    self.stale_rounds.add(round_id)
-            except DraftUnavailable as e:
-                self._draft_lost(e)
-            self.stats.t_wait_cache += time.perf_counter() - t0
-        self._publish(running, specs, base_len, entries)
+        t0 = time.perf_counter()
+        try:
+            keys = self._recv_kind(CacheKeys, round_id).keys
+            if any((k, t) in set(keys.get(s.seq_id, ())) for s, (k, t) in zip(running, outcomes) if not s.finished):
+                on_time = self.link.ready()
+                msg = self._recv_kind(CacheReply, round_id)
+                entries = msg.entries or {}  # None: abandoned (a draft lost mid-round leaves nothing either)
+                self.stats.t_build += msg.seconds
+                self.stats.n_build += 1
+            else:
+                self.stale_rounds.add(round_id)
+        except DraftUnavailable as e:
+            self._draft_lost(e)
+        self.stats.t_wait_cache += time.perf_counter() - t0
+        return entries, on_time
+
+    def _take_next(self, running, outcomes, entries, on_time) -> None:
+        """Each unfinished sequence's next speculation: its cache entry for the outcome it had,
+        else (greedy) the speculation index, else nothing (a miss: JIT or backup next step)."""
         index_rows = []
         for s, (k, t) in zip(running, outcomes):
             if s.finished:
@@ -217,11 +257,6 @@ class SSDEngine(Engine):
                     self._count(s, "cache_hit")
                     self.stats.index_hit += 1
                     s.speculation = (torch.tensor(tokens), None, "index")
-        jit_served = tuple(s.seq_id for s, sp in zip(running, specs) if sp[2] == "jit")  # not those left to the backup
-        self._report(StepRecord(round_id, verify_start, verify_end, rows, jit_ns, (lookup_start, time.time_ns()),
-                                jit_served))
-        self._retire()
-        return events
 
     # ---- speculation index -----------------------------------------------------------------------
     def _key(self, context: list[int]) -> str:

@@ -3,7 +3,7 @@ work by content (no JIT wait), output unchanged; aborted requests free their ent
 from ssd.config import EngineConfig, SamplingParams, SpecConfig
 from ssd.engine import SSDEngine
 from ssd.models.loader import load_model
-from ssd.spec.index import LocalIndex
+from ssd.speculation.index import LocalIndex
 
 PROMPT = [0, 1, 2, 1]
 

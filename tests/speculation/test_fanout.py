@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ssd.spec.fanout import AcceptanceStats, FanOutPlanner, fit_power_law, geometric_fan_out, uniform_fan_out
+from ssd.speculation.fanout import AcceptanceStats, FanOutPlanner, fit_power_law, geometric_fan_out, uniform_fan_out
 
 
 @pytest.mark.parametrize("budget,k", [(12, 4), (24, 7), (5, 4), (100, 3)])

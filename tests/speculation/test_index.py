@@ -1,6 +1,6 @@
 import time
 
-from ssd.spec.index import LocalIndex, context_key
+from ssd.speculation.index import LocalIndex, context_key
 
 
 def test_key_depends_on_context_draft_and_sampling():

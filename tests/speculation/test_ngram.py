@@ -1,6 +1,6 @@
 import torch
 
-from ssd.spec.ngram import point_mass_probs, propose
+from ssd.speculation.ngram import point_mass_probs, propose
 
 
 def test_prompt_lookup_continues_the_latest_match():
