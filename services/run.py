@@ -56,11 +56,11 @@ def run_role(ns, cfg) -> int:
         from ssd.engine import load_target
         from ssd.tokenizer import Tokenizer
 
-        from .target.server import EngineLoop, TargetService, build_engine
+        from .target.server import EngineLoop, TargetService, build_target_engine
 
         torch.set_num_threads(cfg.target_threads)
         model, _ = load_target(cfg, target_path)
-        engine = build_engine(cfg, model, Tokenizer(target_path).eos_token_ids, ns.draft_address, _index(ns.redis_url),
+        engine = build_target_engine(cfg, model, Tokenizer(target_path).eos_token_ids, ns.draft_address, _index(ns.redis_url),
                               tensor_channel=ns.tensor_channel, device=str(next(model.parameters()).device),
                               draft_wait_s=ns.draft_wait_s)
         loop = EngineLoop(engine, tracer, metrics)

@@ -9,7 +9,7 @@ from ssd.services.draft.server import DraftService
 from ssd.services.gateway.http import serve_http
 from ssd.services.gateway.server import Gateway, GatewayService
 from ssd.services.protos import pb_grpc
-from ssd.services.target.server import EngineLoop, TargetService, build_engine
+from ssd.services.target.server import EngineLoop, TargetService, build_target_engine
 
 
 class Stack:
@@ -18,7 +18,7 @@ class Stack:
         spec = pair.draft_spec
         self.draft = self._start(lambda s: pb_grpc.add_DraftServicer_to_server(
             DraftService(spec, cfg.spec, 64, max_len), s), ["Draft"])
-        engine = build_engine(cfg, pair.target, pair.tokenizer.eos_token_ids, f"127.0.0.1:{self.draft[1]}")
+        engine = build_target_engine(cfg, pair.target, pair.tokenizer.eos_token_ids, f"127.0.0.1:{self.draft[1]}")
         self.loop = EngineLoop(engine)
         self.target = self._start(lambda s: pb_grpc.add_TargetServicer_to_server(TargetService(self.loop), s), ["Target"])
         self.gw = Gateway(pair.tokenizer, StaticDiscovery([f"127.0.0.1:{self.target[1]}"], [f"127.0.0.1:{self.draft[1]}"]), "smollm2-135m-instruct", max_len, describe(spec))

@@ -18,3 +18,10 @@ def test_proto_stubs_generate_and_round_trip():
 
     req = pb.GenerateRequest(request_id="r1", prompt="hi", sampling=pb.SamplingParams(temperature=0.5, max_tokens=3))
     assert pb.GenerateRequest.FromString(req.SerializeToString()) == req
+
+
+def test_models_do_not_import_training():
+    code = ("import sys\nimport ssd.models.draft, ssd.models.draft_dir, ssd.models.loader, ssd.engine\n"
+            "print(sorted(m for m in sys.modules if m.startswith('ssd.train')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -218,9 +218,10 @@ class TargetService(pb_grpc.TargetServicer):
         return pb.LoadResponse(running=running, waiting=waiting, free_slots=free, node=self.node)
 
 
-def build_engine(cfg, target_model, eos, draft_addresses, index=None, tensor_channel: str = "inline", device: str = "cpu",
-                 draft_wait_s: float = 60.0):
-    """SSD over every reachable draft (MultiDraftLink: sequences spread over replicas, more
+def build_target_engine(cfg, target_model, eos, draft_addresses, index=None, tensor_channel: str = "inline", device: str = "cpu",
+                        draft_wait_s: float = 60.0):
+    """The target service's engine (ssd.engine.build_engine builds the in-process ones): SSD over
+    every reachable draft (MultiDraftLink: sequences spread over replicas, more
     drafts joined on demand when the gateway names them, lost ones retried); target-only (AR)
     when none answers within draft_wait_s: a missing draft never blocks serving (invariant 2)."""
     if isinstance(draft_addresses, str):

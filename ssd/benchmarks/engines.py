@@ -163,7 +163,7 @@ def _hf_assistant(pair: ModelPair):
     else:
         from safetensors.torch import load_file
 
-        from ..train.draft_io import WEIGHTS, is_draft_dir
+        from ..models.draft_dir import WEIGHTS, is_draft_dir
 
         if not is_draft_dir(spec["path"]):
             return AutoModelForCausalLM.from_pretrained(spec["path"], dtype=torch.float32).eval()

@@ -92,7 +92,7 @@ def load_draft(spec: dict, dtype=None, device="cpu"):
 
 
 def _load_draft(spec: dict, dtype, device):
-    from ssd.train.draft_io import is_draft_dir, load_draft_dir
+    from .draft_dir import is_draft_dir, load_draft_dir
 
     if is_draft_dir(spec["path"]):  # a trained draft (ssd train-draft): the embedding comes from its target
         return load_draft_dir(spec["path"], spec.get("target_path"), dtype=dtype, device=device)

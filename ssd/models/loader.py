@@ -33,14 +33,25 @@ def read_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_hf(d)
 
 
-def _hf_tensors(path: Path):
-    files = sorted(path.glob("*.safetensors"))
+def read_tensors(path: str | Path, want=None):
+    """The one safetensors reader: (name, tensor) for every tensor of a model directory's
+    *.safetensors files, or only those whose name want(name) accepts (the rest is never read)."""
+    files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {path}")
     for f in files:
         with safe_open(str(f), framework="pt") as st:
             for name in st.keys():
-                yield name, st.get_tensor(name)
+                if want is None or want(name):
+                    yield name, st.get_tensor(name)
+
+
+def read_tensor(path: str | Path, name: str) -> torch.Tensor | None:
+    """One tensor of a model directory, without loading the rest."""
+    return next((t for _, t in read_tensors(path, lambda n: n == name)), None)
+
+
+_hf_tensors = read_tensors
 
 
 def _our_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

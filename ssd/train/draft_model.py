@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from ssd.models.llama import ModelConfig, rope_inv_freq
+from ssd.models.loader import read_tensor, read_tensors
 
 
 class RMSNorm(nn.Module):
@@ -126,15 +126,6 @@ class DraftModel(nn.Module):
         self.model.embed_tokens.weight.data.copy_(weight)
 
 
-def target_tensor(target_path: str | Path, name: str) -> torch.Tensor | None:
-    """One tensor from the target's safetensors, without loading the rest."""
-    for f in sorted(Path(target_path).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            if name in st.keys():
-                return st.get_tensor(name)
-    return None
-
-
 def draft_config(target_path: str | Path, num_layers: int) -> dict:
     """The target's HF config with L layers and an untied head (the draft's config.json)."""
     d = json.loads((Path(target_path) / "config.json").read_text())
@@ -162,25 +153,17 @@ def draft_from_target(target_path: str | Path, num_layers: int, head_ids: torch.
     cfg = ModelConfig.from_hf(draft_config(target_path, num_layers))
     cfg = ModelConfig(**{**cfg.__dict__, "eos_token_ids": tcfg.eos_token_ids})
     model = DraftModel(cfg, head_ids)
-    embed = target_tensor(target_path, "model.embed_tokens.weight")
-    head = target_tensor(target_path, "lm_head.weight")
+    embed = read_tensor(target_path, "model.embed_tokens.weight")
+    head = read_tensor(target_path, "lm_head.weight")
     head = embed if head is None or tcfg.tie_word_embeddings else head
-    sd = {"model.norm.weight": target_tensor(target_path, "model.norm.weight"),
+    sd = {"model.norm.weight": read_tensor(target_path, "model.norm.weight"),
           "lm_head.weight": head[torch.as_tensor(head_ids, dtype=torch.int64)].clone(),
           "head_token_ids": torch.as_tensor(head_ids, dtype=torch.int64)}
     for i, src in enumerate(init_layer_ids(tcfg.num_layers, num_layers, init_layers)):
-        for name, t in _tensors_with_prefix(target_path, f"model.layers.{src}."):
+        for name, t in read_tensors(target_path, lambda n: n.startswith(f"model.layers.{src}.")):
             sd[name.replace(f"model.layers.{src}.", f"model.layers.{i}.", 1)] = t
     sd = {k: v.float() for k, v in sd.items() if "rotary_emb" not in k}
     sd["head_token_ids"] = sd["head_token_ids"].long()
     model.load_own_state_dict(sd)
     model.set_embedding(embed.float())
     return model
-
-
-def _tensors_with_prefix(target_path, prefix: str):
-    for f in sorted(Path(target_path).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
-                if name.startswith(prefix):
-                    yield name, st.get_tensor(name)

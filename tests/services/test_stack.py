@@ -12,8 +12,6 @@ import pytest
 
 from ssd.config import EngineConfig, SamplingParams, SpecConfig
 from ssd.engine import AREngine, ModelPair
-from ssd.models.draft import draft_spec, describe
-from ssd.services.common import CHANNEL_OPTIONS
 from ssd.services.protos import pb, pb_grpc
 
 from stack_support import Stack as _Stack

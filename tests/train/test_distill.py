@@ -15,7 +15,8 @@ from ssd.models.draft import load_draft
 from ssd.models.loader import load_model
 from ssd.train.config import TrainDraftConfig
 from ssd.train.distill import Example, distill, select_head, teacher_targets, train
-from ssd.train.draft_io import load_draft_dir, load_trainable, save_draft
+from ssd.models.draft_dir import load_draft_dir
+from ssd.train.draft_io import load_trainable, save_draft
 from ssd.train.draft_model import draft_from_target
 from ssd.train.prompts import bench_prompts, build_prompts, split_eval
 
