@@ -25,7 +25,7 @@ def run_role(ns, cfg) -> int:
     from .protos import pb_grpc
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {ns.role} %(levelname)s %(message)s")
-    from ssd.models.draft import describe, draft_spec
+    from ssd.models.draft import draft_description
     from ssd.models.loader import resolve_model
 
     from . import telemetry as tm
@@ -46,7 +46,7 @@ def run_role(ns, cfg) -> int:
         from .draft.server import DraftService
 
         torch.set_num_threads(cfg.draft_threads)
-        spec = draft_spec(cfg.draft, target_path, cfg.standin_layers, dtype, cfg.batch_invariant)
+        spec = draft_description(cfg.draft, target_path, cfg.standin_layers, dtype, cfg.batch_invariant)
         service = DraftService(spec, cfg.spec, cfg.max_batch * 4, cfg.max_model_len, index=_index(ns.redis_url),
                                node=os.environ.get("NODE_NAME", ""), channel_host=ns.host,
                                advertise_host=os.environ.get("POD_IP", ""), tracer=tracer, metrics=metrics)
@@ -81,7 +81,7 @@ def run_role(ns, cfg) -> int:
             raise SystemExit("error: the gateway needs --targets (or --discovery kubernetes)")
         discovery = from_args(ns.discovery, ns.k8s_namespace or os.environ.get("POD_NAMESPACE", "default"),
                               ns.target_service, ns.draft_service, targets, drafts)
-        desc = describe(draft_spec(cfg.draft, target_path, cfg.standin_layers, dtype, cfg.batch_invariant))
+        desc = draft_description(cfg.draft, target_path, cfg.standin_layers, dtype, cfg.batch_invariant).describe()
         gw = Gateway(Tokenizer(target_path), discovery, ns.model_name, cfg.max_model_len, desc, tracer, metrics)
         stops.append(discovery.stop)
         pb_grpc.add_GatewayServicer_to_server(GatewayService(gw), server)

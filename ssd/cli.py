@@ -66,7 +66,6 @@ def _prompt_ids(tok, text: str, raw: bool) -> list[int]:
 # ---- ssd generate ------------------------------------------------------------------------------
 def cmd_generate(ns) -> int:
     from .engine import ModelPair, build_engine
-    from .models.draft import describe
 
     cfg, params = _configs(ns)
     if not ns.prompt.strip():
@@ -94,7 +93,7 @@ def cmd_generate(ns) -> int:
     finally:
         engine.close()
     summary = engine.stats.summary()
-    draft_desc = describe(pair.draft_spec) if cfg.mode != "ar" else None
+    draft_desc = pair.draft_desc.describe() if cfg.mode != "ar" else None
     result = {
         "text": tok.decode(seq.output_ids),
         "token_ids": seq.output_ids,

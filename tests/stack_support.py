@@ -15,7 +15,7 @@ from ssd.services.target.server import EngineLoop, TargetService, build_target_e
 class Stack:
     def __init__(self, pair, cfg, max_len):
         self.servers = []
-        spec = pair.draft_spec
+        spec = pair.draft_desc
         self.draft = self._start(lambda s: pb_grpc.add_DraftServicer_to_server(
             DraftService(spec, cfg.spec, 64, max_len), s), ["Draft"])
         engine = build_target_engine(cfg, pair.target, pair.tokenizer.eos_token_ids, f"127.0.0.1:{self.draft[1]}")

@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     ns = ap.parse_args(argv)
     torch.set_num_threads(1)
     from ssd.config import SpecConfig
+    from ssd.models.draft import DraftDescription
     from ssd.engine.draft_link import ProcessDraftLink
     from ssd.speculation.index import LocalIndex, context_key
 
@@ -55,11 +56,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as d:
         _tiny_draft(d)
         spec = SpecConfig(num_speculative_tokens=4)
-        link = ProcessDraftLink({"path": d}, spec, 4, 64, 1, 64)
+        link = ProcessDraftLink(DraftDescription(d), spec, 4, 64, 1, 64)
         _round_trip(link, 50)
         res["draft round, local process pipe"] = _percentiles(_round_trip(link, ns.rounds))
         link.close()
-        server, port = serve({"path": d}, spec, max_seqs=4, max_model_len=64)
+        server, port = serve(DraftDescription(d), spec, max_seqs=4, max_model_len=64)
         glink = GrpcDraftLink(f"127.0.0.1:{port}", k=4)
         _round_trip(glink, 50)
         res["draft round, gRPC stream"] = _percentiles(_round_trip(glink, ns.rounds))

@@ -154,23 +154,23 @@ def _hf_assistant(pair: ModelPair):
     """The draft our engines use, as a transformers model for assisted generation."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    spec = pair.draft_spec
-    if "standin_layers" in spec:
-        m = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=torch.float32).eval()
-        m.model.layers = m.model.layers[: spec["standin_layers"]]
-        m.config.num_hidden_layers = spec["standin_layers"]
-        head_ids = torch.arange(spec["head_vocab"]) if spec.get("head_vocab") else None
+    d_desc = pair.draft_desc
+    if d_desc.standin_layers is not None:
+        m = AutoModelForCausalLM.from_pretrained(d_desc.path, dtype=torch.float32).eval()
+        m.model.layers = m.model.layers[: d_desc.standin_layers]
+        m.config.num_hidden_layers = d_desc.standin_layers
+        head_ids = torch.arange(d_desc.head_vocab) if d_desc.head_vocab else None
     else:
         from safetensors.torch import load_file
 
         from ..models.draft_dir import WEIGHTS, is_draft_dir
 
-        if not is_draft_dir(spec["path"]):
-            return AutoModelForCausalLM.from_pretrained(spec["path"], dtype=torch.float32).eval()
-        d = json.loads((Path(spec["path"]) / "config.json").read_text())
+        if not is_draft_dir(d_desc.path):
+            return AutoModelForCausalLM.from_pretrained(d_desc.path, dtype=torch.float32).eval()
+        d = json.loads((Path(d_desc.path) / "config.json").read_text())
         d.pop("ssd_draft")
         m = LlamaForCausalLM(LlamaConfig(**d)).float().eval()
-        own = {k: v.float() for k, v in load_file(str(Path(spec["path"]) / WEIGHTS)).items()}
+        own = {k: v.float() for k, v in load_file(str(Path(d_desc.path) / WEIGHTS)).items()}
         head_ids = own.pop("head_token_ids").long()
         head = own.pop("lm_head.weight")
         with torch.no_grad():
@@ -192,8 +192,6 @@ def _same_prefix(a: list[int], b: list[int]) -> bool:
 
 
 def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
-    from ..models.draft import describe
-
     prompts = load_prompts(ns.prompts, ns.num_prompts)
     modes = [m.strip() for m in ns.modes.split(",") if m.strip()]
     pair = ModelPair.load(cfg.replace(mode="ar"))
@@ -217,7 +215,7 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
     result = {
         "command": getattr(ns, "command_line", None),
         "target": pair.target_path,
-        "draft": describe(pair.draft_spec),
+        "draft": pair.draft_desc.describe(),
         "params": vars(params),
         "engine": {k: v for k, v in vars(cfg).items() if k != "spec"},
         "spec": vars(cfg.spec),

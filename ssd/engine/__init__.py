@@ -23,26 +23,26 @@ class ModelPair:
     target_path: str
     target: object
     tokenizer: object
-    draft_spec: dict
+    draft_desc: object  # ssd.models.draft.DraftDescription
     draft: object | None = None  # in-process draft model (SD), loaded on first use
     numerics: dict = dataclasses.field(default_factory=dict)  # dtype choice + batch-invariance probe
 
     @classmethod
     def load(cls, cfg: EngineConfig, quiet: bool = False) -> "ModelPair":
-        from ..models.draft import draft_spec
+        from ..models.draft import draft_description
         from ..models.loader import resolve_model
         from ..tokenizer import Tokenizer
 
         path = resolve_model(cfg.target)
         target, numerics = load_target(cfg, path, quiet=quiet)
-        spec = draft_spec(cfg.draft, path, cfg.standin_layers, numerics["dtype"], cfg.batch_invariant)
-        return cls(str(path), target, Tokenizer(path), spec, numerics=numerics)
+        desc = draft_description(cfg.draft, path, cfg.standin_layers, numerics["dtype"], cfg.batch_invariant)
+        return cls(str(path), target, Tokenizer(path), desc, numerics=numerics)
 
     def draft_model(self):
         if self.draft is None:
             from ..models.draft import load_draft
 
-            self.draft = load_draft(self.draft_spec)
+            self.draft = load_draft(self.draft_desc)
         return self.draft
 
 
@@ -86,5 +86,7 @@ def build_engine(cfg: EngineConfig, pair: ModelPair | None = None, seed: int = 0
         draft = pair.draft_model()
         draft.invariant = cfg.batch_invariant
         return SDEngine(sd_cfg, pair.target, draft, eos)
-    spec = {**pair.draft_spec, "batch_invariant": cfg.batch_invariant}
-    return SSDEngine(cfg, pair.target, spec, eos, seed=seed)
+    from ..models.draft import DraftDescription
+
+    desc = DraftDescription.of(pair.draft_desc).with_numerics(batch_invariant=cfg.batch_invariant)
+    return SSDEngine(cfg, pair.target, desc, eos, seed=seed)

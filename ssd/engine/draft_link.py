@@ -47,14 +47,14 @@ class DraftLink(Protocol):
 
 
 class ProcessDraftLink:
-    def __init__(self, draft_spec: dict, spec_cfg, max_seqs: int, max_model_len: int, threads: int, vocab_size: int,
+    def __init__(self, draft_desc, spec_cfg, max_seqs: int, max_model_len: int, threads: int, vocab_size: int,
                  seed: int = 0, start_timeout: float = 300.0):
         self.cache_q, self.jit_q = allocate_q_buffers(max_seqs, spec_cfg.fan_out_budget, spec_cfg.num_speculative_tokens, vocab_size)
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(
             target=worker_main,
-            args=(child, draft_spec, spec_cfg, max_seqs, max_model_len, threads, self.cache_q, self.jit_q, seed),
+            args=(child, draft_desc, spec_cfg, max_seqs, max_model_len, threads, self.cache_q, self.jit_q, seed),
             daemon=True,
             name="ssd-draft",
         )

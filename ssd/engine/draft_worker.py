@@ -138,13 +138,13 @@ class RoundServer:
         })
 
 
-def worker_main(conn, draft_spec: dict, spec_cfg, max_seqs: int, max_model_len: int, threads: int, cache_q, jit_q, seed: int):
+def worker_main(conn, draft_desc, spec_cfg, max_seqs: int, max_model_len: int, threads: int, cache_q, jit_q, seed: int):
     torch.set_num_threads(threads)
     try:
         from ..models.draft import load_draft
         from .draft_runner import DraftRunner
 
-        model = load_draft(draft_spec)
+        model = load_draft(draft_desc)
         server = RoundServer(DraftRunner(model, spec_cfg, max_seqs, max_model_len, seed))
         conn.send(DraftReady({"vocab_size": model.cfg.vocab_size, "num_layers": model.cfg.num_layers}))
     except Exception:

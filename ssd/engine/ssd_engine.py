@@ -13,6 +13,7 @@ import time
 import torch
 
 from ..config import EngineConfig
+from ..models.draft import DraftDescription
 from ..speculation import ngram
 from ..speculation.index import GREEDY, LocalIndex, branch_items, context_key, draft_fingerprint
 from .base import Engine, RoundRow, StepRecord
@@ -26,12 +27,12 @@ log = logging.getLogger(__name__)
 class SSDEngine(Engine):
     mode = "ssd"
 
-    def __init__(self, cfg: EngineConfig, target_model, draft_spec: dict, eos_token_ids, seed: int = 0,
+    def __init__(self, cfg: EngineConfig, target_model, draft_desc, eos_token_ids, seed: int = 0,
                  start_timeout: float = 300.0, link=None, index=None):
         super().__init__(cfg, target_model, eos_token_ids)
         self.index = index if index is not None else LocalIndex()
         self.published: dict[int, list[str]] = {}  # seq_id -> index keys it stored
-        self.link = link or ProcessDraftLink(draft_spec, cfg.spec, cfg.max_batch, cfg.max_model_len, cfg.draft_threads,
+        self.link = link or ProcessDraftLink(draft_desc, cfg.spec, cfg.max_batch, cfg.max_model_len, cfg.draft_threads,
                                              self.vocab_size, seed, start_timeout)
         self.draft_alive = True
         self.draft_error: str | None = None
@@ -42,7 +43,7 @@ class SSDEngine(Engine):
         # speculations of different drafts (or draft settings) must never meet in the index; a
         # draft service names its own fingerprint (and publishes itself when it has the index)
         self.draft_fingerprint = self.link.info.get("fingerprint") or draft_fingerprint(
-            self.link.info.get("model", draft_spec.get("path")), cfg.spec)
+            self.link.info.get("model") or (DraftDescription.of(draft_desc).path if draft_desc else None), cfg.spec)
         # the draft's own publishing helps only when both sides share the index (Redis); with the
         # in-process map the target stores what it receives itself
         self.draft_publishes = bool(self.link.info.get("publishes")) and not isinstance(self.index, LocalIndex)

@@ -1,11 +1,12 @@
-"""Which draft model a run uses.
+"""Which draft model a run uses: a DraftDescription, small and picklable so it crosses process
+boundaries (the local draft process, the draft service's own process).
 
-A draft spec is a small dict so it can cross a process boundary:
-  {"path": <HF dir>}                                   a real draft model
-  {"path": <target HF dir>, "standin_layers": N}        the stand-in: the target's first N layers
-                                                        with its final norm and LM head.
-plus "dtype" (bfloat16 | float32) and "batch_invariant" (which kernels), so the draft runs with
-the same numerics wherever it is loaded.
+  DraftDescription(path=<HF dir>)                          a real draft model (or a trained draft
+                                                           directory, whose embedding comes from
+                                                           target_path)
+  DraftDescription(path=<target dir>, standin_layers=N)    the stand-in: the target's first N layers
+                                                           with its final norm and LM head
+plus the numerics it runs with (dtype, batch_invariant), the same wherever it is loaded.
 The stand-in predates the trained default draft and is kept as a baseline. It is WEAK: a
 layer-truncated SmolLM2 agrees with the full model on few top-1 tokens (measured: 6-44 % for
 8-26 of 30 layers), and every report names it as a stand-in.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,45 +31,63 @@ DEFAULT_DRAFT_DIR = Path(__file__).resolve().parent.parent / "data" / "drafts" /
 STANDIN_HEAD_VOCAB = 8192  # BPE ids are roughly in merge (frequency) order: ids < 8192 cover ~94 % of SmolLM2's output tokens
 
 
-def draft_spec(draft: str, target_path, standin_layers: int, dtype: str = "float32",
-               batch_invariant: bool = True) -> dict:
-    """dtype: a resolved dtype name (bfloat16 | float32); the draft runs in it wherever it is loaded."""
-    spec = _draft_location(draft, target_path, standin_layers)
-    spec.update(dtype=dtype, batch_invariant=bool(batch_invariant))
-    return spec
+@dataclass(frozen=True)
+class DraftDescription:
+    path: str
+    target_path: str | None = None  # a trained draft directory reads its embedding from its target
+    standin_layers: int | None = None  # the stand-in: keep the target's first N layers
+    head_vocab: int | None = None  # the stand-in's reduced head: token ids < head_vocab
+    dtype: str = "float32"  # bfloat16 | float32, resolved (never "auto")
+    batch_invariant: bool = True
+
+    @classmethod
+    def of(cls, d: "DraftDescription | dict") -> "DraftDescription":
+        """A description, also from a plain {"path": ...} mapping (tests, scripts)."""
+        return d if isinstance(d, cls) else cls(**d)
+
+    def with_numerics(self, dtype: str | None = None, batch_invariant: bool | None = None) -> "DraftDescription":
+        return dataclasses.replace(self, dtype=dtype or self.dtype,
+                                   batch_invariant=self.batch_invariant if batch_invariant is None else bool(batch_invariant))
+
+    def describe(self) -> str:
+        exact = "" if self.batch_invariant else ", non-invariant kernels"
+        return f"{self._model()} [{self.dtype}{exact}]"
+
+    def _model(self) -> str:
+        if self.standin_layers is not None:
+            head = f", {self.head_vocab}-token head" if self.head_vocab else ""
+            return f"stand-in draft (target truncated to its first {self.standin_layers} layers{head}; weak, not trained)"
+        cfg_file = Path(self.path) / "config.json"
+        if cfg_file.exists():
+            cfg = json.loads(cfg_file.read_text())
+            meta = cfg.get("ssd_draft")
+            if meta:
+                return (f"trained draft {Path(self.path).name} ({cfg['num_hidden_layers']} layers, "
+                        f"{meta['head_vocab_size']}-token head, distilled from {Path(str(meta['target'])).name})")
+        return f"draft {self.path}"
 
 
-def _draft_location(draft: str, target_path, standin_layers: int) -> dict:
+def draft_description(draft: str, target_path, standin_layers: int, dtype: str = "float32",
+                      batch_invariant: bool = True) -> DraftDescription:
+    """--draft (default | standin | a directory) for a target. dtype: a resolved dtype name
+    (bfloat16 | float32); the draft runs in it wherever it is loaded."""
     if draft == STANDIN:
-        return {"path": str(target_path), "standin_layers": standin_layers, "head_vocab": STANDIN_HEAD_VOCAB}
+        return DraftDescription(str(target_path), standin_layers=standin_layers, head_vocab=STANDIN_HEAD_VOCAB,
+                                dtype=dtype, batch_invariant=batch_invariant)
     if draft == DEFAULT:
         if Path(target_path).resolve() != default_target_path(progress=False).resolve():
             raise ValueError("there is no default draft for this target: pass --draft DIR "
                              "(e.g. one made by `ssd train-draft`) or --draft standin")
         if not (DEFAULT_DRAFT_DIR / "config.json").exists():
             raise FileNotFoundError(f"the shipped default draft is missing: {DEFAULT_DRAFT_DIR}")
-        return {"path": str(DEFAULT_DRAFT_DIR), "target_path": str(target_path)}
-    return {"path": str(resolve_model(draft)), "target_path": str(target_path)}
+        path = DEFAULT_DRAFT_DIR
+    else:
+        path = resolve_model(draft)
+    return DraftDescription(str(path), str(target_path), dtype=dtype, batch_invariant=batch_invariant)
 
 
-def describe(spec: dict) -> str:
-    dtype = spec.get("dtype", "float32")
-    exact = "" if spec.get("batch_invariant", True) else ", non-invariant kernels"
-    return f"{_describe_model(spec)} [{dtype}{exact}]"
-
-
-def _describe_model(spec: dict) -> str:
-    if "standin_layers" in spec:
-        head = f", {spec['head_vocab']}-token head" if spec.get("head_vocab") else ""
-        return f"stand-in draft (target truncated to its first {spec['standin_layers']} layers{head}; weak, not trained)"
-    cfg_file = Path(spec["path"]) / "config.json"
-    if cfg_file.exists():
-        cfg = json.loads(cfg_file.read_text())
-        meta = cfg.get("ssd_draft")
-        if meta:
-            return (f"trained draft {Path(spec['path']).name} ({cfg['num_hidden_layers']} layers, "
-                    f"{meta['head_vocab_size']}-token head, distilled from {Path(str(meta['target'])).name})")
-    return f"draft {spec['path']}"
+def describe(d: DraftDescription | dict) -> str:
+    return DraftDescription.of(d).describe()
 
 
 def restrict_head(model, head_ids: torch.Tensor) -> None:
@@ -84,25 +104,26 @@ def restrict_head(model, head_ids: torch.Tensor) -> None:
     model.head_ids = head_ids
 
 
-def load_draft(spec: dict, dtype=None, device="cpu"):
-    """The draft model of a spec, in the spec's dtype unless dtype overrides it."""
-    model = _load_draft(spec, dtype or getattr(torch, spec.get("dtype", "float32")), device)
-    model.invariant = bool(spec.get("batch_invariant", True))
+def load_draft(d: DraftDescription | dict, dtype=None, device="cpu"):
+    """The draft model of a description, in its dtype unless dtype overrides it."""
+    d = DraftDescription.of(d)
+    model = _load_draft(d, dtype or getattr(torch, d.dtype), device)
+    model.invariant = d.batch_invariant
     return model
 
 
-def _load_draft(spec: dict, dtype, device):
+def _load_draft(d: DraftDescription, dtype, device):
     from .draft_dir import is_draft_dir, load_draft_dir
 
-    if is_draft_dir(spec["path"]):  # a trained draft (ssd train-draft): the embedding comes from its target
-        return load_draft_dir(spec["path"], spec.get("target_path"), dtype=dtype, device=device)
-    model, cfg = load_model(spec["path"], dtype=dtype, device=device)
-    n = spec.get("standin_layers")
+    if is_draft_dir(d.path):  # a trained draft (ssd train-draft): the embedding comes from its target
+        return load_draft_dir(d.path, d.target_path, dtype=dtype, device=device)
+    model, cfg = load_model(d.path, dtype=dtype, device=device)
+    n = d.standin_layers
     if n is not None:
         if not 1 <= n <= cfg.num_layers:
             raise ValueError(f"standin_layers must be in [1, {cfg.num_layers}]")
         model.layers = model.layers[:n]
         model.cfg = dataclasses.replace(cfg, num_layers=n)
-    if spec.get("head_vocab"):
-        restrict_head(model, torch.arange(min(int(spec["head_vocab"]), model.cfg.vocab_size)))
+    if d.head_vocab:
+        restrict_head(model, torch.arange(min(int(d.head_vocab), model.cfg.vocab_size)))
     return model

@@ -24,7 +24,7 @@ MAX_TOKENS = 128
 def pair():
     p = ModelPair.load(EngineConfig(mode="ar", dtype="bfloat16"))
     assert p.numerics["dtype"] == "bfloat16" and p.numerics["invariance"]["invariant"]
-    assert p.draft_spec["dtype"] == "bfloat16"
+    assert p.draft_desc.dtype == "bfloat16"
     return p
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from ssd.config import EngineConfig, SamplingParams, SpecConfig
 from ssd.engine import ModelPair, build_engine
-from ssd.models.draft import draft_spec
+from ssd.models.draft import draft_description
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def test_ssd_greedy_identical_to_ar_with_misses(pair, prompts, reference):
     # the weak stand-in draft: almost every round misses and goes through the JIT path
     cfg = EngineConfig(mode="ssd", max_batch=4, spec=SpecConfig(num_speculative_tokens=4, fan_out_budget=6))
     standin = ModelPair(pair.target_path, pair.target, pair.tokenizer,
-                        draft_spec("standin", pair.target_path, cfg.standin_layers))
+                        draft_description("standin", pair.target_path, cfg.standin_layers))
     out, st = _run(standin, prompts, cfg)
     assert out == reference
     assert st.cache_miss > 0 and st.n_jit > 0

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ssd.config import EngineConfig
-from ssd.models.draft import describe, draft_spec, load_draft
+from ssd.models.draft import DraftDescription, describe, draft_description, load_draft
 from ssd.models.loader import default_target_path
 from ssd.models.precision import cpu_has_native_bf16, resolve_dtype
 
@@ -31,10 +31,11 @@ def test_explicit_dtype_wins_and_bad_names_are_refused():
 
 
 @pytest.mark.slow
-def test_draft_spec_carries_dtype_and_kernels_to_the_loaded_draft():
-    spec = draft_spec("default", default_target_path(), 4, "bfloat16", batch_invariant=False)
+def test_draft_description_carries_dtype_and_kernels_to_the_loaded_draft():
+    spec = draft_description("default", default_target_path(), 4, "bfloat16", batch_invariant=False)
+    assert isinstance(spec, DraftDescription) and DraftDescription.of({"path": spec.path}).dtype == "float32"
     model = load_draft(spec)
     assert model.dtype == torch.bfloat16 and model.invariant is False
     assert model.new_cache(1, 16).k.dtype == torch.bfloat16  # the KV cache in the model dtype
     # different numerics are different drafts to the speculation index (its fingerprint)
-    assert describe(spec) != describe(draft_spec("default", default_target_path(), 4, "float32"))
+    assert describe(spec) != draft_description("default", default_target_path(), 4, "float32").describe()
