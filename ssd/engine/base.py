@@ -173,22 +173,22 @@ class Engine:
         return out
 
     def _verify_rows(self, seqs: list[Sequence], logits: torch.Tensor, specs: list[tuple]) -> list[tuple[int, int]]:
-        """Outcome (k, t*) per row. logits [B, K+1, V]; specs[b] = (token_ids [K], q [K, V] | None).
+        """Outcome (k, t*) per row. logits [B, K+1, V]; specs[b]: the row's Proposal.
         Rows are verified in batches: greedy rows together, sampled rows together (grouped by
         speculation length). Each sampled row draws its uniforms from its own generator, in row
         order, so a sequence's randomness does not depend on its neighbours."""
         out: list[tuple[int, int] | None] = [None] * len(seqs)
         groups: dict[tuple[bool, int], list[int]] = {}
         for b, s in enumerate(seqs):
-            groups.setdefault((s.params.greedy, specs[b][0].numel()), []).append(b)
+            groups.setdefault((s.params.greedy, specs[b].token_ids.numel()), []).append(b)
         for (greedy, n), rows in groups.items():
-            d = torch.stack([specs[b][0].view(-1) for b in rows])  # [G, n]
+            d = torch.stack([specs[b].token_ids.view(-1) for b in rows])  # [G, n]
             lg = logits[rows, : n + 1]  # [G, n+1, V]
             if greedy:
                 ks, ts = greedy_verify(d, lg)
             else:
                 p = torch.stack([process_logits(lg[i], seqs[b].params) for i, b in enumerate(rows)])
-                q = torch.stack([specs[b][1] for b in rows])  # [G, n, V]
+                q = torch.stack([specs[b].q for b in rows])  # [G, n, V]
                 u_accept, u_token = [], []
                 for b in rows:
                     u_accept.append(torch.rand((1, n), generator=seqs[b].generator)[0])

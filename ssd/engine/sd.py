@@ -7,6 +7,7 @@ import time
 from ..config import EngineConfig
 from .base import Engine
 from .draft_runner import DraftRunner
+from .sequence import Proposal
 
 
 class SDEngine(Engine):
@@ -27,14 +28,14 @@ class SDEngine(Engine):
             t0 = time.perf_counter()
             drafted = self.draft.jit([s.seq_id for s in old], after="miss")
             t1 = time.perf_counter()
-            specs = [drafted[s.seq_id] for s in old]
-            logits = self.target.forward(old, [sp[0].tolist() for sp in specs], self.K + 1)
+            specs = [Proposal(*drafted[s.seq_id], "jit") for s in old]
+            logits = self.target.forward(old, [sp.token_ids.tolist() for sp in specs], self.K + 1)
             t2 = time.perf_counter()
             self.stats.t_draft += t1 - t0
             self.stats.t_verify += t2 - t1
             self.stats.steps += 1
             for s, sp, (k, t) in zip(old, specs, self._verify_rows(old, logits, specs)):
-                kept = self._commit_outcome(s, sp[0].tolist(), k, t)
+                kept = self._commit_outcome(s, sp.token_ids.tolist(), k, t)
                 self.stats.tokens_after_miss += len(kept)
                 self.stats.rounds_after_miss += 1
                 events.append((s, kept))

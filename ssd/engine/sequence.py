@@ -5,12 +5,20 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from ..config import SamplingParams
 
 _ids = itertools.count()
+
+
+class Proposal(NamedTuple):
+    """A speculation waiting to be verified."""
+    token_ids: torch.Tensor  # [K]
+    q: torch.Tensor | None   # [K, V]: the exact distributions the draft sampled from (sampling); None when greedy
+    source: str              # cache | index | jit | backup
 
 
 @dataclass
@@ -57,8 +65,7 @@ class Sequence:
     generator: torch.Generator | None = None
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
-    # speculation currently waiting to be verified: (token_ids [K], q [K, V] | None, source)
-    speculation: tuple | None = None
+    speculation: "Proposal | None" = None  # the speculation waiting to be verified
     spec_result: str | None = None  # hit | late | miss: how that speculation was found (None: not looked up)
     spec_stats: SeqSpecStats = field(default_factory=SeqSpecStats)
     # routing and tracing hints that travel with the sequence to its draft: "draft" (preferred

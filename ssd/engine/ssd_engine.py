@@ -18,6 +18,7 @@ from ..speculation import ngram
 from ..speculation.index import GREEDY, LocalIndex, branch_items, context_key, draft_fingerprint
 from .base import Engine, RoundRow, StepRecord
 from .draft_link import DraftUnavailable, ProcessDraftLink
+from .sequence import Proposal
 from .protocol import AddSequence, Advance, CacheKeys, CacheReply, JitReply, Release, RoundRequest, SequenceOp
 
 
@@ -71,7 +72,7 @@ class SSDEngine(Engine):
         self.draft_error = str(err)
         self.draft_alive = False
         for s in self.scheduler.running:
-            if s.speculation is not None and s.speculation[2] != "backup":
+            if s.speculation is not None and s.speculation.source != "backup":
                 s.speculation = None
 
     def _maybe_revive(self) -> None:
@@ -110,7 +111,7 @@ class SSDEngine(Engine):
         entries, on_time = self._receive_cache(running, outcomes, round_id)
         self._publish(running, specs, base_len, entries)
         self._take_next(running, outcomes, entries, on_time)
-        jit_served = tuple(s.seq_id for s, sp in zip(running, specs) if sp[2] == "jit")  # not those left to the backup
+        jit_served = tuple(s.seq_id for s, sp in zip(running, specs) if sp.source == "jit")  # not those left to the backup
         self._report(StepRecord(round_id, verify_start, verify_end, rows, jit_ns, (lookup_start, time.time_ns()),
                                 jit_served))
         self._retire()
@@ -137,10 +138,10 @@ class SSDEngine(Engine):
         else:
             for s in need:
                 backups[s.seq_id] = self._backup(s)
-        hit_ids = [s.seq_id for s in running if s.speculation is not None and s.speculation[2] == "cache"]
+        hit_ids = [s.seq_id for s in running if s.speculation is not None and s.speculation.source == "cache"]
         for s in running:  # an index hit is, for the draft, a speculation handed to it
-            if s.speculation is not None and s.speculation[2] == "index":
-                backups[s.seq_id] = s.speculation[0].tolist()
+            if s.speculation is not None and s.speculation.source == "index":
+                backups[s.seq_id] = s.speculation.token_ids.tolist()
         return need, jit_ids, backups, hit_ids
 
     def _dispatch(self, running, need, jit_ids, backups, hit_ids):
@@ -163,7 +164,7 @@ class SSDEngine(Engine):
                         continue
                     tokens, q_ref = reply[s.seq_id].token_ids, reply[s.seq_id].q_ref
                     q = self.link.q_row(q_ref) if q_ref is not None else None
-                    s.speculation = (torch.tensor(tokens), q, "jit")
+                    s.speculation = Proposal(torch.tensor(tokens), q, "jit")
                     if s.params.greedy and not self.draft_publishes:  # a retry reaching this context will not wait
                         key = self._key(s.context)
                         jit_items[key] = tokens
@@ -184,7 +185,7 @@ class SSDEngine(Engine):
         """Every running sequence's speculation in one target forward -> outcomes (k, t*)."""
         t0, verify_start = time.perf_counter(), time.time_ns()
         specs = [s.speculation for s in running]
-        logits = self.target.forward(running, [sp[0].tolist() for sp in specs], self.K + 1)
+        logits = self.target.forward(running, [sp.token_ids.tolist() for sp in specs], self.K + 1)
         outcomes = self._verify_rows(running, logits, specs)
         self.stats.t_verify += time.perf_counter() - t0
         self.stats.steps += 1
@@ -194,15 +195,15 @@ class SSDEngine(Engine):
         """Commit each outcome, count it by where its speculation came from, and queue it for the draft."""
         rows = []
         for s, sp, (k, t) in zip(running, specs, outcomes):
-            kept = self._commit_outcome(s, sp[0].tolist(), k, t)
-            if sp[2] in ("cache", "index"):
+            kept = self._commit_outcome(s, sp.token_ids.tolist(), k, t)
+            if sp.source in ("cache", "index"):
                 self.stats.tokens_after_hit += len(kept)
                 self.stats.rounds_after_hit += 1
             else:
                 self.stats.tokens_after_miss += len(kept)
                 self.stats.rounds_after_miss += 1
             events.append((s, kept))
-            rows.append(RoundRow(s, len(sp[0]), k, len(kept), sp[2], s.spec_result))
+            rows.append(RoundRow(s, len(sp.token_ids), k, len(kept), sp.source, s.spec_result))
             s.speculation, s.spec_result = None, None
             if not s.finished:
                 self.pending_ops.append(Advance(s.seq_id, list(kept)))
@@ -248,7 +249,7 @@ class SSDEngine(Engine):
                 continue
             self._count(s, "cache_hit" if on_time else "cache_late")
             q = self.link.q_row(entry.q_ref, j) if entry.q_ref is not None else None
-            s.speculation = (torch.tensor(entry.token_ids[j]), q, "cache")
+            s.speculation = Proposal(torch.tensor(entry.token_ids[j]), q, "cache")
         if index_rows:
             found = self.index.get_many([self._key(s.context) for s in index_rows])
             for s, tokens in zip(index_rows, found):
@@ -257,7 +258,7 @@ class SSDEngine(Engine):
                 else:
                     self._count(s, "cache_hit")
                     self.stats.index_hit += 1
-                    s.speculation = (torch.tensor(tokens), None, "index")
+                    s.speculation = Proposal(torch.tensor(tokens), None, "index")
 
     # ---- speculation index -----------------------------------------------------------------------
     def _key(self, context: list[int]) -> str:
@@ -273,7 +274,7 @@ class SSDEngine(Engine):
             entry = entries.get(s.seq_id)
             if entry is None or not s.params.greedy:
                 continue
-            mine = branch_items(s.context[: base_len[s.seq_id]], sp[0].tolist(), entry.keys, entry.token_ids,
+            mine = branch_items(s.context[: base_len[s.seq_id]], sp.token_ids.tolist(), entry.keys, entry.token_ids,
                                 self.draft_fingerprint, self.K)
             self.published.setdefault(s.seq_id, []).extend(mine)
             items.update(mine)
@@ -289,7 +290,7 @@ class SSDEngine(Engine):
         t0 = time.perf_counter()
         tokens = ngram.propose(s.context, self.K, self.cfg.spec.ngram_max)
         q = None if s.params.greedy else ngram.point_mass_probs(tokens, self.vocab_size)
-        s.speculation = (torch.tensor(tokens), q, "backup")
+        s.speculation = Proposal(torch.tensor(tokens), q, "backup")
         self.stats.t_backup += time.perf_counter() - t0
         self.stats.n_backup += 1
         return tokens

@@ -5,6 +5,7 @@ import socket
 import subprocess
 import time
 
+import grpc
 import pytest
 import redis
 
@@ -12,6 +13,7 @@ from ssd.config import EngineConfig, SamplingParams, SpecConfig
 from ssd.engine import SSDEngine
 from ssd.models.loader import load_model
 from ssd.services.index_redis import RedisIndex
+from ssd.services.protos import pb, pb_grpc
 
 PROMPT = [0, 1, 2, 1]
 
@@ -119,7 +121,13 @@ def test_draft_service_publishes_its_speculations_itself(small_pair, redis_serve
         with SSDEngine(_cfg(), target, {}, (3,), link=replica_link, index=RedisIndex(url)) as b:
             assert b.generate([PROMPT], params)[0].output_ids == first
             assert b.stats.index_hit > 0
-        # abort: the draft deletes what it published for that sequence
+        # abort: the draft deletes what it published for that sequence. First let the draft finish
+        # the earlier streams' last rounds (a build still running when a stream closes publishes
+        # before its sequences are forgotten), so nothing of theirs lands after the flush
+        stub = pb_grpc.DraftStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        deadline = time.time() + 30
+        while stub.Load(pb.LoadRequest(), timeout=10).sequences and time.time() < deadline:
+            time.sleep(0.05)
         client.flushdb()
         with SSDEngine(_cfg(), target, {}, (3,), link=GrpcDraftLink(f"127.0.0.1:{port}", k=2), index=RedisIndex(url)) as c:
             s = c.add_request([1, 2, 3, 0], SamplingParams(max_tokens=40, ignore_eos=True))
