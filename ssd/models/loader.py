@@ -51,8 +51,6 @@ def read_tensor(path: str | Path, name: str) -> torch.Tensor | None:
     return next((t for _, t in read_tensors(path, lambda n: n == name)), None)
 
 
-_hf_tensors = read_tensors
-
 
 def _our_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # fuse q/k/v and gate/up so that a layer is 4 matmuls; stack q_norm/k_norm per head
@@ -89,7 +87,7 @@ def _our_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, 
 def load_model(path: str | Path, dtype=torch.float32, device="cpu") -> tuple[LlamaModel, ModelConfig]:
     path = Path(path)
     cfg = read_config(path)
-    hf = {name: t.to(dtype) for name, t in _hf_tensors(path)}
+    hf = {name: t.to(dtype) for name, t in read_tensors(path)}
     sd = {k: v.to(device).contiguous() for k, v in _our_state_dict(cfg, hf).items()}
     with torch.device("meta"):
         model = LlamaModel(cfg)

@@ -50,15 +50,17 @@ def attention_mismatches(attn, dtype, trials=30, seed=0, Hq=9, Hkv=3, D=64):
     return bad
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("threads", [1, 2])
-def test_invariant_attention_is_bitwise_row_batch_and_mask_invariant(dtype, threads):
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
     old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        assert attention_mismatches(attention_invariant, dtype) == []
-    finally:
-        torch.set_num_threads(old)
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_invariant_attention_is_bitwise_row_batch_and_mask_invariant(dtype, threads):
+    assert attention_mismatches(attention_invariant, dtype) == []
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -92,16 +94,10 @@ def test_invariant_attention_prefill_chunks_rows(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("threads", [1, 2])
 def test_packed_linear_is_row_invariant(dtype, threads):
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        g = torch.Generator().manual_seed(1)
-        weights = [(torch.randn(o, i, generator=g) * 0.05).to(dtype) for o, i in [(960, 576), (576, 1536), (8192, 576)]]
-        assert probe_row_invariance(weights, envelope_rows(130)) == []
-    finally:
-        torch.set_num_threads(old)
+    g = torch.Generator().manual_seed(1)
+    weights = [(torch.randn(o, i, generator=g) * 0.05).to(dtype) for o, i in [(960, 576), (576, 1536), (8192, 576)]]
+    assert probe_row_invariance(weights, envelope_rows(130)) == []
 
 
 def test_negative_control_the_row_probe_catches_a_row_dependent_linear(monkeypatch):
