@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .llama import check_head_ids
 from .loader import default_target_path, load_model, resolve_model
 
 STANDIN = "standin"
@@ -91,17 +92,10 @@ def describe(d: DraftDescription | dict) -> str:
 
 
 def restrict_head(model, head_ids: torch.Tensor) -> None:
-    """Reduced-vocabulary output head: the draft scores only head_ids (target id space).
-    Tokens outside get q = 0 and are never proposed, so verification stays exact."""
-    head_ids = torch.as_tensor(head_ids, dtype=torch.int64)
-    if head_ids.numel() == 0 or int(head_ids.max()) >= model.cfg.vocab_size or int(head_ids.min()) < 0:
-        raise ValueError("head ids must be non-empty and inside the vocabulary")
-    if head_ids.unique().numel() != head_ids.numel():
-        raise ValueError("head ids must be distinct")
-    weight = model.lm_head.weight.detach()[head_ids].clone()  # [Vh, H]
-    model.lm_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    model.lm_head.weight = torch.nn.Parameter(weight, requires_grad=False)
-    model.head_ids = head_ids
+    """Reduced-vocabulary output head: the draft scores only head_ids (target id space), with
+    the rows its full head gives them. Tokens outside get q = 0 and are never proposed."""
+    head_ids = check_head_ids(head_ids, model.cfg.vocab_size)
+    model.set_head(model.lm_head.weight.detach()[head_ids].clone(), head_ids)
 
 
 def load_draft(d: DraftDescription | dict, dtype=None, device="cpu"):

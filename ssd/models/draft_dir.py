@@ -54,11 +54,7 @@ def load_draft_dir(draft_dir: str | Path, target_path: str | Path | None = None,
     with torch.device("meta"):
         model = LlamaModel(cfg)
     model.load_state_dict({k: v.to(device).contiguous() for k, v in sd.items()}, strict=False, assign=True)
-    # reduced-vocabulary head, as ssd.models.draft.restrict_head leaves it: the engine maps
-    # head indices back to token ids and gives q = 0 outside head_ids
-    model.lm_head = torch.nn.Linear(cfg.hidden_size, head.shape[0], bias=False, device=device, dtype=dtype)
-    model.lm_head.weight = torch.nn.Parameter(head.to(device).contiguous(), requires_grad=False)
-    model.head_ids = head_ids
+    model.set_head(head.to(device), head_ids)  # the reduced-vocabulary head
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise KeyError(f"parameters missing from {draft_dir}: {missing[:5]}")

@@ -1,7 +1,12 @@
-"""Llama-family decoder (Llama 2/3, SmolLM2, Qwen2 with qkv bias, Qwen3 with QK-norm) over KVCache.
+"""Llama-family decoder (Llama 2/3, SmolLM2, Qwen2 with qkv bias, Qwen3 with QK-norm).
 
-Weights are stored fused (q|k|v and gate|up) so a layer is four matmuls; RoPE cos/sin tables are
-computed once and indexed by position. Numerics follow Hugging Face transformers in fp32.
+One implementation for inference and training. Weights are stored fused (q|k|v and gate|up) so a
+layer is four matmuls; RoPE cos/sin tables are computed once and indexed by position. Two paths
+run the same blocks:
+  forward / hidden       over a KVCache with the batch-invariant kernels (the engines);
+  forward_full           whole sequences from position 0, causal SDPA, no cache, differentiable
+                         (draft training: ssd/train/draft_model.py).
+Numerics follow Hugging Face transformers in fp32.
 """
 from __future__ import annotations
 
@@ -100,6 +105,23 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv
 
 
+def apply_rope(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # rotate-half RoPE (as HF Llama) on the last dim; cos, sin broadcast to qk[..., :D/2]
+    h = qk.shape[-1] // 2
+    x1, x2 = qk[..., :h], qk[..., h:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+
+
+def check_head_ids(head_ids, vocab_size: int) -> torch.Tensor:
+    """A reduced head's token ids as int64, refused unless non-empty, distinct and in the vocabulary."""
+    head_ids = torch.as_tensor(head_ids, dtype=torch.int64)
+    if head_ids.numel() == 0 or int(head_ids.max()) >= vocab_size or int(head_ids.min()) < 0:
+        raise ValueError("head ids must be non-empty and inside the vocabulary")
+    if head_ids.unique().numel() != head_ids.numel():
+        raise ValueError("head ids must be distinct")
+    return head_ids
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -122,16 +144,34 @@ class DecoderLayer(nn.Module):
         B, n, _ = x.shape
         Hq, Hkv, D = self.Hq, self.Hkv, self.D
         lin = lambda t, name, w, b=None: linear(t, w, b, packs=packs, name=f"{layer}.{name}", invariant=invariant)
+        q, k, v = self._qkv(x, cos, sin, lambda h: lin(h, "qkv", self.qkv_weight, self.qkv_bias))
+        k, v = cache.write_and_read(layer, k, v, batch)  # [B, Hkv, S, D]
+        a = attention(q, k, v, batch, invariant=invariant).transpose(1, 2).reshape(B, n, Hq * D)
+        return self._rest(x, a, lambda t, name, w, b=None: lin(t, name, w, b))
+
+    def forward_full(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Whole sequences from position 0 (right padding is harmless under the causal mask),
+        no cache, plain differentiable ops. x [B, n, H]; cos, sin [n, 1, D/2] -> [B, n, H]"""
+        B, n, _ = x.shape
+        q, k, v = self._qkv(x, cos, sin, lambda h: F.linear(h, self.qkv_weight, self.qkv_bias))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # [B, Hq, n, D]
+        return self._rest(x, a.transpose(1, 2).reshape(B, n, self.Hq * self.D),
+                          lambda t, name, w, b=None: F.linear(t, w, b))
+
+    def _qkv(self, x, cos, sin, qkv_proj):
+        # -> q [B, Hq, n, D], k, v [B, Hkv, n, D] (q and k rotated)
+        B, n, _ = x.shape
+        Hq, Hkv, D = self.Hq, self.Hkv, self.D
         h = F.rms_norm(x, (x.shape[-1],), self.in_norm_weight, self.eps)
-        qkv = lin(h, "qkv", self.qkv_weight, self.qkv_bias).view(B, n, Hq + 2 * Hkv, D)
+        qkv = qkv_proj(h).view(B, n, Hq + 2 * Hkv, D)
         qk, v = qkv[:, :, :Hq + Hkv], qkv[:, :, Hq + Hkv:]  # [B, n, Hq+Hkv, D], [B, n, Hkv, D]
         if self.qk_norm_weight is not None:
             qk = F.rms_norm(qk, (D,), None, self.eps) * self.qk_norm_weight
-        x1, x2 = qk[..., :D // 2], qk[..., D // 2:]
-        qk = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)  # rotate-half RoPE
-        q = qk[:, :, :Hq].transpose(1, 2)  # [B, Hq, n, D]
-        k, v = cache.write_and_read(layer, qk[:, :, Hq:].transpose(1, 2), v.transpose(1, 2), batch)  # [B, Hkv, S, D]
-        a = attention(q, k, v, batch, invariant=invariant).transpose(1, 2).reshape(B, n, Hq * D)
+        qk = apply_rope(qk, cos, sin)
+        return qk[:, :, :Hq].transpose(1, 2), qk[:, :, Hq:].transpose(1, 2), v.transpose(1, 2)
+
+    def _rest(self, x, a, lin):
+        # attention output a [B, n, Hq*D] -> o projection, residual, MLP, residual
         x = x + lin(a, "o", self.o_weight, self.o_bias)
         h = F.rms_norm(x, (x.shape[-1],), self.post_norm_weight, self.eps)
         gu = lin(h, "gate_up", self.gate_up_weight)  # [B, n, 2*inter]
@@ -154,8 +194,21 @@ class LlamaModel(nn.Module):
         self.packs = LinearPacks()  # oneDNN-packed copies of the linear weights (CPU)
         self.register_buffer("rope_cos", None, persistent=False)  # [max_position, D/2]
         self.register_buffer("rope_sin", None, persistent=False)
+        self.head_ids = None  # a reduced-vocabulary head's token ids (set_head)
         if not self.embed.weight.is_meta:  # under torch.device("meta") the loader calls init_rope
             self.init_rope()
+
+    def set_head(self, weight: torch.Tensor, head_ids: torch.Tensor | None = None) -> None:
+        """Install an output head. head_ids [Vh] (the reduced-vocabulary head): row i of weight
+        [Vh, H] scores token head_ids[i]; the engines map head indices back to token ids and give
+        q = 0 outside head_ids, so verification stays exact. None: the full vocabulary."""
+        if head_ids is not None:
+            head_ids = check_head_ids(head_ids, self.cfg.vocab_size)
+            if weight.shape[0] != head_ids.numel():
+                raise ValueError(f"head weight has {weight.shape[0]} rows for {head_ids.numel()} head ids")
+        self.lm_head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+        self.lm_head.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        self.head_ids = head_ids
 
     def tie_weights(self) -> None:
         if self.cfg.tie_word_embeddings:
@@ -207,3 +260,16 @@ class LlamaModel(nn.Module):
         if logits_rows is not None:
             h = h.gather(1, logits_rows[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, m, H]
         return linear(h, self.lm_head.weight, packs=self.packs, name="lm_head", invariant=self.invariant).float()
+
+    def hidden_full(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # input_ids [B, n] from position 0 -> final-normed hidden states [B, n, H] (training path)
+        n = input_ids.shape[1]
+        cos, sin = self.rope_cos[:n, None], self.rope_sin[:n, None]  # [n, 1, D/2]
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer.forward_full(x, cos, sin)
+        return F.rms_norm(x, (x.shape[-1],), self.norm_weight, self.cfg.rms_norm_eps)
+
+    def forward_full(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # input_ids [B, n] from position 0 -> logits [B, n, V or Vh] fp32, differentiable
+        return self.lm_head(self.hidden_full(input_ids)).float()

@@ -84,6 +84,36 @@ def _our_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, 
     return sd
 
 
+def hf_state_dict(cfg: ModelConfig, ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of _our_state_dict: fused tensors split back into Hugging Face Llama names.
+    Whatever of embed.weight / lm_head.weight is absent from `ours` is absent from the result."""
+    D, Hq, Hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    hf = {"model.norm.weight": ours["norm_weight"]}
+    if "embed.weight" in ours:
+        hf["model.embed_tokens.weight"] = ours["embed.weight"]
+    if "lm_head.weight" in ours and not cfg.tie_word_embeddings:
+        hf["lm_head.weight"] = ours["lm_head.weight"]
+    for i in range(cfg.num_layers):
+        o, p = f"layers.{i}.", f"model.layers.{i}."
+        a = p + "self_attn."
+        for x, t in zip("qkv", ours[o + "qkv_weight"].split([Hq * D, Hkv * D, Hkv * D], 0)):
+            hf[a + f"{x}_proj.weight"] = t
+        if cfg.attention_bias:
+            for x, t in zip("qkv", ours[o + "qkv_bias"].split([Hq * D, Hkv * D, Hkv * D], 0)):
+                hf[a + f"{x}_proj.bias"] = t
+        hf[a + "o_proj.weight"] = ours[o + "o_weight"]
+        if cfg.o_bias:
+            hf[a + "o_proj.bias"] = ours[o + "o_bias"]
+        if cfg.qk_norm:
+            hf[a + "q_norm.weight"], hf[a + "k_norm.weight"] = ours[o + "qk_norm_weight"][0], ours[o + "qk_norm_weight"][Hq]
+        gate, up = ours[o + "gate_up_weight"].chunk(2, 0)
+        hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"] = gate, up
+        hf[p + "mlp.down_proj.weight"] = ours[o + "down_weight"]
+        hf[p + "input_layernorm.weight"] = ours[o + "in_norm_weight"]
+        hf[p + "post_attention_layernorm.weight"] = ours[o + "post_norm_weight"]
+    return {k: v.contiguous() for k, v in hf.items()}
+
+
 def load_model(path: str | Path, dtype=torch.float32, device="cpu") -> tuple[LlamaModel, ModelConfig]:
     path = Path(path)
     cfg = read_config(path)

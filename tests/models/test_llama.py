@@ -29,6 +29,33 @@ def test_logits_match_hf(tiny_dirs, kind):
     assert ours.shape == ref.shape and ours.dtype == torch.float32
     assert (ours - ref).abs().max() <= 1e-4
     assert ref.abs().max() > 1e-2  # the comparison is not trivially between zeros
+    # the training path (whole sequences, no cache, differentiable) runs the same blocks
+    full = model.forward_full(ids)
+    assert (full - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hf_state_dict_inverts_ours(tiny_dirs, kind):
+    from ssd.models.loader import _our_state_dict, hf_state_dict, read_tensors
+
+    path, _ = tiny_dirs[kind]
+    cfg = load_model(path)[1]
+    hf = {n: t for n, t in read_tensors(path) if "rotary_emb" not in n}
+    back = hf_state_dict(cfg, _our_state_dict(cfg, dict(hf)))
+    assert set(back) == set(hf)
+    for n, t in hf.items():
+        assert torch.equal(back[n], t), n
+
+
+def test_training_path_trains_only_what_it_should(tiny_dirs):
+    model, cfg = load_model(tiny_dirs["llama_untied"][0])
+    for n, p in model.named_parameters():
+        p.requires_grad_(n != "embed.weight")
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    model.forward_full(ids).logsumexp(-1).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert grads["embed.weight"] is None
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n != "embed.weight")
 
 
 def test_config_fields(tiny_dirs):
