@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from ssd.config import SamplingParams
+from ssd.speculation.qrows import support_of, to_vocab
 from ssd.engine.protocol import (AddSequence, Advance, CachedBranches, CacheKeys, CacheReply, JitReply, Release,
                                  RoundReply, RoundRequest, Speculation)
 
@@ -44,17 +45,26 @@ def tensor_from_bytes(b: bytes, shape) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(b, dtype="<f4").copy()).reshape(shape)
 
 
-def put_q_rows(sp, q: torch.Tensor) -> None:
-    """q [K, vocab] into sp: only the columns where some row is nonzero (a reduced draft head or
-    top-k/top-p leaves most of the vocabulary at exactly 0), as fp32 values, so a sampled
-    speculation cache at full batch stays far below the message limit. Exact: the zeros are
-    restored as zeros and the kept values are the draft's own fp32 values."""
-    support = (q != 0).any(0).nonzero().flatten()
-    if 2 * support.numel() < q.shape[1]:  # compact pays (ids + values vs values alone)
-        sp.draft_probs_support.extend(support.tolist())
-        sp.draft_probs = tensor_to_bytes(q[:, support])
-    else:
-        sp.draft_probs = tensor_to_bytes(q)
+def compact_columns(q: torch.Tensor, support: torch.Tensor | None, vocab_size: int):
+    """q [..., S] over the token ids `support` (None: the whole vocabulary) -> (q [..., S'],
+    ids [S'] | None): only the columns where some row is nonzero (a reduced draft head or
+    top-k/top-p leaves most of the vocabulary at exactly 0), or the whole vocabulary (ids None)
+    when listing the ids would not pay. Exact: dropped columns are zeros, kept values the draft's."""
+    cols = support_of(q)
+    ids = cols if support is None else support[cols]
+    if 2 * ids.numel() < vocab_size:  # compact pays (ids + values vs values alone)
+        return q[..., cols], ids
+    return to_vocab(q, support, vocab_size), None
+
+
+def put_q_rows(sp, q: torch.Tensor, support: torch.Tensor | None, vocab_size: int) -> None:
+    """q [K, S] over `support` (the draft head's token ids; None: the vocabulary) into sp as
+    fp32 bytes, compacted by compact_columns, so a sampled speculation cache at full batch stays
+    far below the message limit."""
+    q, ids = compact_columns(q, support, vocab_size)
+    if ids is not None:
+        sp.draft_probs_support.extend(ids.tolist())
+    sp.draft_probs = tensor_to_bytes(q)
 
 
 def get_q_rows(sp, k: int, vocab_size: int) -> torch.Tensor | None:
@@ -100,18 +110,20 @@ def round_from_pb(req, seq_key) -> RoundRequest:
     return RoundRequest(req.round, ops, [seq_key(i) for i in req.jit], backups, [seq_key(i) for i in req.hit])
 
 
-def reply_to_pb(msg: RoundReply, seq_name, channel: bool = False):
-    """Draft reply -> (response, tensor | None). q refs are ("inline", tensor); with a tensor
-    channel the rows are gathered into one [rows, K, vocab] tensor sent after the response
-    instead of travelling as bytes inside it."""
+def reply_to_pb(msg: RoundReply, seq_name, vocab_size: int, support: torch.Tensor | None = None,
+                channel: bool = False):
+    """Draft reply -> (response, tensor | None). q refs are ("inline", tensor [.., K, S]) over
+    `support`, the draft head's token ids (None: the vocabulary). With a tensor channel the rows
+    are gathered into one [rows, K, S'] tensor over their union support (named in the response)
+    sent after the response instead of travelling as bytes inside it."""
     rows: list[torch.Tensor] = []
 
-    def attach(sp, q):  # q: [K, vocab]
+    def attach(sp, q):  # q: [K, S]
         if channel:
             sp.channel_probs = True
             rows.append(q)
         else:
-            put_q_rows(sp, q)
+            put_q_rows(sp, q, support, vocab_size)
 
     if isinstance(msg, CacheKeys):
         items = [pb.Speculation(seq_id=seq_name(i), num_accepted=k, token=t) for i, keys in msg.keys.items() for k, t in keys]
@@ -146,13 +158,19 @@ def reply_to_pb(msg: RoundReply, seq_name, channel: bool = False):
     if not rows:
         return resp, None
     resp.channel_rows = len(rows)
-    return resp, torch.stack(rows)  # [rows, K, vocab]
+    stacked, ids = compact_columns(torch.stack(rows), support, vocab_size)  # [rows, K, S']
+    if ids is not None:
+        resp.channel_support.extend(ids.tolist())
+    return resp, stacked.contiguous()
 
 
 def reply_from_pb(resp, k: int, vocab_size: int, channel_rows: torch.Tensor | None = None) -> RoundReply:
-    """Response -> the reply the SSD engine expects; q refs become ("inline", tensor).
-    channel_rows: the [rows, K, vocab] tensor received on the tensor channel after resp."""
+    """Response -> the reply the SSD engine expects; q refs become ("inline", tensor [.., K, vocab]).
+    channel_rows: the [rows, K, S] tensor received on the tensor channel after resp, over
+    resp.channel_support."""
     body = resp.WhichOneof("body")
+    if channel_rows is not None and resp.channel_support:
+        channel_rows = to_vocab(channel_rows, torch.tensor(list(resp.channel_support), dtype=torch.int64), vocab_size)
     items = getattr(resp, body).items
     taken = iter(range(resp.channel_rows))
 

@@ -66,8 +66,9 @@ class GrpcDraftLink:
         try:
             for resp in self.call:
                 rows = None
-                if resp.channel_rows:  # [rows, K, vocab] follows on the tensor channel
-                    rows = self.tensors.recv((resp.channel_rows, self.k, self.info["vocab_size"]))
+                if resp.channel_rows:  # [rows, K, S] follows on the tensor channel
+                    width = len(resp.channel_support) or self.info["vocab_size"]
+                    rows = self.tensors.recv((resp.channel_rows, self.k, width))
                 self.replies.put((resp, rows))
             self.replies.put(DraftUnavailable("draft stream ended"))
         except grpc.RpcError as e:

@@ -1,8 +1,8 @@
 """Tensor channel: a point-to-point torch.distributed pipe between one draft and one target.
 
-It carries what is too large for control messages: the full draft distributions q
-([rows, K, vocab] float32, needed by the ratio test when sampling) and, for feature-based
-drafters, target hidden states. NCCL between GPU processes on one node (P2P / GPUDirect), gloo
+It carries what is too large for control messages: the draft distributions q ([rows, K, S]
+float32 over the draft head's support, needed by the ratio test when sampling) and, for
+feature-based drafters, target hidden states. NCCL between GPU processes on one node (P2P / GPUDirect), gloo
 on CPU; callers fall back to inline bytes in their control messages when no channel can be set
 up. Each channel is its own two-rank process group built from its own TCPStore, so one draft
 can hold channels to many targets at once and no global process group is involved.

@@ -100,6 +100,7 @@ class DraftService(pb_grpc.DraftServicer):
         channel = self._take_channel(context)
         names: dict[int, str] = {}  # draft id -> the target's seq id, for this stream
         ids: dict[str, int] = {}
+        vocab, head = self.server.runner.vocab_size, self.server.runner.head_ids  # q rows are over the head
 
         def seq_key(name: str) -> int:
             if name not in ids:
@@ -146,7 +147,7 @@ class DraftService(pb_grpc.DraftServicer):
                         self._queue(-1)
                         self.server.handle(
                             msg,
-                            send=lambda m: send(convert.reply_to_pb(m, names.__getitem__, channel is not None)),
+                            send=lambda m: send(convert.reply_to_pb(m, names.__getitem__, vocab, head, channel is not None)),
                             poll=lambda: not inbox.empty(),
                             put_q=lambda kind, round_id, slot, probs: ("inline", probs),
                         )

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as d:
         _tiny_draft(d)
         spec = SpecConfig(num_speculative_tokens=4)
-        link = ProcessDraftLink(DraftDescription(d), spec, 4, 64, 1, 64)
+        link = ProcessDraftLink(DraftDescription(d), spec, 4, 64, 1)
         _round_trip(link, 50)
         res["draft round, local process pipe"] = _percentiles(_round_trip(link, ns.rounds))
         link.close()

@@ -12,7 +12,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.multiprocessing as mp
 
-from .draft_worker import allocate_q_buffers, worker_main
+from ..speculation.qrows import to_vocab
+from .draft_worker import worker_main
 from .protocol import DraftFailed, DraftReady, RoundReply, RoundRequest, Stop
 
 
@@ -47,14 +48,13 @@ class DraftLink(Protocol):
 
 
 class ProcessDraftLink:
-    def __init__(self, draft_desc, spec_cfg, max_seqs: int, max_model_len: int, threads: int, vocab_size: int,
+    def __init__(self, draft_desc, spec_cfg, max_seqs: int, max_model_len: int, threads: int,
                  seed: int = 0, start_timeout: float = 300.0):
-        self.cache_q, self.jit_q = allocate_q_buffers(max_seqs, spec_cfg.fan_out_budget, spec_cfg.num_speculative_tokens, vocab_size)
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(
             target=worker_main,
-            args=(child, draft_desc, spec_cfg, max_seqs, max_model_len, threads, self.cache_q, self.jit_q, seed),
+            args=(child, draft_desc, spec_cfg, max_seqs, max_model_len, threads, seed),
             daemon=True,
             name="ssd-draft",
         )
@@ -64,6 +64,8 @@ class ProcessDraftLink:
         if not isinstance(msg, DraftReady):
             raise DraftUnavailable(f"draft process failed to start: {getattr(msg, 'message', msg)}")
         self.info = dict(msg.info)
+        self.head_ids = msg.head_ids
+        self.cache_q, self.jit_q = msg.q_buffers
 
     def send(self, msg) -> None:
         try:
@@ -90,11 +92,14 @@ class ProcessDraftLink:
         return msg
 
     def q_row(self, q_ref, j: int | None = None) -> torch.Tensor:
-        """q_ref = ("jit", slot) or (parity, slot) of the cache buffers; j = branch."""
+        """q_ref = ("jit", slot) or (parity, slot) of the cache buffers; j = branch. A copy over
+        the vocabulary (the buffers hold the draft head's columns)."""
         if q_ref[0] == "jit":
-            return self.jit_q[q_ref[1]].clone()
-        parity, slot = q_ref
-        return self.cache_q[parity, slot, j].clone()
+            q = self.jit_q[q_ref[1]]
+        else:
+            parity, slot = q_ref
+            q = self.cache_q[parity, slot, j]
+        return q.clone() if self.head_ids is None else to_vocab(q, self.head_ids, self.info["vocab_size"])
 
     def revive(self) -> bool:
         return False  # a dead local draft process is not restarted

@@ -38,7 +38,7 @@ class CacheEntry:
 
     keys: dict[tuple[int, int], int]  # (num_accepted k, recovery/bonus token) -> branch index
     token_ids: torch.Tensor  # [num_branches, K] int64
-    probs: torch.Tensor | None  # [num_branches, K, V] draft q (None when greedy)
+    probs: torch.Tensor | None  # [num_branches, K, Vh] draft q over the head (None when greedy)
     fan_out: list[int] = field(default_factory=list)
 
 
@@ -94,21 +94,20 @@ class DraftRunner:
         return idx if self.head_ids is None else self.head_ids[idx]
 
     def _pick(self, s: DraftSeq, logits: torch.Tensor, fan_out):
-        """Next draft token per row. logits [N, Vh] -> (tokens [N], q [N, V] | None).
-        q is the exact (Saguaro-reshaped) distribution the token was sampled from."""
+        """Next draft token per row. logits [N, Vh] -> (tokens [N], q [N, Vh] | None).
+        q is the exact (Saguaro-reshaped) distribution the token was sampled from, over the
+        head's tokens (head_ids; ssd/speculation/qrows.py widens it to the vocabulary)."""
         if s.params.greedy:
             return self._to_vocab(logits.argmax(-1)), None
         q = saguaro_reshape(process_logits(logits, s.params), torch.as_tensor(fan_out), self.spec.saguaro_c)
         idx = sample(q, s.generator)
-        if self.head_ids is not None:
-            q = torch.zeros(q.shape[0], self.vocab_size).index_copy_(1, self.head_ids, q)
         return self._to_vocab(idx), q
 
     # ---- just-in-time drafting (SD, and SSD after a miss) ---------------------------------
     @torch.inference_mode()
     def jit(self, seq_ids: list[int], after: str = "miss"):
         """K sequential draft steps for each sequence, batched across sequences.
-        Returns {seq_id: (token_ids [K], probs [K, V] | None)}."""
+        Returns {seq_id: (token_ids [K], probs [K, Vh] | None)}, q over the head (head_ids)."""
         if not seq_ids:
             return {}
         rows = [self.seqs[i] for i in seq_ids]

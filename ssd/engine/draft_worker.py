@@ -1,7 +1,8 @@
 """The draft in its own process (its own thread budget), speaking the round protocol of
-protocol.py over a pipe. Full q rows never travel through the pipe: they are written into
+protocol.py over a pipe. q rows never travel through the pipe: they are written into
 shared-memory buffers (double-buffered by round parity for the cache, one region for JIT) and
-read by the target."""
+read by the target. The buffers are as wide as the draft's head (ssd/speculation/qrows.py), so
+the process allocates them and hands them over in DraftReady."""
 from __future__ import annotations
 
 import logging
@@ -16,9 +17,10 @@ from .protocol import (AddSequence, Advance, CachedBranches, CacheKeys, CacheRep
 
 log = logging.getLogger(__name__)
 
-def allocate_q_buffers(max_seqs: int, max_branches: int, k: int, vocab_size: int):
-    cache_q = torch.empty(2, max_seqs, max_branches, k, vocab_size).share_memory_()
-    jit_q = torch.empty(max_seqs, k, vocab_size).share_memory_()
+def allocate_q_buffers(max_seqs: int, max_branches: int, k: int, width: int):
+    """width: the draft head's size (Vh), the vocabulary's for a full head."""
+    cache_q = torch.empty(2, max_seqs, max_branches, k, width).share_memory_()
+    jit_q = torch.empty(max_seqs, k, width).share_memory_()
     return cache_q, jit_q
 
 
@@ -26,7 +28,7 @@ class RoundServer:
     """The draft side of the round protocol, free of any transport (the local process worker
     below and the draft gRPC service both drive it).
     send(msg): deliver a reply; poll() -> bool: a newer message is waiting (abandon the build);
-    put_q(kind, round_id, slot, probs) -> q_ref: make full q rows reachable by the target."""
+    put_q(kind, round_id, slot, probs) -> q_ref: make q rows (over the draft head) reachable by the target."""
 
     def __init__(self, runner, index=None, fingerprint: str = ""):
         self.runner = runner
@@ -138,15 +140,22 @@ class RoundServer:
         })
 
 
-def worker_main(conn, draft_desc, spec_cfg, max_seqs: int, max_model_len: int, threads: int, cache_q, jit_q, seed: int):
+def worker_main(conn, draft_desc, spec_cfg, max_seqs: int, max_model_len: int, threads: int, seed: int):
     torch.set_num_threads(threads)
     try:
+        import torch.multiprocessing as _reductions  # noqa: F401  (shared-memory tensors through the pipe)
+
         from ..models.draft import load_draft
         from .draft_runner import DraftRunner
 
         model = load_draft(draft_desc)
-        server = RoundServer(DraftRunner(model, spec_cfg, max_seqs, max_model_len, seed))
-        conn.send(DraftReady({"vocab_size": model.cfg.vocab_size, "num_layers": model.cfg.num_layers}))
+        runner = DraftRunner(model, spec_cfg, max_seqs, max_model_len, seed)
+        server = RoundServer(runner)
+        head = runner.head_ids
+        width = model.cfg.vocab_size if head is None else head.numel()
+        cache_q, jit_q = allocate_q_buffers(max_seqs, spec_cfg.fan_out_budget, spec_cfg.num_speculative_tokens, width)
+        conn.send(DraftReady({"vocab_size": model.cfg.vocab_size, "num_layers": model.cfg.num_layers, "q_width": width},
+                             head, (cache_q, jit_q)))
     except Exception:
         conn.send(DraftFailed(traceback.format_exc()))
         return

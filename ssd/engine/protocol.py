@@ -109,7 +109,9 @@ class CacheReply:
 
 @dataclass(frozen=True)
 class DraftReady:
-    info: dict  # vocab_size, num_layers, ...
+    info: dict  # vocab_size, num_layers, q_width, ...
+    head_ids: Any = None  # int64 [Vh]: the token ids of the draft head's columns (None: the whole vocabulary)
+    q_buffers: Any = None  # the local draft process's shared-memory q rows (cache [2, seqs, branches, K, Vh], jit)
 
 
 @dataclass(frozen=True)

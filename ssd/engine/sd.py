@@ -7,6 +7,7 @@ import time
 from ..config import EngineConfig
 from .base import Engine
 from .draft_runner import DraftRunner
+from ..speculation.qrows import to_vocab
 from .sequence import Proposal
 
 
@@ -28,7 +29,9 @@ class SDEngine(Engine):
             t0 = time.perf_counter()
             drafted = self.draft.jit([s.seq_id for s in old], after="miss")
             t1 = time.perf_counter()
-            specs = [Proposal(*drafted[s.seq_id], "jit") for s in old]
+            d = self.draft
+            specs = [Proposal(tokens, to_vocab(q, d.head_ids, d.vocab_size), "jit")
+                     for tokens, q in (drafted[s.seq_id] for s in old)]
             logits = self.target.forward(old, [sp.token_ids.tolist() for sp in specs], self.K + 1)
             t2 = time.perf_counter()
             self.stats.t_draft += t1 - t0

@@ -34,7 +34,7 @@ class SSDEngine(Engine):
         self.index = index if index is not None else LocalIndex()
         self.published: dict[int, list[str]] = {}  # seq_id -> index keys it stored
         self.link = link or ProcessDraftLink(draft_desc, cfg.spec, cfg.max_batch, cfg.max_model_len, cfg.draft_threads,
-                                             self.vocab_size, seed, start_timeout)
+                                             seed, start_timeout)
         self.draft_alive = True
         self.draft_error: str | None = None
         self.draft_timeout_s = 60.0  # longest wait for one draft reply (a cache build under load included)

@@ -36,3 +36,32 @@ def test_a_prompt_over_the_context_length_is_a_typed_error(small_pair):
     with pytest.raises(RequestError) as e:
         eng.add_request([], SamplingParams())
     assert not isinstance(e.value, ContextTooLong)
+
+
+def test_the_process_link_shares_q_rows_over_the_draft_head_only(small_pair):
+    # a stand-in draft with a head of half the vocabulary: the shared buffers are that wide,
+    # and a q row read back spans the vocabulary with zeros outside the head, rows summing to 1
+    import torch
+
+    from ssd.config import SpecConfig
+    from ssd.engine.protocol import AddSequence, JitReply, RoundRequest
+    from ssd.models.draft import DraftDescription
+
+    t_dir, _, target = small_pair
+    vocab = target.config.vocab_size
+    h = vocab // 2
+    desc = DraftDescription(str(t_dir), standin_layers=1, head_vocab=h)
+    link = ProcessDraftLink(desc, SpecConfig(num_speculative_tokens=3, fan_out_budget=4), 2, 64, 1)
+    try:
+        assert link.cache_q.shape[-1] == h and link.jit_q.shape[-1] == h
+        assert torch.equal(link.head_ids, torch.arange(h))
+        link.send(RoundRequest(1, [AddSequence(0, [1, 2, 3], SamplingParams(temperature=1.0, seed=3))], [0]))
+        reply = link.recv(timeout=60)
+        while not isinstance(reply, JitReply):
+            reply = link.recv(timeout=60)
+        q = link.q_row(reply.speculations[0].q_ref)
+        assert q.shape == (3, vocab) and torch.all(q[:, h:] == 0) and q[:, :h].sum() > 0
+        torch.testing.assert_close(q.sum(-1), torch.ones(3))
+        assert all(t < h for t in reply.speculations[0].token_ids)
+    finally:
+        link.close()

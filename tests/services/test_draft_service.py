@@ -94,17 +94,23 @@ def test_tensor_channel_carries_q_rows_exactly():
     t.start()
     draft_ch = fut.result(timeout=30)
     t.join()
-    q = torch.rand(3, 2, 7)  # [branches, K, vocab]
+    V = 40
+    head = torch.tensor([3, 9, 17, 30, 31])  # the draft head's token ids
+    q = torch.rand(3, 2, 5)  # [branches, K, Vh], as the draft runner keeps it
+    q[..., 2] = 0  # token 17: never proposed, left off the wire
     msg = CacheReply(5, {1: CachedBranches({(0, 4): 0, (1, 2): 1, (2, 6): 2}, [[1, 2], [3, 4], [5, 6]], ("inline", q))}, 0.01)
-    resp, rows = convert.reply_to_pb(msg, str, channel=True)
-    assert rows.shape == (3, 2, 7) and resp.channel_rows == 3 and not resp.cache.items[0].draft_probs
+    resp, rows = convert.reply_to_pb(msg, str, V, head, channel=True)
+    assert rows.shape == (3, 2, 4) and resp.channel_rows == 3 and not resp.cache.items[0].draft_probs
+    assert list(resp.channel_support) == [3, 9, 30, 31]
     sender = threading.Thread(target=draft_ch.send, args=(rows,))
     sender.start()
-    got = target_side["ch"].recv((resp.channel_rows, 2, 7))
+    got = target_side["ch"].recv((resp.channel_rows, 2, len(resp.channel_support)))
     sender.join()
-    back = convert.reply_from_pb(resp, 2, 7, got)
-    assert torch.equal(back.entries[1].q_ref[1], q) and back.entries[1].token_ids == [[1, 2], [3, 4], [5, 6]]
-    assert target_side["ch"].received_bytes == q.numel() * 4
+    back = convert.reply_from_pb(resp, 2, V, got)
+    full = torch.zeros(3, 2, V)
+    full[..., head] = q
+    assert torch.equal(back.entries[1].q_ref[1], full) and back.entries[1].token_ids == [[1, 2], [3, 4], [5, 6]]
+    assert target_side["ch"].received_bytes == 3 * 2 * 4 * 4
     draft_ch.close()
     target_side["ch"].close()
 

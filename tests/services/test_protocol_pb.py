@@ -26,16 +26,16 @@ def test_replies_round_trip_with_q_rows():
     q = torch.zeros(3, K, V)
     q[..., :4] = torch.rand(3, K, 4)
     cache = CacheReply(4, {8: CachedBranches({(0, 1): 0, (1, 5): 1, (2, 3): 2}, [[1, 2], [3, 4], [5, 6]], ("inline", q))}, 0.25)
-    back = reply_from_pb(reply_to_pb(cache, str)[0], K, V)
+    back = reply_from_pb(reply_to_pb(cache, str, V)[0], K, V)
     assert back.round_id == 4 and back.seconds == 0.25 and set(back.entries) == {8}
     e = back.entries[8]
     assert e.keys == cache.entries[8].keys and e.token_ids == cache.entries[8].token_ids and torch.equal(e.q_ref[1], q)
     jit = JitReply(4, {8: Speculation([1, 2], ("inline", q[0])), 9: Speculation([3, 4])}, 0.5)
-    back = reply_from_pb(reply_to_pb(jit, str)[0], K, V)
+    back = reply_from_pb(reply_to_pb(jit, str, V)[0], K, V)
     assert back.speculations[9] == Speculation([3, 4]) and torch.equal(back.speculations[8].q_ref[1], q[0])
     keys = CacheKeys(4, {8: [(0, 1), (2, 3)]})
-    assert reply_from_pb(reply_to_pb(keys, str)[0], K, V) == keys
-    assert reply_from_pb(reply_to_pb(CacheReply(4, None, 0.1), str)[0], K, V) == CacheReply(4, None, 0.1)
+    assert reply_from_pb(reply_to_pb(keys, str, V)[0], K, V) == keys
+    assert reply_from_pb(reply_to_pb(CacheReply(4, None, 0.1), str, V)[0], K, V) == CacheReply(4, None, 0.1)
 
 
 def test_messages_pickle_for_the_process_pipe():

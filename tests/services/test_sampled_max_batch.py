@@ -19,23 +19,33 @@ def test_compact_q_rows_are_exact():
     q[:, torch.randperm(1000, generator=g)[:120]] = torch.rand(4, 120, generator=g)
     q[2, 5] = 0.5  # a column nonzero in one row only
     sp = pb.Speculation()
-    put_q_rows(sp, q)
+    put_q_rows(sp, q, None, 1000)
     assert len(sp.draft_probs_support) == int((q != 0).any(0).sum())
     assert torch.equal(get_q_rows(sp, 4, 1000), q)
     dense = torch.rand(4, 1000, generator=g)  # a full-support q stays dense
     sp = pb.Speculation()
-    put_q_rows(sp, dense)
+    put_q_rows(sp, dense, None, 1000)
     assert not sp.draft_probs_support and torch.equal(get_q_rows(sp, 4, 1000), dense)
+    # q as the draft runner keeps it: over a reduced head whose ids are not 0..Vh-1
+    head = torch.randperm(1000, generator=g)[:200]
+    qh = torch.rand(4, 200, generator=g)
+    qh[:, 7] = 0  # a head token nobody proposes: dropped from the wire
+    sp = pb.Speculation()
+    put_q_rows(sp, qh, head, 1000)
+    assert len(sp.draft_probs_support) == 199 and len(sp.draft_probs) == 4 * 199 * 4
+    full = torch.zeros(4, 1000)
+    full[:, head] = qh
+    assert torch.equal(get_q_rows(sp, 4, 1000), full)
 
 
 def test_a_cache_over_the_message_limit_is_refused_not_sent():
     q = torch.rand(12, 4, 49152)  # dense q rows: 9.4 MB per sequence
     cache = {i: CachedBranches({(0, t): t for t in range(12)}, [[1, 2, 3, 4]] * 12, ("inline", q)) for i in range(8)}
-    resp, rows = reply_to_pb(CacheReply(3, cache, 0.1), str)
+    resp, rows = reply_to_pb(CacheReply(3, cache, 0.1), str, 49152)
     assert resp.cache.abandoned and resp.ByteSize() < MAX_MESSAGE_BYTES
     # the same cache with the default draft's 8192-token support fits easily
     q[..., 8192:] = 0
-    resp, _ = reply_to_pb(CacheReply(3, cache, 0.1), str)
+    resp, _ = reply_to_pb(CacheReply(3, cache, 0.1), str, 49152)
     assert not resp.cache.abandoned and len(resp.cache.items) == 96 and resp.ByteSize() < MAX_MESSAGE_BYTES / 4
 
 
