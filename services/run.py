@@ -40,14 +40,14 @@ def run_role(ns, cfg) -> int:
     http_port = None
     tm.setup_tracing(f"ssd-{ns.role}")  # OTEL_* environment; off (no-op) without an exporter
     tracer = tm.get_tracer(f"ssd-{ns.role}")
-    metrics = Metrics(ns.role, num_speculative_tokens=cfg.spec.num_speculative_tokens)
+    metrics = Metrics(ns.role, num_speculative_tokens=cfg.speculation.num_speculative_tokens)
     metrics_port = metrics.start_http(ns.metrics_port, ns.host) if ns.metrics_port >= 0 else None
     if ns.role == "draft":
         from .draft.server import DraftService
 
         torch.set_num_threads(cfg.draft_threads)
-        spec = draft_description(cfg.draft, target_path, cfg.standin_layers, dtype, cfg.batch_invariant)
-        service = DraftService(spec, cfg.spec, cfg.max_batch * 4, cfg.max_model_len, index=_index(ns.redis_url),
+        draft_desc = draft_description(cfg.draft, target_path, cfg.standin_layers, dtype, cfg.batch_invariant)
+        service = DraftService(draft_desc, cfg.speculation, cfg.max_batch * 4, cfg.max_model_len, index=_index(ns.redis_url),
                                node=os.environ.get("NODE_NAME", ""), channel_host=ns.host,
                                advertise_host=os.environ.get("POD_IP", ""), tracer=tracer, metrics=metrics)
         pb_grpc.add_DraftServicer_to_server(service, server)

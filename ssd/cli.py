@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-from .config import EngineConfig, SamplingParams, SpecConfig
+from .config import EngineConfig, SamplingParams, SpeculationConfig
 
 _HELP = {
     "target": "target model directory, or 'default' (SmolLM2-135M-Instruct, converted once from its GGUF)",
@@ -29,7 +29,7 @@ _HELP = {
 
 def _add_fields(parser: argparse.ArgumentParser, cls, skip=()) -> None:
     for f in dataclasses.fields(cls):
-        if f.name in skip or f.name == "spec":
+        if f.name in skip or f.name == "speculation":
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         flag = "--" + f.name.replace("_", "-")
@@ -42,7 +42,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls, skip=()) -> None:
 
 
 def _build(cls, ns, **override):
-    kw = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name) and f.name != "spec"}
+    kw = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name) and f.name != "speculation"}
     kw.update(override)
     return cls(**kw)
 
@@ -50,8 +50,8 @@ def _build(cls, ns, **override):
 def _configs(ns):
     """Configs from the flags; invalid values end the command with exit status 2 and a message."""
     try:
-        spec = _build(SpecConfig, ns)
-        return _build(EngineConfig, ns, spec=spec), _build(SamplingParams, ns)
+        speculation = _build(SpeculationConfig, ns)
+        return _build(EngineConfig, ns, speculation=speculation), _build(SamplingParams, ns)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -142,11 +142,11 @@ def cmd_train_draft(ns) -> int:
 
 # ---- ssd serve / ssd service ------------------------------------------------------------------
 def _config_args(cfg: EngineConfig) -> list[str]:
-    """The engine/spec flags that reproduce cfg in a child process."""
+    """The engine/speculation flags that reproduce cfg in a child process."""
     out = []
-    for obj in (cfg, cfg.spec):
+    for obj in (cfg, cfg.speculation):
         for f in dataclasses.fields(obj):
-            if f.name in ("spec", "mode"):
+            if f.name in ("speculation", "mode"):
                 continue
             flag, value = f.name.replace("_", "-"), getattr(obj, f.name)
             out += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, stats)")
     _add_fields(g, EngineConfig)
-    _add_fields(g, SpecConfig)
+    _add_fields(g, SpeculationConfig)
     _add_fields(g, SamplingParams)
     g.set_defaults(func=cmd_generate)
 
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     b.add_argument("--json", action="store_true", help="print the result JSON to stdout")
     b.add_argument("--out", default="bench-results", help="directory for the JSON and PNG")
     _add_fields(b, EngineConfig, skip=("mode",))
-    _add_fields(b, SpecConfig)
+    _add_fields(b, SpeculationConfig)
     _add_fields(b, SamplingParams)
     b.set_defaults(func=cmd_bench)
 
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     sv.add_argument("--tensor-channel", default="auto", choices=["inline", "gloo", "nccl", "auto"],
                     help="how full q rows travel from draft to target (auto: nccl on GPUs, gloo on CPU, else inline)")
     _add_fields(sv, EngineConfig, skip=("mode",))
-    _add_fields(sv, SpecConfig)
+    _add_fields(sv, SpeculationConfig)
     _add_fields(sv, SamplingParams)
     sv.set_defaults(func=cmd_serve)
 
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     se.add_argument("--grace-s", type=float, default=30.0, help="SIGTERM drain period (seconds)")
     se.add_argument("--metrics-port", type=int, default=-1, help="Prometheus /metrics port (0 = any free port, -1 = off)")
     _add_fields(se, EngineConfig, skip=("mode",))
-    _add_fields(se, SpecConfig)
+    _add_fields(se, SpeculationConfig)
     se.set_defaults(func=cmd_service)
 
     tr = sub.add_parser("trace", help="draw a PNG timeline of a request's verify/speculate spans (OTLP file or live)")

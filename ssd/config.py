@@ -38,7 +38,7 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
-class SpecConfig:
+class SpeculationConfig:
     """Speculation settings shared by SD and SSD (names follow the literature)."""
 
     num_speculative_tokens: int = 4  # K
@@ -80,7 +80,7 @@ class EngineConfig:
     draft_threads: int = 1  # torch intra-op threads of the draft process (SSD) / in-process draft (SD)
     dtype: str = "auto"  # auto | bfloat16 | float32, for target and draft (auto: bf16 where native)
     batch_invariant: bool = True  # kernels whose results do not depend on the batch shape (exact greedy)
-    spec: SpecConfig = field(default_factory=SpecConfig)
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
 
     def __post_init__(self):
         if self.mode not in MODES:

@@ -17,7 +17,7 @@ class Stack:
         self.servers = []
         spec = pair.draft_desc
         self.draft = self._start(lambda s: pb_grpc.add_DraftServicer_to_server(
-            DraftService(spec, cfg.spec, 64, max_len), s), ["Draft"])
+            DraftService(spec, cfg.speculation, 64, max_len), s), ["Draft"])
         engine = build_target_engine(cfg, pair.target, pair.tokenizer.eos_token_ids, f"127.0.0.1:{self.draft[1]}")
         self.loop = EngineLoop(engine)
         self.target = self._start(lambda s: pb_grpc.add_TargetServicer_to_server(TargetService(self.loop), s), ["Target"])

@@ -12,7 +12,7 @@ import uuid
 import grpc
 import torch
 
-from ssd.config import SpecConfig
+from ssd.config import SpeculationConfig
 from ssd.engine.draft_runner import DraftRunner
 from ssd.engine.draft_worker import RoundServer
 from ssd.engine.protocol import Release
@@ -30,14 +30,14 @@ log = logging.getLogger(__name__)
 
 
 class DraftService(pb_grpc.DraftServicer):
-    def __init__(self, draft_desc, spec: SpecConfig, max_seqs: int = 64, max_model_len: int = 2048, seed: int = 0,
+    def __init__(self, draft_desc, speculation: SpeculationConfig, max_seqs: int = 64, max_model_len: int = 2048, seed: int = 0,
                  index=None, node: str = "", channel_host: str = "0.0.0.0", advertise_host: str = "",
                  tracer=None, metrics=None):
         self.model = load_draft(draft_desc)
         self.description = describe(draft_desc)
-        self.fingerprint = draft_fingerprint(self.description, spec)
+        self.fingerprint = draft_fingerprint(self.description, speculation)
         self.index = index
-        self.server = RoundServer(DraftRunner(self.model, spec, max_seqs, max_model_len, seed), index, self.fingerprint)
+        self.server = RoundServer(DraftRunner(self.model, speculation, max_seqs, max_model_len, seed), index, self.fingerprint)
         self.server.on_round = DraftObserver(tracer or tm.get_tracer(), metrics, self.server).on_round
         self.metrics = metrics
         self.lock = threading.Lock()
@@ -178,11 +178,11 @@ class DraftService(pb_grpc.DraftServicer):
             yield item
 
 
-def serve(draft_desc, spec: SpecConfig, address: str = "127.0.0.1:0", threads: int = 1, **kw):
+def serve(draft_desc, speculation: SpeculationConfig, address: str = "127.0.0.1:0", threads: int = 1, **kw):
     """Start the draft service; returns (grpc server, bound port)."""
     torch.set_num_threads(threads)
     server = make_server(max_workers=16)
-    pb_grpc.add_DraftServicer_to_server(DraftService(draft_desc, spec, **kw), server)
+    pb_grpc.add_DraftServicer_to_server(DraftService(draft_desc, speculation, **kw), server)
     port = server.add_insecure_port(address)
     server.start()
     return server, port

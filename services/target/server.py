@@ -229,7 +229,7 @@ def build_target_engine(cfg, target_model, eos, draft_addresses, index=None, ten
     if draft_addresses:
         from ..draft_link import GrpcDraftLink
 
-        k = cfg.spec.num_speculative_tokens
+        k = cfg.speculation.num_speculative_tokens
 
         def connect(addr):  # short: a join happens inside an engine step
             return GrpcDraftLink(addr, k=k, timeout=10.0, tensor_channel=tensor_channel, device=device)

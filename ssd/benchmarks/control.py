@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8, help="index keys looked up per step")
     ns = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from ssd.config import SpecConfig
+    from ssd.config import SpeculationConfig
     from ssd.models.draft import DraftDescription
     from ssd.engine.draft_link import ProcessDraftLink
     from ssd.speculation.index import LocalIndex, context_key
@@ -55,12 +55,12 @@ def main(argv=None) -> int:
     res = {}
     with tempfile.TemporaryDirectory() as d:
         _tiny_draft(d)
-        spec = SpecConfig(num_speculative_tokens=4)
-        link = ProcessDraftLink(DraftDescription(d), spec, 4, 64, 1)
+        speculation = SpeculationConfig(num_speculative_tokens=4)
+        link = ProcessDraftLink(DraftDescription(d), speculation, 4, 64, 1)
         _round_trip(link, 50)
         res["draft round, local process pipe"] = _percentiles(_round_trip(link, ns.rounds))
         link.close()
-        server, port = serve(DraftDescription(d), spec, max_seqs=4, max_model_len=64)
+        server, port = serve(DraftDescription(d), speculation, max_seqs=4, max_model_len=64)
         glink = GrpcDraftLink(f"127.0.0.1:{port}", k=4)
         _round_trip(glink, 50)
         res["draft round, gRPC stream"] = _percentiles(_round_trip(glink, ns.rounds))

@@ -198,7 +198,7 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
     tok = pair.tokenizer
     prompt_ids = [tok.apply_chat_template([{"role": "user", "content": p["prompt"]}]) for p in prompts]
     torch.set_num_threads(cfg.target_threads)
-    costs = forward_costs(pair, cfg.spec.num_speculative_tokens)
+    costs = forward_costs(pair, cfg.speculation.num_speculative_tokens)
     runs = {}
     for mode in modes:
         total, per = _run_engine(cfg.replace(mode=mode), pair, prompt_ids, params, mode)
@@ -209,7 +209,7 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
         total, per = _run_engine(cfg.replace(mode="ar", batch_invariant=False), pair, prompt_ids, params, "ar-plain")
         runs["ar-plain"] = (total, per)
         print(f"ar with plain kernels: {total.tokens / total.wall:7.2f} tok/s", flush=True)
-    hf = {} if ns.no_hf else _hf_references(pair, prompt_ids, params, cfg.spec.num_speculative_tokens)
+    hf = {} if ns.no_hf else _hf_references(pair, prompt_ids, params, cfg.speculation.num_speculative_tokens)
 
     base = runs.get("ar")
     result = {
@@ -217,8 +217,8 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
         "target": pair.target_path,
         "draft": pair.draft_desc.describe(),
         "params": vars(params),
-        "engine": {k: v for k, v in vars(cfg).items() if k != "spec"},
-        "spec": vars(cfg.spec),
+        "engine": {k: v for k, v in vars(cfg).items() if k != "speculation"},
+        "speculation": vars(cfg.speculation),
         "numerics": pair.numerics,
         "threads": {"target": cfg.target_threads, "draft_process": cfg.draft_threads, "torch_default": torch.get_num_threads()},
         "num_prompts": len(prompts),

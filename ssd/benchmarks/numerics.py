@@ -89,14 +89,14 @@ def run_numerics(cfg: EngineConfig, params: SamplingParams, ns) -> int:
     prompts = load_prompts(ns.prompts, ns.num_prompts)
     prompt_ids = [tok.apply_chat_template([{"role": "user", "content": p["prompt"]}]) for p in prompts]
     greedy = SamplingParams(max_tokens=params.max_tokens)
-    k = cfg.spec.num_speculative_tokens
+    k = cfg.speculation.num_speculative_tokens
     result = {"command": getattr(ns, "command_line", None), "target": str(path), "threads": cfg.target_threads,
               "native_bf16": cpu_has_native_bf16(), "num_prompts": len(prompts), "max_tokens": params.max_tokens,
               "k": k, "configs": {}, "hf": {}}
     bar = tqdm(total=2 * 3, desc="numerics")
     # the envelope: verify rows (max_batch x (K+1)) and the draft's tree rows (max_batch x fan-out
     # budget), contexts up to max_model_len, at 1, 2 and all threads
-    rows = max(cfg.max_batch * (k + 1), cfg.max_batch * cfg.spec.fan_out_budget)
+    rows = max(cfg.max_batch * (k + 1), cfg.max_batch * cfg.speculation.fan_out_budget)
     result["envelope"] = {"rows": rows, "max_len": cfg.max_model_len, "probes": {}}
     for dname in ("float32", "bfloat16"):
         dtype = getattr(torch, dname)

@@ -57,7 +57,7 @@ def load_target(cfg: EngineConfig, path, device: str = "cpu", quiet: bool = Fals
     dtype, why = resolve_dtype(cfg.dtype, device)
     model, _ = load_model(path, dtype=dtype, device=device)
     model.invariant = cfg.batch_invariant
-    rows = cfg.max_batch * (cfg.spec.num_speculative_tokens + 1)
+    rows = cfg.max_batch * (cfg.speculation.num_speculative_tokens + 1)
     report = self_check(model, rows, cfg.max_model_len) if cfg.batch_invariant else None
     numerics = {"dtype": dtype_name(dtype), "dtype_reason": why, "batch_invariant": cfg.batch_invariant,
                 "invariance": report}
@@ -82,7 +82,7 @@ def build_engine(cfg: EngineConfig, pair: ModelPair | None = None, seed: int = 0
         return AREngine(cfg, pair.target, eos)
     if cfg.mode == "sd":
         # Saguaro reshaping only helps cache hits; plain SD samples the draft as it is
-        sd_cfg = cfg.replace(spec=dataclasses.replace(cfg.spec, saguaro_c=1.0))
+        sd_cfg = cfg.replace(speculation=dataclasses.replace(cfg.speculation, saguaro_c=1.0))
         draft = pair.draft_model()
         draft.invariant = cfg.batch_invariant
         return SDEngine(sd_cfg, pair.target, draft, eos)

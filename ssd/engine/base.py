@@ -86,7 +86,7 @@ class Engine:
     def __init__(self, cfg: EngineConfig, target_model, eos_token_ids: tuple[int, ...]):
         self.cfg = cfg
         torch.set_num_threads(cfg.target_threads)  # this process's budget; the SSD draft has its own
-        self.K = cfg.spec.num_speculative_tokens
+        self.K = cfg.speculation.num_speculative_tokens
         self.target = TargetRunner(target_model, cfg.max_batch, cfg.max_model_len, self.K)
         self.vocab_size = target_model.cfg.vocab_size
         self.eos_token_ids = tuple(eos_token_ids)

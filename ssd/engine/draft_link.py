@@ -48,13 +48,13 @@ class DraftLink(Protocol):
 
 
 class ProcessDraftLink:
-    def __init__(self, draft_desc, spec_cfg, max_seqs: int, max_model_len: int, threads: int,
+    def __init__(self, draft_desc, speculation, max_seqs: int, max_model_len: int, threads: int,
                  seed: int = 0, start_timeout: float = 300.0):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(
             target=worker_main,
-            args=(child, draft_desc, spec_cfg, max_seqs, max_model_len, threads, seed),
+            args=(child, draft_desc, speculation, max_seqs, max_model_len, threads, seed),
             daemon=True,
             name="ssd-draft",
         )

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import SamplingParams, SpecConfig
+from ..config import SamplingParams, SpeculationConfig
 from ..kv_cache import append_batch, tree_step_batch
 from ..sampling import process_logits, sample, saguaro_reshape
 from ..speculation.fanout import FanOutPlanner
@@ -43,21 +43,21 @@ class CacheEntry:
 
 
 class DraftRunner:
-    def __init__(self, model, spec: SpecConfig, max_seqs: int, max_model_len: int, seed: int = 0):
+    def __init__(self, model, speculation: SpeculationConfig, max_seqs: int, max_model_len: int, seed: int = 0):
         self.model = model
-        self.spec = spec
-        self.K = spec.num_speculative_tokens
+        self.speculation = speculation
+        self.K = speculation.num_speculative_tokens
         self.vocab_size = model.cfg.vocab_size
         # reduced-vocabulary head: logits come over head_ids only (q = 0 elsewhere)
         self.head_ids = getattr(model, "head_ids", None)  # [Vh] int64 | None
         # room for the glue tokens and the whole tree region of a round after the context
-        self.max_branches = spec.fan_out_budget
+        self.max_branches = speculation.fan_out_budget
         max_len = max_model_len + self.K + 1 + self.K * self.max_branches
         self.cache = model.new_cache(max_seqs, max_len)
         self.seqs: dict[int, DraftSeq] = {}
         self.planner = FanOutPlanner(
-            spec.fan_out_budget, self.K, spec.fan_out,
-            self.vocab_size if self.head_ids is None else len(self.head_ids), spec.init_acceptance, spec.init_power_r
+            speculation.fan_out_budget, self.K, speculation.fan_out,
+            self.vocab_size if self.head_ids is None else len(self.head_ids), speculation.init_acceptance, speculation.init_power_r
         )
         self.seed = seed
 
@@ -99,7 +99,7 @@ class DraftRunner:
         head's tokens (head_ids; ssd/speculation/qrows.py widens it to the vocabulary)."""
         if s.params.greedy:
             return self._to_vocab(logits.argmax(-1)), None
-        q = saguaro_reshape(process_logits(logits, s.params), torch.as_tensor(fan_out), self.spec.saguaro_c)
+        q = saguaro_reshape(process_logits(logits, s.params), torch.as_tensor(fan_out), self.speculation.saguaro_c)
         idx = sample(q, s.generator)
         return self._to_vocab(idx), q
 

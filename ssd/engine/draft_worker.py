@@ -140,7 +140,7 @@ class RoundServer:
         })
 
 
-def worker_main(conn, draft_desc, spec_cfg, max_seqs: int, max_model_len: int, threads: int, seed: int):
+def worker_main(conn, draft_desc, speculation, max_seqs: int, max_model_len: int, threads: int, seed: int):
     torch.set_num_threads(threads)
     try:
         import torch.multiprocessing as _reductions  # noqa: F401  (shared-memory tensors through the pipe)
@@ -149,11 +149,11 @@ def worker_main(conn, draft_desc, spec_cfg, max_seqs: int, max_model_len: int, t
         from .draft_runner import DraftRunner
 
         model = load_draft(draft_desc)
-        runner = DraftRunner(model, spec_cfg, max_seqs, max_model_len, seed)
+        runner = DraftRunner(model, speculation, max_seqs, max_model_len, seed)
         server = RoundServer(runner)
         head = runner.head_ids
         width = model.cfg.vocab_size if head is None else head.numel()
-        cache_q, jit_q = allocate_q_buffers(max_seqs, spec_cfg.fan_out_budget, spec_cfg.num_speculative_tokens, width)
+        cache_q, jit_q = allocate_q_buffers(max_seqs, speculation.fan_out_budget, speculation.num_speculative_tokens, width)
         conn.send(DraftReady({"vocab_size": model.cfg.vocab_size, "num_layers": model.cfg.num_layers, "q_width": width},
                              head, (cache_q, jit_q)))
     except Exception:

@@ -16,7 +16,7 @@ class SDEngine(Engine):
 
     def __init__(self, cfg: EngineConfig, target_model, draft_model, eos_token_ids):
         super().__init__(cfg, target_model, eos_token_ids)
-        self.draft = DraftRunner(draft_model, cfg.spec, cfg.max_batch, cfg.max_model_len)
+        self.draft = DraftRunner(draft_model, cfg.speculation, cfg.max_batch, cfg.max_model_len)
 
     def step(self):
         new = self.scheduler.admit()

@@ -33,7 +33,7 @@ class SSDEngine(Engine):
         super().__init__(cfg, target_model, eos_token_ids)
         self.index = index if index is not None else LocalIndex()
         self.published: dict[int, list[str]] = {}  # seq_id -> index keys it stored
-        self.link = link or ProcessDraftLink(draft_desc, cfg.spec, cfg.max_batch, cfg.max_model_len, cfg.draft_threads,
+        self.link = link or ProcessDraftLink(draft_desc, cfg.speculation, cfg.max_batch, cfg.max_model_len, cfg.draft_threads,
                                              seed, start_timeout)
         self.draft_alive = True
         self.draft_error: str | None = None
@@ -44,7 +44,7 @@ class SSDEngine(Engine):
         # speculations of different drafts (or draft settings) must never meet in the index; a
         # draft service names its own fingerprint (and publishes itself when it has the index)
         self.draft_fingerprint = self.link.info.get("fingerprint") or draft_fingerprint(
-            self.link.info.get("model") or (DraftDescription.of(draft_desc).path if draft_desc else None), cfg.spec)
+            self.link.info.get("model") or (DraftDescription.of(draft_desc).path if draft_desc else None), cfg.speculation)
         # the draft's own publishing helps only when both sides share the index (Redis); with the
         # in-process map the target stores what it receives itself
         self.draft_publishes = bool(self.link.info.get("publishes")) and not isinstance(self.index, LocalIndex)
@@ -133,7 +133,7 @@ class SSDEngine(Engine):
         the critical batch size b*, the fast backup at or above it (or without a draft)."""
         need = [s for s in running if s.speculation is None]
         jit_ids, backups = [], {}
-        if need and self.draft_alive and len(running) < self.cfg.spec.critical_batch_size:
+        if need and self.draft_alive and len(running) < self.cfg.speculation.critical_batch_size:
             jit_ids = [s.seq_id for s in need]
         else:
             for s in need:
@@ -288,7 +288,7 @@ class SSDEngine(Engine):
 
     def _backup(self, s) -> tuple:
         t0 = time.perf_counter()
-        tokens = ngram.propose(s.context, self.K, self.cfg.spec.ngram_max)
+        tokens = ngram.propose(s.context, self.K, self.cfg.speculation.ngram_max)
         q = None if s.params.greedy else ngram.point_mass_probs(tokens, self.vocab_size)
         s.speculation = Proposal(torch.tensor(tokens), q, "backup")
         self.stats.t_backup += time.perf_counter() - t0

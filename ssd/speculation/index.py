@@ -30,10 +30,10 @@ def context_key(context: list[int], draft_fingerprint: str, sampling_signature: 
 GREEDY = ("greedy",)  # the sampling signature of indexable speculations (sampled ones need full q rows)
 
 
-def draft_fingerprint(model_description: str, spec_cfg) -> str:
+def draft_fingerprint(model_description: str, speculation) -> str:
     """Speculations of different drafts (or draft settings) must never meet in the index; the
     target and the draft compute this the same way, so either may publish."""
-    return repr((model_description, sorted(vars(spec_cfg).items())))
+    return repr((model_description, sorted(vars(speculation).items())))
 
 
 def branch_items(prefix: list[int], spec_tokens: list[int], keys: dict, token_ids: list[list[int]],

@@ -4,7 +4,7 @@ several prompts, at batch 1 and batched, in process and through the three servic
 The batch-invariant kernels (kernels/) are what makes this hold."""
 import pytest
 
-from ssd.config import EngineConfig, SamplingParams, SpecConfig
+from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
 from ssd.engine import ModelPair, build_engine
 from ssd.services.protos import pb
 
@@ -66,7 +66,7 @@ def test_ssd_batch_one_and_batched_identical_to_ar(pair, prompts, reference):
 
 def test_through_the_services_identical_to_ar(pair, reference):
     cfg = EngineConfig(mode="ssd", dtype="bfloat16", max_batch=4, max_model_len=512,
-                       spec=SpecConfig(num_speculative_tokens=4))
+                       speculation=SpeculationConfig(num_speculative_tokens=4))
     stack = Stack(pair, cfg, 512)
     try:
         for text, ref in zip(PROMPTS[:2], reference):

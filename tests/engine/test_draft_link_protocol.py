@@ -43,7 +43,7 @@ def test_the_process_link_shares_q_rows_over_the_draft_head_only(small_pair):
     # and a q row read back spans the vocabulary with zeros outside the head, rows summing to 1
     import torch
 
-    from ssd.config import SpecConfig
+    from ssd.config import SpeculationConfig
     from ssd.engine.protocol import AddSequence, JitReply, RoundRequest
     from ssd.models.draft import DraftDescription
 
@@ -51,7 +51,7 @@ def test_the_process_link_shares_q_rows_over_the_draft_head_only(small_pair):
     vocab = target.config.vocab_size
     h = vocab // 2
     desc = DraftDescription(str(t_dir), standin_layers=1, head_vocab=h)
-    link = ProcessDraftLink(desc, SpecConfig(num_speculative_tokens=3, fan_out_budget=4), 2, 64, 1)
+    link = ProcessDraftLink(desc, SpeculationConfig(num_speculative_tokens=3, fan_out_budget=4), 2, 64, 1)
     try:
         assert link.cache_q.shape[-1] == h and link.jit_q.shape[-1] == h
         assert torch.equal(link.head_ids, torch.arange(h))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from ssd.config import SamplingParams, SpecConfig
+from ssd.config import SamplingParams, SpeculationConfig
 from ssd.engine.draft_runner import DraftRunner
 from ssd.models.loader import load_model
 
@@ -31,7 +31,7 @@ def _jit_alone(model, spec, ctx):
 @pytest.mark.parametrize("fan_out", ["geometric", "uniform"])
 def test_every_branch_equals_jit_from_its_outcome(draft_model, fan_out):
     K = 3
-    spec = SpecConfig(num_speculative_tokens=K, fan_out_budget=7, fan_out=fan_out)
+    spec = SpeculationConfig(num_speculative_tokens=K, fan_out_budget=7, fan_out=fan_out)
     runner = DraftRunner(draft_model, spec, max_seqs=2, max_model_len=64)
     ctxs = {10: [1, 5, 7, 9, 11], 11: [3, 4, 8]}
     for i, c in ctxs.items():
@@ -55,7 +55,7 @@ def test_every_branch_equals_jit_from_its_outcome(draft_model, fan_out):
 def test_hit_then_next_round_stays_consistent(draft_model):
     """After an outcome, the next build (glue over the new context) again matches JIT."""
     K = 2
-    spec = SpecConfig(num_speculative_tokens=K, fan_out_budget=4)
+    spec = SpeculationConfig(num_speculative_tokens=K, fan_out_budget=4)
     runner = DraftRunner(draft_model, spec, max_seqs=1, max_model_len=64)
     ctx = [2, 4, 6, 8]
     runner.add(0, ctx, SamplingParams())
@@ -71,7 +71,7 @@ def test_hit_then_next_round_stays_consistent(draft_model):
 
 
 def test_abort_between_tree_steps(draft_model):
-    spec = SpecConfig(num_speculative_tokens=3, fan_out_budget=4)
+    spec = SpeculationConfig(num_speculative_tokens=3, fan_out_budget=4)
     runner = DraftRunner(draft_model, spec, max_seqs=1, max_model_len=64)
     runner.add(0, [1, 2, 3], SamplingParams())
     d = runner.jit([0])[0][0].tolist()

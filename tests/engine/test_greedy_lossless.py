@@ -3,7 +3,7 @@
 new tokens, with EOS and max-length stops."""
 import pytest
 
-from ssd.config import EngineConfig, SamplingParams, SpecConfig
+from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
 from ssd.engine import ModelPair, build_engine
 from ssd.models.draft import draft_description
 
@@ -50,7 +50,7 @@ def test_ar_batched_equals_ar_alone(pair, prompts, reference):
 
 def test_sd_greedy_identical_to_ar(pair, prompts, reference):
     # the shipped trained draft (reduced-vocabulary head, embedding from the target)
-    out, st = _run(pair, prompts, EngineConfig(mode="sd", max_batch=4, spec=SpecConfig(num_speculative_tokens=4)))
+    out, st = _run(pair, prompts, EngineConfig(mode="sd", max_batch=4, speculation=SpeculationConfig(num_speculative_tokens=4)))
     assert out == reference
     assert st.num_accepted_tokens > 0
 
@@ -63,7 +63,7 @@ def test_ssd_greedy_identical_to_ar_default_draft(pair, prompts, reference):
 
 def test_ssd_greedy_identical_to_ar_with_misses(pair, prompts, reference):
     # the weak stand-in draft: almost every round misses and goes through the JIT path
-    cfg = EngineConfig(mode="ssd", max_batch=4, spec=SpecConfig(num_speculative_tokens=4, fan_out_budget=6))
+    cfg = EngineConfig(mode="ssd", max_batch=4, speculation=SpeculationConfig(num_speculative_tokens=4, fan_out_budget=6))
     standin = ModelPair(pair.target_path, pair.target, pair.tokenizer,
                         draft_description("standin", pair.target_path, cfg.standin_layers))
     out, st = _run(standin, prompts, cfg)
@@ -76,7 +76,7 @@ def test_ssd_greedy_identical_to_ar_with_hits_and_backup(pair, prompts, referenc
     # makes the third prompt join when the first finishes (continuous batching); b* = 2 sends
     # misses at batch 2 to the n-gram backup and misses at batch 1 to the JIT draft
     pair2 = ModelPair(pair.target_path, pair.target, pair.tokenizer, {"path": pair.target_path})
-    cfg = EngineConfig(mode="ssd", max_batch=2, spec=SpecConfig(num_speculative_tokens=3, fan_out_budget=4, critical_batch_size=2))
+    cfg = EngineConfig(mode="ssd", max_batch=2, speculation=SpeculationConfig(num_speculative_tokens=3, fan_out_budget=4, critical_batch_size=2))
     out, st = _run(pair2, prompts, cfg)
     assert out == reference
     assert st.cache_hit + st.cache_late > 10 and st.num_accepted_tokens > 0 and st.n_backup > 0

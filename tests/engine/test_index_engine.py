@@ -1,6 +1,6 @@
 """The speculation index inside the SSD engine: a repeated request finds the first one's draft
 work by content (no JIT wait), output unchanged; aborted requests free their entries."""
-from ssd.config import EngineConfig, SamplingParams, SpecConfig
+from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
 from ssd.engine import SSDEngine
 from ssd.models.loader import load_model
 from ssd.speculation.index import LocalIndex
@@ -10,7 +10,7 @@ PROMPT = [0, 1, 2, 1]
 
 def _cfg():
     return EngineConfig(mode="ssd", max_batch=4, max_model_len=64,
-                        spec=SpecConfig(num_speculative_tokens=2, fan_out_budget=2, critical_batch_size=100))
+                        speculation=SpeculationConfig(num_speculative_tokens=2, fan_out_budget=2, critical_batch_size=100))
 
 
 def test_retry_hits_the_index_and_output_is_unchanged(small_pair):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from ssd.config import EngineConfig, SamplingParams, SpecConfig
+from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
 from ssd.engine import SDEngine, SSDEngine
 from ssd.engine.base import Engine
 from ssd.models.loader import load_model
@@ -88,7 +88,7 @@ SAMPLINGS = {
 
 def _cfg(**spec):
     return EngineConfig(mode="ssd", max_batch=64, max_model_len=32, target_threads=1, draft_threads=1,
-                        spec=SpecConfig(num_speculative_tokens=2, fan_out_budget=4, **spec))
+                        speculation=SpeculationConfig(num_speculative_tokens=2, fan_out_budget=4, **spec))
 
 
 @pytest.fixture(scope="module")

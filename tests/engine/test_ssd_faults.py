@@ -1,7 +1,7 @@
 """Invariant 2: a dead draft never changes the output and never stalls a sequence."""
 import torch
 
-from ssd.config import EngineConfig, SamplingParams, SpecConfig
+from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
 from ssd.engine import AREngine, SSDEngine
 from ssd.engine.protocol import RoundRequest
 from ssd.models.loader import load_model
@@ -11,7 +11,7 @@ PROMPTS = [[0, 1, 2], [2, 2, 1, 0], [1]]
 
 def _cfg():
     return EngineConfig(mode="ssd", max_batch=4, max_model_len=64,
-                        spec=SpecConfig(num_speculative_tokens=2, fan_out_budget=3, critical_batch_size=100))
+                        speculation=SpeculationConfig(num_speculative_tokens=2, fan_out_budget=3, critical_batch_size=100))
 
 
 def test_draft_killed_mid_generation_output_unchanged(small_pair):

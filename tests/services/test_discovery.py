@@ -486,7 +486,7 @@ def test_from_args_uses_the_kubeconfig(emu, tmp_path, monkeypatch):
 # Discovery feeding the gateway's routing, with real target and draft gRPC servers behind the slices
 # ------------------------------------------------------------------------------------------------
 def test_gateway_routes_to_discovered_pods_and_follows_readiness(emu, make_discovery, small_pair):
-    from ssd.config import EngineConfig, SamplingParams, SpecConfig
+    from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
     from ssd.engine import AREngine
     from ssd.models.loader import load_model
     from ssd.services.common import make_server
@@ -496,7 +496,7 @@ def test_gateway_routes_to_discovered_pods_and_follows_readiness(emu, make_disco
     from ssd.services.target.server import EngineLoop, TargetService
 
     t_dir, d_dir, _ = small_pair
-    cfg = EngineConfig(mode="ar", max_batch=4, max_model_len=64, spec=SpecConfig(num_speculative_tokens=2, fan_out_budget=3))
+    cfg = EngineConfig(mode="ar", max_batch=4, max_model_len=64, speculation=SpeculationConfig(num_speculative_tokens=2, fan_out_budget=3))
     target = load_model(t_dir)[0]
     servers, loops, ports = [], {}, {}
     try:
@@ -504,7 +504,7 @@ def test_gateway_routes_to_discovered_pods_and_follows_readiness(emu, make_disco
             loops[node] = EngineLoop(AREngine(cfg, target, (3,)))
             for role, add in (("target", lambda s, n=node: pb_grpc.add_TargetServicer_to_server(TargetService(loops[n], node=n), s)),
                               ("draft", lambda s, n=node: pb_grpc.add_DraftServicer_to_server(
-                                  DraftService({"path": str(d_dir)}, cfg.spec, 8, 64, node=n), s))):
+                                  DraftService({"path": str(d_dir)}, cfg.speculation, 8, 64, node=n), s))):
                 s = make_server()
                 add(s)
                 ports[role, node] = s.add_insecure_port("127.0.0.1:0")

@@ -1,7 +1,7 @@
 """The SSD engine speaking to a real draft gRPC service over a loopback socket."""
 import pytest
 
-from ssd.config import EngineConfig, SamplingParams, SpecConfig
+from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
 from ssd.engine import AREngine, SSDEngine
 from ssd.engine.draft_link import DraftUnavailable
 from ssd.engine.protocol import CachedBranches, CacheReply
@@ -16,13 +16,13 @@ PROMPTS = [[0, 1, 2], [2, 2, 1, 0], [1], [3, 0]]
 
 def _cfg(**spec):
     return EngineConfig(mode="ssd", max_batch=4, max_model_len=64,
-                        spec=SpecConfig(num_speculative_tokens=2, fan_out_budget=3, critical_batch_size=100, **spec))
+                        speculation=SpeculationConfig(num_speculative_tokens=2, fan_out_budget=3, critical_batch_size=100, **spec))
 
 
 @pytest.fixture
 def draft_server(small_pair):
     _, d_dir, _ = small_pair
-    server, port = serve({"path": str(d_dir)}, _cfg().spec, max_seqs=8, max_model_len=64)
+    server, port = serve({"path": str(d_dir)}, _cfg().speculation, max_seqs=8, max_model_len=64)
     yield server, f"127.0.0.1:{port}"
     server.stop(0)
 
@@ -133,7 +133,7 @@ def test_bad_tensor_channel_backend_is_invalid_argument(draft_server):
 @pytest.fixture
 def two_drafts(small_pair):
     _, d_dir, _ = small_pair
-    servers = [serve({"path": str(d_dir)}, _cfg().spec, max_seqs=8, max_model_len=64) for _ in range(2)]
+    servers = [serve({"path": str(d_dir)}, _cfg().speculation, max_seqs=8, max_model_len=64) for _ in range(2)]
     yield [(s, f"127.0.0.1:{p}") for s, p in servers]
     for s, _ in servers:
         s.stop(0)
@@ -212,7 +212,7 @@ def test_sampled_over_gloo_with_two_drafts_matches_target_distribution(small_pai
     t_dir, d_dir, hf = small_pair
     tgt = load_model(t_dir)[0]
     cfg = big_cfg(saguaro_c=0.5, critical_batch_size=1000)
-    servers = [serve({"path": str(d_dir)}, cfg.spec, max_seqs=128, max_model_len=32) for _ in range(2)]
+    servers = [serve({"path": str(d_dir)}, cfg.speculation, max_seqs=128, max_model_len=32) for _ in range(2)]
     try:
         link = _multi([f"127.0.0.1:{p}" for _, p in servers], tensor_channel="gloo")
         assert all(l.info["tensor_channel"] == "gloo" for l in link.links.values())
@@ -231,7 +231,7 @@ def test_draft_restarted_after_loss_takes_over_again(target, ar_reference, small
     """Every draft lost -> the n-gram backup; the draft pod comes back on its address -> the
     engine re-adds its sequences there and speculates again. Output stays identical."""
     _, d_dir, _ = small_pair
-    server, port = serve({"path": str(d_dir)}, _cfg().spec, max_seqs=8, max_model_len=64)
+    server, port = serve({"path": str(d_dir)}, _cfg().speculation, max_seqs=8, max_model_len=64)
     addr = f"127.0.0.1:{port}"
     link = _multi([addr])
     long = SamplingParams(max_tokens=100, ignore_eos=True)
@@ -245,7 +245,7 @@ def test_draft_restarted_after_loss_takes_over_again(target, ar_reference, small
             eng.step()
         assert not eng.draft_alive
         lost_hits = eng.stats.cache_hit + eng.stats.cache_late
-        server, _ = serve({"path": str(d_dir)}, _cfg().spec, max_seqs=8, max_model_len=64, address=addr)
+        server, _ = serve({"path": str(d_dir)}, _cfg().speculation, max_seqs=8, max_model_len=64, address=addr)
         import time
 
         deadline = time.time() + 30
@@ -296,7 +296,7 @@ def test_draft_dying_between_keys_and_cache_with_another_draft_alive(target, two
 
 def test_a_full_draft_refuses_only_the_sequences_it_has_no_room_for(target, ar_reference, small_pair):
     _, d_dir, _ = small_pair
-    server, port = serve({"path": str(d_dir)}, _cfg().spec, max_seqs=2, max_model_len=64)
+    server, port = serve({"path": str(d_dir)}, _cfg().speculation, max_seqs=2, max_model_len=64)
     try:
         with SSDEngine(_cfg(), target, {}, (3,), link=GrpcDraftLink(f"127.0.0.1:{port}", k=2)) as eng:
             out = [s.output_ids for s in eng.generate(PROMPTS, GREEDY)]  # 4 sequences, room for 2
@@ -313,7 +313,7 @@ def test_idle_draft_stream_survives_keepalive_pings(target, small_pair, monkeypa
 
     monkeypatch.setenv("SSD_GRPC_KEEPALIVE_MS", "500")
     _, d_dir, _ = small_pair
-    server, port = serve({"path": str(d_dir)}, _cfg().spec, max_seqs=8, max_model_len=64)
+    server, port = serve({"path": str(d_dir)}, _cfg().speculation, max_seqs=8, max_model_len=64)
     try:
         with SSDEngine(_cfg(), target, {}, (3,), link=GrpcDraftLink(f"127.0.0.1:{port}", k=2)) as eng:
             eng.generate(PROMPTS[:1], SamplingParams(max_tokens=8, ignore_eos=True))

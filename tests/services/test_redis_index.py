@@ -9,7 +9,7 @@ import grpc
 import pytest
 import redis
 
-from ssd.config import EngineConfig, SamplingParams, SpecConfig
+from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
 from ssd.engine import SSDEngine
 from ssd.models.loader import load_model
 from ssd.services.index_redis import RedisIndex
@@ -20,7 +20,7 @@ PROMPT = [0, 1, 2, 1]
 
 def _cfg():
     return EngineConfig(mode="ssd", max_batch=4, max_model_len=64,
-                        spec=SpecConfig(num_speculative_tokens=2, fan_out_budget=2, critical_batch_size=100))
+                        speculation=SpeculationConfig(num_speculative_tokens=2, fan_out_budget=2, critical_batch_size=100))
 
 
 def _free_port():
@@ -106,7 +106,7 @@ def test_draft_service_publishes_its_speculations_itself(small_pair, redis_serve
     _, url = redis_server
     target, _ = load_model(t_dir)
     params = SamplingParams(max_tokens=40, ignore_eos=True)
-    server, port = serve({"path": str(d_dir)}, _cfg().spec, max_seqs=8, max_model_len=64, index=RedisIndex(url))
+    server, port = serve({"path": str(d_dir)}, _cfg().speculation, max_seqs=8, max_model_len=64, index=RedisIndex(url))
     client = redis.Redis.from_url(url)
     try:
         link = GrpcDraftLink(f"127.0.0.1:{port}", k=2)

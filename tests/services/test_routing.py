@@ -2,7 +2,7 @@
 (node-local pairing for NCCL P2P), falling back to any draft when none shares the node."""
 import pytest
 
-from ssd.config import EngineConfig, SamplingParams, SpecConfig
+from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
 from ssd.engine import AREngine
 from ssd.models.loader import load_model
 from ssd.services.common import make_server
@@ -12,7 +12,7 @@ from ssd.services.gateway.server import Gateway, GenerateError
 from ssd.services.protos import pb_grpc
 from ssd.services.target.server import EngineLoop, TargetService
 
-CFG = EngineConfig(mode="ar", max_batch=4, max_model_len=64, spec=SpecConfig(num_speculative_tokens=2, fan_out_budget=3))
+CFG = EngineConfig(mode="ar", max_batch=4, max_model_len=64, speculation=SpeculationConfig(num_speculative_tokens=2, fan_out_budget=3))
 
 
 class Fixed:
@@ -43,7 +43,7 @@ def cluster(small_pair):
         loops.append(loop)
         targets.append(Endpoint(f"127.0.0.1:{port}", node))
         d = make_server()
-        pb_grpc.add_DraftServicer_to_server(DraftService({"path": str(d_dir)}, CFG.spec, 8, 64, node=node), d)
+        pb_grpc.add_DraftServicer_to_server(DraftService({"path": str(d_dir)}, CFG.speculation, 8, 64, node=node), d)
         dport = d.add_insecure_port("127.0.0.1:0")
         d.start()
         servers.append(d)

@@ -56,9 +56,9 @@ def test_sampled_max_batch_through_production_grpc_hits_the_cache():
 
     cfg = EngineConfig(mode="ssd", max_batch=8, max_model_len=512)
     pair = ModelPair.load(cfg, quiet=True)
-    server, port = serve(pair.draft_desc, cfg.spec, max_seqs=32, max_model_len=512)
+    server, port = serve(pair.draft_desc, cfg.speculation, max_seqs=32, max_model_len=512)
     try:
-        link = GrpcDraftLink(f"127.0.0.1:{port}", k=cfg.spec.num_speculative_tokens)
+        link = GrpcDraftLink(f"127.0.0.1:{port}", k=cfg.speculation.num_speculative_tokens)
         prompts = [pair.tokenizer.apply_chat_template([{"role": "user", "content": f"Tell me fact number {i} about owls."}])
                    for i in range(8)]
         params = [SamplingParams(temperature=0.8, max_tokens=32, seed=i, ignore_eos=True) for i in range(8)]

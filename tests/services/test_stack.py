@@ -10,7 +10,7 @@ import urllib.request
 import grpc
 import pytest
 
-from ssd.config import EngineConfig, SamplingParams, SpecConfig
+from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
 from ssd.engine import AREngine, ModelPair
 from ssd.services.protos import pb, pb_grpc
 
@@ -19,7 +19,7 @@ from stack_support import Stack as _Stack
 pytestmark = pytest.mark.slow
 
 MAX_LEN = 512
-CFG = EngineConfig(mode="ssd", max_batch=16, max_model_len=MAX_LEN, spec=SpecConfig(num_speculative_tokens=3, fan_out_budget=6))
+CFG = EngineConfig(mode="ssd", max_batch=16, max_model_len=MAX_LEN, speculation=SpeculationConfig(num_speculative_tokens=3, fan_out_budget=6))
 PROMPTS = ["Name three colours.", "What is the capital of France?", "Count from one to five.", "Say something kind."]
 
 

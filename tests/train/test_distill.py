@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from ssd.config import EngineConfig, SamplingParams, SpecConfig
+from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
 from ssd.engine import AREngine, SDEngine
 from ssd.kv_cache import append_batch
 from ssd.models.draft import load_draft
@@ -153,7 +153,7 @@ def test_saved_draft_serves_sd_greedy_identical_to_ar(target_dir, distilled):
     params = SamplingParams(max_tokens=24)
     ar = AREngine(EngineConfig(mode="ar", max_batch=4, max_model_len=64), target, (EOS,))
     ref = [s.output_ids for s in ar.generate(prompts, params)]
-    sd_cfg = EngineConfig(mode="sd", max_batch=4, max_model_len=64, spec=SpecConfig(num_speculative_tokens=4))
+    sd_cfg = EngineConfig(mode="sd", max_batch=4, max_model_len=64, speculation=SpeculationConfig(num_speculative_tokens=4))
     sd = SDEngine(sd_cfg, target, draft, (EOS,))
     assert [s.output_ids for s in sd.generate(prompts, params)] == ref
     assert sd.stats.num_drafts > 0
