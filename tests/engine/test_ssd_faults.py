@@ -53,3 +53,19 @@ def test_abort_releases_target_and_draft_slots(small_pair):
         # the draft process freed both sequences: its reply to a probe round lists no one
         eng.link.send(RoundRequest(eng.round_id))
         assert eng.link.recv().entries == {}
+
+
+def test_a_cache_that_was_not_there_when_verify_ended_counts_late_not_hit(small_pair):
+    # the draft process is only asked whether its cache is ready; here it never is when the target
+    # looks, so every cache hit is a late one (the target had to wait for it) and none is counted
+    # on time; the output is the same either way
+    t_dir, d_dir, _ = small_pair
+    target, _ = load_model(t_dir)
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    ref = [s.output_ids for s in AREngine(_cfg().replace(mode="ar"), target, (3,)).generate(PROMPTS, params)]
+    with SSDEngine(_cfg(), target, {"path": str(d_dir)}, (3,)) as eng:
+        eng.link.ready = lambda: False
+        out = [s.output_ids for s in eng.generate(PROMPTS, params)]
+        st = eng.stats
+    assert out == ref
+    assert st.cache_late > 0 and st.cache_hit == st.index_hit

@@ -112,3 +112,17 @@ def test_bad_input_and_port_zero():
     assert p2 != p1
     for x in (m, m2):
         x.stop_http()
+
+
+def test_inter_token_gaps_spread_a_round_over_its_tokens():
+    from ssd.services.gateway.server import inter_token_gaps
+
+    # a round committing 4 tokens 0.2 s after the previous response: four gaps of 0.05 s
+    assert inter_token_gaps(4, 0.2, first=False) == [0.05] * 4
+    # the first response: its first token is the TTFT; the 2 that came with it share the interval
+    assert inter_token_gaps(3, 0.3, first=True) == [0.15, 0.15]
+    assert inter_token_gaps(1, 0.3, first=True) == []
+    # a request's gaps add up to its time from first to last token
+    rounds = [(1, 0.5), (3, 0.09), (1, 0.04), (5, 0.1)]
+    gaps = [g for i, (n, dt) in enumerate(rounds) for g in inter_token_gaps(n, dt, i == 0)]
+    assert len(gaps) == 9 and abs(sum(gaps) - 0.23) < 1e-12
