@@ -140,6 +140,12 @@ def cmd_train_draft(ns) -> int:
     return run_train_draft(ns)
 
 
+def cmd_make_data(ns) -> int:
+    from .train.data import run_make_data
+
+    return run_make_data(ns)
+
+
 # ---- ssd serve / ssd service ------------------------------------------------------------------
 def _config_args(cfg: EngineConfig) -> list[str]:
     """The engine/speculation flags that reproduce cfg in a child process."""
@@ -200,6 +206,13 @@ def main(argv=None) -> int:
     t.add_argument("--out", required=True, help="draft directory to write; OUT/train_state holds resumable state")
     _add_fields(t, TrainDraftConfig, skip=("out",))
     t.set_defaults(func=cmd_train_draft)
+
+    from .train.config import DataConfig
+
+    md = sub.add_parser("make-data", help="the target answers ShareGPT (and generated) prompts; stores token ids, "
+                                          "its top-k distributions and optionally its hidden states, in resumable shards")
+    _add_fields(md, DataConfig)
+    md.set_defaults(func=cmd_make_data)
 
     sv = sub.add_parser("serve", help="gateway, target and draft as local processes (no cluster, no Redis)")
     sv.add_argument("--prompt", help="send this chat prompt through the gateway, print the answer and stats, then stop")

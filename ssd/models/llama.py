@@ -261,14 +261,22 @@ class LlamaModel(nn.Module):
             h = h.gather(1, logits_rows[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, m, H]
         return linear(h, self.lm_head.weight, packs=self.packs, name="lm_head", invariant=self.invariant).float()
 
-    def hidden_full(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # input_ids [B, n] from position 0 -> final-normed hidden states [B, n, H] (training path)
+    def hidden_full(self, input_ids: torch.Tensor, capture: tuple[int, ...] = ()):
+        """input_ids [B, n] from position 0 -> final-normed hidden states [B, n, H] (training
+        path). capture: layer indices whose inputs (the residual stream entering layer i) are
+        also returned, as a list [B, n, H] in the order given: -> (hidden, captured)."""
         n = input_ids.shape[1]
         cos, sin = self.rope_cos[:n, None], self.rope_sin[:n, None]  # [n, 1, D/2]
         x = self.embed(input_ids)
-        for layer in self.layers:
+        seen = {}
+        for i, layer in enumerate(self.layers):
+            if i in capture:
+                seen[i] = x
             x = layer.forward_full(x, cos, sin)
-        return F.rms_norm(x, (x.shape[-1],), self.norm_weight, self.cfg.rms_norm_eps)
+        h = F.rms_norm(x, (x.shape[-1],), self.norm_weight, self.cfg.rms_norm_eps)
+        if not capture:
+            return h
+        return h, [seen[i] for i in capture]
 
     def forward_full(self, input_ids: torch.Tensor) -> torch.Tensor:
         # input_ids [B, n] from position 0 -> logits [B, n, V or Vh] fp32, differentiable

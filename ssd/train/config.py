@@ -1,6 +1,7 @@
 """Settings of `ssd train-draft`; the CLI flags are derived from these fields."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 INIT_LAYERS = ("spread", "first")
@@ -31,6 +32,10 @@ class TrainDraftConfig:
     seed: int = 0
     time_budget_min: float = 0.0  # stop training cleanly (and save) after this many minutes; 0 = none
     save_dtype: str = "float16"  # dtype of the shipped weights (float16 | bfloat16 | float32)
+    data: str = ""  # `ssd make-data` shard directory to train on (instead of generated prompts)
+    eval_data: str = ""  # held-out shard directory (default: sharegpt-heldout beside --data)
+    data_tokens: int = 0  # train on the first N answer tokens of --data (0 = all): the data-size curve
+    curve_positions: int = 256  # held-out positions of the n-alpha acceptance curve
 
     def __post_init__(self):
         if self.layers < 1:
@@ -48,3 +53,42 @@ class TrainDraftConfig:
             raise ValueError("seq_len must be >= 8")
         if self.save_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError("save_dtype must be float16, bfloat16 or float32")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    target: str = "default"  # target model dir or "default"
+    out: str = ""  # shard directory (default: <cache>/data/<target>/sharegpt-<split>)
+    split: str = "train"  # train (ShareGPT 0-14,999) | heldout (15,000 onward; evaluation only)
+    max_tokens: int = 3_000_000  # stop once this many answer tokens are stored (a later run may raise it)
+    gen_tokens: int = 256  # longest answer
+    max_prompt_tokens: int = 768  # longer chat-templated prompts are skipped (counted in the manifest)
+    gen_batch: int = 32  # sequences per batched decode step
+    shard_prompts: int = 128  # prompts per shard (the unit of resumption)
+    sampled_share: float = 0.25  # share of prompts answered by sampling (the rest greedy)
+    temperature: float = 0.8  # of the sampled answers
+    top_p: float = 0.95
+    generated_share: float = 0.15  # train split: share of generated code/math/chat prompts mixed in
+    teacher_topk: int = 16  # target distribution kept per answer position
+    features: bool = False  # also store the target's hidden states (feature drafters)
+    dtype: str = "auto"  # auto | bfloat16 | float32
+    threads: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        from ssd.train.sharegpt import SPLITS
+
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}")
+        if min(self.max_tokens, self.gen_tokens, self.max_prompt_tokens, self.gen_batch, self.shard_prompts,
+               self.teacher_topk, self.threads) < 1:
+            raise ValueError("max_tokens, gen_tokens, max_prompt_tokens, gen_batch, shard_prompts, teacher_topk "
+                             "and threads must be >= 1")
+        if not (0.0 <= self.sampled_share <= 1.0 and 0.0 <= self.generated_share < 1.0):
+            raise ValueError("sampled_share must be in [0, 1] and generated_share in [0, 1)")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be > 0 and top_p in (0, 1]")
+
+    def key(self) -> dict:
+        """What must match for a directory to be continued (max_tokens may change)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("max_tokens", "out", "threads")}

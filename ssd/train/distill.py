@@ -32,8 +32,12 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 class Example:
     ids: list[int]  # prompt + target continuation, truncated to seq_len
     prompt_len: int
-    teacher_logits: torch.Tensor | None = None  # [n, k] fp16, target logits of its top-k head tokens
-    teacher_idx: torch.Tensor | None = None  # [n, k] int32, head indices of those tokens
+    teacher_logits: torch.Tensor | None = None  # [m, k] fp16, target logits of its top-k head tokens
+    teacher_idx: torch.Tensor | None = None  # [m, k] int32, head indices of those tokens
+    teacher_from: int = 0  # teacher row j is position teacher_from + j
+    teacher_valid: torch.Tensor | None = None  # [m] bool: rows with some head token (None: all)
+    target_top1: torch.Tensor | None = None  # [m] int64: the target's argmax over the whole vocabulary
+    greedy: bool = True  # the continuation is the target's greedy answer (not a sampled one)
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -126,20 +130,46 @@ def teacher_targets(target, examples: list[Example], head_ids: torch.Tensor, top
     bar.close()
 
 
+# ---- 2b. examples from `ssd make-data` shards ------------------------------------------------
+def examples_from_shards(seqs: list[dict], head_ids: torch.Tensor, vocab_size: int, seq_len: int) -> list[Example]:
+    """Shard sequences (ssd/train/data.py: load_shards) -> Examples truncated to seq_len whose
+    teacher is the target's top-k restricted to the head: in-head entries first (so column 0 is
+    the target's best head token), the others at -inf; rows with no head token are not trained on."""
+    to_head = torch.full((vocab_size,), -1, dtype=torch.int64)
+    to_head[head_ids] = torch.arange(head_ids.numel())
+    out = []
+    for sq in seqs:
+        ids, p = sq["ids"].long(), int(sq["prompt_len"])
+        n = min(len(ids), seq_len)
+        m = n - p  # teacher rows inside the window: positions p-1 .. n-2
+        if m < 1:
+            continue
+        hidx = to_head[sq["teacher_idx"][:m].long()]  # [m, k], -1 outside the head
+        inside = hidx >= 0
+        order = torch.sort((~inside).int(), dim=-1, stable=True).indices  # in-head first, order kept
+        hidx, inside = hidx.gather(-1, order), inside.gather(-1, order)
+        logits = sq["teacher_logits"][:m].float().gather(-1, order).masked_fill(~inside, float("-inf"))
+        out.append(Example(ids[:n].tolist(), p, logits.half(), hidx.clamp(min=0).int(), teacher_from=p - 1,
+                           teacher_valid=inside.any(-1), target_top1=sq["teacher_idx"][:m, 0].long(),
+                           greedy=not sq.get("sampled", False)))
+    return out
+
+
 # ---- 5. loss -----------------------------------------------------------------------------------
 def collate(examples: list[Example]):
-    """-> ids [B, n] int64, teacher logits [B, n, k] fp32, teacher idx [B, n, k] int64, mask [B, n] bool"""
+    """-> ids [B, n] int64, teacher logits [B, n, k] fp32, teacher idx [B, n, k] int64, mask [B, n] bool
+    (the positions with a teacher row)"""
     B, n, k = len(examples), max(len(e.ids) for e in examples), examples[0].teacher_idx.shape[1]
     ids = torch.zeros(B, n, dtype=torch.int64)
     tl = torch.zeros(B, n, k)
     ti = torch.zeros(B, n, k, dtype=torch.int64)
     mask = torch.zeros(B, n, dtype=torch.bool)
     for r, e in enumerate(examples):
-        m = len(e.ids)
-        ids[r, :m] = torch.tensor(e.ids)
-        tl[r, :m] = e.teacher_logits.float()
-        ti[r, :m] = e.teacher_idx.long()
-        mask[r, :m] = True
+        ids[r, :len(e.ids)] = torch.tensor(e.ids)
+        f, m = e.teacher_from, e.teacher_idx.shape[0]
+        tl[r, f:f + m] = e.teacher_logits.float()
+        ti[r, f:f + m] = e.teacher_idx.long()
+        mask[r, f:f + m] = True if e.teacher_valid is None else e.teacher_valid
     return ids, tl, ti, mask
 
 
@@ -148,9 +178,11 @@ def distill_loss(draft_logits, teacher_logits, teacher_idx, mask, ce_weight: flo
     The target's distribution is renormalised over its top-k head tokens; the draft's over the
     whole head. -> (loss, mean KL) scalars"""
     logq = F.log_softmax(draft_logits, -1)  # [B, n, Vh]
-    logp = F.log_softmax(teacher_logits, -1)  # [B, n, k]
+    teacher_logits = teacher_logits.masked_fill(~mask[..., None], 0.0)  # rows not trained on: any finite values
+    logp = F.log_softmax(teacher_logits, -1)  # [B, n, k]; -inf columns (outside the head) get p = 0
+    p = logp.exp()
     logq_k = logq.gather(-1, teacher_idx)  # [B, n, k]
-    kl = (logp.exp() * (logp - logq_k)).sum(-1)  # [B, n]
+    kl = torch.where(p > 0, p * (logp - logq_k), 0.0).sum(-1)  # [B, n]
     ce = -logq_k[..., 0]  # topk is sorted: column 0 is the target's argmax over the head
     w = mask.float()
     denom = w.sum().clamp(min=1)
@@ -176,12 +208,54 @@ def evaluate(draft: DraftModel, examples: list[Example], batch_size: int = 8) ->
         pred = draft.head_token_ids[logits.argmax(-1)]  # [B, n] token ids
         for r, e in enumerate(rows):
             for t in range(e.prompt_len - 1, len(e.ids) - 1):
-                agree += int(pred[r, t]) == e.ids[t + 1]
-                in_head += e.ids[t + 1] in head_set
+                # the target's greedy token here: its argmax when recorded (sampled answers), else the next id
+                want = e.ids[t + 1] if e.target_top1 is None else int(e.target_top1[t - e.teacher_from])
+                agree += int(pred[r, t]) == want
+                in_head += want in head_set
                 total += 1
     draft.train()
     return {"agreement": agree / max(total, 1), "kl": kl_sum / max(kl_n, 1), "positions": total,
             "head_coverage": in_head / max(total, 1)}
+
+
+@torch.no_grad()
+def acceptance_curve(draft: DraftModel, examples: list[Example], k: int = 8, positions: int = 256,
+                     batch_size: int = 16, seed: int = 0) -> dict:
+    """Offline n-alpha curve on greedy continuations: from a random answer position t the draft
+    proposes k tokens greedily, each fed its own previous proposals; alpha[n] is the share of
+    proposals n (0-based: n self-fed tokens before it) equal to the target's greedy token, among
+    those whose n predecessors all matched (what speculative decoding accepts). -> {"alpha": [k],
+    "counts": [k], "mean_accepted": expected accepted tokens per round of k}"""
+    draft.eval()
+    rng = torch.Generator().manual_seed(seed)
+    cands = [(e, t) for e in examples if e.greedy for t in range(e.prompt_len - 1, len(e.ids) - 1 - k)]
+    pick = torch.randperm(len(cands), generator=rng)[:positions].tolist()
+    hits, tries = [0] * k, [0] * k
+    accepted = []
+    for b0 in range(0, len(pick), batch_size):
+        rows = [cands[i] for i in pick[b0:b0 + batch_size]]
+        ctx = [list(e.ids[:t + 1]) for e, t in rows]
+        alive = [True] * len(rows)
+        acc = [0] * len(rows)
+        for n in range(k):
+            width = max(len(c) for c in ctx)
+            ids = torch.tensor([c + [0] * (width - len(c)) for c in ctx])
+            logits = draft(ids)  # [B, width, Vh]
+            last = torch.tensor([len(c) - 1 for c in ctx])
+            prop = draft.head_token_ids[logits[torch.arange(len(ctx)), last].argmax(-1)]  # [B]
+            for r, (e, t) in enumerate(rows):
+                ok = int(prop[r]) == e.ids[t + 1 + n]
+                if alive[r]:
+                    tries[n] += 1
+                    hits[n] += ok
+                    acc[r] += ok
+                    alive[r] = ok
+                ctx[r].append(int(prop[r]))
+        accepted += acc
+    draft.train()
+    alpha = [h / t if t else float("nan") for h, t in zip(hits, tries)]
+    return {"alpha": alpha, "counts": tries, "positions": len(accepted),
+            "mean_accepted": sum(accepted) / max(len(accepted), 1)}
 
 
 # ---- 5-6. training loop ---------------------------------------------------------------------
@@ -338,6 +412,120 @@ def distill(cfg: TrainDraftConfig, target_path: Path, target_ref: str, train_pro
     return info
 
 
+def distill_from_data(cfg: TrainDraftConfig, target_path: Path, target_ref: str, always_ids=(),
+                      command_line: str = "", deadline: float | None = None) -> dict:
+    """Train a draft on `ssd make-data` shards (cfg.data), evaluate it on the held-out shards
+    (cfg.eval_data): top-1 agreement with the target, KL, and the n-alpha acceptance curve."""
+    from ssd.models.loader import read_config
+    from ssd.train.data import DataDir, load_shards
+    from ssd.train.draft_io import save_draft
+    from ssd.train.draft_model import draft_from_target, init_layer_ids
+
+    t_start = time.time()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    state = out / "train_state"
+    state.mkdir(parents=True, exist_ok=True)
+    eval_dir = Path(cfg.eval_data) if cfg.eval_data else Path(cfg.data).parent / "sharegpt-heldout"
+    train_m, eval_m = DataDir(cfg.data).manifest(), DataDir(eval_dir).manifest()
+    if train_m is None or eval_m is None:
+        raise FileNotFoundError(f"no `ssd make-data` output in {cfg.data if train_m is None else eval_dir}")
+    if train_m["key"]["split"] != "train" or eval_m["key"]["split"] != "heldout":
+        raise ValueError("--data must hold the train split and --eval-data the held-out split")
+    tcfg = read_config(target_path)
+    train_seqs = load_shards(cfg.data, cfg.data_tokens or None)
+    eval_seqs = load_shards(eval_dir)
+    answers = [sq["ids"][sq["prompt_len"]:].tolist() for sq in train_seqs]
+    head_ids = select_head(answers, tcfg.vocab_size, cfg.head_vocab, tuple(always_ids) + tuple(tcfg.eos_token_ids))
+    train_ex = examples_from_shards(train_seqs, head_ids, tcfg.vocab_size, cfg.seq_len)
+    eval_ex = examples_from_shards(eval_seqs, head_ids, tcfg.vocab_size, cfg.seq_len)
+    train_tokens = sum(len(a) for a in answers)
+    tqdm.write(f"data: {len(train_ex)} train sequences ({train_tokens} answer tokens), {len(eval_ex)} held-out")
+    draft = draft_from_target(target_path, cfg.layers, head_ids, cfg.init_layers)
+    curve0 = acceptance_curve(draft, eval_ex, positions=cfg.curve_positions)
+    summary = train(draft, train_ex, eval_ex, cfg, state, deadline)
+    curve = acceptance_curve(draft, eval_ex, positions=cfg.curve_positions)
+    save_draft(out, draft, target_path, target_ref, dtype=_DTYPES[cfg.save_dtype])
+    info = {
+        "target": target_ref, "layers": cfg.layers,
+        "init_layers": f"{cfg.init_layers} (target layers {init_layer_ids(tcfg.num_layers, cfg.layers, cfg.init_layers)})",
+        "head_vocab": int(head_ids.numel()), "data": str(cfg.data), "eval_data": str(eval_dir),
+        "train_sequences": len(train_ex), "train_answer_tokens": train_tokens, "eval_sequences": len(eval_ex),
+        "data_tokens_per_s": train_m.get("tokens_per_s"), "data_dtype": train_m.get("dtype"),
+        "acceptance_curve": curve, "acceptance_curve_init": curve0,
+        "file_bytes": (out / "model.safetensors").stat().st_size, "save_dtype": cfg.save_dtype,
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "wall_s_this_run": round(time.time() - t_start, 1), "command_line": command_line, **summary,
+    }
+    (state / "summary.json").write_text(json.dumps(info, indent=2))
+    _plot_curves(out / "acceptance.png", info, state / "log.jsonl")
+    (out / "README.md").write_text(data_model_card(cfg, info))
+    return info
+
+
+def _plot_curves(path: Path, info: dict, log_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, c in (("at init (target layers)", info["acceptance_curve_init"]), ("trained", info["acceptance_curve"])):
+        a.plot(range(len(c["alpha"])), c["alpha"], marker="o", label=f"{name}: {c['mean_accepted']:.2f} tokens/round")
+    a.set_xlabel("n (self-fed draft tokens before this one)")
+    a.set_ylabel("acceptance (greedy, held-out)")
+    a.set_ylim(0, 1)
+    a.legend(fontsize=8)
+    a.set_title("n-alpha curve, held-out ShareGPT")
+    log = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    steps = [r for r in log if "eval" in r]
+    b.plot([r["step"] for r in steps], [r["eval"]["agreement"] for r in steps], marker=".")
+    b.set_xlabel("step")
+    b.set_ylabel("held-out top-1 agreement")
+    b.set_title("training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def data_model_card(cfg: TrainDraftConfig, info: dict) -> str:
+    ev, ev0, c, c0 = info["eval"], info.get("eval_step0") or {}, info["acceptance_curve"], info["acceptance_curve_init"]
+    alpha = " / ".join(f"{x:.2f}" for x in c["alpha"])
+    lines = [
+        f"# Draft for {info['target']} (distilled by `ssd train-draft --data`)",
+        "",
+        f"A {cfg.layers}-layer Llama-style draft for speculative decoding of `{info['target']}`. It shares the target's",
+        "tokenizer and reads the target's (frozen) embedding at load time; this directory holds only its own layers,",
+        f"final norm and a reduced-vocabulary head of {info['head_vocab']} tokens (`head_token_ids`).",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| held-out top-1 agreement with the target | **{ev['agreement']:.3f}**"
+        + (f" (at init: {ev0['agreement']:.3f})" if ev0 else "") + " |",
+        f"| held-out n-alpha (greedy, n = 0..{len(c['alpha']) - 1} self-fed tokens) | {alpha} |",
+        f"| expected accepted draft tokens per round of {len(c['alpha'])} | {c['mean_accepted']:.2f} (at init: {c0['mean_accepted']:.2f}) |",
+        f"| held-out KL(target ‖ draft) over the head, nats/token | {ev['kl']:.3f} |",
+        f"| head vocabulary | {info['head_vocab']} tokens; covers {ev['head_coverage']:.3f} of the held-out target tokens |",
+        f"| layers | {cfg.layers}, initialised from {info['init_layers']} |",
+        f"| data | `ssd make-data`: the target's own answers ({info['data_dtype']}) to ShareGPT conversations 0-14,999 "
+        f"(first turns and multi-turn contexts) and generated code/math/chat prompts; {info['train_sequences']} sequences, "
+        f"{info['train_answer_tokens']} answer tokens, made at {info['data_tokens_per_s']} tok/s |",
+        f"| held-out data | ShareGPT conversations 15,000 onward, answered the same way: {info['eval_sequences']} sequences; never trained on |",
+        f"| training | {info['steps']} steps of {cfg.batch_size} sequences x <= {cfg.seq_len} tokens, AdamW lr {cfg.lr} "
+        f"(warmup, cosine), loss KL(top-k target over head || draft) + {cfg.ce_weight} x CE(target top-1)"
+        + (", stopped early by the time budget" if info["stopped_early"] else "") + " |",
+        f"| wall time | training {info['train_wall_s']:.0f} s, whole run {info['wall_s_this_run']:.0f} s |",
+        f"| hardware | {info['cpu_count']} CPU cores, {info['torch_threads']} torch threads, torch {info['torch']}, no GPU |",
+        f"| file | model.safetensors, {info['file_bytes'] / 1e6:.1f} MB ({info['save_dtype']}) |",
+        "",
+        "![held-out acceptance and training curve](acceptance.png)",
+        "",
+        f"Command: `{info.get('command_line') or 'ssd train-draft --data ...'}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def model_card(cfg: TrainDraftConfig, info: dict) -> str:
     ev, ev0 = info["eval"], info.get("eval_step0") or {}
     cats = info.get("categories")
@@ -391,15 +579,22 @@ def run_train_draft(ns) -> int:
     deadline = t0 + cfg.time_budget_min * 60 if cfg.time_budget_min > 0 else None
     target_path = resolve_model(cfg.target)
     tok = Tokenizer(target_path)
+    always = tuple(tok.eos_token_ids) + tuple(getattr(tok._tok, "all_special_ids", ()))  # chat special tokens
+    ref = DEFAULT_TARGET if cfg.target in ("default", DEFAULT_TARGET) else str(target_path.resolve())
+    if cfg.data:
+        info = distill_from_data(cfg, target_path, ref, always, getattr(ns, "command_line", ""), deadline)
+        c = info["acceptance_curve"]
+        print(f"draft written to {cfg.out}: {info['steps']} steps on {info['train_answer_tokens']} answer tokens, "
+              f"held-out agreement {info['eval']['agreement']:.3f}, n-alpha "
+              + " ".join(f"{x:.2f}" for x in c["alpha"]) + f", {c['mean_accepted']:.2f} accepted per round")
+        return 0
     prompts = build_prompts(cfg.num_prompts, cfg.seed)
     train_p, eval_p = split_eval(prompts, cfg.eval_prompts)
     enc = lambda ps: [tok.apply_chat_template([{"role": "user", "content": p["prompt"]}]) for p in ps]
-    always = tuple(tok.eos_token_ids) + tuple(getattr(tok._tok, "all_special_ids", ()))  # chat special tokens
     cats = ", ".join(f"{c} {n}" for c, n in Counter(p["category"] for p in prompts).most_common())
     Path(cfg.out, "train_state").mkdir(parents=True, exist_ok=True)
     Path(cfg.out, "train_state", "prompts.jsonl").write_text(
         "".join(json.dumps({**p, "split": "eval" if p in eval_p else "train"}) + "\n" for p in prompts))
-    ref = DEFAULT_TARGET if cfg.target in ("default", DEFAULT_TARGET) else str(target_path.resolve())
     info = distill(cfg, target_path, ref, enc(train_p), enc(eval_p), always,
                    {"categories": cats, "command_line": getattr(ns, "command_line", "")}, deadline)
     ev = info["eval"]

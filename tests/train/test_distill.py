@@ -157,3 +157,19 @@ def test_saved_draft_serves_sd_greedy_identical_to_ar(target_dir, distilled):
     sd = SDEngine(sd_cfg, target, draft, (EOS,))
     assert [s.output_ids for s in sd.generate(prompts, params)] == ref
     assert sd.stats.num_drafts > 0
+
+
+def test_acceptance_curve_is_one_for_the_target_itself_and_lower_for_a_draft(target_dir):
+    from ssd.train.distill import acceptance_curve
+
+    target, _ = load_model(target_dir)
+    prompts = _prompts(12, 7)
+    eng = AREngine(EngineConfig(mode="ar", max_batch=8, max_model_len=64), target, (EOS,))
+    outs = [s.output_ids for s in eng.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))]
+    ex = [Example(p + o, len(p)) for p, o in zip(prompts, outs)]
+    same = draft_from_target(target_dir, 4, torch.arange(VOCAB), "first")  # every target layer: the target
+    c = acceptance_curve(same, ex, k=4, positions=40)
+    assert c["alpha"] == [1.0] * 4 and c["counts"][0] == 40 and c["mean_accepted"] == 4.0
+    weak = draft_from_target(target_dir, 1, torch.arange(VOCAB))
+    w = acceptance_curve(weak, ex, k=4, positions=40)
+    assert w["alpha"][0] < 1.0 and w["mean_accepted"] < 4.0 and w["counts"][1] < 40

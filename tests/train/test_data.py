@@ -1,0 +1,117 @@
+"""ShareGPT's fixed split, `ssd make-data` shards (resumable, settings-checked, teacher rows that
+match the target), training on them, and the offline n-alpha acceptance curve."""
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from ssd.models.loader import default_target_path
+from ssd.train import sharegpt
+from ssd.train.config import DataConfig, TrainDraftConfig
+from ssd.train.data import DataDir, feature_layers, load_shards, make_data
+
+
+def test_sharegpt_split_is_fixed_and_disjoint():
+    convs = sharegpt.conversations()
+    assert len(convs) == 17_671  # complete conversations before the package's 125 MB cut
+    train, held = sharegpt.prompts("train"), sharegpt.prompts("heldout")
+    assert train and held
+    assert max(p["conversation"] for p in train) < sharegpt.TRAIN_END <= min(p["conversation"] for p in held)
+    assert {p["kind"] for p in train} == {"first", "multi"}
+    multi = next(p for p in train if p["kind"] == "multi")
+    assert [m["role"] for m in multi["messages"]][-3:] == ["user", "assistant", "user"]
+    assert sharegpt.prompts("train") == train  # deterministic
+    with pytest.raises(ValueError):
+        sharegpt.split("test")
+
+
+def _cfg(out, split="train", **kw):
+    base = dict(out=str(out), split=split, max_tokens=30, gen_tokens=10, shard_prompts=3, gen_batch=3,
+                sampled_share=0.4, teacher_topk=4, threads=1, dtype="float32", generated_share=0.2)
+    return DataConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    m = make_data(_cfg(root / "sharegpt-train", features=True, max_tokens=31), progress=False)
+    held = make_data(_cfg(root / "sharegpt-heldout", split="heldout", max_tokens=20), progress=False)
+    return root, m, held
+
+
+def test_shards_hold_the_targets_own_answers_and_distributions(shards):
+    from ssd.models.loader import load_model
+
+    root, m, held = shards
+    assert m["tokens"] >= 31 and len(m["shards"]) >= 2 and sum(s["tokens"] for s in m["shards"]) == m["tokens"]
+    seqs = load_shards(root / "sharegpt-train")
+    assert all(sq["source"] == "generated" or int(sq["source"].split(":")[1]) < sharegpt.TRAIN_END for sq in seqs)
+    assert all(int(sq["source"].split(":")[1]) >= sharegpt.TRAIN_END for sq in load_shards(root / "sharegpt-heldout"))
+    target, cfg = load_model(default_target_path(), dtype=torch.float32)
+    layers = feature_layers(cfg.num_layers)
+    assert layers == (2, 15, 27) and m["feature_layers"] == list(layers)
+    agree = rows = 0
+    for sq in seqs:
+        n, p = len(sq["ids"]), sq["prompt_len"]
+        assert sq["teacher_idx"].shape == (n - p, 4) and sq["features"].shape == (3, n, cfg.hidden_size)
+        if not sq["sampled"]:  # greedy answer: the target's top-1 at each position is the next token
+            agree += int((sq["teacher_idx"][:, 0].long() == sq["ids"][p:].long()).sum())
+            rows += n - p
+    assert rows and agree / rows >= 0.95
+    # the features are the residual stream entering those layers
+    sq = seqs[0]
+    _, feats = target.hidden_full(sq["ids"][None].long(), capture=layers)
+    torch.testing.assert_close(sq["features"].float(), torch.stack([f[0] for f in feats]), atol=0.05, rtol=0.02)
+
+
+def test_make_data_resumes_and_refuses_other_settings(shards, tmp_path):
+    out = tmp_path / "d"
+    first = make_data(_cfg(out, max_tokens=12), progress=False)
+    shard0 = DataDir(out).shard_path(0).read_bytes()
+    more = make_data(_cfg(out, max_tokens=40), progress=False)  # continues: earlier shards kept as they are
+    assert len(more["shards"]) > len(first["shards"]) and DataDir(out).shard_path(0).read_bytes() == shard0
+    assert [s["index"] for s in more["shards"]] == list(range(len(more["shards"])))
+    with pytest.raises(ValueError, match="other settings"):
+        make_data(_cfg(out, max_tokens=60, teacher_topk=8), progress=False)
+
+
+def test_examples_keep_only_head_tokens_of_the_teacher():
+    from ssd.train.distill import collate, examples_from_shards
+
+    seq = {"ids": torch.tensor([1, 2, 3, 4, 5], dtype=torch.int32), "prompt_len": 2, "sampled": False,
+           "teacher_idx": torch.tensor([[9, 3, 7], [8, 6, 4], [6, 5, 1]], dtype=torch.int32),
+           "teacher_logits": torch.tensor([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0], [3.0, 2.0, 1.0]]).half()}
+    head = torch.tensor([3, 4, 5, 7])  # 9, 8, 6, 1 are outside
+    (e,) = examples_from_shards([seq], head, 10, seq_len=16)
+    assert e.teacher_from == 1 and e.teacher_valid.tolist() == [True, True, True]
+    assert e.teacher_idx[0, :2].tolist() == [0, 3] and e.teacher_logits[0].tolist() == [2.0, 1.0, float("-inf")]
+    assert e.teacher_idx[2, 0] == 2 and e.target_top1.tolist() == [9, 8, 6]
+    seq["teacher_idx"][1] = torch.tensor([8, 6, 9])  # no head token at all: not trained on
+    (e,) = examples_from_shards([seq], head, 10, seq_len=16)
+    ids, tl, ti, mask = collate([e])
+    assert mask[0].tolist() == [False, True, False, True, False]
+    (e,) = examples_from_shards([seq], head, 10, seq_len=4)  # truncation drops the rows past the window
+    assert e.teacher_idx.shape[0] == 2 and len(e.ids) == 4
+
+
+def test_training_on_shards_writes_a_draft_with_its_curve(shards, tmp_path):
+    from ssd.models.draft_dir import load_draft_dir
+    from ssd.train.distill import distill_from_data
+
+    root, _, _ = shards
+    cfg = TrainDraftConfig(out=str(tmp_path / "draft"), data=str(root / "sharegpt-train"), layers=1, head_vocab=256,
+                           steps=4, batch_size=2, seq_len=128, eval_every=2, threads=1, curve_positions=6,
+                           save_dtype="float32")
+    info = distill_from_data(cfg, default_target_path(), "default")
+    assert info["steps"] == 4 and info["eval_sequences"] > 0 and len(info["acceptance_curve"]["alpha"]) == 8
+    # most teacher rows name tokens outside a 256-token head: their -inf logits must not poison the loss
+    log = [json.loads(line) for line in (tmp_path / "draft" / "train_state" / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in log if "loss" in r) and math.isfinite(info["eval"]["kl"])
+    assert info["eval_data"] == str(root / "sharegpt-heldout")
+    model = load_draft_dir(tmp_path / "draft", default_target_path())
+    assert model.head_ids.numel() == 256 and (tmp_path / "draft" / "acceptance.png").stat().st_size > 0
+    assert "n-alpha" in (tmp_path / "draft" / "README.md").read_text()
+    with pytest.raises(ValueError, match="held-out"):  # training data used as evaluation data is refused
+        distill_from_data(dataclasses.replace(cfg, eval_data=str(root / "sharegpt-train")), default_target_path(), "default")
