@@ -60,10 +60,15 @@ def test_shards_hold_the_targets_own_answers_and_distributions(shards):
             agree += int((sq["teacher_idx"][:, 0].long() == sq["ids"][p:].long()).sum())
             rows += n - p
     assert rows and agree / rows >= 0.95
-    # the features are the residual stream entering those layers
+    # the features are the residual stream entering those layers, as Hugging Face numbers its hidden
+    # states (hidden_states[i] is the input of layer i)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(default_target_path(), dtype=torch.float32).eval()
     sq = seqs[0]
-    _, feats = target.hidden_full(sq["ids"][None].long(), capture=layers)
-    torch.testing.assert_close(sq["features"].float(), torch.stack([f[0] for f in feats]), atol=0.05, rtol=0.02)
+    with torch.no_grad():
+        hs = hf(sq["ids"][None].long(), output_hidden_states=True).hidden_states
+    torch.testing.assert_close(sq["features"].float(), torch.stack([hs[i][0] for i in layers]), atol=0.05, rtol=0.02)
 
 
 def test_make_data_resumes_and_refuses_other_settings(shards, tmp_path):
