@@ -187,7 +187,8 @@ def main(argv=None) -> int:
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="AR vs SD vs SSD (+ Hugging Face references) on the same pair and prompts")
-    b.add_argument("--prompts", help="JSONL file, one {\"prompt\": ...} per line (default: built-in set)")
+    b.add_argument("--prompts", help="JSONL file, one {\"prompt\": ...} per line, or sharegpt-heldout "
+                   "(held-out ShareGPT first turns) (default: built-in set)")
     b.add_argument("--num-prompts", type=int, default=0, help="use only the first N prompts (0 = all)")
     b.add_argument("--modes", default="ar,sd,ssd")
     b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers references")

@@ -21,7 +21,18 @@ from ..engine import ModelPair, build_engine
 from ..engine.base import EngineStats
 
 
+SHAREGPT_HELDOUT = "sharegpt-heldout"
+
+
 def load_prompts(path: str | None, limit: int = 0) -> list[dict]:
+    """Bench prompts: the built-in set, a JSONL file, or "sharegpt-heldout" (first turns of the
+    held-out ShareGPT conversations, 15,000 onward, under 600 characters; never trained on)."""
+    if path == SHAREGPT_HELDOUT:
+        from ..train.sharegpt import prompts as sharegpt_prompts
+
+        rows = [{"prompt": p["messages"][0]["content"], "category": "sharegpt"}
+                for p in sharegpt_prompts("heldout", max_chars=600) if p["kind"] == "first"]
+        return rows[:limit] if limit else rows
     if path:
         text = Path(path).read_text()
     else:

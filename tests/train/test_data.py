@@ -120,3 +120,11 @@ def test_training_on_shards_writes_a_draft_with_its_curve(shards, tmp_path):
     assert "n-alpha" in (tmp_path / "draft" / "README.md").read_text()
     with pytest.raises(ValueError, match="held-out"):  # training data used as evaluation data is refused
         distill_from_data(dataclasses.replace(cfg, eval_data=str(root / "sharegpt-train")), default_target_path(), "default")
+
+
+def test_bench_can_run_on_held_out_sharegpt_prompts():
+    from ssd.benchmarks.engines import SHAREGPT_HELDOUT, load_prompts
+
+    rows = load_prompts(SHAREGPT_HELDOUT, 4)
+    held = [p["messages"][0]["content"] for p in sharegpt.prompts("heldout", max_chars=600) if p["kind"] == "first"]
+    assert [r["prompt"] for r in rows] == held[:4] and all(r["category"] == "sharegpt" for r in rows)
