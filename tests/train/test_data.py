@@ -128,3 +128,14 @@ def test_bench_can_run_on_held_out_sharegpt_prompts():
     rows = load_prompts(SHAREGPT_HELDOUT, 4)
     held = [p["messages"][0]["content"] for p in sharegpt.prompts("heldout", max_chars=600) if p["kind"] == "first"]
     assert [r["prompt"] for r in rows] == held[:4] and all(r["category"] == "sharegpt" for r in rows)
+
+
+def test_evaluate_a_shipped_draft_on_held_out_shards(shards, tmp_path):
+    from ssd.models.draft import DEFAULT_DRAFT_DIR
+    from ssd.train.evaluate import evaluate_draft_dir
+
+    root, _, _ = shards
+    out = evaluate_draft_dir(DEFAULT_DRAFT_DIR, default_target_path(), root / "sharegpt-heldout", positions=4)
+    assert out["sequences"] > 0 and 0.0 <= out["agreement"] <= 1.0 and len(out["acceptance_curve"]["alpha"]) == 8
+    with pytest.raises(ValueError, match="held-out"):
+        evaluate_draft_dir(DEFAULT_DRAFT_DIR, default_target_path(), root / "sharegpt-train")
