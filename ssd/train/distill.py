@@ -131,16 +131,22 @@ def teacher_targets(target, examples: list[Example], head_ids: torch.Tensor, top
 
 
 # ---- 2b. examples from `ssd make-data` shards ------------------------------------------------
-def examples_from_shards(seqs: list[dict], head_ids: torch.Tensor, vocab_size: int, seq_len: int) -> list[Example]:
-    """Shard sequences (ssd/train/data.py: load_shards) -> Examples truncated to seq_len whose
+def examples_from_shards(seqs: list[dict], head_ids: torch.Tensor, vocab_size: int, seq_len: int,
+                         min_context: int = 32) -> list[Example]:
+    """Shard sequences (ssd/train/data.py: load_shards) -> Examples of at most seq_len tokens whose
     teacher is the target's top-k restricted to the head: in-head entries first (so column 0 is
-    the target's best head token), the others at -inf; rows with no head token are not trained on."""
+    the target's best head token), the others at -inf; rows with no head token are not trained on.
+    A sequence longer than seq_len keeps its answer and loses the start of its prompt (RoPE is
+    relative, so a window starting later is the same computation), keeping at least
+    `min_context` prompt tokens before the answer."""
     to_head = torch.full((vocab_size,), -1, dtype=torch.int64)
     to_head[head_ids] = torch.arange(head_ids.numel())
     out = []
     for sq in seqs:
-        ids, p = sq["ids"].long(), int(sq["prompt_len"])
-        n = min(len(ids), seq_len)
+        ids, p0 = sq["ids"].long(), int(sq["prompt_len"])
+        start = max(0, min(len(ids) - seq_len, p0 - min_context))
+        ids = ids[start:start + seq_len]
+        p, n = p0 - start, min(len(ids), seq_len)
         m = n - p  # teacher rows inside the window: positions p-1 .. n-2
         if m < 1:
             continue

@@ -99,6 +99,17 @@ def test_examples_keep_only_head_tokens_of_the_teacher():
     assert mask[0].tolist() == [False, True, False, True, False]
     (e,) = examples_from_shards([seq], head, 10, seq_len=4)  # truncation drops the rows past the window
     assert e.teacher_idx.shape[0] == 2 and len(e.ids) == 4
+    # a long prompt loses its start, not the answer: 40 prompt tokens, 3 answer tokens, window 36
+    long = {**seq, "ids": torch.arange(43, dtype=torch.int32) % 10, "prompt_len": 40}
+    (e,) = examples_from_shards([long], head, 10, seq_len=36, min_context=32)
+    assert len(e.ids) == 36 and e.prompt_len == 33 and e.teacher_from == 32 and e.teacher_idx.shape[0] == 3
+    assert e.ids == (torch.arange(7, 43) % 10).tolist()
+    # a long answer too: keep 32 prompt tokens and as much answer as fits
+    rows = torch.tensor([[3, 4, 5]] * 20, dtype=torch.int32)
+    longer = {**long, "ids": torch.arange(60, dtype=torch.int32) % 10, "teacher_idx": rows,
+              "teacher_logits": torch.ones(20, 3).half()}
+    (e,) = examples_from_shards([longer], head, 10, seq_len=36, min_context=32)
+    assert e.prompt_len == 32 and e.ids[0] == 8 and e.teacher_idx.shape[0] == 4
 
 
 def test_training_on_shards_writes_a_draft_with_its_curve(shards, tmp_path):
