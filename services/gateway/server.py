@@ -214,6 +214,16 @@ class Gateway:
         return True
 
 
+NO_DEADLINE_S = 10 * 365 * 24 * 3600.0  # beyond this a "remaining time" means the client set none
+
+
+def client_deadline(context) -> float | None:
+    """Seconds left of the client's deadline, or None when it set none. gRPC Python reports "no
+    deadline" as about 9.2e18 s, which as a downstream timeout= expires at once."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > NO_DEADLINE_S else max(remaining, 0.0)
+
+
 class GatewayService(pb_grpc.GatewayServicer):
     def __init__(self, gw: Gateway):
         self.gw = gw
@@ -225,7 +235,7 @@ class GatewayService(pb_grpc.GatewayServicer):
         owner = object()
         context.add_callback(lambda: self.gw.abort(request.request_id, owner))
         try:
-            yield from self.gw.generate(request, deadline_s=context.time_remaining(), parent_ctx=tm.extract_grpc(context),
+            yield from self.gw.generate(request, deadline_s=client_deadline(context), parent_ctx=tm.extract_grpc(context),
                                         owner=owner)
         except GenerateError as e:
             context.abort(e.code, str(e))

@@ -67,6 +67,10 @@ def test_greedy_through_gateway_equals_target_only(stack, reference):
         assert ids == reference[p]
         assert last.finish_reason in ("stop", "length") and last.usage.completion_tokens == len(ids)
         assert last.stats.num_rounds > 0
+    # a client that sets no deadline (most generated clients, grpcurl) is served, not expired at once
+    req = pb.GenerateRequest(messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=PROMPTS[0])]),
+                             sampling=pb.SamplingParams(max_tokens=24))
+    assert [t for r in stack.stub.Generate(req) for t in r.token_ids] == reference[PROMPTS[0]]
 
 
 def test_sixteen_concurrent_streams_lose_and_duplicate_nothing(stack, reference):
