@@ -94,6 +94,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttnBatc
         if batch.prefix_lens is None:
             raise ValueError("AttnBatch needs a mask or prefix_lens")
         mask = _append_mask(batch.prefix_lens, n, batch.kv_len)
+    if q.is_cpu and n <= EAGER_MAX_ROWS:
+        return _eager(q, k, v, mask)
     if (q.is_cpu and n == 1 and B == 1 and batch.prefix_lens is not None
             and batch.kv_len == n + int(batch.prefix_lens[0])):
         attn_mask = None  # single-token decode sees every column read: skip the mask
@@ -104,6 +106,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttnBatc
         # CPU SDPA already returns zeros for fully masked rows; other backends may give NaN
         out = out.masked_fill(~mask.any(-1)[:, None, :, None], 0.0)
     return out
+
+
+# Decode and verify on the CPU: masked SDPA with GQA measured 31.5 ms (bf16) / 12.8 ms (fp32) for
+# 32 rows x 600 columns, the two matmuls below 5.0 / 8.9 ms (one thread). Longer query blocks
+# (prefill) keep SDPA, whose memory does not grow with n x S per head.
+EAGER_MAX_ROWS = 16
+
+
+def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [B, Hq, n, D]; k, v [B, Hkv, S, D]; mask [B, n, S] -> [B, Hq, n, D]. The query heads of a kv
+    head form one matmul; scores and softmax in fp32; fully masked rows give zeros."""
+    B, Hq, n, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    rep = Hq // Hkv
+    scores = torch.matmul(q.reshape(B, Hkv, rep * n, D), k.transpose(-1, -2)).float() * (D ** -0.5)
+    m = mask[:, None, None].expand(B, 1, rep, n, S).reshape(B, 1, rep * n, S)
+    p = scores.masked_fill(~m, float("-inf")).softmax(-1).nan_to_num_(0.0)  # all -inf rows: NaN -> 0
+    return torch.matmul(p.to(v.dtype), v).reshape(B, Hq, n, D)
 
 
 def _append_mask(prefix_lens: torch.Tensor, n: int, S: int) -> torch.Tensor:
