@@ -32,6 +32,7 @@ class TrainDraftConfig:
     seed: int = 0
     time_budget_min: float = 0.0  # stop training cleanly (and save) after this many minutes; 0 = none
     save_dtype: str = "float16"  # dtype of the shipped weights (float16 | bfloat16 | float32)
+    autocast: str = "auto"  # bf16 autocast of the training matmuls: auto (where the CPU has native bf16) | bfloat16 | off
     data: str = ""  # `ssd make-data` shard directory to train on (instead of generated prompts)
     eval_data: str = ""  # held-out shard directory (default: sharegpt-heldout beside --data)
     data_tokens: int = 0  # train on the first N answer tokens of --data (0 = all): the data-size curve
@@ -53,6 +54,8 @@ class TrainDraftConfig:
             raise ValueError("seq_len must be >= 8")
         if self.save_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError("save_dtype must be float16, bfloat16 or float32")
+        if self.autocast not in ("auto", "bfloat16", "off"):
+            raise ValueError("autocast must be auto, bfloat16 or off")
 
 
 @dataclass(frozen=True)

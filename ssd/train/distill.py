@@ -276,6 +276,16 @@ def _lr_lambda(cfg: TrainDraftConfig):
     return f
 
 
+def _train_bf16(setting: str) -> bool:
+    """Mixed precision for the draft's matmuls: bf16 autocast where the CPU has native bf16
+    ("auto"; about 2x faster per step here), always ("bfloat16") or never ("off")."""
+    if setting == "auto":
+        from ssd.models.precision import cpu_has_native_bf16
+
+        return cpu_has_native_bf16()
+    return setting == "bfloat16"
+
+
 def _batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
     # a pure function of the step: a resumed run sees exactly the batches an uninterrupted one does
     out = []
@@ -294,6 +304,7 @@ def train(draft: DraftModel, train_ex: list[Example], eval_ex: list[Example], cf
     state_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = state_dir / "ckpt.pt", state_dir / "log.jsonl"
     params = [p for p in draft.parameters() if p.requires_grad]
+    use_bf16 = _train_bf16(cfg.autocast)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     step, wall = 0, 0.0
@@ -330,7 +341,9 @@ def train(draft: DraftModel, train_ex: list[Example], eval_ex: list[Example], cf
     while step < cfg.steps:
         t0 = time.perf_counter()
         ids, tl, ti, mask = collate([train_ex[i] for i in _batch_indices(step, len(train_ex), cfg.batch_size, cfg.seed)])
-        loss, kl = distill_loss(draft(ids), tl, ti, mask, cfg.ce_weight)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):  # fp32 weights and loss either way
+            logits = draft(ids)
+        loss, kl = distill_loss(logits.float(), tl, ti, mask, cfg.ce_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -357,6 +370,7 @@ def train(draft: DraftModel, train_ex: list[Example], eval_ex: list[Example], cf
         last_eval = evaluate(draft, eval_ex)
     rate = steps_here / max(time.perf_counter() - t_train0, 1e-9)
     return {"steps": step, "train_wall_s": wall, "steps_per_s": rate, "stopped_early": stopped_early,
+            "matmuls": "bf16 autocast" if use_bf16 else "fp32",
             "eval": last_eval, "eval_step0": first}
 
 
@@ -518,7 +532,7 @@ def data_model_card(cfg: TrainDraftConfig, info: dict) -> str:
         f"{info['train_answer_tokens']} answer tokens, made at {info['data_tokens_per_s']} tok/s |",
         f"| held-out data | ShareGPT conversations 15,000 onward, answered the same way: {info['eval_sequences']} sequences; never trained on |",
         f"| training | {info['steps']} steps of {cfg.batch_size} sequences x <= {cfg.seq_len} tokens, AdamW lr {cfg.lr} "
-        f"(warmup, cosine), loss KL(top-k target over head || draft) + {cfg.ce_weight} x CE(target top-1)"
+        f"(warmup, cosine), {info['matmuls']} matmuls, loss KL(top-k target over head || draft) + {cfg.ce_weight} x CE(target top-1)"
         + (", stopped early by the time budget" if info["stopped_early"] else "") + " |",
         f"| wall time | training {info['train_wall_s']:.0f} s, whole run {info['wall_s_this_run']:.0f} s |",
         f"| hardware | {info['cpu_count']} CPU cores, {info['torch_threads']} torch threads, torch {info['torch']}, no GPU |",

@@ -173,3 +173,36 @@ def test_acceptance_curve_is_one_for_the_target_itself_and_lower_for_a_draft(tar
     weak = draft_from_target(target_dir, 1, torch.arange(VOCAB))
     w = acceptance_curve(weak, ex, k=4, positions=40)
     assert w["alpha"][0] < 1.0 and w["mean_accepted"] < 4.0 and w["counts"][1] < 40
+
+
+def test_autocast_setting_is_honoured(monkeypatch):
+    import ssd.models.precision as precision
+    from ssd.train.distill import _train_bf16
+
+    assert _train_bf16("bfloat16") and not _train_bf16("off")
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda cpuinfo=None: False)
+    assert not _train_bf16("auto")
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda cpuinfo=None: True)
+    assert _train_bf16("auto")
+    with pytest.raises(ValueError):
+        _cfg("x", autocast="fp8")
+
+
+def test_bf16_autocast_really_changes_the_arithmetic(target_dir, tmp_path):
+    target, _ = load_model(target_dir)
+    prompts = _prompts(8, 9)
+    eng = AREngine(EngineConfig(mode="ar", max_batch=8, max_model_len=64), target, (EOS,))
+    outs = [s.output_ids for s in eng.generate(prompts, SamplingParams(max_tokens=12))]
+    ex = [Example(p + o, len(p)) for p, o in zip(prompts, outs)]
+    head = select_head(outs, VOCAB, 48, (EOS,))
+    teacher_targets(target, ex, head, 16)
+    heads = {}
+    for mode in ("off", "bfloat16"):
+        torch.manual_seed(0)
+        draft = draft_from_target(target_dir, 2, head)
+        info = train(draft, ex[:6], ex[6:], _cfg(tmp_path, steps=3, eval_every=3, batch_size=4, autocast=mode), tmp_path / mode)
+        assert info["matmuls"] == ("fp32" if mode == "off" else "bf16 autocast")
+        heads[mode] = draft.own_state_dict()["lm_head.weight"]
+        assert torch.isfinite(heads[mode]).all()
+    assert not torch.equal(heads["off"], heads["bfloat16"])
+
