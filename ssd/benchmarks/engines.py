@@ -319,6 +319,10 @@ def _print_table(r: dict) -> None:
         if row.get("acceptance_by_category") and any(a is not None for a in row["acceptance_by_category"].values()):
             cats = ", ".join(f"{c}={_fmt(a)}" for c, a in row["acceptance_by_category"].items())
             print(f"{mode} acceptance by category: {cats}")
+    for mode, row in r["modes"].items():
+        if row.get("accepted_per_pos") and row.get("num_drafts"):
+            rates = " ".join(f"{a / row['num_drafts']:.2f}" for a in row["accepted_per_pos"])
+            print(f"{mode} P(draft position i accepted), i = 1..{len(row['accepted_per_pos'])}: {rates}")
 
 
 def _plot(r: dict, path: Path) -> None:
