@@ -13,9 +13,12 @@ FANOUT_KINDS = ("geometric", "uniform")
 DTYPES = ("auto", "bfloat16", "float32")
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 = greedy; below GREEDY_BELOW too (logits / T would overflow)
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     max_tokens: int = 128  # new tokens to generate
@@ -23,8 +26,8 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -34,7 +37,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # the limit of sampling as T -> 0; a tiny T would turn logits / T into inf and NaN
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)

@@ -80,3 +80,20 @@ def test_ssd_greedy_identical_to_ar_with_hits_and_backup(pair, prompts, referenc
     out, st = _run(pair2, prompts, cfg)
     assert out == reference
     assert st.cache_hit + st.cache_late > 10 and st.num_accepted_tokens > 0 and st.n_backup > 0
+
+
+@pytest.mark.parametrize("mode", ["ar", "sd", "ssd"])
+def test_a_vanishing_temperature_decodes_greedily_beside_others(pair, prompts, reference, mode):
+    # logits / 1e-40 overflows to inf and NaN: such a request used to fail the whole step, and
+    # every other request in it. Below GREEDY_BELOW it is greedy (the T -> 0 limit).
+    params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=t, seed=1) for t in (1e-40, 0.0, 1e-7)]
+    assert all(p.greedy for p in params)
+    with build_engine(EngineConfig(mode=mode, max_batch=4), pair) as eng:
+        out = [s.output_ids for s in eng.generate(prompts, params)]
+    assert out == reference
+
+
+def test_non_finite_temperature_is_refused():
+    for t in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            SamplingParams(temperature=t)
