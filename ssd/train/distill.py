@@ -492,7 +492,11 @@ def _plot_curves(path: Path, info: dict, log_path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, c in (("at init (target layers)", info["acceptance_curve_init"]), ("trained", info["acceptance_curve"])):
         a.plot(range(len(c["alpha"])), c["alpha"], marker="o", label=f"{name}: {c['mean_accepted']:.2f} tokens/round")
-    a.set_xlabel("n (self-fed draft tokens before this one)")
+        if name == "trained":  # how many proposals each point rests on (later ones: few)
+            for n, (y, cnt) in enumerate(zip(c["alpha"], c["counts"])):
+                if cnt:
+                    a.annotate(str(cnt), (n, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    a.set_xlabel("n (self-fed draft tokens before this one); labels: proposals counted")
     a.set_ylabel("acceptance (greedy, held-out)")
     a.set_ylim(0, 1)
     a.legend(fontsize=8)
