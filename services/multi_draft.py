@@ -8,8 +8,10 @@ its part, and the replies of one kind and round are merged before the engine see
   pick) when this target is connected to it, else to the draft with the fewest sequences while
   the named one is joined in the background for the sequences that follow.
 - Loss of one draft: its sequences move to a surviving draft, which is told their current
-  context (an "add"); a speculation the target already took from the lost draft's cache is
-  handed to the new owner as a backup speculation. Only when every draft is lost does the
+  context (an "add") at the head of its next round. A loss is only ever noticed while a round's
+  replies are gathered, so the lost draft's last cache never reaches the target and a moved
+  sequence starts on its new draft with a miss (JIT or backup), never with a cache hit that the
+  new draft did not build. Only when every draft is lost does the
   engine see DraftUnavailable (and fall back to the fast backup for everyone); it then calls
   revive() every few seconds, and the first draft that answers again takes over.
 - All drafts must be replicas of one draft model (one fingerprint): index keys name the draft.
@@ -25,7 +27,7 @@ from concurrent.futures import Future
 from dataclasses import replace
 
 from ssd.engine.draft_link import DraftUnavailable
-from ssd.engine.protocol import (AddSequence, Advance, CachedBranches, CacheKeys, CacheReply, JitReply, Release,
+from ssd.engine.protocol import (AddSequence, Advance, CacheKeys, CacheReply, JitReply, Release,
                                  RoundRequest, Stop)
 
 log = logging.getLogger(__name__)
@@ -51,9 +53,7 @@ class MultiDraftLink:
         self.info = dict(first.info)
         self.info["drafts"] = list(self.links)
         self.owner: dict[int, str] = {}        # seq_id -> draft address
-        self.state: dict[int, list] = {}       # seq_id -> [context, params, meta, last kept tokens]
-        self.last_cache: dict[int, CachedBranches] = {}  # seq_id -> its last merged cache entry
-        self.rehomed: set[int] = set()         # moved since the target took their speculation
+        self.state: dict[int, list] = {}       # seq_id -> [context, params, meta]
         self.inject: dict[str, list] = {}      # address -> ops to prepend to its next round
         self.expect: deque = deque()           # (kind, round_id, [addresses]) replies still to merge
 
@@ -119,11 +119,10 @@ class MultiDraftLink:
         for seq_id, a in list(self.owner.items()):
             if a != addr:
                 continue
-            ctx, params, meta, _ = self.state[seq_id]
+            ctx, params, meta = self.state[seq_id]
             new = self._place({})
             self.owner[seq_id] = new
             self.inject.setdefault(new, []).append(AddSequence(seq_id, list(ctx), params, dict(meta)))
-            self.rehomed.add(seq_id)
 
     # ---- the DraftLink protocol ------------------------------------------------------------------
     def send(self, msg: RoundRequest | Stop) -> None:
@@ -137,7 +136,7 @@ class MultiDraftLink:
             if isinstance(op, AddSequence):
                 addr = self._place(op.meta)  # may join a draft named by the gateway
                 self.owner[op.seq_id] = addr
-                self.state[op.seq_id] = [list(op.context), op.params, dict(op.meta), []]
+                self.state[op.seq_id] = [list(op.context), op.params, dict(op.meta)]
         parts = {a: ([], [], {}, []) for a in self.links}
         for op in msg.ops:
             seq_id = op.seq_id
@@ -145,14 +144,10 @@ class MultiDraftLink:
             if addr not in parts:
                 continue
             if isinstance(op, Advance):
-                st = self.state[seq_id]
-                st[0].extend(op.tokens)
-                st[3] = list(op.tokens)
+                self.state[seq_id][0].extend(op.tokens)
             elif isinstance(op, Release):
                 self.owner.pop(seq_id, None)
                 self.state.pop(seq_id, None)
-                self.last_cache.pop(seq_id, None)
-                self.rehomed.discard(seq_id)
             parts[addr][0].append(op)
         for addr, extra in self.inject.items():  # re-homed sequences: set them up before their ops
             if addr in parts:
@@ -160,18 +155,10 @@ class MultiDraftLink:
         self.inject = {}
         for i in jit_ids:
             parts[self.owner[i]][1].append(i)
-            self.rehomed.discard(i)
         for i, tokens in backups.items():
             parts[self.owner[i]][2][i] = tokens
-            self.rehomed.discard(i)
         for i in hit_ids:
-            if i in self.rehomed:  # the new draft never built that cache: hand it the tokens
-                c = self.last_cache[i]
-                st = self.state[i]
-                parts[self.owner[i]][2][i] = c.token_ids[c.keys[(len(st[3]) - 1, st[0][-1])]]
-                self.rehomed.discard(i)
-            else:
-                parts[self.owner[i]][3].append(i)
+            parts[self.owner[i]][3].append(i)
         sent, with_jit, with_specs = [], [], []
         for addr, (p_ops, p_jit, p_backups, p_hits) in parts.items():
             if not (p_ops or p_jit or p_backups or p_hits):
@@ -230,8 +217,6 @@ class MultiDraftLink:
                 continue
             for seq_id, value in values.items():  # q refs name the draft that holds the rows
                 merged[seq_id] = replace(value, q_ref=None if value.q_ref is None else (addr, value.q_ref))
-                if kind is CacheReply:
-                    self.last_cache[seq_id] = value
         if not self.links:
             raise DraftUnavailable("every draft was lost")
         if kind is CacheKeys:
@@ -271,8 +256,6 @@ class MultiDraftLink:
         self.info["drafts"] = list(self.links)
         self.owner.clear()
         self.state.clear()
-        self.last_cache.clear()
-        self.rehomed.clear()
         self.inject.clear()
         self.expect.clear()
         return True

@@ -22,6 +22,15 @@ log = logging.getLogger(__name__)
 MAX_TOKENS_LIMIT = 1 << 20  # "absurd" max_tokens are rejected before they reach a target
 
 
+def inter_token_gaps(n_tokens: int, interval_s: float, first: bool) -> list[float]:
+    """Inter-token latencies of one streamed response of n_tokens that arrived interval_s after
+    the previous one (after the request, for the first). A round commits several tokens at once:
+    its interval is spread evenly over them, so a request's gaps add up to its decode time. The
+    first response's first token is the TTFT, not a gap."""
+    n = n_tokens - 1 if first else n_tokens
+    return [interval_s / n] * n if n > 0 else []
+
+
 class GenerateError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
@@ -171,11 +180,8 @@ class Gateway:
                 if self.metrics is not None and resp.token_ids:
                     if produced == 0:
                         self.metrics.observe_ttft(now - t_start)
-                        rest = len(resp.token_ids) - 1
-                    else:
-                        rest = len(resp.token_ids)
-                    for _ in range(rest):  # a round commits several tokens at once: spread its interval
-                        self.metrics.observe_itl((now - last) / rest)
+                    for gap in inter_token_gaps(len(resp.token_ids), now - last, produced == 0):
+                        self.metrics.observe_itl(gap)
                 last = now
                 produced += len(resp.token_ids)
                 text = "".join(decoder.push(t) for t in resp.token_ids)
