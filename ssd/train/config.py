@@ -95,3 +95,14 @@ class DataConfig:
     def key(self) -> dict:
         """What must match for a directory to be continued (max_tokens may change)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("max_tokens", "out", "threads")}
+
+
+def config_from_args(cls, ns):
+    """cls built from the argparse namespace's matching fields, or None after printing why the
+    values are invalid (the command then exits with status 2)."""
+    try:
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
+    except ValueError as e:
+        print(f"error: {e}")
+        return None
+

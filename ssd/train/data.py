@@ -15,7 +15,6 @@ only ever written to a directory of its own.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ssd.train.config import DataConfig
+from ssd.train.config import DataConfig, config_from_args
 
 FORMAT_VERSION = 1
 
@@ -207,11 +206,8 @@ def make_data(cfg: DataConfig, progress: bool = True) -> dict:
 
 
 def run_make_data(ns) -> int:
-    kw = {f.name: getattr(ns, f.name) for f in dataclasses.fields(DataConfig) if hasattr(ns, f.name)}
-    try:
-        cfg = DataConfig(**kw)
-    except ValueError as e:
-        print(f"error: {e}")
+    cfg = config_from_args(DataConfig, ns)
+    if cfg is None:
         return 2
     m = make_data(cfg)
     print(f"{m['out']}: {len(m['shards'])} shards, {m['tokens']} answer tokens from {m['prompts']} prompts "

@@ -9,7 +9,6 @@ checkpoints, so --resume neither regenerates nor retrains what is done.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ssd.kv_cache import append_batch
-from ssd.train.config import TrainDraftConfig
+from ssd.train.config import TrainDraftConfig, config_from_args
 from ssd.train.draft_model import DraftModel
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -593,11 +592,8 @@ def run_train_draft(ns) -> int:
     from ssd.train.prompts import build_prompts, split_eval
 
     t0 = time.time()
-    kw = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainDraftConfig) if hasattr(ns, f.name)}
-    try:
-        cfg = TrainDraftConfig(**kw)
-    except ValueError as e:
-        print(f"error: {e}")
+    cfg = config_from_args(TrainDraftConfig, ns)
+    if cfg is None:
         return 2
     torch.set_num_threads(cfg.threads)
     deadline = t0 + cfg.time_budget_min * 60 if cfg.time_budget_min > 0 else None

@@ -42,6 +42,16 @@ def _prompts(n, seed):
     return [[rng.randrange(1, EOS) for _ in range(rng.randint(4, 10))] for _ in range(n)]
 
 
+def _teacher_examples(target, prompts):
+    """The target's greedy continuations (12 tokens) of prompts with their teacher rows -> (examples, head)."""
+    eng = AREngine(EngineConfig(mode="ar", max_batch=8, max_model_len=64), target, (EOS,))
+    outs = [s.output_ids for s in eng.generate(prompts, SamplingParams(max_tokens=12))]
+    ex = [Example(p + o, len(p)) for p, o in zip(prompts, outs)]
+    head = select_head(outs, VOCAB, 48, (EOS,))
+    teacher_targets(target, ex, head, 16)
+    return ex, head
+
+
 def _cfg(out, **kw):
     base = dict(out=str(out), layers=2, head_vocab=48, num_prompts=40, eval_prompts=8, gen_tokens=16, gen_batch=8,
                 teacher_topk=16, steps=40, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=4, eval_every=20,
@@ -103,11 +113,7 @@ def test_resume_equals_uninterrupted(target_dir, distilled, tmp_path):
     _, _, _ = distilled
     target, _ = load_model(target_dir)
     prompts = _prompts(16, 5)
-    eng = AREngine(EngineConfig(mode="ar", max_batch=8, max_model_len=64), target, (EOS,))
-    outs = [s.output_ids for s in eng.generate(prompts, SamplingParams(max_tokens=12))]
-    ex = [Example(p + o, len(p)) for p, o in zip(prompts, outs)]
-    head = select_head(outs, VOCAB, 48, (EOS,))
-    teacher_targets(target, ex, head, 16)
+    ex, head = _teacher_examples(target, prompts)
     n = 6
     cfg = _cfg(tmp_path, steps=2 * n, eval_every=4, batch_size=4)
 
@@ -191,11 +197,7 @@ def test_autocast_setting_is_honoured(monkeypatch):
 def test_bf16_autocast_really_changes_the_arithmetic(target_dir, tmp_path):
     target, _ = load_model(target_dir)
     prompts = _prompts(8, 9)
-    eng = AREngine(EngineConfig(mode="ar", max_batch=8, max_model_len=64), target, (EOS,))
-    outs = [s.output_ids for s in eng.generate(prompts, SamplingParams(max_tokens=12))]
-    ex = [Example(p + o, len(p)) for p, o in zip(prompts, outs)]
-    head = select_head(outs, VOCAB, 48, (EOS,))
-    teacher_targets(target, ex, head, 16)
+    ex, head = _teacher_examples(target, prompts)
     heads = {}
     for mode in ("off", "bfloat16"):
         torch.manual_seed(0)
