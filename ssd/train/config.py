@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 INIT_LAYERS = ("spread", "first")
+DRAFT_KINDS = ("standalone", "feature")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class TrainDraftConfig:
     eval_data: str = ""  # held-out shard directory (default: sharegpt-heldout beside --data)
     data_tokens: int = 0  # train on the first N answer tokens of --data (0 = all): the data-size curve
     curve_positions: int = 256  # held-out positions of the n-alpha acceptance curve
+    kind: str = "standalone"  # standalone: a small Llama | feature: one layer over the target's features (needs --data made with --features)
+    ttt_steps: int = 8  # feature drafter: unrolled training-time-test steps (self-fed depth 0..N-1)
+    ttt_decay: float = 0.85  # feature drafter: loss weight of step j is ttt_decay**j (normalised)
+    feature_init_layer: int = -1  # feature drafter: the target layer its decoder layer starts from (-1 = last)
 
     def __post_init__(self):
         if self.layers < 1:
@@ -54,6 +59,12 @@ class TrainDraftConfig:
             raise ValueError("seq_len must be >= 8")
         if self.save_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError("save_dtype must be float16, bfloat16 or float32")
+        if self.kind not in DRAFT_KINDS:
+            raise ValueError(f"kind must be one of {DRAFT_KINDS}")
+        if self.ttt_steps < 1 or not 0 < self.ttt_decay <= 1:
+            raise ValueError("ttt_steps must be >= 1 and ttt_decay in (0, 1]")
+        if self.kind == "feature" and not self.data:
+            raise ValueError("--kind feature trains on `ssd make-data --features` shards: pass --data")
         if self.autocast not in ("auto", "bfloat16", "off"):
             raise ValueError("autocast must be auto, bfloat16 or off")
 

@@ -37,6 +37,7 @@ class Example:
     teacher_valid: torch.Tensor | None = None  # [m] bool: rows with some head token (None: all)
     target_top1: torch.Tensor | None = None  # [m] int64: the target's argmax over the whole vocabulary
     greedy: bool = True  # the continuation is the target's greedy answer (not a sampled one)
+    features: torch.Tensor | None = None  # [n, nf*H] bf16: the target's fused features per position (feature drafters)
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -131,13 +132,14 @@ def teacher_targets(target, examples: list[Example], head_ids: torch.Tensor, top
 
 # ---- 2b. examples from `ssd make-data` shards ------------------------------------------------
 def examples_from_shards(seqs: list[dict], head_ids: torch.Tensor, vocab_size: int, seq_len: int,
-                         min_context: int = 32) -> list[Example]:
+                         min_context: int = 32, with_features: bool = False) -> list[Example]:
     """Shard sequences (ssd/train/data.py: load_shards) -> Examples of at most seq_len tokens whose
     teacher is the target's top-k restricted to the head: in-head entries first (so column 0 is
     the target's best head token), the others at -inf; rows with no head token are not trained on.
     A sequence longer than seq_len keeps its answer and loses the start of its prompt (RoPE is
     relative, so a window starting later is the same computation), keeping at least
-    `min_context` prompt tokens before the answer."""
+    `min_context` prompt tokens before the answer. with_features: also the window's fused target
+    features (the shards must have been made with --features)."""
     to_head = torch.full((vocab_size,), -1, dtype=torch.int64)
     to_head[head_ids] = torch.arange(head_ids.numel())
     out = []
@@ -154,9 +156,13 @@ def examples_from_shards(seqs: list[dict], head_ids: torch.Tensor, vocab_size: i
         order = torch.sort((~inside).int(), dim=-1, stable=True).indices  # in-head first, order kept
         hidx, inside = hidx.gather(-1, order), inside.gather(-1, order)
         logits = sq["teacher_logits"][:m].float().gather(-1, order).masked_fill(~inside, float("-inf"))
+        feats = None
+        if with_features:
+            f = sq["features"][:, start:start + n]  # [nf, n, H]
+            feats = f.permute(1, 0, 2).reshape(n, -1).contiguous()
         out.append(Example(ids[:n].tolist(), p, logits.half(), hidx.clamp(min=0).int(), teacher_from=p - 1,
                            teacher_valid=inside.any(-1), target_top1=sq["teacher_idx"][:m, 0].long(),
-                           greedy=not sq.get("sampled", False)))
+                           greedy=not sq.get("sampled", False), features=feats))
     return out
 
 
@@ -296,10 +302,20 @@ def _batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
     return out
 
 
-def train(draft: DraftModel, train_ex: list[Example], eval_ex: list[Example], cfg: TrainDraftConfig,
-          state_dir: Path, deadline: float | None = None, stop_after: int | None = None) -> dict:
+def standalone_loss(draft: DraftModel, examples: list[Example], cfg: TrainDraftConfig, use_bf16: bool):
+    ids, tl, ti, mask = collate(examples)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):  # fp32 weights and loss either way
+        logits = draft(ids)
+    return distill_loss(logits.float(), tl, ti, mask, cfg.ce_weight)
+
+
+def train(draft, train_ex: list[Example], eval_ex: list[Example], cfg: TrainDraftConfig,
+          state_dir: Path, deadline: float | None = None, stop_after: int | None = None,
+          loss_fn=standalone_loss, eval_fn=evaluate) -> dict:
     """Trains draft in place from step 0 or from state_dir/ckpt.pt (cfg.resume), up to cfg.steps
-    (the schedule's length) or stop_after steps, checkpointing at each eval and at the stop. -> summary"""
+    (the schedule's length) or stop_after steps, checkpointing at each eval and at the stop.
+    loss_fn(draft, examples, cfg, use_bf16) -> (loss, kl); eval_fn(draft, eval_ex) -> {"agreement", ...}
+    (the feature drafter brings its own: ssd/train/feature_train.py). -> summary"""
     state_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = state_dir / "ckpt.pt", state_dir / "log.jsonl"
     params = [p for p in draft.parameters() if p.requires_grad]
@@ -309,7 +325,7 @@ def train(draft: DraftModel, train_ex: list[Example], eval_ex: list[Example], cf
     step, wall = 0, 0.0
     if cfg.resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False)
-        if not torch.equal(ck["model"]["head_token_ids"], draft.head_token_ids):
+        if not torch.equal(ck["model"]["head_token_ids"], draft.own_state_dict()["head_token_ids"]):
             raise ValueError("checkpoint head vocabulary differs from this run's")
         draft.load_own_state_dict(ck["model"])
         opt.load_state_dict(ck["optim"])
@@ -329,7 +345,7 @@ def train(draft: DraftModel, train_ex: list[Example], eval_ex: list[Example], cf
         _atomic_save({"model": draft.own_state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
                       "rng": torch.get_rng_state(), "step": step, "wall_s": wall}, ckpt_path)
 
-    first = evaluate(draft, eval_ex) if step == 0 else None
+    first = eval_fn(draft, eval_ex) if step == 0 else None
     if first is not None:
         log({"step": 0, "eval": first})
     draft.train()
@@ -339,10 +355,8 @@ def train(draft: DraftModel, train_ex: list[Example], eval_ex: list[Example], cf
     t_train0, steps_here = time.perf_counter(), 0
     while step < cfg.steps:
         t0 = time.perf_counter()
-        ids, tl, ti, mask = collate([train_ex[i] for i in _batch_indices(step, len(train_ex), cfg.batch_size, cfg.seed)])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):  # fp32 weights and loss either way
-            logits = draft(ids)
-        loss, kl = distill_loss(logits.float(), tl, ti, mask, cfg.ce_weight)
+        loss, kl = loss_fn(draft, [train_ex[i] for i in _batch_indices(step, len(train_ex), cfg.batch_size, cfg.seed)],
+                           cfg, use_bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -356,7 +370,7 @@ def train(draft: DraftModel, train_ex: list[Example], eval_ex: list[Example], cf
         bar.set_postfix(loss=f"{loss:.3f}", kl=f"{kl:.3f}")
         out_of_time = (deadline is not None and time.time() > deadline) or step == stop_after
         if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
-            last_eval = evaluate(draft, eval_ex)
+            last_eval = eval_fn(draft, eval_ex)
             log({"step": step, "loss": loss, "kl": kl, "lr": sched.get_last_lr()[0],
                  "train_wall_s": round(wall, 1), "eval": last_eval})
             checkpoint()
@@ -366,7 +380,7 @@ def train(draft: DraftModel, train_ex: list[Example], eval_ex: list[Example], cf
             break
     bar.close()
     if last_eval is None:
-        last_eval = evaluate(draft, eval_ex)
+        last_eval = eval_fn(draft, eval_ex)
     rate = steps_here / max(time.perf_counter() - t_train0, 1e-9)
     return {"steps": step, "train_wall_s": wall, "steps_per_s": rate, "stopped_early": stopped_early,
             "matmuls": "bf16 autocast" if use_bf16 else "fp32",
@@ -456,10 +470,20 @@ def distill_from_data(cfg: TrainDraftConfig, target_path: Path, target_ref: str,
     eval_seqs = load_shards(eval_dir)
     answers = [sq["ids"][sq["prompt_len"]:].tolist() for sq in train_seqs]
     head_ids = select_head(answers, tcfg.vocab_size, cfg.head_vocab, tuple(always_ids) + tuple(tcfg.eos_token_ids))
-    train_ex = examples_from_shards(train_seqs, head_ids, tcfg.vocab_size, cfg.seq_len)
-    eval_ex = examples_from_shards(eval_seqs, head_ids, tcfg.vocab_size, cfg.seq_len)
+    feature = cfg.kind == "feature"
+    if feature and not (train_m.get("feature_layers") and eval_m.get("feature_layers")):
+        raise ValueError("--kind feature needs shards made with `ssd make-data --features` (train and held-out)")
+    train_ex = examples_from_shards(train_seqs, head_ids, tcfg.vocab_size, cfg.seq_len, with_features=feature)
+    eval_ex = examples_from_shards(eval_seqs, head_ids, tcfg.vocab_size, cfg.seq_len, with_features=feature)
+    del train_seqs, eval_seqs
     train_tokens = sum(len(a) for a in answers)
     tqdm.write(f"data: {len(train_ex)} train sequences ({train_tokens} answer tokens), {len(eval_ex)} held-out")
+    if feature:
+        from ssd.train.feature_train import train_feature_draft
+
+        return train_feature_draft(cfg, target_path, target_ref, head_ids, tuple(train_m["feature_layers"]),
+                                   train_ex, eval_ex, train_tokens, train_m, eval_dir, state, command_line, t_start,
+                                   deadline)
     draft = draft_from_target(target_path, cfg.layers, head_ids, cfg.init_layers)
     curve0 = acceptance_curve(draft, eval_ex, positions=cfg.curve_positions)
     summary = train(draft, train_ex, eval_ex, cfg, state, deadline)
