@@ -8,7 +8,7 @@ import torch
 
 from ssd.config import SamplingParams
 from ssd.speculation.qrows import support_of, to_vocab
-from ssd.engine.protocol import (AddSequence, Advance, CachedBranches, CacheKeys, CacheReply, JitReply, Release,
+from ssd.engine.protocol import (AddSequence, Advance, CachedBranches, CacheKeys, CacheReply, Features, JitReply, Release,
                                  RoundReply, RoundRequest, Speculation)
 
 from .common import MAX_MESSAGE_BYTES
@@ -79,14 +79,28 @@ def get_q_rows(sp, k: int, vocab_size: int) -> torch.Tensor | None:
 
 
 # ---- the round protocol (ssd/engine/protocol.py) over ssd.v1.Draft/Speculate ----------------
+def features_to_pb(f: Features | None):
+    return None if f is None else pb.Features(bf16=f.data, rows=f.rows, cols=f.cols)
+
+
+def features_from_pb(msg) -> Features | None:
+    """The features field of a SequenceSetup / Outcome (None when unset)."""
+    if not msg.HasField("features"):
+        return None
+    f = msg.features
+    return Features(f.bf16, f.rows, f.cols)
+
+
 def round_to_pb(msg: RoundRequest) -> "pb.SpeculateRequest":
     req = pb.SpeculateRequest(round=msg.round_id, jit=[str(i) for i in msg.jit_ids], hit=[str(i) for i in msg.hit_ids])
     for op in msg.ops:
         if isinstance(op, AddSequence):
             req.add.append(pb.SequenceSetup(seq_id=str(op.seq_id), context_token_ids=op.context, sampling=sampling_to_pb(op.params),
-                                            traceparent=op.meta.get("traceparent", ""), request_id=op.meta.get("request_id", "")))
+                                            traceparent=op.meta.get("traceparent", ""), request_id=op.meta.get("request_id", ""),
+                                            features=features_to_pb(op.features)))
         elif isinstance(op, Advance):
-            req.outcomes.append(pb.Outcome(seq_id=str(op.seq_id), committed_token_ids=op.tokens))
+            req.outcomes.append(pb.Outcome(seq_id=str(op.seq_id), committed_token_ids=op.tokens,
+                                           features=features_to_pb(op.features)))
         elif isinstance(op, Release):
             req.release.append(str(op.seq_id))
             if op.reason == "abort":
@@ -101,9 +115,10 @@ def round_to_pb(msg: RoundRequest) -> "pb.SpeculateRequest":
 def round_from_pb(req, seq_key) -> RoundRequest:
     """seq_key(str) -> the draft's own id for a sequence of this stream."""
     ops: list = [AddSequence(seq_key(a.seq_id), list(a.context_token_ids), sampling_from_pb(a.sampling),
-                             {k: v for k, v in (("traceparent", a.traceparent), ("request_id", a.request_id)) if v})
+                             {k: v for k, v in (("traceparent", a.traceparent), ("request_id", a.request_id)) if v},
+                             features_from_pb(a))
                  for a in req.add]
-    ops += [Advance(seq_key(o.seq_id), list(o.committed_token_ids)) for o in req.outcomes]
+    ops += [Advance(seq_key(o.seq_id), list(o.committed_token_ids), features_from_pb(o)) for o in req.outcomes]
     aborted = set(req.aborted)
     ops += [Release(seq_key(r), "abort" if r in aborted else None) for r in req.release]
     backups = {seq_key(b.seq_id): list(b.draft_token_ids) for b in req.backup}

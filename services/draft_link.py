@@ -36,7 +36,8 @@ class GrpcDraftLink:
         except grpc.RpcError as e:
             raise DraftUnavailable(f"draft at {address} unreachable: {e.code().name}") from e
         self.info = {"vocab_size": load.vocab_size, "model": load.model, "node": load.node,
-                     "fingerprint": load.fingerprint, "publishes": load.publishes}
+                     "fingerprint": load.fingerprint, "publishes": load.publishes,
+                     "feature_layers": list(load.feature_layers)}
         self.tensors: TensorChannel | None = None
         metadata = ()
         if tensor_channel == "auto" and not str(device).startswith("cuda"):

@@ -26,8 +26,10 @@ from concurrent.futures import Future
 
 from dataclasses import replace
 
+import torch
+
 from ssd.engine.draft_link import DraftUnavailable
-from ssd.engine.protocol import (AddSequence, Advance, CacheKeys, CacheReply, JitReply, Release,
+from ssd.engine.protocol import (AddSequence, Advance, CacheKeys, CacheReply, Features, JitReply, Release,
                                  RoundRequest, Stop)
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ class MultiDraftLink:
         self.info = dict(first.info)
         self.info["drafts"] = list(self.links)
         self.owner: dict[int, str] = {}        # seq_id -> draft address
-        self.state: dict[int, list] = {}       # seq_id -> [context, params, meta]
+        self.state: dict[int, list] = {}       # seq_id -> [context, params, meta, feature rows (feature drafters)]
         self.inject: dict[str, list] = {}      # address -> ops to prepend to its next round
         self.expect: deque = deque()           # (kind, round_id, [addresses]) replies still to merge
 
@@ -119,10 +121,11 @@ class MultiDraftLink:
         for seq_id, a in list(self.owner.items()):
             if a != addr:
                 continue
-            ctx, params, meta = self.state[seq_id]
+            ctx, params, meta, feats = self.state[seq_id]
             new = self._place({})
             self.owner[seq_id] = new
-            self.inject.setdefault(new, []).append(AddSequence(seq_id, list(ctx), params, dict(meta)))
+            rows = Features.of(torch.cat([f.tensor() for f in feats])) if feats else None
+            self.inject.setdefault(new, []).append(AddSequence(seq_id, list(ctx), params, dict(meta), rows))
 
     # ---- the DraftLink protocol ------------------------------------------------------------------
     def send(self, msg: RoundRequest | Stop) -> None:
@@ -136,7 +139,8 @@ class MultiDraftLink:
             if isinstance(op, AddSequence):
                 addr = self._place(op.meta)  # may join a draft named by the gateway
                 self.owner[op.seq_id] = addr
-                self.state[op.seq_id] = [list(op.context), op.params, dict(op.meta)]
+                self.state[op.seq_id] = [list(op.context), op.params, dict(op.meta),
+                                         [op.features] if op.features is not None else []]
         parts = {a: ([], [], {}, []) for a in self.links}
         for op in msg.ops:
             seq_id = op.seq_id
@@ -145,6 +149,8 @@ class MultiDraftLink:
                 continue
             if isinstance(op, Advance):
                 self.state[seq_id][0].extend(op.tokens)
+                if op.features is not None:  # kept so a re-homed sequence brings its features along
+                    self.state[seq_id][3].append(op.features)
             elif isinstance(op, Release):
                 self.owner.pop(seq_id, None)
                 self.state.pop(seq_id, None)

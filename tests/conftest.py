@@ -29,3 +29,18 @@ def small_pair(tmp_path_factory):
     target = _save(t_dir, 0)
     _save(d_dir, 1, perturb_from=target, noise=0.6)
     return t_dir, d_dir, target
+
+
+@pytest.fixture(scope="session")
+def small_feature_draft(small_pair, tmp_path_factory):
+    """A feature drafter for the small target (ssd/models/feature_draft.py): its decoder layer
+    starts from the target's last layer, fc and in_proj random. Untrained, but over a 4-token
+    vocabulary it agrees with the target often enough to exercise multi-token acceptance."""
+    from ssd.train.data import feature_layers
+    from ssd.train.feature_train import feature_draft_from_target, save_feature_draft
+
+    t_dir = small_pair[0]
+    out = tmp_path_factory.mktemp("small_feature_draft")
+    model = feature_draft_from_target(t_dir, feature_layers(2), torch.arange(SMALL_VOCAB), init_layer=1, seed=3)
+    save_feature_draft(out, model, t_dir, str(t_dir), dtype=torch.float32)
+    return out

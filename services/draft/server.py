@@ -53,7 +53,8 @@ class DraftService(pb_grpc.DraftServicer):
     def Load(self, request, context):
         return pb.DraftLoadResponse(sequences=len(self.server.runner.seqs), queue_depth=self.queue_depth,
                                     vocab_size=self.model.cfg.vocab_size, model=self.description, node=self.node,
-                                    fingerprint=self.fingerprint, publishes=self.index is not None)
+                                    fingerprint=self.fingerprint, publishes=self.index is not None,
+                                    feature_layers=list(self.server.runner.feature_layers))
 
     def _queue(self, delta: int) -> None:
         """Rounds waiting for the model (every target stream shares it): the autoscaling signal."""

@@ -156,6 +156,7 @@ class Engine:
         events = []
         for s, t in zip(new, tokens):
             kept = s.commit([t], self.cfg.max_model_len)
+            self.target.commit_features(s)
             self.stats.tokens += len(kept)
             self.stats.prefill_tokens += len(kept)
             events.append((s, kept))
@@ -200,6 +201,7 @@ class Engine:
 
     def _commit_outcome(self, s: Sequence, spec_tokens: list[int], k: int, t: int) -> list[int]:
         kept = s.commit(spec_tokens[:k] + [t], self.cfg.max_model_len)
+        self.target.commit_features(s)
         self.stats.tokens += len(kept)
         self.stats.rounds += 1
         self.stats.record_accepts(len(spec_tokens), k)
@@ -207,6 +209,13 @@ class Engine:
         if not s.finished:
             self.target.rollback(s)
         return kept
+
+    def _new_features(self, s: Sequence):
+        """A feature drafter's share of the last commit: the target's features of the positions
+        it newly committed (protocol.Features; None when the draft reads none)."""
+        from .protocol import Features
+
+        return Features.of(s.features[-1]) if self.target.capture and s.features else None
 
     def _retire(self) -> list[Sequence]:
         done = self.scheduler.retire()

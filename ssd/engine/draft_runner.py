@@ -4,6 +4,14 @@ speculation-cache construction of Saguaro (glue decode, fork, tree decode).
 Used in-process by the SD engine, inside the draft worker process by the SSD engine, and by
 the draft gRPC service. Draft KV columns equal logical positions for the committed context;
 the tree region of a round lives in the same slot after the glue tokens (no prefix copies).
+
+A feature drafter (ssd/models/feature_draft.py) also reads, at each position p, a feature of
+position p-1: the target's (true) for every committed position but the last, which arrive with
+AddSequence/Advance, or its own output h there (self-fed) for everything after. The runner keeps
+per sequence the input feature of every position (DraftSeq.gin) and, for each speculation it
+produced, the outputs h it drafted it with (DraftSeq.selfh), so the glue decode of the next round
+feeds those speculated positions in one forward. When true features arrive for positions that
+were fed self-fed, their KV is recomputed (draft_len is cut back to them).
 """
 from __future__ import annotations
 
@@ -30,6 +38,8 @@ class DraftSeq:
     spec_after: str | None = None  # "hit" | "miss": how the speculation being verified was obtained
     ranked: list[list[int]] | None = None  # [K+1][<=R] fork candidates by rank per depth
     last_outcome_k: int = -1  # accepted tokens of the last verified round (its cache key's k)
+    gin: torch.Tensor | None = None  # feature drafters: [max_len, H] the feature each position reads (of its predecessor)
+    selfh: dict = field(default_factory=dict)  # (start position, last context token, tokens) -> [K, H] self-fed inputs
 
 
 @dataclass
@@ -60,24 +70,52 @@ class DraftRunner:
             self.vocab_size if self.head_ids is None else len(self.head_ids), speculation.init_acceptance, speculation.init_power_r
         )
         self.seed = seed
+        self.feature = getattr(model, "kind", None) == "feature"
+        self.feature_layers = tuple(model.feature_layers) if self.feature else ()
+        self.max_len = max_len
 
     # ---- sequence life cycle -------------------------------------------------------------
-    def add(self, seq_id: int, ctx: list[int], params: SamplingParams) -> None:
+    def add(self, seq_id: int, ctx: list[int], params: SamplingParams, features=None) -> None:
+        """features: a feature drafter's true features of ctx[:-1] ([len(ctx) - 1, F]; a tensor or
+        protocol.Features); refused when missing or of the wrong size."""
         if seq_id in self.seqs:
             raise ValueError(f"sequence {seq_id} already known to the draft")
+        gin = None
+        if self.feature:
+            gin = torch.zeros(self.max_len, self.model.cfg.hidden_size, dtype=self.model.dtype)
+            self._true_features(gin, 0, features, len(ctx) - 1)
         gen = None
         if not params.greedy:
             gen = torch.Generator().manual_seed((params.seed if params.seed is not None else self.seed) * 7919 + seq_id)
-        self.seqs[seq_id] = DraftSeq(self.cache.allocate(), params, gen, list(ctx))
+        self.seqs[seq_id] = DraftSeq(self.cache.allocate(), params, gen, list(ctx), gin=gin)
+
+    @torch.inference_mode()
+    def _true_features(self, gin: torch.Tensor, start: int, features, rows: int) -> None:
+        """The target's features of positions start .. start+rows-1 become the inputs of the
+        positions after them."""
+        if features is None:
+            raise ValueError("this draft reads the target's features: the target sent none "
+                             f"(it must capture layers {self.feature_layers})")
+        f = features.tensor() if hasattr(features, "tensor") else torch.as_tensor(features)
+        if tuple(f.shape) != (rows, self.model.feature_size):
+            raise ValueError(f"features of shape {tuple(f.shape)}; expected {(rows, self.model.feature_size)}")
+        if rows:
+            gin[start + 1:start + 1 + rows] = self.model.project(f)
 
     def release(self, seq_id: int) -> None:
         s = self.seqs.pop(seq_id, None)
         if s is not None:
             self.cache.free(s.slot)
 
-    def advance(self, seq_id: int, new_tokens: list[int]) -> None:
-        """The target committed new_tokens (accepted + recovery/bonus) for seq_id."""
+    def advance(self, seq_id: int, new_tokens: list[int], features=None) -> None:
+        """The target committed new_tokens (accepted + recovery/bonus) for seq_id; a feature
+        drafter also gets the target's features of the positions from the previous last token
+        up to the one before the new last ([len(new_tokens), F])."""
         s = self.seqs[seq_id]
+        if self.feature and new_tokens:
+            last = len(s.ctx) - 1
+            self._true_features(s.gin, last, features, len(new_tokens))
+            s.draft_len = min(s.draft_len, last + 1)  # positions fed self-fed are fed again, true
         if s.ranked is not None and s.spec_after is not None and new_tokens:
             k = len(new_tokens) - 1
             cands = s.ranked[k] if k < len(s.ranked) else []
@@ -89,6 +127,28 @@ class DraftRunner:
         s.ctx.extend(new_tokens)
 
     # ---- helpers ---------------------------------------------------------------------------
+    def _forward(self, ids, gprev, batch, logits_rows=None):
+        """One draft forward -> (logits, h | None); gprev [B, n, H] only for a feature drafter."""
+        if self.feature:
+            return self.model(ids, gprev, batch, self.cache, logits_rows=logits_rows)
+        return self.model(ids, batch, self.cache, logits_rows=logits_rows), None
+
+    def _gprev(self, rows, starts, n, width, extra=None):
+        """[B, width, H]: the input features of positions starts[b] .. starts[b]+n[b]-1 from each
+        row's gin, the positions past its context taken from extra[b] ([m, H]) when given."""
+        if not self.feature:
+            return None
+        out = torch.zeros(len(rows), width, self.model.cfg.hidden_size, dtype=self.model.dtype)
+        for b, r in enumerate(rows):
+            own = min(n[b], len(r.ctx) - starts[b])
+            out[b, :own] = r.gin[starts[b]:starts[b] + own]
+            if extra is not None and n[b] > own:
+                out[b, own:n[b]] = extra[b][:n[b] - own]
+        return out
+
+    def _selfh_key(self, r: DraftSeq, tokens) -> tuple:
+        return (len(r.ctx), r.ctx[-1], tuple(int(t) for t in tokens))
+
     def _to_vocab(self, idx: torch.Tensor) -> torch.Tensor:
         """Head indices -> token ids."""
         return idx if self.head_ids is None else self.head_ids[idx]
@@ -116,6 +176,7 @@ class DraftRunner:
         feeds = [r.ctx[r.draft_len :] for r in rows]
         tokens = [[] for _ in rows]
         probs = [[] for _ in rows]
+        hs = [[] for _ in rows]  # feature drafter: the output h each proposal was drafted from
         lengths = [r.draft_len for r in rows]
         for step in range(K):
             n = [len(f) for f in feeds]
@@ -123,20 +184,49 @@ class DraftRunner:
             ids = torch.tensor([f + [0] * (width - len(f)) for f in feeds], dtype=torch.int64)
             batch = append_batch([r.slot for r in rows], lengths, n, device=ids.device)
             last = torch.tensor([[x - 1] for x in n], dtype=torch.int64)
-            logits = self.model(ids, batch, self.cache, logits_rows=last)[:, 0]  # [B, V]
+            # step 0 feeds context (true features); later steps feed a proposal, self-fed
+            gprev = self._gprev(rows, lengths, n, width, [h[-1][None] for h in hs] if step else None)
+            logits, h = self._forward(ids, gprev, batch, logits_rows=last)
+            logits = logits[:, 0]  # [B, V]
             for b, r in enumerate(rows):
                 tok, q = self._pick(r, logits[b : b + 1], fan[step])
                 tokens[b].append(int(tok[0]))
                 if q is not None:
                     probs[b].append(q[0])
+                if h is not None:
+                    hs[b].append(h[b, n[b] - 1])
             lengths = [l + x for l, x in zip(lengths, n)]
             feeds = [[t[-1]] for t in tokens]
         out = {}
         for b, (i, r) in enumerate(zip(seq_ids, rows)):
             # ctx + d_1..d_{K-1} hold valid KV (build() re-feeds the last ctx token for G_0)
             r.draft_len = len(r.ctx) + K - 1
+            if self.feature:
+                r.selfh = {self._selfh_key(r, tokens[b]): torch.stack(hs[b])}
             out[i] = (torch.tensor(tokens[b]), torch.stack(probs[b]) if probs[b] else None)
         return out
+
+    @torch.inference_mode()
+    def _selffed_chain(self, rows: list[DraftSeq], specs: list[list[int]]) -> list[torch.Tensor]:
+        """A feature drafter's self-fed inputs for speculations it did not draft itself (the
+        fast backup's, the index's, another draft's): the context and then the speculated tokens
+        one at a time, each reading the previous output. -> per row [K, H]"""
+        K = self.K
+        starts = [min(r.draft_len, len(r.ctx) - 1) for r in rows]
+        feeds = [r.ctx[st:] for r, st in zip(rows, starts)]
+        hs = [[] for _ in rows]
+        for step in range(K):
+            n = [len(f) for f in feeds]
+            width = max(n)
+            ids = torch.tensor([f + [0] * (width - len(f)) for f in feeds], dtype=torch.int64)
+            batch = append_batch([r.slot for r in rows], starts, n, device=ids.device)
+            gprev = self._gprev(rows, starts, n, width, [h[-1][None] for h in hs] if step else None)
+            _, h = self._forward(ids, gprev, batch, logits_rows=torch.tensor([[x - 1] for x in n]))
+            for b in range(len(rows)):
+                hs[b].append(h[b, n[b] - 1])
+            starts = [st + x for st, x in zip(starts, n)]
+            feeds = [[sp[step]] for sp in specs]
+        return [torch.stack(h) for h in hs]
 
     # ---- speculation cache construction (SSD) ----------------------------------------------
     @torch.inference_mode()
@@ -153,6 +243,14 @@ class DraftRunner:
         rows = [self.seqs[i] for i in seq_ids]
         # 1. glue decode: one forward over (unfed context tail + the K speculated tokens),
         #    giving draft logits G_0..G_K at every possible rejection depth
+        selfh = None
+        if self.feature:  # the speculated positions read the outputs they were drafted from
+            selfh = [r.selfh.get(self._selfh_key(r, specs[i][0])) for r, i in zip(rows, seq_ids)]
+            missing = [b for b, h in enumerate(selfh) if h is None]
+            if missing:
+                for b, h in zip(missing, self._selffed_chain([rows[b] for b in missing],
+                                                             [list(specs[seq_ids[b]][0]) for b in missing])):
+                    selfh[b] = h
         feeds, starts = [], []
         for r, i in zip(rows, seq_ids):
             start = min(r.draft_len, len(r.ctx) - 1)
@@ -163,7 +261,8 @@ class DraftRunner:
         ids = torch.tensor([f + [0] * (width - len(f)) for f in feeds], dtype=torch.int64)
         batch = append_batch([r.slot for r in rows], starts, n, device=ids.device)
         glue_rows = torch.tensor([[x - K - 1 + j for j in range(K + 1)] for x in n], dtype=torch.int64)
-        glue_logits = self.model(ids, batch, self.cache, logits_rows=glue_rows)  # [B, K+1, V]
+        glue_logits, glue_h = self._forward(ids, self._gprev(rows, starts, n, width, selfh), batch,
+                                            logits_rows=glue_rows)  # [B, K+1, V], [B, width, H]
 
         # 2. fork: top-F_k candidates per depth, the drafted token excluded below depth K
         branch_tok, branch_depth, fans = [], [], []
@@ -201,12 +300,21 @@ class DraftRunner:
         cur = [list(t) for t in branch_tok]
         out_tok = [[[] for _ in range(x)] for x in nb]
         out_q = [[[] for _ in range(x)] for x in nb]
+        tree_g, tree_h = None, []
+        if self.feature:  # a fork token at depth k reads the glue's output at the position before it
+            tree_g = torch.zeros(len(rows), width, self.model.cfg.hidden_size, dtype=self.model.dtype)
+            for b in range(len(rows)):
+                for j, d in enumerate(branch_depth[b]):
+                    tree_g[b, j] = glue_h[b, n[b] - K - 1 + d]
         for step in range(K):
             if should_abort is not None and should_abort():
                 return None
             ids = torch.tensor([c + [0] * (width - len(c)) for c in cur], dtype=torch.int64)
             batch = tree_step_batch([r.slot for r in rows], visible, region, nb, step, base_pos, device=ids.device)
-            logits = self.model(ids, batch, self.cache)  # [B, width, V]
+            logits, h = self._forward(ids, tree_g, batch)  # [B, width, V]
+            if h is not None:
+                tree_h.append(h)
+                tree_g = h  # each branch's next token reads this step's output
             for b, r in enumerate(rows):
                 if nb[b] == 0:
                     continue
@@ -225,11 +333,16 @@ class DraftRunner:
             if not rows[b].params.greedy and nb[b]:
                 probs = torch.stack([torch.stack(q) for q in out_q[b]])
             result[i] = CacheEntry(keys, token_ids, probs, fans[b])
+            if self.feature:  # a branch that hits is the next speculation: keep what it was drafted from
+                hb = torch.stack([th[b, :nb[b]] for th in tree_h], 1) if nb[b] else None  # [nb, K, H]
+                r = rows[b]
+                r.selfh = {(len(r.ctx) + d + 1, t, tuple(out_tok[b][j])): hb[j]
+                           for j, (d, t) in enumerate(zip(branch_depth[b], branch_tok[b]))}
         return result
 
-    def on_outcome(self, seq_id: int, new_tokens: list[int]) -> None:
+    def on_outcome(self, seq_id: int, new_tokens: list[int], features=None) -> None:
         """After build(): the verified round committed new_tokens; only the accepted part of the
         speculation keeps valid KV."""
         s = self.seqs[seq_id]
         s.draft_len = min(s.draft_len, len(s.ctx) + len(new_tokens) - 1)
-        self.advance(seq_id, new_tokens)
+        self.advance(seq_id, new_tokens, features)

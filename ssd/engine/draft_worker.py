@@ -66,7 +66,7 @@ class RoundServer:
             seq_id = op.seq_id
             if isinstance(op, AddSequence):
                 try:
-                    runner.add(seq_id, op.context, op.params)
+                    runner.add(seq_id, op.context, op.params, op.features)
                 except (RuntimeError, ValueError) as e:  # full (or a duplicate): only this sequence goes without
                     log.warning("draft refuses sequence %s: %s", seq_id, e)
                     self.refused.add(seq_id)
@@ -76,7 +76,12 @@ class RoundServer:
                 if isinstance(op, Release):
                     self.refused.discard(seq_id)
             elif isinstance(op, Advance):
-                runner.on_outcome(seq_id, op.tokens)
+                try:
+                    runner.on_outcome(seq_id, op.tokens, op.features)
+                except ValueError as e:  # e.g. a feature drafter sent no features: only this sequence goes without
+                    log.warning("draft refuses sequence %s: %s", seq_id, e)
+                    self.forget(seq_id)
+                    self.refused.add(seq_id)
             elif isinstance(op, Release):
                 keys = self.published.get(seq_id, [])
                 if op.reason == "abort" and self.index is not None:
@@ -154,7 +159,8 @@ def worker_main(conn, draft_desc, speculation, max_seqs: int, max_model_len: int
         head = runner.head_ids
         width = model.cfg.vocab_size if head is None else head.numel()
         cache_q, jit_q = allocate_q_buffers(max_seqs, speculation.fan_out_budget, speculation.num_speculative_tokens, width)
-        conn.send(DraftReady({"vocab_size": model.cfg.vocab_size, "num_layers": model.cfg.num_layers, "q_width": width},
+        conn.send(DraftReady({"vocab_size": model.cfg.vocab_size, "num_layers": model.cfg.num_layers, "q_width": width,
+                              "feature_layers": list(runner.feature_layers)},
                              head, (cache_q, jit_q)))
     except Exception:
         conn.send(DraftFailed(traceback.format_exc()))

@@ -5,6 +5,8 @@ target). protos/ssd/v1/ssd.proto mirrors these field for field (services/convert
 target -> draft, once per target step:
   RoundRequest(round_id, ops, jit_ids, backups, hit_ids)
     ops       what changed for each sequence since the last round: AddSequence | Advance | Release
+              (for a feature drafter these carry the target's fused hidden states of the committed
+              positions: the draft's true features; everything after them it feeds itself)
     jit_ids   sequences that missed: draft a speculation just in time and reply at once
     backups   {seq_id: tokens} speculations the target took elsewhere (fast backup, speculation
               index, or a cache entry another draft built): the draft continues from them
@@ -32,12 +34,40 @@ from ..config import SamplingParams
 
 # ---- target -> draft ------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Features:
+    """Target feature rows [rows, cols] as raw bf16 bytes: pickles and serialises as plain bytes
+    (a tensor through a multiprocessing pipe would travel as a shared-memory file descriptor)."""
+    data: bytes
+    rows: int
+    cols: int
+
+    @classmethod
+    def of(cls, t) -> "Features | None":
+        if t is None:
+            return None
+        import torch
+
+        t = t.detach().to("cpu", torch.bfloat16).contiguous()
+        return cls(t.view(torch.int16).numpy().tobytes(), int(t.shape[0]), int(t.shape[1]))
+
+    def tensor(self):
+        import numpy as np
+        import torch
+
+        if len(self.data) != 2 * self.rows * self.cols:
+            raise ValueError(f"features: {len(self.data)} bytes for {self.rows} x {self.cols} bf16 values")
+        a = np.frombuffer(self.data, dtype=np.int16).reshape(self.rows, self.cols)
+        return torch.from_numpy(a.copy()).view(torch.bfloat16)
+
+
+@dataclass(frozen=True)
 class AddSequence:
     """A new sequence (or one moved to this draft): its whole context so far."""
     seq_id: int
     context: list[int]
     params: SamplingParams
     meta: dict = field(default_factory=dict)  # request_id, traceparent, the gateway's draft pick
+    features: "Features | None" = None  # feature drafters: [len(context) - 1, F] the target's fused features of every position but the last
 
 
 @dataclass(frozen=True)
@@ -45,6 +75,8 @@ class Advance:
     """The tokens the target committed for a sequence in the last round (accepted + recovery/bonus)."""
     seq_id: int
     tokens: list[int]
+    features: "Features | None" = None  # feature drafters: [len(tokens), F] the target's features of the positions from the
+    #                       previous last token up to the one before the new last (all now committed)
 
 
 @dataclass(frozen=True)

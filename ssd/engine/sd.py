@@ -17,13 +17,14 @@ class SDEngine(Engine):
     def __init__(self, cfg: EngineConfig, target_model, draft_model, eos_token_ids):
         super().__init__(cfg, target_model, eos_token_ids)
         self.draft = DraftRunner(draft_model, cfg.speculation, cfg.max_batch, cfg.max_model_len)
+        self.target.capture = self.draft.feature_layers  # a feature drafter reads these target layers
 
     def step(self):
         new = self.scheduler.admit()
         events = self._prefill(new)
         for s in new:
             if not s.finished:
-                self.draft.add(s.seq_id, s.context, s.params)
+                self.draft.add(s.seq_id, s.context, s.params, self._new_features(s))
         old = [s for s in self.scheduler.running if s not in new and not s.finished]
         if old:
             t0 = time.perf_counter()
@@ -43,7 +44,7 @@ class SDEngine(Engine):
                 self.stats.rounds_after_miss += 1
                 events.append((s, kept))
                 if not s.finished:
-                    self.draft.on_outcome(s.seq_id, kept)
+                    self.draft.on_outcome(s.seq_id, kept, self._new_features(s))
         self._retire()
         return events
 

@@ -71,6 +71,13 @@ class Sequence:
     # routing and tracing hints that travel with the sequence to its draft: "draft" (preferred
     # draft address), "traceparent" (W3C context of the request)
     meta: dict = field(default_factory=dict)
+    # feature drafters only: the target's fused features of every committed position but the
+    # last (bf16 rows, appended per round), and those of the last forward until it is committed
+    features: list = field(default_factory=list)
+    fed_features: tuple | None = None
+
+    def all_features(self) -> torch.Tensor | None:
+        return torch.cat(self.features) if self.features else None
 
     def __post_init__(self):
         if not self.params.greedy:

@@ -48,6 +48,7 @@ class SSDEngine(Engine):
         # the draft's own publishing helps only when both sides share the index (Redis); with the
         # in-process map the target stores what it receives itself
         self.draft_publishes = bool(self.link.info.get("publishes")) and not isinstance(self.index, LocalIndex)
+        self.target.capture = tuple(self.link.info.get("feature_layers") or ())  # a feature drafter's layers
         if self.link.info["vocab_size"] != self.vocab_size:
             raise ValueError(f"draft vocabulary {self.link.info['vocab_size']} != target vocabulary {self.vocab_size}")
 
@@ -83,11 +84,16 @@ class SSDEngine(Engine):
         log.info("draft back (%s): speculating again", self.link.info.get("drafts"))
         self.draft_alive, self.draft_error = True, None
         self.stale_rounds.clear()
-        self.pending_ops = [AddSequence(s.seq_id, list(s.context), s.params, dict(s.meta))
+        self.pending_ops = [AddSequence(s.seq_id, list(s.context), s.params, dict(s.meta), self._all_features(s))
                             for s in self.scheduler.running if not s.finished]
 
     def close(self) -> None:
         self.link.close()
+
+    def _all_features(self, s):
+        from .protocol import Features
+
+        return Features.of(s.all_features()) if self.target.capture else None
 
     # ---- one step: schedule, run, postprocess -------------------------------------------------
     def step(self):
@@ -123,7 +129,8 @@ class SSDEngine(Engine):
         events = self._prefill(new)
         for s in new:
             if not s.finished:
-                self.pending_ops.append(AddSequence(s.seq_id, list(s.context), s.params, dict(s.meta)))
+                self.pending_ops.append(AddSequence(s.seq_id, list(s.context), s.params, dict(s.meta),
+                                                    self._all_features(s)))
                 s.speculation = None
         self._retire()
         return events
@@ -206,7 +213,7 @@ class SSDEngine(Engine):
             rows.append(RoundRow(s, len(sp.token_ids), k, len(kept), sp.source, s.spec_result))
             s.speculation, s.spec_result = None, None
             if not s.finished:
-                self.pending_ops.append(Advance(s.seq_id, list(kept)))
+                self.pending_ops.append(Advance(s.seq_id, list(kept), self._new_features(s)))
         return rows
 
     def _receive_cache(self, running, outcomes, round_id):

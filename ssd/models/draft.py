@@ -62,6 +62,9 @@ class DraftDescription:
         if cfg_file.exists():
             cfg = json.loads(cfg_file.read_text())
             meta = cfg.get("ssd_draft")
+            if meta and meta.get("kind") == "feature":
+                return (f"feature drafter {Path(self.path).name} (1 layer over target layers {meta['feature_layers']}, "
+                        f"{meta['head_vocab_size']}-token head, distilled from {Path(str(meta['target'])).name})")
             if meta:
                 return (f"trained draft {Path(self.path).name} ({cfg['num_hidden_layers']} layers, "
                         f"{meta['head_vocab_size']}-token head, distilled from {Path(str(meta['target'])).name})")
@@ -109,6 +112,12 @@ def load_draft(d: DraftDescription | dict, dtype=None, device="cpu"):
 def _load_draft(d: DraftDescription, dtype, device):
     from .draft_dir import is_draft_dir, load_draft_dir
 
+    from .feature_draft import is_feature_dir, load_feature_dir
+
+    if is_feature_dir(d.path):  # a feature drafter: embedding and head rows from its target
+        if d.target_path is None:
+            raise ValueError(f"{d.path} is a feature drafter: it needs its target's directory")
+        return load_feature_dir(d.path, d.target_path, dtype=dtype, device=device)
     if is_draft_dir(d.path):  # a trained draft (ssd train-draft): the embedding comes from its target
         return load_draft_dir(d.path, d.target_path, dtype=dtype, device=device)
     model, cfg = load_model(d.path, dtype=dtype, device=device)

@@ -242,24 +242,33 @@ class LlamaModel(nn.Module):
         # input_ids [B, n] -> final-normed hidden states [B, n, H]
         return self._hidden(input_ids, batch, cache)
 
-    def _hidden(self, input_ids: torch.Tensor, batch: AttnBatch, cache: KVCache) -> torch.Tensor:
+    def _hidden(self, input_ids: torch.Tensor, batch: AttnBatch, cache: KVCache, capture: tuple[int, ...] = (),
+                seen: dict | None = None) -> torch.Tensor:
         if self.invariant:  # whole 64-column tiles straight from the cache (see kernels/attention.py)
             batch.read_len = min(padded_len(batch.kv_len), cache.k.shape[3])
         x = self.embed(input_ids)
         cos = self.rope_cos[batch.positions].unsqueeze(2)  # [B, n, 1, D/2]
         sin = self.rope_sin[batch.positions].unsqueeze(2)
         for i, layer in enumerate(self.layers):
+            if i in capture:
+                seen[i] = x
             x = layer.forward(x, cos, sin, batch, cache, i, self.packs, self.invariant)
         return F.rms_norm(x, (x.shape[-1],), self.norm_weight, self.cfg.rms_norm_eps)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, batch: AttnBatch, cache: KVCache,
-                logits_rows: torch.Tensor | None = None) -> torch.Tensor:
-        # input_ids [B, n]; logits_rows [B, m] indices into n -> logits [B, n or m, V] fp32
-        h = self._hidden(input_ids, batch, cache)
+                logits_rows: torch.Tensor | None = None, capture: tuple[int, ...] = ()):
+        """input_ids [B, n]; logits_rows [B, m] indices into n -> logits [B, n or m, V] fp32.
+        capture: layers whose inputs are also returned, concatenated in that order, for every fed
+        position (what a feature drafter reads) -> (logits, features [B, n, len(capture) * H])."""
+        seen: dict[int, torch.Tensor] = {}
+        h = self._hidden(input_ids, batch, cache, capture, seen)
         if logits_rows is not None:
             h = h.gather(1, logits_rows[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, m, H]
-        return linear(h, self.lm_head.weight, packs=self.packs, name="lm_head", invariant=self.invariant).float()
+        logits = linear(h, self.lm_head.weight, packs=self.packs, name="lm_head", invariant=self.invariant).float()
+        if not capture:
+            return logits
+        return logits, torch.cat([seen[i] for i in capture], -1)
 
     def hidden_full(self, input_ids: torch.Tensor, capture: tuple[int, ...] = ()):
         """input_ids [B, n] from position 0 -> final-normed hidden states [B, n, H] (training

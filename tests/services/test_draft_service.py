@@ -322,3 +322,29 @@ def test_idle_draft_stream_survives_keepalive_pings(target, small_pair, monkeypa
             assert eng.draft_alive, eng.draft_error
     finally:
         server.stop(0)
+
+
+def test_feature_drafter_over_grpc_and_rehomed_identical_to_ar(target, ar_reference, small_pair, small_feature_draft,
+                                                               caplog):
+    """A feature drafter as a draft service: the target's features travel with SequenceSetup and
+    Outcome; when one of two drafts dies, its sequences move to the other with their features."""
+    desc = {"path": str(small_feature_draft), "target_path": str(small_pair[0])}
+    servers = [serve(desc, _cfg().speculation, max_seqs=8, max_model_len=64) for _ in range(2)]
+    try:
+        link = _multi([f"127.0.0.1:{p}" for _, p in servers])
+        assert link.info["feature_layers"] == [0, 1]
+        with SSDEngine(_cfg(), target, {}, (3,), link=link) as eng:
+            assert eng.target.capture == (0, 1)
+            seqs = [eng.add_request(p, GREEDY) for p in PROMPTS]
+            for _ in range(3):
+                eng.step()
+            servers[0][0].stop(0)
+            while eng.has_unfinished():
+                eng.step()
+            assert eng.draft_alive, eng.draft_error
+            assert eng.stats.cache_hit + eng.stats.cache_late > 0 and eng.stats.num_accepted_tokens > 0
+        assert [s.output_ids for s in seqs] == ar_reference
+        assert "refuses" not in caplog.text  # the moved sequences came with their features
+    finally:
+        for s, _ in servers:
+            s.stop(0)
