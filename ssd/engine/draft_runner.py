@@ -185,7 +185,7 @@ class DraftRunner:
             batch = append_batch([r.slot for r in rows], lengths, n, device=ids.device)
             last = torch.tensor([[x - 1] for x in n], dtype=torch.int64)
             # step 0 feeds context (true features); later steps feed a proposal, self-fed
-            gprev = self._gprev(rows, lengths, n, width, [h[-1][None] for h in hs] if step else None)
+            gprev = self._gprev(rows, lengths, n, width, [h[-1][None] for h in hs] if step and self.feature else None)
             logits, h = self._forward(ids, gprev, batch, logits_rows=last)
             logits = logits[:, 0]  # [B, V]
             for b, r in enumerate(rows):
