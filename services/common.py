@@ -43,8 +43,64 @@ def client_options(*extra: tuple) -> list[tuple]:
     return [*CHANNEL_OPTIONS, *keepalive_client_options(), *extra]
 
 
-def make_server(max_workers: int = 32) -> grpc.Server:
-    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS + keepalive_server_options())
+def make_server(max_workers: int = 32, interceptors=()) -> grpc.Server:
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS + keepalive_server_options(),
+                       interceptors=list(interceptors))
+
+
+# ---- who may call ---------------------------------------------------------------------------------
+OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes and discovery need no key
+
+
+def load_api_keys(keys: str = "", key_file: str = "", env: str = "SSD_API_KEYS") -> frozenset[str]:
+    """API keys from a comma-separated list, a file (one per line, # comments) and the
+    environment variable `env` (comma-separated), all together. Empty: no key is required."""
+    found = [k for k in keys.split(",")]
+    if key_file:
+        found += [line.split("#", 1)[0] for line in open(key_file, encoding="utf-8").read().splitlines()]
+    found += os.environ.get(env, "").split(",")
+    return frozenset(k.strip() for k in found if k.strip())
+
+
+class ApiKeyInterceptor(grpc.ServerInterceptor):
+    """Refuses calls without "authorization: Bearer <key>" metadata (UNAUTHENTICATED), except
+    the health and reflection services."""
+
+    def __init__(self, keys: frozenset[str]):
+        self.keys = frozenset(keys)
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key (metadata authorization: Bearer <key>)")
+
+        self._deny = {
+            (False, False): grpc.unary_unary_rpc_method_handler(deny),
+            (False, True): grpc.unary_stream_rpc_method_handler(deny),
+            (True, False): grpc.stream_unary_rpc_method_handler(deny),
+            (True, True): grpc.stream_stream_rpc_method_handler(deny),
+        }
+
+    def intercept_service(self, continuation, details):
+        if not self.keys or details.method.startswith(OPEN_METHODS):
+            return continuation(details)
+        auth = dict(details.invocation_metadata or ()).get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and token.strip() in self.keys:
+            return continuation(details)
+        handler = continuation(details)
+        if handler is None:
+            return None
+        return self._deny[(handler.request_streaming, handler.response_streaming)]
+
+
+def add_port(server: grpc.Server, address: str, tls_cert: str = "", tls_key: str = "") -> int:
+    """Bind address, with TLS when a certificate and key (PEM files) are given."""
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    if not tls_cert:
+        return server.add_insecure_port(address)
+    with open(tls_key, "rb") as k, open(tls_cert, "rb") as c:
+        creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+    return server.add_secure_port(address, creds)
 
 
 def add_health_and_reflection(server: grpc.Server, service_names: list[str]) -> health.HealthServicer:
@@ -53,8 +109,26 @@ def add_health_and_reflection(server: grpc.Server, service_names: list[str]) -> 
     names = [pb.DESCRIPTOR.services_by_name[n].full_name for n in service_names]
     for n in names + [""]:
         hs.set(n, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(names + [reflection.SERVICE_NAME, health.SERVICE_NAME], server)
+    reflection.enable_server_reflection(names + [REFLECTION_V1, reflection.SERVICE_NAME, health.SERVICE_NAME], server)
+    _add_reflection_v1(server, names + [REFLECTION_V1, reflection.SERVICE_NAME, health.SERVICE_NAME])
     return hs
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _add_reflection_v1(server: grpc.Server, names: list[str]) -> None:
+    """Reflection under its v1 name as well (newer grpcurl and Postman ask for v1 first). The v1
+    and v1alpha messages are the same on the wire, so the v1alpha servicer answers both."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    servicer = reflection.ReflectionServicer(names)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString),
+    }),))
 
 
 def drain_on_sigterm(server: grpc.Server, hs: health.HealthServicer, grace_s: float, on_stop=None,

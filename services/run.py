@@ -21,7 +21,7 @@ def run_role(ns, cfg) -> int:
     """Start one service and block until SIGTERM/SIGINT (drain, then exit)."""
     import torch
 
-    from .common import add_health_and_reflection, drain_on_sigterm, make_server
+    from .common import ApiKeyInterceptor, add_health_and_reflection, add_port, drain_on_sigterm, load_api_keys, make_server
     from .protos import pb_grpc
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {ns.role} %(levelname)s %(message)s")
@@ -35,7 +35,10 @@ def run_role(ns, cfg) -> int:
 
     target_path = resolve_model(cfg.target)
     dtype = dtype_name(resolve_dtype(cfg.dtype)[0])  # target and draft resolve `auto` alike on one node
-    server = make_server()
+    keys = load_api_keys(ns.api_keys, ns.api_key_file) if ns.role == "gateway" else frozenset()
+    # the gateway is the client face: API keys and TLS apply to it (the internal services sit
+    # behind it, on the pod network)
+    server = make_server(interceptors=[ApiKeyInterceptor(keys)] if keys else ())
     stops = []
     http_port = None
     tm.setup_tracing(f"ssd-{ns.role}")  # OTEL_* environment; off (no-op) without an exporter
@@ -87,11 +90,15 @@ def run_role(ns, cfg) -> int:
         pb_grpc.add_GatewayServicer_to_server(GatewayService(gw), server)
         names = ["Gateway"]
         if ns.http_port >= 0:
-            httpd = serve_http(gw, ns.host, ns.http_port)
+            httpd = serve_http(gw, ns.host, ns.http_port, api_keys=keys,
+                               cors_origins=[o.strip() for o in ns.cors_origins.split(",") if o.strip()],
+                               max_connections=ns.max_http_connections,
+                               ssl_certfile=ns.tls_cert or None, ssl_keyfile=ns.tls_key or None)
             http_port = httpd.server_address[1]
             stops.append(httpd.shutdown)
     hs = add_health_and_reflection(server, names)
-    port = server.add_insecure_port(f"{ns.host}:{ns.port}")
+    tls = (ns.tls_cert, ns.tls_key) if ns.role == "gateway" else ("", "")
+    port = add_port(server, f"{ns.host}:{ns.port}", *tls)
     server.start()
     _announce(port, http_port, metrics_port)
 
@@ -129,7 +136,7 @@ def _spawn(role: str, args: list[str], env=None):
 
 
 def start_stack(common_args: list[str], procs: list, *, env=None, redis_url: str = "", tensor_channel: str = "auto",
-                port: int = 0, http_port: int = -1) -> dict[str, dict[str, int]]:
+                port: int = 0, http_port: int = -1, gateway_args: list[str] = ()) -> dict[str, dict[str, int]]:
     """draft, target and gateway as local processes wired to each other on loopback; each
     started process is appended to procs at once (the caller stops them, even after a failure
     half-way). Returns each role's bound ports."""
@@ -141,7 +148,7 @@ def start_stack(common_args: list[str], procs: list, *, env=None, redis_url: str
     procs.append(target)
     gw, gports = _spawn("gateway", common_args + ["--port", str(port), "--http-port", str(http_port),
                                                   "--targets", f"127.0.0.1:{tports['port']}",
-                                                  "--drafts", f"127.0.0.1:{dports['port']}"], env)
+                                                  "--drafts", f"127.0.0.1:{dports['port']}", *gateway_args], env)
     procs.append(gw)
     return {"draft": dports, "target": tports, "gateway": gports}
 
@@ -166,11 +173,15 @@ def serve_local(ns, cfg, common_args: list[str]) -> int:
         default_target_path()  # convert once here, not three times in parallel
     procs = []
     try:
+        access = ["--api-keys", ns.api_keys, "--api-key-file", ns.api_key_file, "--tls-cert", ns.tls_cert,
+                  "--tls-key", ns.tls_key, "--cors-origins", ns.cors_origins,
+                  "--max-http-connections", str(ns.max_http_connections)]
         ports = start_stack(common_args, procs, redis_url=ns.redis_url, tensor_channel=ns.tensor_channel,
-                            port=ns.port, http_port=ns.http_port)
+                            port=ns.port, http_port=ns.http_port, gateway_args=access)
         dports, tports, gports = ports["draft"], ports["target"], ports["gateway"]
         addr = f"127.0.0.1:{gports['port']}"
-        print(f"gateway: grpc {addr}, http http://127.0.0.1:{gports.get('http_port')}  "
+        scheme = "https" if ns.tls_cert else "http"
+        print(f"gateway: grpc {addr}, http {scheme}://127.0.0.1:{gports.get('http_port')}  "
               f"(target 127.0.0.1:{tports['port']}, draft 127.0.0.1:{dports['port']})", file=sys.stderr, flush=True)
         if ns.prompt is None:
             while all(p.poll() is None for p in procs):
@@ -193,13 +204,22 @@ def _one_generation(addr: str, ns, cfg) -> int:
     from ssd.config import SamplingParams
 
     params = SamplingParams(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, max_tokens=ns.max_tokens, seed=ns.seed)
-    stub = pb_grpc.GatewayStub(grpc.insecure_channel(addr, options=CHANNEL_OPTIONS))
+    from .common import load_api_keys
+
+    if ns.tls_cert:  # our own certificate is the root we trust (a self-signed one works too)
+        creds = grpc.ssl_channel_credentials(root_certificates=open(ns.tls_cert, "rb").read())
+        channel = grpc.secure_channel(addr, creds, options=CHANNEL_OPTIONS + [("grpc.ssl_target_name_override", "localhost")])
+    else:
+        channel = grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
+    stub = pb_grpc.GatewayStub(channel)
+    keys = sorted(load_api_keys(ns.api_keys, ns.api_key_file))
+    metadata = [("authorization", f"Bearer {keys[0]}")] if keys else None
     req = pb.GenerateRequest(messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=ns.prompt)]),
                              sampling=sampling_to_pb(params))
     t0 = time.perf_counter()
     last = None
     try:
-        for r in stub.Generate(req, timeout=3600):
+        for r in stub.Generate(req, timeout=3600, metadata=metadata):
             sys.stdout.write(r.text)
             sys.stdout.flush()
             last = r

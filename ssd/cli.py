@@ -173,6 +173,19 @@ def cmd_service(ns) -> int:
     return run_role(ns, cfg)
 
 
+def _add_access(p) -> None:
+    """Who may call the gateway (gRPC and HTTP)."""
+    a = p.add_argument_group("client access (gateway)")
+    a.add_argument("--api-keys", default="", help="comma-separated API keys; clients send 'Authorization: Bearer <key>' "
+                                                  "(HTTP header or gRPC metadata). Also read from $SSD_API_KEYS. None = open")
+    a.add_argument("--api-key-file", default="", help="file with one API key per line (# comments)")
+    a.add_argument("--tls-cert", default="", help="PEM certificate: serve gRPC and HTTP over TLS (with --tls-key)")
+    a.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    a.add_argument("--cors-origins", default="", help="comma-separated origins allowed to call the HTTP API from a browser")
+    a.add_argument("--max-http-connections", type=int, default=1024,
+                   help="concurrent HTTP connections and requests; beyond it HTTP 503")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="ssd", description="Speculative Speculative Decoding (Saguaro)")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -222,6 +235,7 @@ def main(argv=None) -> int:
     sv.add_argument("--redis-url", default="", help="speculation index in Redis (default: in-process map)")
     sv.add_argument("--tensor-channel", default="auto", choices=["inline", "gloo", "nccl", "auto"],
                     help="how full q rows travel from draft to target (auto: nccl on GPUs, gloo on CPU, else inline)")
+    _add_access(sv)
     _add_fields(sv, EngineConfig, skip=("mode",))
     _add_fields(sv, SpeculationConfig)
     _add_fields(sv, SamplingParams)
@@ -250,6 +264,7 @@ def main(argv=None) -> int:
     se.add_argument("--model-name", default="smollm2-135m-instruct", help="gateway: served model name")
     se.add_argument("--grace-s", type=float, default=30.0, help="SIGTERM drain period (seconds)")
     se.add_argument("--metrics-port", type=int, default=-1, help="Prometheus /metrics port (0 = any free port, -1 = off)")
+    _add_access(se)
     _add_fields(se, EngineConfig, skip=("mode",))
     _add_fields(se, SpeculationConfig)
     se.set_defaults(func=cmd_service)

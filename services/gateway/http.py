@@ -1,159 +1,585 @@
-"""OpenAI-compatible HTTP over the gateway's generation path: /v1/completions,
-/v1/chat/completions (SSE when "stream": true) and /v1/models. Standard library only."""
+"""OpenAI-compatible HTTP on FastAPI (Starlette) served by uvicorn, over the gateway's generation
+path (services/gateway/server.py: Gateway.generate).
+
+Routes: POST /v1/chat/completions, POST /v1/completions (both streaming as server-sent events),
+GET /v1/models, GET /v1/models/{id}, POST /tokenize, POST /detokenize, GET /health (503 while no
+target is ready), GET /healthz (process liveness), GET /metrics (Prometheus text).
+
+Every error is an OpenAI error object {"error": {"message", "type", "param", "code"}} with a
+4xx/5xx status; a parameter we do not implement is refused with 400 naming it, never ignored.
+Limits: request bodies over `max_body_bytes` get 413, bodies that do not arrive within
+`body_timeout_s` get 408, and uvicorn's `limit_concurrency` answers 503 beyond `max_connections`.
+`api_keys` (non-empty) requires "Authorization: Bearer <key>" on every route but the health
+and metrics probes.
+"""
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import uuid
+from typing import Any, Literal
 
 import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from ..protos import pb
 from .. import telemetry as tm
-from .server import Gateway, GenerateError
+from .server import MAX_TOKENS_LIMIT, Gateway, GenerateError
 
 MAX_BODY_BYTES = 4 << 20
+BODY_TIMEOUT_S = 30.0
+INT64 = (-(1 << 63), (1 << 63) - 1)
 
-_HTTP_STATUS = {
+_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 400,  # a prompt over the context: the request is too large
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.ALREADY_EXISTS: 409,
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+}
+_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+         404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+         409: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+         422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error",
+         504: "timeout_error"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": _TYPE.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None, headers=None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+# ---- request schema ------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return _utf8(self.content, "messages")
+        parts = []
+        for p in self.content:  # content parts: only text ones are understood
+            if p.get("type") != "text" or not isinstance(p.get("text"), str):
+                raise ApiError(400, f"content part of type {p.get('type')!r} is not supported (text only)", "messages")
+            parts.append(_utf8(p["text"], "messages"))
+        return "".join(parts)
+
+
+# parameters that are part of the OpenAI surface but that this server does not implement: a
+# request that sets one (to anything but its neutral value) is refused, naming it
+_UNSUPPORTED = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0), "logit_bias": (None, {}),
+    "min_tokens": (None, 0), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+    "function_call": (None, "none"), "response_format": (None, {"type": "text"}), "echo": (None, False),
+    "suffix": (None, ""), "best_of": (None, 1), "parallel_tool_calls": (None,), "audio": (None,),
+    "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
+    "web_search_options": (None,),
 }
 
 
-class HttpError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    max_tokens: StrictInt | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: StrictInt | None = None  # extension (vLLM)
+    seed: StrictInt | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    n: StrictInt | None = None
+    ignore_eos: StrictBool = False  # extension (vLLM)
+    mode: Literal["ar", "sd", "ssd"] | None = None  # extension: how this request is decoded
+    user: str | None = None
+    metadata: dict | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    # accepted only at their neutral values (see _UNSUPPORTED)
+    logprobs: Any = None
+    top_logprobs: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    repetition_penalty: Any = None
+    logit_bias: Any = None
+    min_tokens: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    parallel_tool_calls: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+    echo: Any = None
+    suffix: Any = None
+    best_of: Any = None
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v):
+        if v is not None and not INT64[0] <= v <= INT64[1]:
+            raise ValueError("seed must fit in a signed 64-bit integer")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if isinstance(v, list):
+            if len(v) > 4:
+                raise ValueError("at most 4 stop sequences")
+            if any(not s for s in v):
+                raise ValueError("stop sequences must be non-empty")
+        elif v == "":
+            raise ValueError("stop sequences must be non-empty")
+        return v
+
+    def refuse_unsupported(self) -> None:
+        for name, neutral in _UNSUPPORTED.items():
+            v = getattr(self, name, None)
+            if not any(v == x and type(v) is type(x) or v is x for x in neutral):
+                raise ApiError(400, f"{name} is not supported by this server", name, "unsupported_parameter")
+        if self.n not in (None, 1):
+            raise ApiError(400, "only n = 1 is supported", "n", "unsupported_parameter")
+        if self.stream_options is not None and not self.stream:
+            raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
-def _sampling(body: dict, default_max: int):
-    def num(name, kind, default):
-        v = body.get(name, default)
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and int(v) != v):
-            raise HttpError(400, f"{name} must be a{'n integer' if kind is int else ' number'}")
-        return kind(v)
-
-    s = pb.SamplingParams(temperature=num("temperature", float, 1.0), top_p=num("top_p", float, 1.0),
-                          top_k=num("top_k", int, 0), max_tokens=num("max_tokens", int, default_max))
-    if body.get("seed") is not None:
-        s.seed = num("seed", int, 0)
-    if body.get("n", 1) != 1:
-        raise HttpError(400, "only n = 1 is supported")
-    return s
+class ChatRequest(_Common):
+    messages: list[ChatMessage]
+    max_completion_tokens: StrictInt | None = None
 
 
-def make_handler(gw: Gateway):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
 
-        def log_message(self, fmt, *args):  # quiet; tracing/metrics are the observability path
-            pass
 
-        def _json(self, status: int, obj) -> None:
-            data = json.dumps(obj).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: StrictBool = False
 
-        def _error(self, status: int, message: str) -> None:
-            self._json(status, {"error": {"message": message, "type": HTTPStatus(status).phrase, "code": status}})
 
-        def do_GET(self):
-            if self.path.rstrip("/") == "/v1/models":
-                self._json(200, {"object": "list", "data": [{"id": gw.model_name, "object": "model", "owned_by": "ssd"}]})
-            elif self.path == "/healthz":
-                self._json(200, {"status": "ok"})
-            else:
-                self._error(404, f"no route {self.path}")
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[StrictInt] = Field(min_length=0)
 
-        def do_POST(self):
+
+# ---- stop strings -------------------------------------------------------------------------------
+class StopScanner:
+    """Cuts the streamed text before the first stop string, wherever token boundaries fall:
+    push(text) returns what may be emitted now (holding back a tail that could still begin a
+    stop string) and whether a stop string was found; flush() returns the held tail at the end."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.buf = ""
+        self.stopped = False
+
+    def push(self, text: str) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        self.buf += text
+        if not self.stops:
+            out, self.buf = self.buf, ""
+            return out, False
+        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.buf, self.stopped = self.buf[:min(hits)], "", True
+            return out, True
+        cut = max(len(self.buf) - self.hold, 0)
+        out, self.buf = self.buf[:cut], self.buf[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+# ---- the app --------------------------------------------------------------------------------------
+class _BodyLimit:
+    """ASGI middleware: 413 for a body over max_bytes (declared or streamed), 408 when it does not
+    arrive within timeout_s."""
+
+    def __init__(self, app, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None:
             try:
-                route = self.path.rstrip("/")
-                if route not in ("/v1/completions", "/v1/chat/completions"):
-                    raise HttpError(404, f"no route {self.path}")
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_BODY_BYTES:
-                    raise HttpError(413, f"body over {MAX_BODY_BYTES} bytes")
-                try:
-                    body = json.loads(self.rfile.read(length) or b"null")
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise HttpError(400, f"malformed JSON: {e}") from None
-                if not isinstance(body, dict):
-                    raise HttpError(400, "the body must be a JSON object")
-                chat = route.endswith("chat/completions")
-                req = pb.GenerateRequest(model=body.get("model") or "", sampling=_sampling(body, 256 if chat else 16))
-                if chat:
-                    msgs = body.get("messages")
-                    if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs):
-                        raise HttpError(400, "messages must be a list of {role, content}")
-                    req.messages.CopyFrom(pb.ChatMessages(messages=[pb.ChatMessage(role=str(m.get("role", "")), content=m["content"]) for m in msgs]))
-                else:
-                    prompt = body.get("prompt")
-                    if not isinstance(prompt, str):
-                        raise HttpError(400, "prompt must be a string")
-                    req.prompt = prompt
-                self._generate(req, chat, bool(body.get("stream")))
-            except HttpError as e:
-                self._error(e.status, str(e))
-            except GenerateError as e:
-                self._error(_HTTP_STATUS.get(e.code, 500), str(e))
-
-        def _generate(self, req, chat: bool, stream: bool) -> None:
-            gen = gw.generate(req, parent_ctx=tm.extract_headers(dict(self.headers.items())))
-            first = next(gen)  # validation errors surface here, before any header is sent
-            created = int(time.time())
-            kind = "chat.completion" if chat else "text_completion"
-            rid = ("chatcmpl-" if chat else "cmpl-") + first.request_id
-
-            def choice(text: str, finish: str | None, delta: bool):
-                c = {"index": 0, "finish_reason": finish or None}
-                if chat:
-                    c["delta" if delta else "message"] = {"role": "assistant", "content": text}
-                else:
-                    c["text"] = text
-                return c
-
-            if not stream:
-                parts, last = [first.text], first
-                for r in gen:
-                    parts.append(r.text)
-                    last = r
-                self._json(200, {"id": rid, "object": kind, "created": created, "model": gw.model_name,
-                                 "choices": [choice("".join(parts), last.finish_reason, False)],
-                                 "usage": {"prompt_tokens": last.usage.prompt_tokens, "completion_tokens": last.usage.completion_tokens,
-                                           "total_tokens": last.usage.prompt_tokens + last.usage.completion_tokens}})
+                n = int(declared)
+            except ValueError:
+                n = -1
+            if n < 0:
+                return await _error(400, "Content-Length must be a non-negative integer")(scope, receive, send)
+            if n > self.max_bytes:
+                return await _error(413, f"request body over {self.max_bytes} bytes")(scope, receive, send)
+        # the whole body first (it is small), within the size and time limits, then replayed
+        body, started = [], time.monotonic()
+        seen, more = 0, scope["method"] in ("POST", "PUT", "PATCH")
+        while more:
+            left = self.timeout_s - (time.monotonic() - started)
+            try:
+                msg = await asyncio.wait_for(receive(), timeout=max(left, 0.001))
+            except asyncio.TimeoutError:
+                return await _error(408, f"the request body did not arrive within {self.timeout_s:g} s")(scope, receive, send)
+            if msg["type"] != "http.request":  # the client went away
                 return
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            chunk_kind = "chat.completion.chunk" if chat else "text_completion"
-            try:
-                for r in _chain(first, gen):
-                    event = {"id": rid, "object": chunk_kind, "created": created, "model": gw.model_name,
-                             "choices": [choice(r.text, r.finish_reason, True)]}
-                    self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
-                    self.wfile.flush()
-                self.wfile.write(b"data: [DONE]\n\n")
-                self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
-                gw.abort(first.request_id)  # the client left: free the sequence
-            except GenerateError as e:
-                self.wfile.write(f"data: {json.dumps({'error': {'message': str(e)}})}\n\n".encode())
-            self.close_connection = True
+            body.append(msg.get("body", b""))
+            seen += len(body[-1])
+            if seen > self.max_bytes:
+                return await _error(413, f"request body over {self.max_bytes} bytes")(scope, receive, send)
+            more = msg.get("more_body", False)
+        pending = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
 
-    return Handler
+        async def replay():
+            return pending.pop() if pending else await receive()  # then: disconnect notices
+
+        await self.app(scope, replay, send)
+
+
+def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_origins: list[str] | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES, body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
+    app = FastAPI(title="ssd", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+    keys = frozenset(api_keys)
+    open_paths = {"/health", "/healthz", "/metrics"}
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        return _error(e.status, str(e), e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        if err.get("type") == "extra_forbidden":
+            return _error(400, f"unrecognized request argument supplied: {param}", param, "unknown_parameter")
+        if err.get("type") in ("json_invalid", "json_type"):
+            return _error(400, f"malformed JSON body: {err.get('msg', '')}", None, "invalid_json")
+        return _error(400, f"{param or 'body'}: {err.get('msg', 'invalid value')}", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):
+        msg = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed on {request.url.path}"}
+        return _error(e.status_code, msg.get(e.status_code, str(e.detail)),
+                      headers=getattr(e, "headers", None))
+
+    @app.exception_handler(GenerateError)
+    async def _generate_error(request, e: GenerateError):
+        status = _STATUS.get(e.code, 500)
+        code = "model_not_found" if status == 404 else e.code.name.lower()
+        return _error(status, str(e), None, code)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if keys and request.url.path not in open_paths and request.method != "OPTIONS":
+            auth = request.headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or token.strip() not in keys:
+                return _error(401, "missing or invalid API key (Authorization: Bearer <key>)", None, "invalid_api_key",
+                              headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    def check_model(model: str | None) -> None:
+        if model and model != gw.model_name:
+            raise ApiError(404, f"the model {model!r} does not exist; served: {gw.model_name!r}", "model",
+                           "model_not_found")
+
+    def model_card() -> dict:
+        return {"id": gw.model_name, "object": "model", "created": created, "owned_by": "ssd",
+                "max_model_len": gw.max_model_len, "draft": gw.draft_description}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        check_model(model_id)
+        return model_card()
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/health")
+    async def health():
+        ready = await run_in_threadpool(gw.ready)
+        return JSONResponse({"status": "ok" if ready else "no target ready"}, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        if gw.metrics is None:
+            return Response("", media_type="text/plain")
+        body, ctype = gw.metrics.render()
+        return Response(body, media_type=ctype)
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError(400, "give exactly one of prompt and messages", "prompt")
+        if req.prompt is not None:
+            ids = gw.tokenizer.encode(_utf8(req.prompt, "prompt"), add_special_tokens=req.add_special_tokens)
+        else:
+            ids = gw.tokenizer.apply_chat_template([{"role": _role(m.role), "content": m.text()} for m in req.messages])
+        return {"tokens": ids, "count": len(ids), "max_model_len": gw.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        check_model(req.model)
+        bad = [t for t in req.tokens if not 0 <= t < gw.tokenizer.vocab_size]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} outside the vocabulary [0, {gw.tokenizer.vocab_size})", "tokens")
+        return {"prompt": gw.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        req.refuse_unsupported()
+        if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
+            raise ApiError(400, "max_tokens and max_completion_tokens disagree", "max_completion_tokens")
+        if not req.messages:
+            raise ApiError(400, "messages must not be empty", "messages")
+        g = pb.GenerateRequest(messages=pb.ChatMessages(messages=[
+            pb.ChatMessage(role=_role(m.role), content=m.text()) for m in req.messages]))
+        limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        return await _run(req, g, request, chat=True, max_tokens=limit, default_max=None)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        req.refuse_unsupported()
+        p = req.prompt
+        if isinstance(p, list) and p and isinstance(p[0], list):
+            if len(p) != 1:
+                raise ApiError(400, "one prompt per request (a batch of prompts is not supported)", "prompt")
+            p = p[0]
+        if isinstance(p, list) and p and isinstance(p[0], str):
+            if len(p) != 1:
+                raise ApiError(400, "one prompt per request (a batch of prompts is not supported)", "prompt")
+            p = p[0]
+        if isinstance(p, list):
+            if not p:
+                raise ApiError(400, "prompt is empty", "prompt")
+            g = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=p))
+        else:
+            g = pb.GenerateRequest(prompt=_utf8(p, "prompt"))
+        return await _run(req, g, request, chat=False, max_tokens=req.max_tokens, default_max=16)
+
+    async def _run(req: _Common, g, request: Request, chat: bool, max_tokens: int | None, default_max: int | None):
+        check_model(req.model)
+        g.model = req.model or ""
+        g.mode = req.mode or ""
+        g.request_id = uuid.uuid4().hex
+        s = g.sampling
+        s.temperature = 1.0 if req.temperature is None else _number(req.temperature, "temperature")
+        s.top_p = 1.0 if req.top_p is None else _number(req.top_p, "top_p")
+        if req.top_p is not None and not 0 < req.top_p <= 1:
+            raise ApiError(400, "top_p must be in (0, 1]", "top_p")
+        s.top_k = req.top_k or 0
+        s.ignore_eos = req.ignore_eos
+        if req.seed is not None:
+            s.seed = req.seed
+        if max_tokens is not None:
+            if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+                raise ApiError(400, f"max_tokens must be in [1, {MAX_TOKENS_LIMIT}]",
+                               "max_completion_tokens" if chat and req.max_tokens is None else "max_tokens")
+            s.max_tokens = max_tokens
+        else:  # chat: up to the context; legacy completions: 16, as OpenAI
+            s.max_tokens = default_max or 0  # 0: the gateway fills in "the rest of the context"
+        gen = gw.generate(g, parent_ctx=tm.extract_headers(dict(request.headers.items())), fill_max_tokens=True)
+        first = await run_in_threadpool(_first, gen)  # validation errors surface here, before any response
+        rid = ("chatcmpl-" if chat else "cmpl-") + first.request_id
+        now = int(time.time())
+        scanner = StopScanner(req.stops())
+        if not req.stream:
+            return await _collect(gen, first, rid, now, chat, scanner, request)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_sse(gen, first, rid, now, chat, scanner, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def choice(text: str, finish: str | None, chat: bool, delta: bool, first: bool = False) -> dict:
+        c: dict = {"index": 0, "finish_reason": finish, "logprobs": None}
+        if chat:
+            if delta:
+                c["delta"] = ({"role": "assistant", "content": text} if first else {"content": text}) if (text or first) else {}
+            else:
+                c["message"] = {"role": "assistant", "content": text}
+        else:
+            c["text"] = text
+        return c
+
+    def usage(resp, produced: int) -> dict:
+        p = resp.usage.prompt_tokens
+        return {"prompt_tokens": p, "completion_tokens": produced, "total_tokens": p + produced}
+
+    async def _collect(gen, first, rid, now, chat, scanner: StopScanner, request: Request):
+        """Non-streaming: the whole answer; a client that hangs up aborts the request."""
+        done = threading.Event()
+
+        def consume():
+            parts, last, produced, finish = [], first, 0, None
+            for r in _chain(first, gen):
+                produced += len(r.token_ids)
+                out, hit = scanner.push(r.text)
+                parts.append(out)
+                last = r
+                if hit:
+                    finish = "stop"
+                    _stop(gen, gw, first.request_id)  # no work for text nobody reads
+                    break
+                if done.is_set():
+                    _stop(gen, gw, first.request_id)
+                    break
+            if finish is None:
+                parts.append(scanner.flush())
+                finish = _finish(last.finish_reason)
+            return "".join(parts), finish, last, produced
+
+        task = asyncio.ensure_future(run_in_threadpool(consume))
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.25)
+            if not task.done() and await request.is_disconnected():
+                done.set()  # the consumer closes the stream at its next message
+                gw.abort(first.request_id)
+        text, finish, last, produced = await task
+        obj = "chat.completion" if chat else "text_completion"
+        return {"id": rid, "object": obj, "created": now, "model": gw.model_name,
+                "choices": [choice(text, finish, chat, False)], "usage": usage(last, produced),
+                "system_fingerprint": gw.draft_description or None}
+
+    async def _sse(gen, first, rid, now, chat, scanner: StopScanner, include_usage: bool):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(choices, extra=None) -> bytes:
+            e = {"id": rid, "object": obj, "created": now, "model": gw.model_name, "choices": choices}
+            if include_usage:
+                e["usage"] = None
+            if extra:
+                e.update(extra)
+            return f"data: {json.dumps(e)}\n\n".encode()
+
+        produced, last, finish = 0, first, None
+        stream = iterate_in_threadpool(_chain(first, gen))
+        try:
+            if chat:  # the role comes first, alone, as OpenAI sends it
+                yield event([choice("", None, True, True, first=True)])
+            async for r in stream:
+                produced += len(r.token_ids)
+                last = r
+                out, hit = scanner.push(r.text)
+                if hit:
+                    finish = "stop"
+                    if out:
+                        yield event([choice(out, None, chat, True)])
+                    break
+                if out:
+                    yield event([choice(out, None, chat, True)])
+            if finish is None:
+                tail = scanner.flush()
+                if tail:
+                    yield event([choice(tail, None, chat, True)])
+                finish = _finish(last.finish_reason)
+            yield event([choice("", finish, chat, True)])
+            if include_usage:
+                yield event([], {"usage": usage(last, produced)})
+            yield b"data: [DONE]\n\n"
+        except GenerateError as e:
+            status = _STATUS.get(e.code, 500)
+            yield f"data: {json.dumps(error_body(status, str(e), None, e.code.name.lower()))}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+        finally:
+            _stop(gen, gw, first.request_id)  # a client that left (or a stop string) cancels the target call
+
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type", "traceparent"], allow_credentials=False)
+    return _BodyLimit(app, max_body_bytes, body_timeout_s)
+
+
+def _utf8(text: str, param: str) -> str:
+    """Text that can be encoded (JSON allows lone surrogates like "\\ud800"; UTF-8 does not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{param} is not valid Unicode text (a lone surrogate?)", param) from None
+    return text
+
+
+def _role(role: str) -> str:
+    return "system" if role == "developer" else role
+
+
+def _number(v, name: str) -> float:
+    if isinstance(v, bool) or v != v or v in (float("inf"), float("-inf")):
+        raise ApiError(400, f"{name} must be a finite number", name)
+    return float(v)
+
+
+def _finish(reason: str) -> str:
+    return {"stop": "stop", "length": "length", "abort": "abort"}.get(reason, reason or "stop")
+
+
+def _first(gen):
+    try:
+        return next(gen)
+    except StopIteration:
+        raise GenerateError(grpc.StatusCode.INTERNAL, "the target ended the stream without a response") from None
+
+
+def _stop(gen, gw: Gateway, request_id: str) -> None:
+    """End a generation early from any thread: cancel its target call (which ends a read blocked
+    in another thread), then close the generator if no thread is inside it."""
+    gw.abort(request_id)
+    try:
+        gen.close()
+    except ValueError:  # still executing in a worker thread: the cancel ends it there
+        pass
 
 
 def _chain(first, rest):
@@ -161,8 +587,37 @@ def _chain(first, rest):
     yield from rest
 
 
-def serve_http(gw: Gateway, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
-    httpd = ThreadingHTTPServer((host, port), make_handler(gw))
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True, name="http").start()
-    return httpd
+class HttpServer:
+    """uvicorn in a background thread (its own event loop): what `ssd serve` and the tests run."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, max_connections: int = 1024,
+                 ssl_certfile: str | None = None, ssl_keyfile: str | None = None):
+        import socket
+
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.server_address = self.sock.getsockname()[:2]
+        config = uvicorn.Config(app, log_level="warning", access_log=False, limit_concurrency=max_connections,
+                                timeout_keep_alive=30, timeout_graceful_shutdown=10, lifespan="off",
+                                ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, h11_max_incomplete_event_size=64 << 10)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True, name="http")
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and self.thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not self.server.started:
+            raise RuntimeError("the HTTP server did not start")
+
+    def shutdown(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.sock.close()
+
+
+def serve_http(gw: Gateway, host: str = "127.0.0.1", port: int = 0, api_keys=frozenset(), cors_origins=None,
+               max_connections: int = 1024, ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> HttpServer:
+    return HttpServer(create_app(gw, api_keys, cors_origins), host, port, max_connections, ssl_certfile, ssl_keyfile)

@@ -83,6 +83,10 @@ class Gateway:
                 best = (ep, stub, load)
         return best
 
+    def ready(self) -> bool:
+        """True when some target answers (readiness: /health, the gRPC health service)."""
+        return self._least_loaded("target", self.discovery.targets(), lambda l: l.running + l.waiting) is not None
+
     def pick_target(self):
         """Least loaded ready target (running + waiting)."""
         best = self._least_loaded("target", self.discovery.targets(), lambda l: l.running + l.waiting)
@@ -120,30 +124,37 @@ class Gateway:
             return ids
         raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, "one of prompt, messages, prompt_token_ids is required")
 
-    def generate(self, req, deadline_s: float | None = None, parent_ctx=None, owner=None):
+    def generate(self, req, deadline_s: float | None = None, parent_ctx=None, owner=None, fill_max_tokens: bool = False):
         """Yields GenerateResponse messages; raises GenerateError on bad input or target errors.
-        The request's root span (`ssd.request`) covers it all; its context goes to the target."""
+        The request's root span (`ssd.request`) covers it all; its context goes to the target.
+        fill_max_tokens: sampling.max_tokens 0 means "the rest of the context" (OpenAI chat)."""
         span = self.tracer.start_span(tm.SPAN_REQUEST, context=parent_ctx, kind=SpanKind.SERVER)
         try:  # not made current: the generator resumes on whichever thread the server picks
-            yield from self._generate(req, deadline_s, span, owner)
+            yield from self._generate(req, deadline_s, span, owner, fill_max_tokens)
         except GenerateError as e:
             span.set_status(Status(StatusCode.ERROR, f"{e.code.name}: {e}"))
             raise
         finally:
             span.end()
 
-    def _generate(self, req, deadline_s, span, owner):
+    def _generate(self, req, deadline_s, span, owner, fill_max_tokens=False):
         if req.model and req.model != self.model_name:
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown model {req.model!r}; served: {self.model_name!r}")
         if req.mode not in ("", "ssd", "sd", "ar"):
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown mode {req.mode!r}")
         if req.sampling.max_tokens > MAX_TOKENS_LIMIT:
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"max_tokens {req.sampling.max_tokens} is absurd")
+        fill = fill_max_tokens and req.sampling.max_tokens == 0
+        if fill:
+            req.sampling.max_tokens = 1  # validated below; set to the rest of the context once the prompt is known
         try:
             params = convert.sampling_from_pb(req.sampling)
         except ValueError as e:
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         ids = self.prompt_ids(req)
+        if fill and len(ids) + 1 <= self.max_model_len:
+            req.sampling.max_tokens = self.max_model_len - len(ids)
+            params = convert.sampling_from_pb(req.sampling)
         if len(ids) + 1 > self.max_model_len:
             raise GenerateError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"prompt has {len(ids)} tokens; the context length is {self.max_model_len}")

@@ -86,7 +86,9 @@ class DraftRunner:
             self._true_features(gin, 0, features, len(ctx) - 1)
         gen = None
         if not params.greedy:
-            gen = torch.Generator().manual_seed((params.seed if params.seed is not None else self.seed) * 7919 + seq_id)
+            # a request's seed alone fixes its draft stream (not the id the target happened to give it)
+            mix = params.seed * 7919 + 1 if params.seed is not None else self.seed * 7919 + seq_id
+            gen = torch.Generator().manual_seed(mix % (1 << 64))
         self.seqs[seq_id] = DraftSeq(self.cache.allocate(), params, gen, list(ctx), gin=gin)
 
     @torch.inference_mode()

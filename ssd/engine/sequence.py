@@ -82,7 +82,7 @@ class Sequence:
     def __post_init__(self):
         if not self.params.greedy:
             seed = self.params.seed if self.params.seed is not None else torch.seed() % (2**31)
-            self.generator = torch.Generator().manual_seed(seed * 1_000_003 + 17)
+            self.generator = torch.Generator().manual_seed((seed * 1_000_003 + 17) % (1 << 64))  # any int64 seed
 
     @property
     def context(self) -> list[int]:
