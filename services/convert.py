@@ -97,6 +97,7 @@ def round_to_pb(msg: RoundRequest) -> "pb.SpeculateRequest":
         if isinstance(op, AddSequence):
             req.add.append(pb.SequenceSetup(seq_id=str(op.seq_id), context_token_ids=op.context, sampling=sampling_to_pb(op.params),
                                             traceparent=op.meta.get("traceparent", ""), request_id=op.meta.get("request_id", ""),
+                                            mode=op.meta.get("mode", ""),
                                             features=features_to_pb(op.features)))
         elif isinstance(op, Advance):
             req.outcomes.append(pb.Outcome(seq_id=str(op.seq_id), committed_token_ids=op.tokens,
@@ -115,7 +116,8 @@ def round_to_pb(msg: RoundRequest) -> "pb.SpeculateRequest":
 def round_from_pb(req, seq_key) -> RoundRequest:
     """seq_key(str) -> the draft's own id for a sequence of this stream."""
     ops: list = [AddSequence(seq_key(a.seq_id), list(a.context_token_ids), sampling_from_pb(a.sampling),
-                             {k: v for k, v in (("traceparent", a.traceparent), ("request_id", a.request_id)) if v},
+                             {k: v for k, v in (("traceparent", a.traceparent), ("request_id", a.request_id),
+                                                ("mode", a.mode)) if v},
                              features_from_pb(a))
                  for a in req.add]
     ops += [Advance(seq_key(o.seq_id), list(o.committed_token_ids), features_from_pb(o)) for o in req.outcomes]

@@ -173,7 +173,9 @@ class TargetService(pb_grpc.TargetServicer):
             params = convert.sampling_from_pb(request.sampling)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        meta = {"request_id": request.seq_id}
+        if request.mode not in ("", "ar", "sd", "ssd"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown mode {request.mode!r}")
+        meta = {"request_id": request.seq_id, "mode": request.mode}
         if request.draft_address:
             meta["draft"] = request.draft_address
         if span.get_span_context().is_valid:

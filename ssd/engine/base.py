@@ -50,6 +50,8 @@ class EngineStats:
     wall: float = 0.0
 
     def record_accepts(self, num_draft: int, num_accepted: int) -> None:
+        if num_draft == 0:  # a target-only round (a request served as AR)
+            return
         self.num_drafts += 1
         self.num_draft_tokens += num_draft
         self.num_accepted_tokens += num_accepted
@@ -183,6 +185,10 @@ class Engine:
         for b, s in enumerate(seqs):
             groups.setdefault((s.params.greedy, specs[b].token_ids.numel()), []).append(b)
         for (greedy, n), rows in groups.items():
+            if n == 0:  # target-only rows (requests served as AR): sampled exactly as the AR engine does
+                for b, t in zip(rows, self._sample_rows([seqs[b] for b in rows], logits[rows, 0])):
+                    out[b] = (0, t)
+                continue
             d = torch.stack([specs[b].token_ids.view(-1) for b in rows])  # [G, n]
             lg = logits[rows, : n + 1]  # [G, n+1, V]
             if greedy:

@@ -112,6 +112,8 @@ class RoundServer:
             s = runner.seqs[i]
             entry = self.entries[i]
             specs[i] = (entry.token_ids[entry.keys[(s.last_outcome_k, s.ctx[-1])]].tolist(), "hit")
+        # a sequence served as plain SD (its request's mode) gets JIT speculations only, no cache
+        specs = {i: v for i, v in specs.items() if self.meta.get(i, {}).get("mode") != "sd"}
         if want_keys and not specs:
             send(CacheKeys(round_id, {}))
         prefixes = {i: list(runner.seqs[i].ctx) for i in specs} if self.index is not None else {}

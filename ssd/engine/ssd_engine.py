@@ -85,7 +85,7 @@ class SSDEngine(Engine):
         self.draft_alive, self.draft_error = True, None
         self.stale_rounds.clear()
         self.pending_ops = [AddSequence(s.seq_id, list(s.context), s.params, dict(s.meta), self._all_features(s))
-                            for s in self.scheduler.running if not s.finished]
+                            for s in self.scheduler.running if not s.finished and _mode(s) != "ar"]
 
     def close(self) -> None:
         self.link.close()
@@ -128,7 +128,7 @@ class SSDEngine(Engine):
         new = self.scheduler.admit()
         events = self._prefill(new)
         for s in new:
-            if not s.finished:
+            if not s.finished and _mode(s) != "ar":  # a request served as AR never reaches the draft
                 self.pending_ops.append(AddSequence(s.seq_id, list(s.context), s.params, dict(s.meta),
                                                     self._all_features(s)))
                 s.speculation = None
@@ -138,12 +138,16 @@ class SSDEngine(Engine):
     def _plan(self, running):
         """Which sequences lack a speculation, and where theirs comes from: the JIT draft below
         the critical batch size b*, the fast backup at or above it (or without a draft)."""
+        for s in running:  # requests served as AR: verified with no speculation (a plain decode step)
+            if _mode(s) == "ar":
+                s.speculation = Proposal(torch.empty(0, dtype=torch.int64), None, "none")
         need = [s for s in running if s.speculation is None]
         jit_ids, backups = [], {}
-        if need and self.draft_alive and len(running) < self.cfg.speculation.critical_batch_size:
-            jit_ids = [s.seq_id for s in need]
-        else:
-            for s in need:
+        below_b = len(running) < self.cfg.speculation.critical_batch_size
+        for s in need:  # SD requests always draft just in time (the draft sequentially, then verify)
+            if self.draft_alive and (below_b or _mode(s) == "sd"):
+                jit_ids.append(s.seq_id)
+            else:
                 backups[s.seq_id] = self._backup(s)
         hit_ids = [s.seq_id for s in running if s.speculation is not None and s.speculation.source == "cache"]
         for s in running:  # an index hit is, for the draft, a speculation handed to it
@@ -206,13 +210,13 @@ class SSDEngine(Engine):
             if sp.source in ("cache", "index"):
                 self.stats.tokens_after_hit += len(kept)
                 self.stats.rounds_after_hit += 1
-            else:
+            elif sp.source != "none":
                 self.stats.tokens_after_miss += len(kept)
                 self.stats.rounds_after_miss += 1
             events.append((s, kept))
             rows.append(RoundRow(s, len(sp.token_ids), k, len(kept), sp.source, s.spec_result))
             s.speculation, s.spec_result = None, None
-            if not s.finished:
+            if not s.finished and _mode(s) != "ar":
                 self.pending_ops.append(Advance(s.seq_id, list(kept), self._new_features(s)))
         return rows
 
@@ -244,7 +248,7 @@ class SSDEngine(Engine):
         else (greedy) the speculation index, else nothing (a miss: JIT or backup next step)."""
         index_rows = []
         for s, (k, t) in zip(running, outcomes):
-            if s.finished:
+            if s.finished or _mode(s) != "ssd":  # AR and SD requests take no cached speculation
                 continue
             entry = entries.get(s.seq_id)
             j = entry.keys.get((k, t)) if entry is not None else None
@@ -307,7 +311,8 @@ class SSDEngine(Engine):
         if s.finish_reason == "abort":  # cancelled or expired: free its index entries (finished ones age out by TTL)
             self.index.delete_many(keys)
         # a sequence the draft never heard of (its "add" still pending) has nothing to release
-        unknown_to_draft = any(isinstance(op, AddSequence) and op.seq_id == s.seq_id for op in self.pending_ops)
+        unknown_to_draft = _mode(s) == "ar" or any(isinstance(op, AddSequence) and op.seq_id == s.seq_id
+                                                   for op in self.pending_ops)
         self.pending_ops = [op for op in self.pending_ops if op.seq_id != s.seq_id]
         if not unknown_to_draft:
             self.pending_ops.append(Release(s.seq_id, s.finish_reason))
@@ -322,3 +327,8 @@ class SSDEngine(Engine):
             self.round_id += 1
         except DraftUnavailable as e:
             self._draft_lost(e)
+
+
+def _mode(s) -> str:
+    """How a request is decoded (its "mode": ar | sd | ssd); empty = ssd."""
+    return s.meta.get("mode") or "ssd"

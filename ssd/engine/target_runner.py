@@ -38,7 +38,10 @@ class TargetRunner:
         width = max(n)
         ids = torch.tensor([f + [0] * (width - len(f)) for f in feeds], dtype=torch.int64)
         batch = append_batch([s.slot for s in seqs], [s.cache_len for s in seqs], n, device=ids.device)
-        rows = torch.tensor([[x - num_logits + j for j in range(num_logits)] for x in n], dtype=torch.int64)
+        # each row's logits start at its pending token (rows with fewer extra tokens, e.g. a
+        # target-only sequence in a verify batch, repeat their last position to fill num_logits)
+        rows = torch.tensor([[min(x - len(e) - 1 + j, x - 1) if num_logits > len(e) else x - num_logits + j
+                              for j in range(num_logits)] for x, e in zip(n, extra)], dtype=torch.int64)
         out = self.model(ids, batch, self.cache, logits_rows=rows, capture=self.capture)
         logits, feats = out if self.capture else (out, None)
         for b, (s, f, e) in enumerate(zip(seqs, feeds, extra)):

@@ -42,6 +42,7 @@ class TrainDraftConfig:
     ttt_steps: int = 8  # feature drafter: unrolled training-time-test steps (self-fed depth 0..N-1)
     ttt_decay: float = 0.85  # feature drafter: loss weight of step j is ttt_decay**j (normalised)
     feature_init_layer: int = -1  # feature drafter: the target layer its decoder layer starts from (-1 = last)
+    head_from: str = ""  # take the head vocabulary (head_token_ids) of this draft directory instead of selecting one from --data
 
     def __post_init__(self):
         if self.layers < 1:

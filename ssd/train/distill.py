@@ -469,7 +469,13 @@ def distill_from_data(cfg: TrainDraftConfig, target_path: Path, target_ref: str,
     train_seqs = load_shards(cfg.data, cfg.data_tokens or None)
     eval_seqs = load_shards(eval_dir)
     answers = [sq["ids"][sq["prompt_len"]:].tolist() for sq in train_seqs]
-    head_ids = select_head(answers, tcfg.vocab_size, cfg.head_vocab, tuple(always_ids) + tuple(tcfg.eos_token_ids))
+    if cfg.head_from:  # e.g. a draft whose head was chosen on more data than this run has
+        from safetensors import safe_open
+
+        with safe_open(str(Path(cfg.head_from) / "model.safetensors"), "pt") as f:
+            head_ids = f.get_tensor("head_token_ids").long()
+    else:
+        head_ids = select_head(answers, tcfg.vocab_size, cfg.head_vocab, tuple(always_ids) + tuple(tcfg.eos_token_ids))
     feature = cfg.kind == "feature"
     if feature and not (train_m.get("feature_layers") and eval_m.get("feature_layers")):
         raise ValueError("--kind feature needs shards made with `ssd make-data --features` (train and held-out)")
