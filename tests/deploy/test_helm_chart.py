@@ -35,6 +35,9 @@ VALUE_SETS = {
                              "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring",
                              "networkPolicy.gatewayFrom[0].namespaceSelector.matchLabels.name=clients"),
     "bf16-plain-kernels": ("engine.dtype=bfloat16", "engine.batchInvariant=false"),
+    "gateway-auth-tls-cors": ("gateway.auth.apiKeysSecret=ssd-api-keys", "gateway.tls.secretName=ssd-gateway-tls",
+                              "gateway.corsOrigins[0]=https://app.example", "gateway.corsOrigins[1]=https://b.example",
+                              "gateway.maxHttpConnections=256"),
     "minimal": ("draft.enabled=false", "redis.enabled=false", "jaeger.enabled=false", "networkPolicy.enabled=false",
                 "serviceAccount.createRBAC=false", "gateway.discovery=static", "telemetry.metrics.podAnnotations=false"),
 }
@@ -534,3 +537,18 @@ def test_per_component_image_and_probe_overrides(render):
     assert init["image"] == "ssd-serve:custom", "the cache seed comes from the same image"
     assert ssd_container(docs, "draft")["image"] == ssd_container(docs, "gateway")["image"] == "ssd-serve:0.1.0-cuda"
     assert ssd_container(docs, "draft")["startupProbe"]["failureThreshold"] == 120
+
+
+def test_gateway_auth_tls_and_cors_values(sets):
+    c = ssd_container(sets["gateway-auth-tls-cors"], "gateway")
+    assert arg(c, "--api-key-file") == "/etc/ssd/api-keys/api-keys"
+    assert (arg(c, "--tls-cert"), arg(c, "--tls-key")) == ("/etc/ssd/tls/tls.crt", "/etc/ssd/tls/tls.key")
+    assert arg(c, "--cors-origins") == "https://app.example,https://b.example"
+    assert arg(c, "--max-http-connections") == "256"
+    assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/etc/ssd/api-keys", "/etc/ssd/tls"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": 8000, "scheme": "HTTPS"}
+    spec = one(sets["gateway-auth-tls-cors"], "Deployment", f"{FN}-gateway")["spec"]["template"]["spec"]
+    secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+    assert secrets == {"api-keys": "ssd-api-keys", "tls": "ssd-gateway-tls"}
+    plain = ssd_container(sets["cpu-default"], "gateway")
+    assert arg(plain, "--api-key-file") is None and "grpc" in plain["readinessProbe"]
