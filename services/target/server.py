@@ -118,6 +118,7 @@ class EngineLoop:
             self._apply(items)
             self._snapshot()
             if not self.engine.has_unfinished():
+                self._idle()  # e.g. the last request was aborted
                 continue
             try:
                 events = self.engine.step()
@@ -138,11 +139,19 @@ class EngineLoop:
                 q.put((tokens, seq.finish_reason if seq.finished else None))
                 if seq.finished:
                     self.streams.pop(seq.seq_id, None)
+            if not self.engine.has_unfinished():
+                self._idle()
         for item in self.inbox:  # submitted while stopping
             if item[0] == "add":
                 item[4].set_exception(RuntimeError("the target is shutting down"))
         for q in self.streams.values():
             q.put(RuntimeError("the target is shutting down"))
+
+    def _idle(self) -> None:
+        try:
+            self.engine.idle()
+        except Exception:  # best effort: the next request's round carries the same ops
+            log.exception("engine idle hook failed")
 
     def stop(self):
         with self.cv:

@@ -136,6 +136,10 @@ class Engine:
     def close(self) -> None:
         pass
 
+    def idle(self) -> None:
+        """Called when no request is left: deliver whatever is still owed elsewhere (the SSD
+        engine tells its draft about the sequences that just finished)."""
+
     def __enter__(self):
         return self
 

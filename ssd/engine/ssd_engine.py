@@ -317,6 +317,9 @@ class SSDEngine(Engine):
         if not unknown_to_draft:
             self.pending_ops.append(Release(s.seq_id, s.finish_reason))
 
+    def idle(self) -> None:
+        self._flush_ops()  # releases of finished sequences: the draft's load returns to 0
+
     def _flush_ops(self) -> None:
         if not (self.pending_ops and self.draft_alive):
             return

@@ -348,3 +348,29 @@ def test_feature_drafter_over_grpc_and_rehomed_identical_to_ar(target, ar_refere
     finally:
         for s, _ in servers:
             s.stop(0)
+
+
+def test_draft_load_returns_to_zero_when_the_target_is_idle(target, draft_server):
+    """Finished sequences are released to the draft at once, not with a next round that an idle
+    target never runs: autoscaling and dashboards see the draft idle."""
+    import time
+
+    from ssd.services.protos import pb, pb_grpc
+    from ssd.services.target.server import EngineLoop
+
+    import grpc
+
+    link = GrpcDraftLink(draft_server[1], k=2)
+    loop = EngineLoop(SSDEngine(_cfg(), target, {}, (3,), link=link))
+    stub = pb_grpc.DraftStub(grpc.insecure_channel(draft_server[1]))
+    try:
+        streams = [loop.submit(p, GREEDY)[1] for p in PROMPTS]
+        for q in streams:
+            while (item := q.get(timeout=60)) is not None and item[1] is None:
+                pass
+        deadline = time.monotonic() + 10
+        while stub.Load(pb.LoadRequest(), timeout=5).sequences and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stub.Load(pb.LoadRequest(), timeout=5).sequences == 0
+    finally:
+        loop.stop()

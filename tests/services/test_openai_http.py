@@ -326,3 +326,23 @@ def test_https(stack, tls_files):
         assert r.status == 200 and json.loads(r.read())["data"][0]["id"] == MODEL
     finally:
         server.shutdown()
+
+
+def test_mode_is_honoured_per_request(stack, client, pair, reference):
+    """One target serves ar, sd and ssd requests: the same greedy text, and the stats say how."""
+    from ssd.services.protos import pb
+
+    req = lambda mode: pb.GenerateRequest(messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=Q)]),
+                                          sampling=pb.SamplingParams(max_tokens=32), mode=mode)
+    stats = {}
+    for mode in ("ar", "sd", "ssd"):
+        out = list(stack.stub.Generate(req(mode)))
+        assert [t for r in out for t in r.token_ids] == reference, mode
+        stats[mode] = out[-1].stats
+    assert stats["ar"].num_draft_tokens == 0 and stats["ar"].num_rounds == 31
+    assert stats["sd"].num_draft_tokens > 0 and stats["sd"].cache_hit + stats["sd"].cache_late == 0
+    assert stats["ssd"].num_draft_tokens > 0
+    r = _chat(client, max_tokens=32, extra_body={"mode": "ar"})
+    assert r.choices[0].message.content == pair.tokenizer.decode(reference)
+    with pytest.raises(openai.BadRequestError):
+        _chat(client, max_tokens=4, extra_body={"mode": "fast"})
