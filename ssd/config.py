@@ -80,6 +80,7 @@ class EngineConfig:
     mode: str = "ssd"
     max_batch: int = 8  # running sequences per step (continuous batching)
     max_model_len: int = 2048  # prompt + output tokens per sequence
+    max_queue: int = 256  # requests waiting for a batch slot per target; beyond it RESOURCE_EXHAUSTED / HTTP 429 (0 = unbounded)
     target_threads: int = 1  # torch intra-op threads of the target (this process)
     draft_threads: int = 1  # torch intra-op threads of the draft process (SSD) / in-process draft (SD)
     dtype: str = "auto"  # auto | bfloat16 | float32, for target and draft (auto: bf16 where native)
@@ -91,6 +92,8 @@ class EngineConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if self.max_queue < 0:
+            raise ValueError("max_queue must be >= 0")
         if self.max_model_len < 16:
             raise ValueError("max_model_len must be >= 16")
         if self.target_threads < 1 or self.draft_threads < 1:

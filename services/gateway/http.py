@@ -312,6 +312,9 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
 
     @app.exception_handler(GenerateError)
     async def _generate_error(request, e: GenerateError):
+        if e.retry_after_ms is not None:  # the target's queue is full: admission control
+            return _error(429, str(e), None, "queue_full",
+                          headers={"Retry-After": str(max(1, -(-e.retry_after_ms // 1000)))})
         status = _STATUS.get(e.code, 500)
         code = "model_not_found" if status == 404 else e.code.name.lower()
         return _error(status, str(e), None, code)

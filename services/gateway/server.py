@@ -32,9 +32,10 @@ def inter_token_gaps(n_tokens: int, interval_s: float, first: bool) -> list[floa
 
 
 class GenerateError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: int | None = None):
         super().__init__(message)
         self.code = code
+        self.retry_after_ms = retry_after_ms  # set when the target was full: come back later
 
 
 class Gateway:
@@ -211,7 +212,9 @@ class Gateway:
                 yield pb.GenerateResponse(request_id=request_id, finish_reason="abort",
                                           usage=pb.Usage(prompt_tokens=len(ids), completion_tokens=produced))
                 return
-            raise GenerateError(e.code(), e.details() or str(e.code())) from None
+            retry = dict(e.trailing_metadata() or ()).get("retry-after-ms")
+            raise GenerateError(e.code(), e.details() or str(e.code()),
+                                int(retry) if retry and retry.isdigit() else None) from None
         finally:
             with self.lock:
                 self.running.pop(request_id, None)
@@ -255,6 +258,8 @@ class GatewayService(pb_grpc.GatewayServicer):
             yield from self.gw.generate(request, deadline_s=client_deadline(context), parent_ctx=tm.extract_grpc(context),
                                         owner=owner)
         except GenerateError as e:
+            if e.retry_after_ms is not None:
+                context.set_trailing_metadata((("retry-after-ms", str(e.retry_after_ms)),))
             context.abort(e.code, str(e))
 
     def Abort(self, request, context):

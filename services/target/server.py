@@ -54,9 +54,18 @@ class EngineLoop:
 
     def submit(self, prompt_ids, params, meta=None, timeout: float = 60.0) -> tuple[object, queue.Queue]:
         """Blocks until the engine thread admitted the request (at most one step); raises
-        ValueError for bad input."""
+        ValueError for bad input, QueueFull when max_queue requests already wait for a slot."""
         fut: Future = Future()
-        self._post(("add", prompt_ids, params, meta, fut))
+        limit = self.engine.cfg.max_queue
+        with self.cv:
+            if self.stopped:
+                raise RuntimeError("the target is shutting down")
+            waiting = self._load[1] + sum(1 for item in self.inbox if item[0] == "add")
+            if limit and waiting >= limit:
+                raise QueueFull(f"the target's queue is full ({waiting} requests waiting for "
+                                f"{self.engine.cfg.max_batch} slots); retry later")
+            self.inbox.append(("add", prompt_ids, params, meta, fut))
+            self.cv.notify()
         try:
             return fut.result(timeout=timeout)
         except TimeoutError:
@@ -161,6 +170,13 @@ class EngineLoop:
         self.engine.close()
 
 
+class QueueFull(Exception):
+    pass
+
+
+RETRY_AFTER_MS = 1000  # advice sent with a full queue (trailing metadata "retry-after-ms")
+
+
 class TargetService(pb_grpc.TargetServicer):
     def __init__(self, loop: EngineLoop, node: str = "", tracer=None):
         self.loop = loop
@@ -192,6 +208,9 @@ class TargetService(pb_grpc.TargetServicer):
         try:
             seq, q = self.loop.submit(list(request.prompt_token_ids), params, meta)
         except ContextTooLong as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except QueueFull as e:  # admission control: the client should come back later
+            context.set_trailing_metadata((("retry-after-ms", str(RETRY_AFTER_MS)),))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

@@ -1,0 +1,88 @@
+"""Admission control: a target with a bounded queue answers RESOURCE_EXHAUSTED (gRPC, with
+retry advice) / HTTP 429 with Retry-After beyond it; every request gets one of the two outcomes."""
+import threading
+
+import grpc
+import openai
+import pytest
+
+from ssd.config import EngineConfig, SamplingParams
+from ssd.engine import AREngine
+from ssd.models.loader import default_target_path, load_model
+from ssd.services.common import add_health_and_reflection, make_server
+from ssd.services.discovery import StaticDiscovery
+from ssd.services.gateway.http import serve_http
+from ssd.services.gateway.server import Gateway
+from ssd.services.protos import pb, pb_grpc
+from ssd.services.target.server import EngineLoop, TargetService
+from ssd.tokenizer import Tokenizer
+
+
+@pytest.fixture
+def full_target(small_pair):
+    """The small target, one batch slot and room for one waiting request."""
+    model = load_model(small_pair[0])[0]
+    cfg = EngineConfig(mode="ar", max_batch=1, max_queue=1, max_model_len=100)
+    loop = EngineLoop(AREngine(cfg, model, (3,)))
+    server = make_server()
+    pb_grpc.add_TargetServicer_to_server(TargetService(loop), server)
+    add_health_and_reflection(server, ["Target"])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(0)
+    loop.stop()
+
+
+def _burst(n, call):
+    out, threads = [None] * n, []
+    start = threading.Barrier(n)
+
+    def one(i):
+        start.wait()
+        try:
+            out[i] = ("ok", call())
+        except Exception as e:  # noqa: BLE001 - the outcome is what we test
+            out[i] = ("error", e)
+    for i in range(n):
+        threads.append(threading.Thread(target=one, args=(i,)))
+        threads[-1].start()
+    for t in threads:
+        t.join(timeout=120)
+    return out
+
+
+def test_grpc_beyond_the_queue_is_resource_exhausted_with_retry_advice(full_target):
+    stub = pb_grpc.TargetStub(grpc.insecure_channel(full_target))
+    req = pb.RunRequest(seq_id="", prompt_token_ids=[0, 1, 2], sampling=pb.SamplingParams(max_tokens=60, ignore_eos=True))
+
+    def call():
+        r = stub.Run(pb.RunRequest(seq_id=str(threading.get_ident()), prompt_token_ids=req.prompt_token_ids,
+                                   sampling=req.sampling), timeout=120)
+        return sum(len(x.token_ids) for x in r)
+    out = _burst(8, call)
+    ok = [v for kind, v in out if kind == "ok"]
+    errors = [v for kind, v in out if kind == "error"]
+    assert ok and errors and all(n == 60 for n in ok)
+    for e in errors:
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in e.details()
+        assert dict(e.trailing_metadata())["retry-after-ms"] == "1000"
+
+
+def test_http_beyond_the_queue_is_429_with_retry_after(full_target):
+    gw = Gateway(Tokenizer(default_target_path()), StaticDiscovery([full_target], []), "small", 100)
+    httpd = serve_http(gw)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", api_key="x", max_retries=0,
+                           timeout=120)
+    try:
+        out = _burst(8, lambda: client.completions.create(model="small", prompt=[0, 1, 2], max_tokens=60,
+                                                          extra_body={"ignore_eos": True}))
+    finally:
+        httpd.shutdown()
+    ok = [v for kind, v in out if kind == "ok"]
+    limited = [v for kind, v in out if kind == "error"]
+    assert ok and limited
+    assert all(r.usage.completion_tokens == 60 for r in ok)
+    for e in limited:
+        assert isinstance(e, openai.RateLimitError), e
+        assert e.response.headers["retry-after"] == "1" and e.body["type"] == "rate_limit_error"
