@@ -235,6 +235,8 @@ class TargetService(pb_grpc.TargetServicer):
             if isinstance(item, Exception):
                 context.abort(grpc.StatusCode.INTERNAL, str(item))
             tokens, finish = item
+            if finish == "error":  # this request failed alone; its neighbours were not touched
+                context.abort(grpc.StatusCode.INTERNAL, f"the request failed: {seq.error}")
             if finish is None:
                 yield pb.RunResponse(token_ids=tokens)
             else:

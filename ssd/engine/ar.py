@@ -22,6 +22,9 @@ class AREngine(Engine):
             self.stats.steps += 1
             rows = []
             for s, t in zip(old, self._sample_rows(old, logits)):
+                if t is None:  # failed alone
+                    events.append((s, []))
+                    continue
                 kept = s.commit([t], self.cfg.max_model_len)
                 self.stats.tokens += len(kept)
                 self.stats.rounds += 1

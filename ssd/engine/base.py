@@ -161,6 +161,9 @@ class Engine:
         tokens = self._sample_rows(new, logits)
         events = []
         for s, t in zip(new, tokens):
+            if t is None:  # this request failed alone (see _isolated)
+                events.append((s, []))
+                continue
             kept = s.commit([t], self.cfg.max_model_len)
             self.target.commit_features(s)
             self.stats.tokens += len(kept)
@@ -169,14 +172,13 @@ class Engine:
         self.stats.t_prefill += time.perf_counter() - t0
         return events
 
-    def _sample_rows(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """One token per row from the target distribution. logits [B, V]."""
+    def _sample_rows(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | None]:
+        """One token per row from the target distribution. logits [B, V]. None for a row whose
+        own sampling failed: that sequence is failed, the others are unaffected."""
         out = []
         for b, s in enumerate(seqs):
-            if s.params.greedy:
-                out.append(int(logits[b].argmax()))
-            else:
-                out.append(int(sample(process_logits(logits[b], s.params), s.generator)))
+            out.append(_isolated(s, lambda: int(logits[b].argmax()) if s.params.greedy
+                                 else int(sample(process_logits(logits[b], s.params), s.generator))))
         return out
 
     def _verify_rows(self, seqs: list[Sequence], logits: torch.Tensor, specs: list[tuple]) -> list[tuple[int, int]]:
@@ -191,23 +193,34 @@ class Engine:
         for (greedy, n), rows in groups.items():
             if n == 0:  # target-only rows (requests served as AR): sampled exactly as the AR engine does
                 for b, t in zip(rows, self._sample_rows([seqs[b] for b in rows], logits[rows, 0])):
-                    out[b] = (0, t)
+                    out[b] = None if t is None else (0, t)
                 continue
-            d = torch.stack([specs[b].token_ids.view(-1) for b in rows])  # [G, n]
-            lg = logits[rows, : n + 1]  # [G, n+1, V]
-            if greedy:
-                ks, ts = greedy_verify(d, lg)
-            else:
-                p = torch.stack([process_logits(lg[i], seqs[b].params) for i, b in enumerate(rows)])
-                q = torch.stack([specs[b].q for b in rows])  # [G, n, V]
-                u_accept, u_token = [], []
+            try:
+                self._verify_group(seqs, logits, specs, greedy, n, rows, out)
+            except Exception:  # noqa: BLE001 - find the row at fault; only it fails
+                if len(rows) == 1:
+                    seqs[rows[0]].fail(f"verification failed: {_describe_exc()}")
+                    continue
                 for b in rows:
-                    u_accept.append(torch.rand((1, n), generator=seqs[b].generator)[0])
-                    u_token.append(torch.rand((1,), generator=seqs[b].generator)[0])
-                ks, ts = rejection_sample(d, q, p, torch.stack(u_accept), torch.stack(u_token))
-            for i, b in enumerate(rows):
-                out[b] = (int(ks[i]), int(ts[i]))
+                    _isolated(seqs[b], lambda: self._verify_group(seqs, logits, specs, greedy, n, [b], out))
         return out
+
+    def _verify_group(self, seqs, logits, specs, greedy: bool, n: int, rows: list[int], out: list) -> None:
+        """Verify rows (same greedy-ness, same speculation length) together into out."""
+        d = torch.stack([specs[b].token_ids.view(-1) for b in rows])  # [G, n]
+        lg = logits[rows, : n + 1]  # [G, n+1, V]
+        if greedy:
+            ks, ts = greedy_verify(d, lg)
+        else:
+            p = torch.stack([process_logits(lg[i], seqs[b].params) for i, b in enumerate(rows)])
+            q = torch.stack([specs[b].q for b in rows])  # [G, n, V]
+            u_accept, u_token = [], []
+            for b in rows:
+                u_accept.append(torch.rand((1, n), generator=seqs[b].generator)[0])
+                u_token.append(torch.rand((1,), generator=seqs[b].generator)[0])
+            ks, ts = rejection_sample(d, q, p, torch.stack(u_accept), torch.stack(u_token))
+        for i, b in enumerate(rows):
+            out[b] = (int(ks[i]), int(ts[i]))
 
     def _commit_outcome(self, s: Sequence, spec_tokens: list[int], k: int, t: int) -> list[int]:
         kept = s.commit(spec_tokens[:k] + [t], self.cfg.max_model_len)
@@ -263,3 +276,19 @@ class StepRecord:
     jit_ns: tuple[int, int] | None = None      # just-in-time draft before the verify
     lookup_ns: tuple[int, int] | None = None   # wait for the speculation cache + index lookup after it
     jit_seq_ids: tuple = ()
+
+
+def _describe_exc() -> str:
+    import sys
+
+    e = sys.exc_info()[1]
+    return f"{type(e).__name__}: {e}"
+
+
+def _isolated(seq: Sequence, fn):
+    """fn() for one sequence; if it raises, that sequence alone fails (returns None)."""
+    try:
+        return fn()
+    except Exception:  # noqa: BLE001 - a request's own failure must not end its neighbours
+        seq.fail(_describe_exc())
+        return None

@@ -75,6 +75,7 @@ class Sequence:
     # last (bf16 rows, appended per round), and those of the last forward until it is committed
     features: list = field(default_factory=list)
     fed_features: tuple | None = None
+    error: str | None = None  # why the sequence failed (finish_reason "error")
 
     def all_features(self) -> torch.Tensor | None:
         return torch.cat(self.features) if self.features else None
@@ -87,6 +88,11 @@ class Sequence:
     @property
     def context(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def fail(self, message: str) -> None:
+        """This sequence alone failed (its own parameters or numbers): it ends with finish reason
+        "error" and the message; the rest of its batch goes on."""
+        self.finished, self.finish_reason, self.error = True, "error", message
 
     def commit(self, tokens: list[int], max_model_len: int) -> list[int]:
         """Append tokens up to a stop condition; returns the tokens actually kept."""

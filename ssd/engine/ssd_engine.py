@@ -205,7 +205,11 @@ class SSDEngine(Engine):
     def _commit(self, running, specs, outcomes, events) -> list[RoundRow]:
         """Commit each outcome, count it by where its speculation came from, and queue it for the draft."""
         rows = []
-        for s, sp, (k, t) in zip(running, specs, outcomes):
+        for s, sp, outcome in zip(running, specs, outcomes):
+            if outcome is None:  # this request failed alone (Engine._verify_rows): the others go on
+                events.append((s, []))
+                continue
+            k, t = outcome
             kept = self._commit_outcome(s, sp.token_ids.tolist(), k, t)
             if sp.source in ("cache", "index"):
                 self.stats.tokens_after_hit += len(kept)
@@ -230,7 +234,7 @@ class SSDEngine(Engine):
         t0 = time.perf_counter()
         try:
             keys = self._recv_kind(CacheKeys, round_id).keys
-            if any((k, t) in set(keys.get(s.seq_id, ())) for s, (k, t) in zip(running, outcomes) if not s.finished):
+            if any(o in set(keys.get(s.seq_id, ())) for s, o in zip(running, outcomes) if not s.finished):
                 on_time = self.link.ready()
                 msg = self._recv_kind(CacheReply, round_id)
                 entries = msg.entries or {}  # None: abandoned (a draft lost mid-round leaves nothing either)
@@ -247,9 +251,10 @@ class SSDEngine(Engine):
         """Each unfinished sequence's next speculation: its cache entry for the outcome it had,
         else (greedy) the speculation index, else nothing (a miss: JIT or backup next step)."""
         index_rows = []
-        for s, (k, t) in zip(running, outcomes):
+        for s, outcome in zip(running, outcomes):
             if s.finished or _mode(s) != "ssd":  # AR and SD requests take no cached speculation
                 continue
+            k, t = outcome
             entry = entries.get(s.seq_id)
             j = entry.keys.get((k, t)) if entry is not None else None
             if j is None:
