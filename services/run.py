@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -121,8 +122,12 @@ def _index(redis_url: str):
 
 
 def _spawn(role: str, args: list[str], env=None):
+    # from a neutral directory: `python -m` puts the working directory first on sys.path, and a
+    # source checkout there would shadow the installed package in the children
     cmd = [sys.executable, "-m", "ssd.cli", "service", role, *args]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=_neutral_dir(),
+                         start_new_session=True,  # our signals reach them through us, once, in order
+                         preexec_fn=_die_with_parent)
     deadline = time.time() + 600
     ports = {}
     while time.time() < deadline:
@@ -133,6 +138,25 @@ def _spawn(role: str, args: list[str], env=None):
             ports = dict(kv.split("=") for kv in line.split()[1:])
             break
     return p, {k: int(v) for k, v in ports.items()}
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the supervisor dies, even by SIGKILL, so no
+    service outlives `ssd serve` holding its port."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _neutral_dir() -> str:
+    from ssd.models.loader import cache_root
+
+    d = cache_root() / "run"
+    d.mkdir(parents=True, exist_ok=True)
+    return str(d)
 
 
 def start_stack(common_args: list[str], procs: list, *, env=None, redis_url: str = "", tensor_channel: str = "auto",
@@ -172,6 +196,7 @@ def serve_local(ns, cfg, common_args: list[str]) -> int:
     if cfg.target in ("default", "smollm2-135m-instruct"):
         default_target_path()  # convert once here, not three times in parallel
     procs = []
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         access = ["--api-keys", ns.api_keys, "--api-key-file", ns.api_key_file, "--tls-cert", ns.tls_cert,
                   "--tls-key", ns.tls_key, "--cors-origins", ns.cors_origins,
@@ -182,16 +207,59 @@ def serve_local(ns, cfg, common_args: list[str]) -> int:
         addr = f"127.0.0.1:{gports['port']}"
         scheme = "https" if ns.tls_cert else "http"
         print(f"gateway: grpc {addr}, http {scheme}://127.0.0.1:{gports.get('http_port')}  "
-              f"(target 127.0.0.1:{tports['port']}, draft 127.0.0.1:{dports['port']})", file=sys.stderr, flush=True)
+              f"(target 127.0.0.1:{tports['port']}, draft 127.0.0.1:{dports['port']}; "
+              f"pids draft={procs[0].pid} target={procs[1].pid} gateway={procs[2].pid})", file=sys.stderr, flush=True)
         if ns.prompt is None:
-            while all(p.poll() is None for p in procs):
-                time.sleep(0.5)
-            return 1
+            return _supervise(procs, common_args, dports["port"], ns.redis_url)
         return _one_generation(addr, ns, cfg)
     except KeyboardInterrupt:
         return 130
+    except _Stop as e:
+        return 128 + e.signum  # 143 for SIGTERM, as a process that drained and exited on it
     finally:
+        # the children drain and stop whatever signals arrive meanwhile (a second Ctrl-C too)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         stop_stack(procs)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+class _Stop(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stop(signum, frame):
+    raise _Stop(signum)
+
+
+def _supervise(procs: list, common_args: list[str], draft_port: int, redis_url: str) -> int:
+    """Keep the services up until a signal: a draft that exits is started again on its port
+    (the target serves target-only meanwhile and takes it back when it answers); the target or
+    the gateway exiting ends the whole stack."""
+    draft = procs[0]
+    restarts = 0
+    while True:
+        time.sleep(0.5)
+        if any(p.poll() is not None for p in procs[1:]):
+            print("ssd serve: the target or the gateway exited; stopping", file=sys.stderr, flush=True)
+            return 1
+        if draft.poll() is not None:
+            restarts += 1
+            print(f"ssd serve: the draft exited (code {draft.returncode}); restarting it (restart {restarts})",
+                  file=sys.stderr, flush=True)
+            redis = ["--redis-url", redis_url] if redis_url else []
+            try:
+                draft, _ = _spawn("draft", common_args + ["--port", str(draft_port)] + redis)
+            except RuntimeError as e:
+                print(f"ssd serve: the draft did not come back ({e}); retrying", file=sys.stderr, flush=True)
+                time.sleep(min(30, 2 ** restarts))
+                continue
+            procs[0] = draft
+            print(f"ssd serve: draft back on 127.0.0.1:{draft_port} (pid {draft.pid})", file=sys.stderr, flush=True)
 
 
 def _one_generation(addr: str, ns, cfg) -> int:
