@@ -12,7 +12,7 @@ from .config import EngineConfig, SamplingParams, SpeculationConfig
 
 _HELP = {
     "target": "target model directory, or 'default' (SmolLM2-135M-Instruct, converted once from its GGUF)",
-    "draft": "'default' (the trained draft shipped for the default target), a draft directory, or 'standin' (the target's first layers; weak)",
+    "draft": "'default' (the trained draft shipped for the default target), 'feature' (the shipped feature drafter: reads the target's hidden states), a draft directory, or 'standin' (the target's first layers; weak)",
     "mode": "ar | sd | ssd",
     "num_speculative_tokens": "K, draft tokens per round",
     "fan_out_budget": "SSD: branches per sequence per round (sum of F_k)",

@@ -75,7 +75,7 @@ class SpeculationConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     target: str = "default"  # model dir or "default" (SmolLM2-135M-Instruct)
-    draft: str = "default"  # "default" (the shipped trained draft), a draft/model dir, or "standin" (truncated target; weak)
+    draft: str = "default"  # "default" (the shipped trained draft), "feature" (the shipped feature drafter), a draft/model dir, or "standin" (truncated target; weak)
     standin_layers: int = 4  # layers kept by the stand-in draft
     mode: str = "ssd"
     max_batch: int = 8  # running sequences per step (continuous batching)

@@ -82,12 +82,15 @@ def forward_costs(pair: ModelPair, k: int, context: int = 300, repeats: int = 15
 
     def median_ms(model, n):
         cache = model.new_cache(1, context + n + 1)
-        model(torch.randint(0, 8000, (1, context)), append_batch([0], [0], context), cache)
+        # a feature drafter also reads a feature per position (its cost is the same for any values)
+        extra = (lambda m: (torch.zeros(1, m, model.cfg.hidden_size, dtype=model.dtype),)) \
+            if getattr(model, "kind", None) == "feature" else (lambda m: ())
+        model(torch.randint(0, 8000, (1, context)), *extra(context), append_batch([0], [0], context), cache)
         ts = []
         for _ in range(repeats):
             x = torch.randint(0, 8000, (1, n))
             t0 = time.perf_counter()
-            model(x, append_batch([0], [context], n), cache)
+            model(x, *extra(n), append_batch([0], [context], n), cache)
             ts.append(time.perf_counter() - t0)
         return 1000 * sorted(ts)[len(ts) // 2]
 

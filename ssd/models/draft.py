@@ -25,8 +25,12 @@ from .loader import default_target_path, load_model, resolve_model
 
 STANDIN = "standin"
 DEFAULT = "default"
+FEATURE = "feature"
 # the draft shipped for the default target, trained here with `ssd train-draft` (see its README.md)
 DEFAULT_DRAFT_DIR = Path(__file__).resolve().parent.parent / "data" / "drafts" / "smollm2-135m-draft-l2"
+# the feature drafter shipped for the default target (--draft feature): one layer over the
+# target's hidden states, trained with training-time test (its README.md)
+FEATURE_DRAFT_DIR = Path(__file__).resolve().parent.parent / "data" / "drafts" / "smollm2-135m-feature-l1"
 
 
 STANDIN_HEAD_VOCAB = 8192  # BPE ids are roughly in merge (frequency) order: ids < 8192 cover ~94 % of SmolLM2's output tokens
@@ -78,13 +82,13 @@ def draft_description(draft: str, target_path, standin_layers: int, dtype: str =
     if draft == STANDIN:
         return DraftDescription(str(target_path), standin_layers=standin_layers, head_vocab=STANDIN_HEAD_VOCAB,
                                 dtype=dtype, batch_invariant=batch_invariant)
-    if draft == DEFAULT:
+    if draft in (DEFAULT, FEATURE):
         if Path(target_path).resolve() != default_target_path(progress=False).resolve():
-            raise ValueError("there is no default draft for this target: pass --draft DIR "
+            raise ValueError(f"there is no shipped {draft} draft for this target: pass --draft DIR "
                              "(e.g. one made by `ssd train-draft`) or --draft standin")
-        if not (DEFAULT_DRAFT_DIR / "config.json").exists():
-            raise FileNotFoundError(f"the shipped default draft is missing: {DEFAULT_DRAFT_DIR}")
-        path = DEFAULT_DRAFT_DIR
+        path = DEFAULT_DRAFT_DIR if draft == DEFAULT else FEATURE_DRAFT_DIR
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"the shipped {draft} draft is missing: {path}")
     else:
         path = resolve_model(draft)
     return DraftDescription(str(path), str(target_path), dtype=dtype, batch_invariant=batch_invariant)

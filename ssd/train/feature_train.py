@@ -307,7 +307,11 @@ def _plot(path: Path, info: dict, log_path: Path) -> None:
     for name, c in (("at init", info["acceptance_curve_init"]), ("trained, SD (0 self-fed context)", info["acceptance_curve"]),
                     ("trained, SSD-like (5 self-fed context)", info["acceptance_curve_ssd"])):
         a.plot(range(len(c["alpha"])), c["alpha"], marker="o", label=f"{name}: {c['mean_accepted']:.2f}/round")
-    a.set_xlabel("n (self-fed proposals before this one)")
+        if name.startswith("trained, SD"):  # how many proposals each point rests on (later ones: few)
+            for n, (y, cnt) in enumerate(zip(c["alpha"], c["counts"])):
+                if cnt:
+                    a.annotate(str(cnt), (n, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    a.set_xlabel("n (self-fed proposals before this one); labels: proposals counted")
     a.set_ylabel("acceptance (greedy, held-out)")
     a.set_ylim(0, 1)
     a.legend(fontsize=7)

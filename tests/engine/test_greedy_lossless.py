@@ -97,3 +97,17 @@ def test_non_finite_temperature_is_refused():
     for t in (float("inf"), float("nan"), -1.0):
         with pytest.raises(ValueError, match="temperature"):
             SamplingParams(temperature=t)
+
+
+@pytest.mark.parametrize("mode", ["sd", "ssd"])
+def test_shipped_feature_drafter_greedy_identical_to_ar(pair, prompts, reference, mode):
+    """The shipped feature drafter (--draft feature) reads the real target's hidden states."""
+    from ssd.engine import build_engine
+
+    cfg = EngineConfig(mode=mode, max_batch=4, draft="feature")
+    feature_pair = ModelPair.load(cfg)
+    assert "feature drafter" in feature_pair.draft_desc.describe()
+    with build_engine(cfg, feature_pair) as eng:
+        out = [s.output_ids for s in eng.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS))]
+        assert eng.stats.num_accepted_tokens > 0
+    assert out == reference

@@ -346,3 +346,22 @@ def test_mode_is_honoured_per_request(stack, client, pair, reference):
     assert r.choices[0].message.content == pair.tokenizer.decode(reference)
     with pytest.raises(openai.BadRequestError):
         _chat(client, max_tokens=4, extra_body={"mode": "fast"})
+
+
+def test_disconnected_non_streaming_client_aborts_its_request(stack):
+    from ssd.services.protos import pb
+
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "temperature": 0}).encode()
+    s = socket.create_connection(stack.httpd.server_address, timeout=30)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    running = lambda: stack.target_stub.Load(pb.LoadRequest(), timeout=30).running  # noqa: E731
+    deadline = time.monotonic() + 60
+    while running() == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running() == 1
+    s.close()  # the client leaves before its 400 tokens
+    deadline = time.monotonic() + 10
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running() == 0
