@@ -98,6 +98,10 @@ def run_role(ns, cfg) -> int:
             http_port = httpd.server_address[1]
             stops.append(httpd.shutdown)
     hs = add_health_and_reflection(server, names)
+    if ns.role == "gateway":
+        from .gateway.server import watch_readiness
+
+        stops.append(watch_readiness(gw, hs, names).set)
     tls = (ns.tls_cert, ns.tls_key) if ns.role == "gateway" else ("", "")
     port = add_port(server, f"{ns.host}:{ns.port}", *tls)
     server.start()

@@ -21,6 +21,15 @@ class Tokenizer:
         self.bos_token_id: int | None = self._tok.bos_token_id
         self.vocab_size: int = len(self._tok)
 
+    def longest_token_bytes(self) -> int:
+        """UTF-8 bytes of the longest token's text: a text of more than n times this many bytes
+        has more than n tokens, known without tokenizing it (computed once)."""
+        if getattr(self, "_longest", None) is None:
+            vocab = self._tok.get_vocab()
+            self._longest = max(len(self._tok.convert_tokens_to_string([t]).encode("utf-8", "replace")) for t in vocab)
+            self._longest = max(self._longest, 1)
+        return self._longest
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens)
 

@@ -282,6 +282,23 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
 
+class _Auth:
+    """ASGI middleware: 401 unless "Authorization: Bearer <key>" names one of keys (when there
+    are any); open_paths (probes) and CORS preflights pass."""
+
+    def __init__(self, app, keys: frozenset, open_paths: set[str]):
+        self.app, self.keys, self.open_paths = app, keys, open_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.keys and scope["path"] not in self.open_paths and scope["method"] != "OPTIONS":
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or token.strip() not in self.keys:
+                return await _error(401, "missing or invalid API key (Authorization: Bearer <key>)", None,
+                                    "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_origins: list[str] | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
     app = FastAPI(title="ssd", docs_url=None, redoc_url=None, openapi_url=None)
@@ -318,16 +335,6 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
         status = _STATUS.get(e.code, 500)
         code = "model_not_found" if status == 404 else e.code.name.lower()
         return _error(status, str(e), None, code)
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if keys and request.url.path not in open_paths and request.method != "OPTIONS":
-            auth = request.headers.get("authorization", "")
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or token.strip() not in keys:
-                return _error(401, "missing or invalid API key (Authorization: Bearer <key>)", None, "invalid_api_key",
-                              headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
 
     def check_model(model: str | None) -> None:
         if model and model != gw.model_name:
@@ -542,7 +549,9 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "traceparent"], allow_credentials=False)
-    return _BodyLimit(app, max_body_bytes, body_timeout_s)
+    # pure ASGI wrappers (not @app.middleware: that wrapper hides a client's disconnect from the
+    # endpoint, and a request nobody reads any more would go on generating)
+    return _Auth(_BodyLimit(app, max_body_bytes, body_timeout_s), keys, open_paths)
 
 
 def _utf8(text: str, param: str) -> str:

@@ -104,7 +104,23 @@ class Gateway:
         best = self._least_loaded("draft", local or drafts, lambda l: l.sequences + l.queue_depth)
         return best[0].address if best is not None else ""
     # ---- the generation path ---------------------------------------------------------------
+    def check_size(self, req) -> None:
+        """Refuse a text that cannot fit in the context before paying to tokenize it: more than
+        max_model_len x (the longest token's bytes) bytes is more than max_model_len tokens."""
+        which = req.WhichOneof("input")
+        if which == "prompt":
+            n = len(req.prompt.encode("utf-8", "replace"))
+        elif which == "messages":
+            n = sum(len(m.content.encode("utf-8", "replace")) for m in req.messages.messages)
+        else:
+            return
+        limit = self.max_model_len * self.tokenizer.longest_token_bytes()
+        if n > limit:
+            raise GenerateError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the prompt's {n} bytes are more than {self.max_model_len} tokens (the context length)")
+
     def prompt_ids(self, req) -> list[int]:
+        self.check_size(req)
         which = req.WhichOneof("input")
         if which == "prompt":
             if not req.prompt.strip():
@@ -232,6 +248,39 @@ class Gateway:
         if call is not None:  # None: still being routed; generate() cancels the call it starts
             call.cancel()
         return True
+
+
+def watch_readiness(gw: Gateway, hs, service_names: list[str], interval_s: float = 2.0) -> threading.Event:
+    """Keep the gateway's gRPC health in step with reality: SERVING while some target answers,
+    NOT_SERVING while none does (load balancers and readiness probes stop sending it requests
+    that could only fail). Returns the Event that stops the watcher. A draining server's health
+    stays NOT_SERVING (the health servicer ignores updates after its graceful shutdown)."""
+    from grpc_health.v1 import health_pb2
+
+    from ..protos import pb as _pb
+
+    names = [_pb.DESCRIPTOR.services_by_name[n].full_name for n in service_names] + [""]
+    stop = threading.Event()
+
+    def loop():
+        last = None
+        while True:
+            try:
+                ready = gw.ready()
+            except Exception:  # noqa: BLE001 - discovery trouble counts as "no target"
+                ready = False
+            status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+            if status != last:
+                if last is not None:
+                    log.warning("gateway readiness: %s", "a target is ready" if ready else "no target is ready")
+                for n in names:
+                    hs.set(n, status)
+                last = status
+            if stop.wait(interval_s):
+                return
+
+    threading.Thread(target=loop, daemon=True, name="gateway-readiness").start()
+    return stop
 
 
 NO_DEADLINE_S = 10 * 365 * 24 * 3600.0  # beyond this a "remaining time" means the client set none

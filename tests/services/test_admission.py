@@ -86,3 +86,53 @@ def test_http_beyond_the_queue_is_429_with_retry_after(full_target):
     for e in limited:
         assert isinstance(e, openai.RateLimitError), e
         assert e.response.headers["retry-after"] == "1" and e.body["type"] == "rate_limit_error"
+
+
+def test_gateway_health_follows_its_targets(full_target):
+    """NOT_SERVING while no target answers, SERVING once one does."""
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from ssd.services.gateway.server import GatewayService, watch_readiness
+
+    class Moving(StaticDiscovery):
+        addrs = ["127.0.0.1:1"]  # nothing listens there
+
+        def targets(self):
+            return StaticDiscovery(self.addrs, []).targets()
+
+    discovery = Moving([], [])
+    gw = Gateway(Tokenizer(default_target_path()), discovery, "small", 100)
+    server = make_server()
+    pb_grpc.add_GatewayServicer_to_server(GatewayService(gw), server)
+    hs = add_health_and_reflection(server, ["Gateway"])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    stop = watch_readiness(gw, hs, ["Gateway"], interval_s=0.1)
+    check = lambda: health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}")).Check(  # noqa: E731
+        health_pb2.HealthCheckRequest(service="ssd.v1.Gateway"), timeout=5).status
+    try:
+        deadline = time.monotonic() + 10
+        while check() != health_pb2.HealthCheckResponse.NOT_SERVING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert check() == health_pb2.HealthCheckResponse.NOT_SERVING
+        discovery.addrs = [full_target]
+        deadline = time.monotonic() + 10
+        while check() != health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert check() == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        stop.set()
+        server.stop(0)
+
+
+def test_oversized_prompt_refused_before_tokenizing(full_target, monkeypatch):
+    gw = Gateway(Tokenizer(default_target_path()), StaticDiscovery([full_target], []), "small", 100)
+    limit = 100 * gw.tokenizer.longest_token_bytes()
+    monkeypatch.setattr(gw.tokenizer, "encode", lambda *a, **k: pytest.fail("tokenized an oversized prompt"))
+    from ssd.services.gateway.server import GenerateError
+
+    with pytest.raises(GenerateError) as e:
+        list(gw.generate(pb.GenerateRequest(prompt="x" * (limit + 1), sampling=pb.SamplingParams(max_tokens=4))))
+    assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "context length" in str(e.value)
