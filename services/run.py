@@ -164,19 +164,25 @@ def _neutral_dir() -> str:
 
 
 def start_stack(common_args: list[str], procs: list, *, env=None, redis_url: str = "", tensor_channel: str = "auto",
-                port: int = 0, http_port: int = -1, gateway_args: list[str] = ()) -> dict[str, dict[str, int]]:
+                port: int = 0, http_port: int = -1, gateway_args: list[str] = (),
+                metrics_port: int = -1) -> dict[str, dict[str, int]]:
     """draft, target and gateway as local processes wired to each other on loopback; each
     started process is appended to procs at once (the caller stops them, even after a failure
-    half-way). Returns each role's bound ports."""
+    half-way). Returns each role's bound ports. metrics_port: -1 = no /metrics; 0 = each on
+    a free port; N = gateway N, target N+1, draft N+2."""
     redis = ["--redis-url", redis_url] if redis_url else []
-    draft, dports = _spawn("draft", common_args + ["--port", "0"] + redis, env)
+
+    def metrics(offset: int) -> list[str]:
+        return [] if metrics_port < 0 else ["--metrics-port", str(metrics_port + offset if metrics_port else 0)]
+    draft, dports = _spawn("draft", common_args + ["--port", "0"] + redis + metrics(2), env)
     procs.append(draft)
     target, tports = _spawn("target", common_args + ["--port", "0", "--draft-address", f"127.0.0.1:{dports['port']}",
-                                                     "--tensor-channel", tensor_channel] + redis, env)
+                                                     "--tensor-channel", tensor_channel] + redis + metrics(1), env)
     procs.append(target)
     gw, gports = _spawn("gateway", common_args + ["--port", str(port), "--http-port", str(http_port),
                                                   "--targets", f"127.0.0.1:{tports['port']}",
-                                                  "--drafts", f"127.0.0.1:{dports['port']}", *gateway_args], env)
+                                                  "--drafts", f"127.0.0.1:{dports['port']}", *gateway_args]
+                        + metrics(0), env)
     procs.append(gw)
     return {"draft": dports, "target": tports, "gateway": gports}
 
@@ -206,15 +212,20 @@ def serve_local(ns, cfg, common_args: list[str]) -> int:
                   "--tls-key", ns.tls_key, "--cors-origins", ns.cors_origins,
                   "--max-http-connections", str(ns.max_http_connections)]
         ports = start_stack(common_args, procs, redis_url=ns.redis_url, tensor_channel=ns.tensor_channel,
-                            port=ns.port, http_port=ns.http_port, gateway_args=access)
+                            port=ns.port, http_port=ns.http_port, gateway_args=access, metrics_port=ns.metrics_port)
         dports, tports, gports = ports["draft"], ports["target"], ports["gateway"]
         addr = f"127.0.0.1:{gports['port']}"
         scheme = "https" if ns.tls_cert else "http"
         print(f"gateway: grpc {addr}, http {scheme}://127.0.0.1:{gports.get('http_port')}  "
               f"(target 127.0.0.1:{tports['port']}, draft 127.0.0.1:{dports['port']}; "
               f"pids draft={procs[0].pid} target={procs[1].pid} gateway={procs[2].pid})", file=sys.stderr, flush=True)
+        if ns.metrics_port >= 0:
+            print("metrics: " + ", ".join(f"{role} http://127.0.0.1:{p['metrics_port']}/metrics"
+                                          for role, p in (("gateway", gports), ("target", tports), ("draft", dports))),
+                  file=sys.stderr, flush=True)
         if ns.prompt is None:
-            return _supervise(procs, common_args, dports["port"], ns.redis_url)
+            draft_args = ["--metrics-port", str(dports["metrics_port"])] if ns.metrics_port >= 0 else []
+            return _supervise(procs, common_args + draft_args, dports["port"], ns.redis_url)
         return _one_generation(addr, ns, cfg)
     except KeyboardInterrupt:
         return 130

@@ -233,6 +233,9 @@ def main(argv=None) -> int:
     sv.add_argument("--port", type=int, default=50051, help="gateway gRPC port (0 = any free port)")
     sv.add_argument("--http-port", type=int, default=8000, help="gateway OpenAI-compatible HTTP port (0 = any, -1 = off)")
     sv.add_argument("--redis-url", default="", help="speculation index in Redis (default: in-process map)")
+    sv.add_argument("--metrics-port", type=int, default=-1,
+                    help="Prometheus /metrics of the three services: N = gateway N, target N+1, draft N+2; "
+                         "0 = free ports (printed); -1 = off")
     sv.add_argument("--tensor-channel", default="auto", choices=["inline", "gloo", "nccl", "auto"],
                     help="how full q rows travel from draft to target (auto: nccl on GPUs, gloo on CPU, else inline)")
     _add_access(sv)

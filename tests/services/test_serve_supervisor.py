@@ -46,7 +46,8 @@ def _generate(addr: str) -> int:
 
 def test_draft_restarted_and_sigterm_stops_everything(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "ssd.cli", "serve", "--port", "0", "--http-port", "-1",
-                             "--max-batch", "2", "--max-model-len", "256"],
+                             "--max-batch", "2", "--max-model-len", "256",
+                             "--metrics-port", "0"],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=tmp_path)
     try:
         m = None
@@ -59,6 +60,12 @@ def test_draft_restarted_and_sigterm_stops_everything(tmp_path):
             m = LINE.search(line)
         gw_addr, draft_addr = m.group(1), m.group(2)
         pids = [int(m.group(i)) for i in (3, 4, 5)]
+        urls = re.findall(r"http://\S+/metrics", proc.stderr.readline())
+        assert len(urls) == 3
+        from ssd.services.metrics import scrape
+
+        for url in urls:
+            assert scrape(url), url  # each service's Prometheus text
         assert _generate(gw_addr) == 8
         os.kill(pids[0], signal.SIGKILL)  # the draft dies
         assert _generate(gw_addr) == 8  # the target serves on, target-only
