@@ -519,17 +519,8 @@ def _plot_curves(path: Path, info: dict, log_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name, c in (("at init (target layers)", info["acceptance_curve_init"]), ("trained", info["acceptance_curve"])):
-        a.plot(range(len(c["alpha"])), c["alpha"], marker="o", label=f"{name}: {c['mean_accepted']:.2f} tokens/round")
-        if name == "trained":  # how many proposals each point rests on (later ones: few)
-            for n, (y, cnt) in enumerate(zip(c["alpha"], c["counts"])):
-                if cnt:
-                    a.annotate(str(cnt), (n, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
-    a.set_xlabel("n (self-fed draft tokens before this one); labels: proposals counted")
-    a.set_ylabel("acceptance (greedy, held-out)")
-    a.set_ylim(0, 1)
-    a.legend(fontsize=8)
-    a.set_title("n-alpha curve, held-out ShareGPT")
+    plot_alpha_curves(a, [("at init (target layers)", info["acceptance_curve_init"]), ("trained", info["acceptance_curve"])],
+                      "trained", "n-alpha curve, held-out ShareGPT")
     log = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
     steps = [r for r in log if "eval" in r]
     b.plot([r["step"] for r in steps], [r["eval"]["agreement"] for r in steps], marker=".")
@@ -539,6 +530,22 @@ def _plot_curves(path: Path, info: dict, log_path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_alpha_curves(a, curves: list[tuple[str, dict]], annotated: str, title: str) -> None:
+    """n-alpha curves on axes a; the curve named `annotated` labels each point with the number of
+    proposals it rests on (the later points rest on few)."""
+    for name, c in curves:
+        a.plot(range(len(c["alpha"])), c["alpha"], marker="o", label=f"{name}: {c['mean_accepted']:.2f} tokens/round")
+        if name == annotated:
+            for n, (y, cnt) in enumerate(zip(c["alpha"], c["counts"])):
+                if cnt:
+                    a.annotate(str(cnt), (n, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    a.set_xlabel("n (self-fed draft tokens before this one); labels: proposals counted")
+    a.set_ylabel("acceptance (greedy, held-out)")
+    a.set_ylim(0, 1)
+    a.legend(fontsize=7)
+    a.set_title(title)
 
 
 def data_model_card(cfg: TrainDraftConfig, info: dict) -> str:

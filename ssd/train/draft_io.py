@@ -21,16 +21,22 @@ def save_draft(out_dir: str | Path, model: DraftModel, target_path: str | Path, 
     cfg = draft_config(target_path, model.cfg.num_layers)
     cfg["ssd_draft"] = {"target": str(target_ref), "head_vocab_size": int(model.head_token_ids.numel()),
                         "embed_from_target": True, "version": FORMAT_VERSION}
-    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    write_draft_dir(out, cfg, model.own_state_dict(), dtype)
+    if readme is not None:
+        (out / "README.md").write_text(readme)
+    return out
+
+
+def write_draft_dir(out: Path, cfg: dict, own_state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """config.json (with the weights' dtype) and model.safetensors (written atomically; the head's
+    token ids stay int64), for any kind of draft."""
+    cfg = {**cfg, "dtype": str(dtype).removeprefix("torch.")}
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    sd = {k: (v if k == "head_token_ids" else v.to(dtype)).contiguous().clone() for k, v in model.own_state_dict().items()}
+    sd = {k: (v if k == "head_token_ids" else v.to(dtype)).contiguous().clone() for k, v in own_state.items()}
     tmp = out / (WEIGHTS + ".tmp")
     save_file(sd, str(tmp), metadata={"format": "pt"})
     tmp.replace(out / WEIGHTS)
     (out / WEIGHTS).chmod(0o644)  # shared like any model directory
-    if readme is not None:
-        (out / "README.md").write_text(readme)
-    return out
 
 
 def load_trainable(draft_dir: str | Path, target_path: str | Path) -> DraftModel:

@@ -234,9 +234,8 @@ def feature_acceptance_curve(model: FeatureDraft, examples: list[Example], k: in
 
 def save_feature_draft(out_dir, model: FeatureDraft, target_path, target_ref: str,
                        dtype: torch.dtype = torch.float16) -> Path:
-    from safetensors.torch import save_file
-
-    from ssd.models.draft_dir import FORMAT_VERSION, WEIGHTS
+    from ssd.models.draft_dir import FORMAT_VERSION
+    from ssd.train.draft_io import write_draft_dir
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,13 +243,7 @@ def save_feature_draft(out_dir, model: FeatureDraft, target_path, target_ref: st
     cfg["ssd_draft"] = {"kind": "feature", "target": str(target_ref), "feature_layers": list(model.feature_layers),
                         "head_vocab_size": int(model.head_ids.numel()), "embed_from_target": True,
                         "head_from_target": True, "version": FORMAT_VERSION}
-    cfg["dtype"] = str(dtype).removeprefix("torch.")
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    sd = {k: (v if k == "head_token_ids" else v.to(dtype)).contiguous().clone() for k, v in model.own_state_dict().items()}
-    tmp = out / (WEIGHTS + ".tmp")
-    save_file(sd, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / WEIGHTS)
-    (out / WEIGHTS).chmod(0o644)
+    write_draft_dir(out, cfg, model.own_state_dict(), dtype)
     return out
 
 
@@ -303,19 +296,13 @@ def _plot(path: Path, info: dict, log_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ssd.train.distill import plot_alpha_curves
+
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name, c in (("at init", info["acceptance_curve_init"]), ("trained, SD (0 self-fed context)", info["acceptance_curve"]),
-                    ("trained, SSD-like (5 self-fed context)", info["acceptance_curve_ssd"])):
-        a.plot(range(len(c["alpha"])), c["alpha"], marker="o", label=f"{name}: {c['mean_accepted']:.2f}/round")
-        if name.startswith("trained, SD"):  # how many proposals each point rests on (later ones: few)
-            for n, (y, cnt) in enumerate(zip(c["alpha"], c["counts"])):
-                if cnt:
-                    a.annotate(str(cnt), (n, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
-    a.set_xlabel("n (self-fed proposals before this one); labels: proposals counted")
-    a.set_ylabel("acceptance (greedy, held-out)")
-    a.set_ylim(0, 1)
-    a.legend(fontsize=7)
-    a.set_title("feature drafter: n-alpha, held-out ShareGPT")
+    sd = "trained, SD (0 self-fed context)"
+    plot_alpha_curves(a, [("at init", info["acceptance_curve_init"]), (sd, info["acceptance_curve"]),
+                          ("trained, SSD-like (5 self-fed context)", info["acceptance_curve_ssd"])],
+                      sd, "feature drafter: n-alpha, held-out ShareGPT")
     ev = info["eval"]
     depth = [ev["agreement"]] + list(ev["agreement_selffed"])
     b.plot(range(len(depth)), depth, marker="o", label="teacher-forced tokens, j self-fed features")

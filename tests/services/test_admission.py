@@ -6,7 +6,7 @@ import grpc
 import openai
 import pytest
 
-from ssd.config import EngineConfig, SamplingParams
+from ssd.config import EngineConfig
 from ssd.engine import AREngine
 from ssd.models.loader import default_target_path, load_model
 from ssd.services.common import add_health_and_reflection, make_server
