@@ -104,6 +104,7 @@ _UNSUPPORTED = {
     "suffix": (None, ""), "best_of": (None, 1), "parallel_tool_calls": (None,), "audio": (None,),
     "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
     "web_search_options": (None,),
+    "store": (None, False), "metadata": (None, {}), "service_tier": (None, "auto", "default"),
 }
 
 
@@ -121,10 +122,10 @@ class _Common(BaseModel):
     n: StrictInt | None = None
     ignore_eos: StrictBool = False  # extension (vLLM)
     mode: Literal["ar", "sd", "ssd"] | None = None  # extension: how this request is decoded
-    user: str | None = None
-    metadata: dict | None = None
-    store: bool | None = None
-    service_tier: str | None = None
+    user: str | None = None  # an end-user id for the caller's own bookkeeping: accepted, not used (README)
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
     # accepted only at their neutral values (see _UNSUPPORTED)
     logprobs: Any = None
     top_logprobs: Any = None

@@ -127,6 +127,7 @@ def test_stop_scanner_holds_back_partial_matches():
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"n": 2}, "n"),
+    ({"store": True}, "store"),
     ({"extra_body": {"frobnicate": 1}}, "frobnicate"),
     ({"seed": 1 << 64}, "seed"),
     ({"temperature": -1}, None),
