@@ -103,8 +103,49 @@ def add_port(server: grpc.Server, address: str, tls_cert: str = "", tls_key: str
     return server.add_secure_port(address, creds)
 
 
+class DrainingHealth(health.HealthServicer):
+    """The standard health service, except that a drain ends every open Watch stream (after
+    its NOT_SERVING) instead of leaving it open: a watch never ends on its own, so an open one
+    would hold the server's graceful stop for the whole grace period. A Watch that arrives
+    while draining gets NOT_SERVING and is closed at once."""
+
+    def enter_graceful_shutdown(self):
+        super().enter_graceful_shutdown()
+        self._close_watches()
+
+    def Watch(self, request, context, send_response_callback=None):
+        if send_response_callback is not None:
+            send_response_callback = _closes_once(send_response_callback)
+        watcher = super().Watch(request, context, send_response_callback)
+        if self._gracefully_shutting_down:
+            self._close_watches()
+        return watcher
+
+    def _close_watches(self) -> None:
+        with self._lock:
+            callbacks = [cb for cbs in self._send_response_callbacks.values() for cb in cbs]
+        for send in callbacks:
+            send(None)  # None ends the stream (status OK); the rpc's close callback forgets it
+
+
+def _closes_once(send):
+    """A Watch response callback that ignores everything after the None that ended its stream
+    (the health servicer sends None again when the rpc's close callback runs)."""
+    closed, lock = [], threading.Lock()
+
+    def guarded(response):
+        with lock:
+            if closed:
+                return
+            if response is None:
+                closed.append(True)
+            send(response)
+
+    return guarded
+
+
 def add_health_and_reflection(server: grpc.Server, service_names: list[str]) -> health.HealthServicer:
-    hs = health.HealthServicer()
+    hs = DrainingHealth()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     names = [pb.DESCRIPTOR.services_by_name[n].full_name for n in service_names]
     for n in names + [""]:
@@ -131,27 +172,40 @@ def _add_reflection_v1(server: grpc.Server, names: list[str]) -> None:
     }),))
 
 
+def drain(server: grpc.Server, hs: health.HealthServicer, grace_s: float, on_drain=None, on_stop=None,
+          unready_s: float = 2.0) -> None:
+    """Stop serving gracefully within grace_s: health NOT_SERVING and every health Watch stream
+    closed at once; on_drain(deadline) (a time.monotonic() instant) refuses the service's new
+    requests and may wait for its in-flight ones up to that deadline; probes are still answered
+    (NOT_SERVING) for at least unready_s, so load balancers and kubelets see it; then the gRPC
+    server refuses new rpcs and lets the in-flight ones finish within what is left of grace_s;
+    then on_stop()."""
+    started = time.monotonic()
+    deadline = started + grace_s
+    logging.getLogger("ssd").info("draining (grace %.0f s)", grace_s)
+    hs.enter_graceful_shutdown()
+    if on_drain is not None:
+        on_drain(deadline)
+    time.sleep(max(0.0, started + min(unready_s, grace_s / 2) - time.monotonic()))
+    server.stop(max(0.0, deadline - time.monotonic())).wait()
+    if on_stop is not None:
+        on_stop()
+
+
 def drain_on_sigterm(server: grpc.Server, hs: health.HealthServicer, grace_s: float, on_stop=None,
-                     unready_s: float = 2.0) -> threading.Event:
-    """SIGTERM: readiness off (health NOT_SERVING) while still answering probes for unready_s,
-    so load balancers and kubelets see it; then new rpcs are refused, in-flight ones finish
-    within the rest of grace_s, and the process exits."""
+                     unready_s: float = 2.0, on_drain=None) -> threading.Event:
+    """SIGTERM or SIGINT (any number of them): `drain` once, in a thread; the returned Event is
+    set when it is done."""
     done = threading.Event()
 
-    def drain():
-        logging.getLogger("ssd").info("draining (grace %.0f s)", grace_s)
-        hs.enter_graceful_shutdown()
-        delay = min(unready_s, grace_s / 2)
-        time.sleep(delay)
-        server.stop(grace_s - delay).wait()
-        if on_stop is not None:
-            on_stop()
+    def run():
+        drain(server, hs, grace_s, on_drain, on_stop, unready_s)
         done.set()
 
     def stop(*_):
         if not getattr(stop, "started", False):
             stop.started = True
-            threading.Thread(target=drain, daemon=True, name="drain").start()
+            threading.Thread(target=run, daemon=True, name="drain").start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

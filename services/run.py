@@ -41,6 +41,7 @@ def run_role(ns, cfg) -> int:
     # behind it, on the pod network)
     server = make_server(interceptors=[ApiKeyInterceptor(keys)] if keys else ())
     stops = []
+    on_drain = None  # deadline -> None: what the service does first when told to stop
     http_port = None
     tm.setup_tracing(f"ssd-{ns.role}")  # OTEL_* environment; off (no-op) without an exporter
     tracer = tm.get_tracer(f"ssd-{ns.role}")
@@ -69,6 +70,7 @@ def run_role(ns, cfg) -> int:
                               draft_wait_s=ns.draft_wait_s)
         loop = EngineLoop(engine, tracer, metrics)
         stops.append(loop.stop)
+        on_drain = lambda deadline: loop.drain()  # noqa: E731 - its in-flight rpcs: the server's graceful stop
         pb_grpc.add_TargetServicer_to_server(TargetService(loop, node=os.environ.get("NODE_NAME", ""), tracer=tracer), server)
         names = ["Target"]
     else:
@@ -90,6 +92,7 @@ def run_role(ns, cfg) -> int:
         stops.append(discovery.stop)
         pb_grpc.add_GatewayServicer_to_server(GatewayService(gw), server)
         names = ["Gateway"]
+        on_drain = gw.drain  # gRPC and HTTP requests alike: refused at once, the running ones end in the grace
         if ns.http_port >= 0:
             httpd = serve_http(gw, ns.host, ns.http_port, api_keys=keys,
                                cors_origins=[o.strip() for o in ns.cors_origins.split(",") if o.strip()],
@@ -113,7 +116,7 @@ def run_role(ns, cfg) -> int:
         tm.shutdown()  # flush the spans of the last requests
         metrics.stop_http()
 
-    drain_on_sigterm(server, hs, ns.grace_s, on_stop).wait()
+    drain_on_sigterm(server, hs, ns.grace_s, on_stop, on_drain=on_drain).wait()
     return 0
 
 
