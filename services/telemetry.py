@@ -75,6 +75,21 @@ ATTR_SPECULATE_MS = "ssd.speculate_ms"
 ATTR_SEQ_ID = "ssd.seq_id"
 ATTR_REQUEST_ID = "ssd.request_id"
 
+ATTR_STEP = "ssd.step"  # the target's batched-step counter (ssd.round is the sequence's own round)
+
+# OpenTelemetry semantic-convention attributes, set next to ours so generic tools read them
+RPC_SYSTEM, RPC_SERVICE, RPC_METHOD = "rpc.system", "rpc.service", "rpc.method"
+RPC_GRPC_STATUS_CODE = "rpc.grpc.status_code"
+SERVER_ADDRESS, SERVER_PORT = "server.address", "server.port"
+GEN_AI_SYSTEM, GEN_AI_PROVIDER = "gen_ai.system", "gen_ai.provider.name"
+GEN_AI_OPERATION = "gen_ai.operation.name"
+GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+GEN_AI_MAX_TOKENS, GEN_AI_TEMPERATURE, GEN_AI_TOP_P = (
+    "gen_ai.request.max_tokens", "gen_ai.request.temperature", "gen_ai.request.top_p")
+GEN_AI_INPUT_TOKENS, GEN_AI_OUTPUT_TOKENS = "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens"
+GEN_AI_FINISH_REASONS = "gen_ai.response.finish_reasons"
+GEN_AI_SYSTEM_NAME = "ssd"  # no registered provider name fits a self-hosted server: our own
+
 CACHE_HIT, CACHE_MISS, CACHE_LATE = "hit", "miss", "late"
 CACHE_RESULTS = (CACHE_HIT, CACHE_MISS, CACHE_LATE)
 
@@ -407,3 +422,34 @@ def attach(ctx: Context):
 
 def detach(token) -> None:
     otel_context.detach(token)
+
+
+# --- rpc spans ------------------------------------------------------------------------------
+
+def rpc_attributes(full_method: str, address: str | None = None) -> dict:
+    """The conventions' rpc.* attributes of a gRPC method "/pkg.Service/Method", with
+    server.address / server.port of the peer (client side) when address ("host:port") is given."""
+    service, _, method = full_method.strip("/").partition("/")
+    attrs: dict[str, Any] = {RPC_SYSTEM: "grpc", RPC_SERVICE: service, RPC_METHOD: method}
+    if address:
+        host, _, port = address.rpartition(":")
+        attrs[SERVER_ADDRESS] = host.strip("[]") or address
+        if port.isdigit():
+            attrs[SERVER_PORT] = int(port)
+    return attrs
+
+
+def start_client_span(tracer: trace.Tracer, full_method: str, parent: ParentLike, address: str | None = None) -> Span:
+    """A live CLIENT span for an outgoing gRPC call, named "pkg.Service/Method" as the
+    conventions name rpc spans, under parent; `inject_metadata(span)` carries it to the server,
+    whose SERVER span becomes its child. End it with `end_rpc_span`."""
+    return tracer.start_span(full_method.strip("/"), context=_as_context(parent), kind=SpanKind.CLIENT,
+                             attributes=rpc_attributes(full_method, address))
+
+
+def end_rpc_span(span: Span, status_code: int, message: str = "") -> None:
+    """Record the call's gRPC status (rpc.grpc.status_code; ERROR for a client span unless OK) and end it."""
+    span.set_attribute(RPC_GRPC_STATUS_CODE, int(status_code))
+    if status_code != 0:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, message or None))
+    span.end()

@@ -40,9 +40,11 @@ class RoundServer:
         self.published: dict[int, list[str]] = {}  # seq_id -> keys it stored (deleted on abort)
         self.meta: dict[int, dict] = {}  # seq_id -> its "add" meta (traceparent, ...)
         self.refused: set[int] = set()  # sequences this draft had no room for
+        self.rounds: dict[int, int] = {}  # seq_id -> rounds of it the target committed (its Advances)
         # on_round(record): after every round, what it built (the draft service turns it into
-        # ssd.speculate spans and metrics). record: {"round", "start_ns", "end_ns", "abandoned",
-        # "jit_ns", "jit": [seq_id], "seqs": {seq_id: {"fan_out", "after"}}}
+        # ssd.speculate spans and metrics). record: {"round" (the target's step), "start_ns" (the
+        # round message taken up), "build_start_ns", "end_ns", "abandoned", "jit_ns", "jit":
+        # [seq_id], "seqs": {seq_id: {"fan_out", "after", "round" (the sequence's own)}}}
         self.on_round = None
 
     def forget(self, seq_id: int) -> None:
@@ -53,6 +55,7 @@ class RoundServer:
         self.meta.pop(seq_id, None)
         self.published.pop(seq_id, None)
         self.refused.discard(seq_id)
+        self.rounds.pop(seq_id, None)
 
     def _publish(self, seq_id: int, items: dict[str, list[int]]) -> None:
         if items and self.runner.seqs[seq_id].params.greedy:
@@ -60,6 +63,7 @@ class RoundServer:
             self.published.setdefault(seq_id, []).extend(items)
 
     def handle(self, msg: RoundRequest, send, poll, put_q) -> None:
+        round_start = time.time_ns()
         runner = self.runner
         round_id, jit_ids, backups, hit_ids = msg.round_id, msg.jit_ids, msg.backups, msg.hit_ids
         for op in msg.ops:
@@ -72,10 +76,12 @@ class RoundServer:
                     self.refused.add(seq_id)
                     continue
                 self.meta[seq_id] = dict(op.meta)
+                self.rounds[seq_id] = 0
             elif seq_id in self.refused:
                 if isinstance(op, Release):
                     self.refused.discard(seq_id)
             elif isinstance(op, Advance):
+                self.rounds[seq_id] = self.rounds.get(seq_id, 0) + 1
                 try:
                     runner.on_outcome(seq_id, op.tokens, op.features)
                 except ValueError as e:  # e.g. a feature drafter sent no features: only this sequence goes without
@@ -123,7 +129,7 @@ class RoundServer:
             for i in specs:
                 self.entries.pop(i, None)
             send(CacheReply(round_id, None, time.perf_counter() - t0))
-            self._report(round_id, build_start, jit_ns, jit_ids, specs, None)
+            self._report(round_id, (round_start, build_start), jit_ns, jit_ids, specs, None)
             return
         reply = {}
         for i, entry in built.items():
@@ -135,15 +141,16 @@ class RoundServer:
             for i, c in reply.items():
                 self._publish(i, branch_items(prefixes[i], specs[i][0], c.keys, c.token_ids, self.fingerprint, runner.K))
         send(CacheReply(round_id, reply, seconds))
-        self._report(round_id, build_start, jit_ns, jit_ids, specs, built)
+        self._report(round_id, (round_start, build_start), jit_ns, jit_ids, specs, built)
 
-    def _report(self, round_id, build_start, jit_ns, jit_ids, specs, built) -> None:
+    def _report(self, round_id, starts, jit_ns, jit_ids, specs, built) -> None:
         if self.on_round is None:
             return
         self.on_round({
-            "round": round_id, "start_ns": build_start, "end_ns": time.time_ns(), "abandoned": built is None,
-            "jit_ns": jit_ns, "jit": list(jit_ids),
-            "seqs": {i: {"after": specs[i][1], "fan_out": len(built[i].keys) if built and i in built else 0} for i in specs},
+            "round": round_id, "start_ns": starts[0], "build_start_ns": starts[1], "end_ns": time.time_ns(),
+            "abandoned": built is None, "jit_ns": jit_ns, "jit": list(jit_ids),
+            "seqs": {i: {"after": specs[i][1], "fan_out": len(built[i].keys) if built and i in built else 0,
+                         "round": self.rounds.get(i, 0) + 1} for i in specs},  # the round being verified
         })
 
 

@@ -94,11 +94,14 @@ def test_every_round_has_verify_and_speculate_spans_with_correct_parents(traced_
     for root, final in zip(sorted(grpc_roots, key=lambda s: s["start_ns"]), traced_stack["finals"]):
         trace = traces[root["trace_id"]]
         runs = [s for s in trace if s["name"] == "ssd.target.run"]
-        assert len(runs) == 1 and runs[0]["parent_span_id"] == root["span_id"]
+        calls = [s for s in trace if s["name"] == "ssd.v1.Target/Run"]  # the gateway's CLIENT span
+        assert len(runs) == 1 and len(calls) == 1
+        assert calls[0]["parent_span_id"] == root["span_id"] and runs[0]["parent_span_id"] == calls[0]["span_id"]
         run_id = runs[0]["span_id"]
         verify = sorted((s for s in trace if s["name"] == "ssd.verify"), key=lambda s: s["attributes"]["ssd.round"])
         speculate = [s for s in trace if s["name"] == "ssd.speculate"]
-        assert all(s["parent_span_id"] == run_id for s in verify + speculate)
+        exchanges = [s for s in trace if s["name"] == "ssd.v1.Draft/Speculate"]
+        assert all(s["parent_span_id"] == run_id for s in verify + speculate + exchanges)
         assert all(s["service"] == "ssd-draft" for s in speculate)
         # one verify span per round; the draft built a speculation cache during every one of them
         assert len(verify) == final.stats.num_rounds
@@ -106,10 +109,72 @@ def test_every_round_has_verify_and_speculate_spans_with_correct_parents(traced_
         assert {s["attributes"]["ssd.round"] for s in verify} <= spec_rounds
         for s in verify:  # the verify window sits inside the request
             assert root["start_ns"] <= s["start_ns"] <= s["end_ns"] <= root["end_ns"]
-        # children: JIT drafts and index lookups hang off their round's verify span
-        verify_ids = {s["span_id"] for s in verify}
+        # children: JIT drafts and index lookups hang off their round's exchange with the draft
+        exchange_ids = {s["span_id"] for s in exchanges}
         children = [s for s in trace if s["name"] in ("ssd.jit_draft", "ssd.index.lookup") and s["service"] == "ssd-target"]
-        assert children and all(c["parent_span_id"] in verify_ids for c in children)
+        assert children and all(c["parent_span_id"] in exchange_ids for c in children)
+
+
+def test_every_child_lies_inside_its_parent(traced_stack):
+    """One clock (epoch ns) in every process, and each span recorded under a parent whose window
+    holds it: no slack allowed."""
+    spans = traced_stack["rx"].spans()
+    by_id = {s["span_id"]: s for s in spans}
+    edges = [(s, by_id[s["parent_span_id"]]) for s in spans if s["parent_span_id"] in by_id]
+    assert len(edges) > 20 and {c["name"] for c, _ in edges} >= {
+        "ssd.verify", "ssd.speculate", "ssd.jit_draft", "ssd.index.lookup", "ssd.target.run", "ssd.v1.Target/Run",
+        "ssd.v1.Target/Load", "ssd.v1.Draft/Speculate"}
+    outside = [(c["name"], p["name"], c["start_ns"] - p["start_ns"], p["end_ns"] - c["end_ns"])
+               for c, p in edges if not p["start_ns"] <= c["start_ns"] <= c["end_ns"] <= p["end_ns"]]
+    assert not outside, outside[:10]
+
+
+def test_rounds_are_each_sequences_own(traced_stack):
+    """ssd.round counts 1, 2, 3, ... per request on the target and on the draft; ssd.step is the
+    target's step counter, shared by the sequences of a batch."""
+    spans = traced_stack["rx"].spans()
+    traces = _by_trace(spans)
+    roots = sorted((s for s in spans if s["name"] == "ssd.request" and s["trace_id"] != traced_stack["client"][0]),
+                   key=lambda s: s["start_ns"])
+    for root, final in zip(roots, traced_stack["finals"]):
+        trace = traces[root["trace_id"]]
+        verify = sorted((s for s in trace if s["name"] == "ssd.verify"), key=lambda s: s["start_ns"])
+        assert [s["attributes"]["ssd.round"] for s in verify] == list(range(1, final.stats.num_rounds + 1))
+        steps = [s["attributes"]["ssd.step"] for s in verify]
+        assert steps == sorted(set(steps))
+        speculate = [s["attributes"] for s in trace if s["name"] == "ssd.speculate"]
+        assert speculate and {a["ssd.round"] for a in speculate} <= set(range(1, final.stats.num_rounds + 1))
+        # the draft's round r is the target's round r: the same step
+        step_of = {s["attributes"]["ssd.round"]: s["attributes"]["ssd.step"] for s in verify}
+        assert all(step_of[a["ssd.round"]] == a["ssd.step"] for a in speculate)
+
+
+def test_span_kinds_and_semantic_convention_attributes(traced_stack):
+    spans = traced_stack["rx"].spans()
+    by_name = {}
+    for s in spans:
+        by_name.setdefault(s["name"], []).append(s)
+    for root in by_name["ssd.request"]:
+        a = root["attributes"]
+        assert root["kind"] == "SERVER" and a["gen_ai.system"] == a["gen_ai.provider.name"] == "ssd"
+        assert a["gen_ai.request.model"] == "smollm2-135m-instruct" and a["gen_ai.usage.input_tokens"] > 0
+        assert a["gen_ai.usage.output_tokens"] == a["ssd.completion_tokens"]
+        assert list(a["gen_ai.response.finish_reasons"]) == [a["ssd.finish_reason"]]
+        assert {"gen_ai.request.max_tokens", "gen_ai.request.temperature", "gen_ai.request.top_p"} <= set(a)
+    grpc_roots = [r["attributes"] for r in by_name["ssd.request"] if r["trace_id"] != traced_stack["client"][0]]
+    assert all(a["gen_ai.operation.name"] == "chat" and a["rpc.system"] == "grpc" and a["rpc.service"] == "ssd.v1.Gateway"
+               and a["rpc.method"] == "Generate" and a["rpc.grpc.status_code"] == 0 for a in grpc_roots)
+    assert len(grpc_roots) == len(PROMPTS)
+    for name, service, method in (("ssd.v1.Target/Run", "ssd.v1.Target", "Run"), ("ssd.v1.Target/Load", "ssd.v1.Target", "Load"),
+                                  ("ssd.v1.Draft/Load", "ssd.v1.Draft", "Load"), ("ssd.v1.Draft/Speculate", "ssd.v1.Draft", "Speculate")):
+        assert by_name[name], name
+        for s in by_name[name]:
+            a = s["attributes"]
+            assert s["kind"] == "CLIENT" and a["rpc.system"] == "grpc" and (a["rpc.service"], a["rpc.method"]) == (service, method)
+            assert a["server.address"] == "127.0.0.1" and a["server.port"] > 0 and a["rpc.grpc.status_code"] == 0
+    for run in by_name["ssd.target.run"]:
+        a = run["attributes"]
+        assert run["kind"] == "SERVER" and (a["rpc.service"], a["rpc.method"], a["rpc.grpc.status_code"]) == ("ssd.v1.Target", "Run", 0)
 
 
 def test_span_attributes_agree_with_the_tokens_produced(traced_stack):
