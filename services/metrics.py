@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 ROLES = ("gateway", "target", "draft")
 CACHE_RESULTS = ("hit", "miss", "late")
+SPECULATION_SOURCES = ("cache", "index", "jit", "backup")  # where a verified speculation came from
 FINISH_REASONS = ("stop", "length")  # pre-created; any other reason (abort, error) appears when used
 
 # Buckets in seconds, from sub-millisecond GPU steps to multi-second CPU requests.
@@ -52,6 +53,10 @@ class Metrics:
         self.speculation_cache = Counter(
             "ssd_speculation_cache", "Speculation-cache lookups by result: hit, miss (no matching branch), "
             "late (the draft had not published in time)", ["result"], registry=r)
+        self.speculation_source = Counter(
+            "ssd_speculation_source", "Verified speculations by where they came from: cache (the draft's speculation "
+            "cache), index (another target's published speculation), jit (the draft just in time, after a miss or in "
+            "SD), backup (the fast n-gram backup: a miss at or above b*, or no draft)", ["source"], registry=r)
         self.prompt_tokens = Counter("ssd_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("ssd_generation_tokens", "Generated tokens of finished requests", registry=r)
         self.request_success = Counter("ssd_request_success", "Finished requests by finish reason", ["finish_reason"], registry=r)
@@ -74,6 +79,8 @@ class Metrics:
         # series that exist from the start, so rate() and ratios have both sides at zero
         for res in CACHE_RESULTS:
             self.speculation_cache.labels(result=res)
+        for src in SPECULATION_SOURCES:
+            self.speculation_source.labels(source=src)
         for reason in FINISH_REASONS:
             self.request_success.labels(finish_reason=reason)
         self._step = self.step_duration.labels(role=role)
@@ -108,6 +115,12 @@ class Metrics:
         if result not in CACHE_RESULTS:
             raise ValueError(f"cache result must be one of {CACHE_RESULTS}, got {result!r}")
         self.speculation_cache.labels(result=result).inc(n)
+
+    def speculation_from(self, source: str) -> None:
+        """One verified speculation of one sequence, taken from `source`."""
+        if source not in SPECULATION_SOURCES:
+            raise ValueError(f"speculation source must be one of {SPECULATION_SOURCES}, got {source!r}")
+        self.speculation_source.labels(source=source).inc()
 
     def observe_step(self, seconds: float) -> None:
         self._step.observe(seconds)

@@ -126,6 +126,19 @@ def cmd_bench(ns) -> int:
     from .benchmarks.engines import run_bench
 
     cfg, params = _configs(ns)
+    if ns.serve:
+        from .benchmarks.serving import parse_levels, parse_samplings, run_serving
+
+        clash = [flag for flag, on in (("--numerics", ns.numerics), ("--no-hf", ns.no_hf), ("--json", ns.json)) if on]
+        try:
+            if clash:
+                raise ValueError(f"{', '.join(clash)} do(es) not apply to --serve")
+            parse_levels(ns.concurrency)
+            parse_samplings(ns.sampling)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return run_serving(cfg, params, ns)
     if ns.numerics:
         from .benchmarks.numerics import run_numerics
 
@@ -209,6 +222,14 @@ def main(argv=None) -> int:
                    help="instead: forward costs and AR tokens/s in fp32 and bf16, batch-invariant vs plain kernels, vs HF")
     b.add_argument("--json", action="store_true", help="print the result JSON to stdout")
     b.add_argument("--out", default="bench-results", help="directory for the JSON and PNG")
+    b.add_argument("--serve", action="store_true",
+                   help="instead: start the services (as `ssd serve`) and drive the gateway with concurrent streaming "
+                        "clients, every --modes as the request's mode on one SSD target: throughput, TTFT, inter-token "
+                        "latency, cache hit rate, backup use per concurrency level (serve.json, serve.png)")
+    b.add_argument("--concurrency", default="1,2,4,8,16", help="--serve: concurrent clients per level, comma-separated")
+    b.add_argument("--sampling", default="greedy,sampled",
+                   help="--serve: greedy (temperature 0) and/or sampled (--temperature, 1.0 when it is 0; --top-k, "
+                        "--top-p; request i gets seed --seed + i)")
     _add_fields(b, EngineConfig, skip=("mode",))
     _add_fields(b, SpeculationConfig)
     _add_fields(b, SamplingParams)

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from ssd.benchmarks.engines import load_prompts, thm7_ideal
+from ssd.benchmarks.engines import _add_ratios, _label, load_prompts, thm7_ideal
 from ssd.engine.base import EngineStats
 
 
@@ -46,6 +46,24 @@ def test_bench_prompt_file_validation(tmp_path):
         load_prompts(str(f))
     cats = {p["category"] for p in load_prompts(None)}
     assert cats == {"chat", "code", "math", "summarisation"}
+
+
+def test_bench_baselines_ratios_and_thread_labels():
+    """Every system is compared with AR on the target's threads, AR on all cores, plain-kernel AR
+    and HF generate on both thread counts, side by side; labels say the threads."""
+    r = {"modes": {"ar": {"tokens_per_s": 10.0}, "ssd": {"tokens_per_s": 15.0}, "ar-all": {"tokens_per_s": 12.0},
+                   "ar-plain": {"tokens_per_s": 20.0}},
+         "hf": {"hf": {"tokens_per_s": 8.0}, "hf_assisted": {"tokens_per_s": 4.0}, "hf-all": {"tokens_per_s": 16.0}}}
+    _add_ratios(r)
+    ssd = r["modes"]["ssd"]
+    assert ssd["vs"] == pytest.approx({"ar": 1.5, "ar-all": 1.25, "ar-plain": 0.75, "hf": 1.875, "hf-all": 0.9375})
+    assert (ssd["speedup_vs_ar"], ssd["speedup_vs_ar_all"], ssd["speedup_vs_plain_ar"]) == pytest.approx((1.5, 1.25, 0.75))
+    assert r["hf"]["hf_assisted"]["vs"]["ar-all"] == pytest.approx(4 / 12)
+    assert all(r["modes"][b]["vs"][b] == 1.0 for b in ("ar", "ar-all", "ar-plain"))
+    assert _label("ar-all", 2, 2) == "AR (all 2 cores)" and _label("ar", 1, 2) == "AR (1 thread)"
+    assert _label("ssd", 1, 2, draft_threads=1) == "SSD (1 thread + draft process 1 thread)"
+    assert _label("hf-all", 4, 4, dtype="bfloat16") == "HF generate (bfloat16, all 4 cores)"
+    assert _label("hf_assisted", 1, 4, dtype="float32") == "HF assisted (float32, 1 thread)"
 
 
 def test_thm7_ideal_matches_the_formula():

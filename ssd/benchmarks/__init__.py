@@ -1,7 +1,10 @@
 """Every benchmark of the project, in one place. Each prints side-by-side ratios from one run on
 one machine and writes JSON + PNG:
 
-- `engines`  (`ssd bench`): AR vs SD vs SSD on one pair, plus plain-kernel AR and Hugging Face;
+- `engines`  (`ssd bench`): AR vs SD vs SSD on one pair, plus AR on plain kernels and on every
+  core, and Hugging Face `generate` / assisted generation in the same dtype;
+- `serving`  (`ssd bench --serve`): AR, SD and SSD through the running services under 1..N
+  concurrent streaming clients: throughput, TTFT, inter-token latency, cache hits, backup use;
 - `numerics` (`ssd bench --numerics`): fp32 vs bf16, batch-invariant vs plain kernels;
 - `services` (`python -m ssd.benchmarks.services`): the three gRPC services vs the in-process
   engine, with and without tracing;
@@ -9,7 +12,8 @@ one machine and writes JSON + PNG:
   tensor channel;
 - `control`  (`python -m ssd.benchmarks.control`): the round protocol's control overhead.
 
-`engines` and `numerics` import no network library; the others import `ssd.services`.
+`engines` and `numerics` import no network library; the others import `ssd.services`
+(`serving` only when it runs).
 """
 from __future__ import annotations
 

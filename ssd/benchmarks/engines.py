@@ -1,13 +1,18 @@
 """`ssd bench`: AR vs SD vs SSD on the same model pair, prompts and machine, in one run.
 
-Ratios, never absolute times, are the result (the machine is shared and noisy). Hugging Face
-transformers `generate` and assisted generation on the same weights are external references.
+Ratios, never absolute times, are the result (the machine is shared and noisy). The baselines,
+all in the same run: AR on the target's thread budget, AR on the plain (non-invariant) kernels,
+and AR on every core of the machine (SSD's draft process takes a core the target does not use, so
+that is the fair one for SSD); Hugging Face transformers `generate` and assisted generation on
+the same weights in the engines' dtype, on the target's threads, and `generate` on every core.
+Every system's tokens/s over each baseline's is reported side by side (row["vs"]).
 The paper's Thm 7 ideal is computed from what SSD measured (p_hit, E_hit, E_miss, T_p, T_b, the
 verify-pass time) and compared with the measured speed: measured/ideal = 1 - engine overhead.
 """
 from __future__ import annotations
 
 import json
+import os
 import time
 from importlib import resources
 from pathlib import Path
@@ -131,7 +136,9 @@ def _accumulate(total: EngineStats, st: EngineStats) -> None:
                 total.accepted_per_pos[i] += x
 
 
-def _hf_references(pair: ModelPair, prompt_ids, params, k: int) -> dict:
+def _hf_references(pair: ModelPair, prompt_ids, params, k: int, threads: int, all_cores: int) -> dict:
+    """transformers `generate` and assisted generation (same draft, same K) in our engines' dtype
+    on `threads` torch threads, and `generate` again on every core (`all_cores` threads)."""
     from transformers import AutoModelForCausalLM
 
     out = {}
@@ -147,7 +154,11 @@ def _hf_references(pair: ModelPair, prompt_ids, params, k: int) -> dict:
         kw["do_sample"] = False
     else:
         kw.update(do_sample=True, temperature=params.temperature, top_k=params.top_k or None, top_p=params.top_p)
-    for label, extra in (("hf", {}), ("hf_assisted", {"assistant_model": assistant})):
+    runs = [("hf", {}, threads), ("hf_assisted", {"assistant_model": assistant}, threads)]
+    if all_cores != threads:
+        runs.append(("hf-all", {}, all_cores))
+    for label, extra, n_threads in runs:
+        torch.set_num_threads(n_threads)
         tokens, wall, outs = 0, 0.0, []
         ids0 = torch.tensor([prompt_ids[0]])
         target.generate(ids0, attention_mask=torch.ones_like(ids0), **{**kw, "max_new_tokens": 8}, **extra)  # warm-up
@@ -160,7 +171,11 @@ def _hf_references(pair: ModelPair, prompt_ids, params, k: int) -> dict:
             new = y[0, x.shape[1]:].tolist()
             tokens += len(new)
             outs.append(new)
-        out[label] = {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "outputs": outs}
+        out[label] = {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "outputs": outs,
+                      "threads": torch.get_num_threads(), "dtype": str(next(target.parameters()).dtype).removeprefix("torch."),
+                      "label": _label(label, torch.get_num_threads(), all_cores, str(dtype).removeprefix("torch."))}
+        print(f"{out[label]['label']}: {tokens / wall:7.2f} tok/s", flush=True)
+    torch.set_num_threads(threads)
     return out
 
 
@@ -200,6 +215,41 @@ def _hf_assistant(pair: ModelPair):
     return m
 
 
+AR_SYSTEMS = ("ar", "ar-plain", "ar-all")
+# the systems every other one is compared with, and their column headers
+BASELINES = {"ar": "vs AR", "ar-all": "vs AR all", "ar-plain": "vs AR plain", "hf": "vs HF", "hf-all": "vs HF all"}
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread" + ("" if n == 1 else "s")
+
+
+def _label(name: str, threads: int, all_cores: int, dtype: str = "", draft_threads: int = 0) -> str:
+    """What a system is, with the threads it ran on (all cores named as such)."""
+    t = f"all {all_cores} cores" if threads == all_cores and threads > 1 else _threads(threads)
+    return {
+        "ar": f"AR ({t})",
+        "ar-plain": f"AR, plain kernels ({t})",
+        "ar-all": f"AR ({t})",
+        "sd": f"SD ({t}, draft in-process)",
+        "ssd": f"SSD ({t} + draft process {_threads(draft_threads)})",
+        "hf": f"HF generate ({dtype}, {t})",
+        "hf-all": f"HF generate ({dtype}, {t})",
+        "hf_assisted": f"HF assisted ({dtype}, {t})",
+    }[name]
+
+
+def _add_ratios(r: dict) -> None:
+    """Every system's tokens/s over each baseline's that ran (row["vs"][baseline])."""
+    systems = {**r["modes"], **r["hf"]}
+    bases = {b: systems[b]["tokens_per_s"] for b in BASELINES if b in systems}
+    for row in systems.values():
+        row["vs"] = {b: row["tokens_per_s"] / t for b, t in bases.items()}
+        for b, key in (("ar", "speedup_vs_ar"), ("ar-all", "speedup_vs_ar_all"), ("ar-plain", "speedup_vs_plain_ar")):
+            if b in bases:
+                row[key] = row["vs"][b]
+
+
 def _same_prefix(a: list[int], b: list[int]) -> bool:
     n = min(len(a), len(b))
     return a[:n] == b[:n]
@@ -213,17 +263,27 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
     prompt_ids = [tok.apply_chat_template([{"role": "user", "content": p["prompt"]}]) for p in prompts]
     torch.set_num_threads(cfg.target_threads)
     costs = forward_costs(pair, cfg.speculation.num_speculative_tokens)
+    all_cores = os.cpu_count() or 1
     runs = {}
+
+    def run(name, c):
+        total, per = _run_engine(c, pair, prompt_ids, params, name)
+        runs[name] = (total, per)
+        print(f"{_label(name, c.target_threads, all_cores, draft_threads=c.draft_threads)}: "
+              f"{total.tokens / total.wall:7.2f} tok/s  ({total.tokens} tokens, {total.wall:.1f} s)", flush=True)
+
     for mode in modes:
-        total, per = _run_engine(cfg.replace(mode=mode), pair, prompt_ids, params, mode)
-        runs[mode] = (total, per)
-        print(f"{mode:>4}: {total.tokens / total.wall:7.2f} tok/s  ({total.tokens} tokens, {total.wall:.1f} s)", flush=True)
+        run(mode, cfg.replace(mode=mode))
     if "ar" in modes and cfg.batch_invariant:
-        # the baseline a skeptic picks: AR on the plain (fastest single-token, non-invariant) kernels
-        total, per = _run_engine(cfg.replace(mode="ar", batch_invariant=False), pair, prompt_ids, params, "ar-plain")
-        runs["ar-plain"] = (total, per)
-        print(f"ar with plain kernels: {total.tokens / total.wall:7.2f} tok/s", flush=True)
-    hf = {} if ns.no_hf else _hf_references(pair, prompt_ids, params, cfg.speculation.num_speculative_tokens)
+        # the fastest single-token kernels: AR on the plain (non-invariant) kernels
+        run("ar-plain", cfg.replace(mode="ar", batch_invariant=False))
+    if "ar" in modes and all_cores != cfg.target_threads:
+        # the baseline a skeptic picks: SSD's draft process takes cores the target does not use,
+        # so plain decoding may have them all
+        run("ar-all", cfg.replace(mode="ar", target_threads=all_cores))
+    torch.set_num_threads(cfg.target_threads)
+    hf = {} if ns.no_hf else _hf_references(pair, prompt_ids, params, cfg.speculation.num_speculative_tokens,
+                                            cfg.target_threads, all_cores)
 
     base = runs.get("ar")
     result = {
@@ -234,7 +294,7 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
         "engine": {k: v for k, v in vars(cfg).items() if k != "speculation"},
         "speculation": vars(cfg.speculation),
         "numerics": pair.numerics,
-        "threads": {"target": cfg.target_threads, "draft_process": cfg.draft_threads, "torch_default": torch.get_num_threads()},
+        "threads": {"target": cfg.target_threads, "draft_process": cfg.draft_threads, "all_cores": all_cores},
         "num_prompts": len(prompts),
         "forward_ms": costs,
         "modes": {},
@@ -242,19 +302,18 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
     }
     for mode, (st, per) in runs.items():
         row = st.summary()
+        c = cfg.replace(target_threads=all_cores) if mode == "ar-all" else cfg
+        row["label"] = _label(mode, c.target_threads, all_cores, draft_threads=cfg.draft_threads)
+        row["threads"] = c.target_threads + (cfg.draft_threads if mode == "ssd" else 0)
         row["decode_tokens_per_s"] = decode_tps(st)
-        if base is not None:
-            row["speedup_vs_ar"] = row["tokens_per_s"] / (base[0].tokens / base[0].wall)
-        if "ar-plain" in runs:
-            row["speedup_vs_plain_ar"] = row["tokens_per_s"] / (runs["ar-plain"][0].tokens / runs["ar-plain"][0].wall)
-            if params.greedy:
-                row["identical_to_ar"] = all(p["output_ids"] == b["output_ids"] for p, b in zip(per, base[1]))
+        if base is not None and params.greedy:
+            row["identical_to_ar"] = all(p["output_ids"] == b["output_ids"] for p, b in zip(per, base[1]))
         cats = {}
         for p, q in zip(prompts, per):
             c = cats.setdefault(p["category"], [0, 0])
             c[0] += q["stats"].num_accepted_tokens
             c[1] += q["stats"].num_draft_tokens
-        if mode not in ("ar", "ar-plain"):
+        if mode not in AR_SYSTEMS:
             row["acceptance_by_category"] = {c: (a / d if d else None) for c, (a, d) in cats.items()}
         if mode == "ssd":
             ideal = thm7_ideal(st)
@@ -267,12 +326,10 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
             row["sd_model"] = {"E_SD": e, "T_SD": t_d / t_v, "ideal_decode_tokens_per_s": e / (t_v + t_d)}
             row["sd_model"]["measured_over_ideal"] = row["decode_tokens_per_s"] / row["sd_model"]["ideal_decode_tokens_per_s"]
         result["modes"][mode] = row
-    if base is not None and hf:
-        ar_tps = result["modes"]["ar"]["tokens_per_s"]
+    if base is not None and params.greedy:
         for k, v in result["hf"].items():
-            v["ours_ar_over_this"] = ar_tps / v["tokens_per_s"]
-            if params.greedy:
-                v["identical_to_our_ar"] = all(_same_prefix(o, b["output_ids"]) for o, b in zip(hf[k]["outputs"], base[1]))
+            v["identical_to_our_ar"] = all(_same_prefix(o, b["output_ids"]) for o, b in zip(hf[k]["outputs"], base[1]))
+    _add_ratios(result)
     _print_table(result)
     js, png = save_results(ns.out, "bench", result, _plot)
     print(f"wrote {js} and {png}")
@@ -289,22 +346,27 @@ def _print_table(r: dict) -> None:
     print()
     print(f"target: {r['target']}")
     print(f"draft:  {r['draft']}")
-    print(f"threads: target {r['threads']['target']}, SSD draft process {r['threads']['draft_process']}")
+    th = r["threads"]
+    print(f"threads: target {th['target']}, SSD draft process {th['draft_process']}; this machine has {th['all_cores']} cores")
     n = r.get("numerics") or {}
     if n:
         inv = n.get("invariance")
         print(f"dtype: {n['dtype']} ({n['dtype_reason']}); kernels: "
               + ("batch-invariant" + ("" if inv is None or inv["invariant"] else " (probe FAILED here)") if n["batch_invariant"] else "plain"))
-    print(f"{'system':<12} {'tok/s':>8} {'vs AR':>7} {'vs plain AR':>12} {'accept':>7} {'mean len':>9} {'hit rate':>9} {'same as AR':>11}")
-    for mode, row in r["modes"].items():
-        print(f"{mode:<12} {row['tokens_per_s']:>8.2f} {_fmt(row.get('speedup_vs_ar')):>7} {_fmt(row.get('speedup_vs_plain_ar')):>12} "
-              f"{_fmt(row['acceptance_rate']):>7} {_fmt(row['mean_accepted_length']):>9} {_fmt(row['cache_hit_rate']):>9} "
-              f"{str(row.get('identical_to_ar', '-')):>11}")
-    for k, v in r["hf"].items():
-        print(f"{k:<12} {v['tokens_per_s']:>8.2f} {_fmt(1 / v['ours_ar_over_this'] if 'ours_ar_over_this' in v else None):>7}"
-              f" {'':>12} {'':>7} {'':>9} {'':>9} {str(v.get('identical_to_our_ar', '-')):>11}")
+    systems = {**r["modes"], **r["hf"]}
+    bases = [b for b in BASELINES if b in systems]
+    print("baselines: " + "; ".join(f"{BASELINES[b].removeprefix('vs ')} = {systems[b]['label']}" for b in bases))
+    width = max(len(row["label"]) for row in systems.values())
+    print(f"{'system':<{width}} {'tok/s':>8} " + " ".join(f"{BASELINES[b]:>11}" for b in bases)
+          + f" {'accept':>7} {'mean len':>9} {'hit rate':>9} {'same as AR':>11}")
+    for name, row in systems.items():
+        spec = name in r["modes"]
+        print(f"{row['label']:<{width}} {row['tokens_per_s']:>8.2f} " + " ".join(f"{row['vs'][b]:>11.2f}" for b in bases)
+              + f" {_fmt(row['acceptance_rate'] if spec else None):>7} {_fmt(row['mean_accepted_length'] if spec else None):>9}"
+              f" {_fmt(row['cache_hit_rate'] if spec else None):>9}"
+              f" {str(row.get('identical_to_ar', row.get('identical_to_our_ar', '-'))):>11}")
     if "ar" in r["modes"] and r["hf"].get("hf"):
-        print(f"our AR / HF generate = {r['hf']['hf']['ours_ar_over_this']:.2f}")
+        print(f"our AR / HF generate (same threads, same dtype) = {r['modes']['ar']['vs']['hf']:.2f}")
     ssd = r["modes"].get("ssd")
     if ssd and ssd.get("thm7"):
         t = ssd["thm7"]
@@ -334,14 +396,22 @@ def _plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = list(r["modes"]) + list(r["hf"])
-    tps = [r["modes"][m]["tokens_per_s"] for m in r["modes"]] + [r["hf"][k]["tokens_per_s"] for k in r["hf"]]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    systems = {**r["modes"], **r["hf"]}
+    labels = [row["label"] for row in systems.values()]
+    tps = [row["tokens_per_s"] for row in systems.values()]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1.6, 1]})
     ax = axes[0]
-    bars = ax.bar(labels, tps, color=["#888", "#4a7", "#d62", "#bbb", "#57a", "#9ad", "#cde"][: len(labels)])
-    ar = r["modes"].get("ar", {}).get("tokens_per_s")
-    for b, v in zip(bars, tps):
-        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1f}" + (f"\n{v / ar:.2f}x AR" if ar else ""), ha="center", va="bottom", fontsize=8)
+    colors = {"ar": "#888", "sd": "#4a7", "ssd": "#d62", "ar-plain": "#bbb", "ar-all": "#555",
+              "hf": "#57a", "hf_assisted": "#9ad", "hf-all": "#246"}
+    bars = ax.bar(range(len(labels)), tps, color=[colors[k] for k in systems])
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+    # each bar's ratio over AR on the target's threads and over AR on every core
+    refs = [(b, BASELINES[b].removeprefix("vs ")) for b in ("ar", "ar-all") if b in systems]
+    for bar, row in zip(bars, systems.values()):
+        note = "".join(f"\n{row['vs'][b]:.2f}x {name}" for b, name in refs)
+        ax.text(bar.get_x() + bar.get_width() / 2, row["tokens_per_s"], f"{row['tokens_per_s']:.1f}{note}",
+                ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(0, max(tps) * 1.3)
     ssd = r["modes"].get("ssd")
     if ssd and ssd.get("thm7"):
         ax.axhline(ssd["thm7"]["ideal_decode_tokens_per_s"], color="#d62", ls="--", lw=1, label="SSD Thm 7 ideal (decode)")

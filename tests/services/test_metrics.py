@@ -12,7 +12,7 @@ from ssd.services.metrics import CACHE_RESULTS, Metrics, parse, sample, scrape  
 NAMES = [
     "ssd_spec_decode_num_drafts_total", "ssd_spec_decode_num_draft_tokens_total",
     "ssd_spec_decode_num_accepted_tokens_total", "ssd_spec_decode_num_accepted_tokens_per_pos_total",
-    "ssd_speculation_cache_total", "ssd_prompt_tokens_total", "ssd_generation_tokens_total",
+    "ssd_speculation_cache_total", "ssd_speculation_source_total", "ssd_prompt_tokens_total", "ssd_generation_tokens_total",
     "ssd_request_success_total", "ssd_num_requests_running", "ssd_num_requests_waiting", "ssd_draft_queue_depth",
     "ssd_step_duration_seconds_bucket", "ssd_fan_out_duration_seconds_bucket", "ssd_jit_draft_duration_seconds_bucket",
     "ssd_time_to_first_token_seconds_bucket", "ssd_inter_token_latency_seconds_bucket",
@@ -91,6 +91,15 @@ def test_zero_series_exist_and_registries_are_separate():
     assert sample(pa, "ssd_speculation_cache_total", result="late") == 3
     assert sample(pb, "ssd_speculation_cache_total", result="late") == 0
     assert (("result", "hit"),) in pb["ssd_speculation_cache_total"]   # pre-created at zero
+    for src in ("cache", "index", "jit", "backup"):
+        assert sample(pb, "ssd_speculation_source_total", source=src) == 0
+        assert (("source", src),) in pb["ssd_speculation_source_total"]
+    b.speculation_from("backup")
+    b.speculation_from("backup")
+    b.speculation_from("jit")
+    pb = parse(b.render()[0].decode())
+    assert sample(pb, "ssd_speculation_source_total", source="backup") == 2
+    assert sample(pb, "ssd_speculation_source_total", source="jit") == 1
     assert sample(pa, "ssd_draft_queue_depth") == 5
     assert sample(pa, "ssd_step_duration_seconds_count", role="draft") == 1
     assert sample(pa, "ssd_fan_out_duration_seconds_count") == 1 and sample(pa, "ssd_jit_draft_duration_seconds_count") == 1
@@ -103,6 +112,8 @@ def test_bad_input_and_port_zero():
         m.record_round(2, 3)
     with pytest.raises(ValueError):
         m.cache_result("maybe")
+    with pytest.raises(ValueError):
+        m.speculation_from("none")
     with pytest.raises(ValueError):
         Metrics("router")
     p1 = m.start_http(0, host="127.0.0.1")

@@ -1,0 +1,343 @@
+"""`ssd bench --serve`: AR, SD and SSD under load, through the services.
+
+The real stack (draft, target and gateway as local processes on loopback: what `ssd serve`
+starts) is driven through the gateway's streaming gRPC Generate by `c` concurrent clients, each
+sending its next prompt as soon as its previous answer ends (closed loop), for every
+concurrency level, every sampling setting (greedy, sampled) and every mode. The mode is the
+request's own `mode` field: one SSD target serves all three, so AR, SD and SSD share the same
+processes, weights, threads and machine.
+
+Per cell (sampling, concurrency, mode), from what the client saw: aggregate tokens/s, requests/s,
+per-request tokens/s, time to first token and inter-token latency (p50/p99; a response of n
+tokens spreads its interval over them, as the gateway's own histogram does); from the requests'
+final statistics: acceptance, speculation-cache hit rate; from the target's Prometheus counters
+(difference over the cell): cache lookups and where the verified speculations came from (cache,
+index, just-in-time draft, n-gram backup). Consistency checks the report carries: every
+request's usage equals the tokens it streamed; the per-request cache counts add up to the
+target's counters; the client's inter-token gaps are as many as the gateway's; greedy outputs
+are identical in every mode and at every concurrency (speculation is lossless and the kernels
+batch-invariant), and so are seeded sampled outputs (each request has its own seed; coupled
+verification makes the output a function of the seed and the prompt alone).
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+from . import save_results
+from .engines import load_prompts
+
+SAMPLINGS = ("greedy", "sampled")
+
+
+def parse_levels(text: str) -> list[int]:
+    """"1,2,4" -> [1, 2, 4]; every level a positive integer, no repeats."""
+    levels = [int(x) for x in text.split(",") if x.strip()]
+    if not levels or any(c < 1 for c in levels) or len(set(levels)) != len(levels):
+        raise ValueError(f"--concurrency must list distinct positive integers, got {text!r}")
+    return levels
+
+
+def parse_samplings(text: str) -> list[str]:
+    out = [x.strip() for x in text.split(",") if x.strip()]
+    if not out or any(x not in SAMPLINGS for x in out) or len(set(out)) != len(out):
+        raise ValueError(f"--sampling must list distinct values of {SAMPLINGS}, got {text!r}")
+    return out
+
+
+def sampling_params(kind: str, params):
+    """greedy: temperature 0; sampled: the bench's --temperature (1.0 when it is 0), --top-k and
+    --top-p. Each request gets its own seed (its prompt's index + --seed) in run_cell."""
+    if kind == "greedy":
+        return dataclasses.replace(params, temperature=0.0, top_k=0, top_p=1.0)
+    return dataclasses.replace(params, temperature=params.temperature or 1.0)
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    """Linear-interpolated q-th percentile (q in [0, 100]); None for no values."""
+    if not xs:
+        return None
+    s = sorted(xs)
+    pos = (len(s) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def _one_request(stub, pb, sampling_to_pb, messages, mode, params) -> dict:
+    """Stream one Generate; record when each response arrived and how many tokens it held."""
+    import grpc
+
+    req = pb.GenerateRequest(messages=pb.ChatMessages(messages=[pb.ChatMessage(**m) for m in messages]),
+                             sampling=sampling_to_pb(params), mode=mode)
+    t_send = time.perf_counter()
+    chunks, tokens, last = [], [], None
+    try:
+        for r in stub.Generate(req, timeout=3600):
+            chunks.append((time.perf_counter(), len(r.token_ids)))
+            tokens.extend(r.token_ids)
+            last = r
+    except grpc.RpcError as e:
+        return {"error": f"{e.code().name}: {e.details()}"}
+    st = last.stats
+    return {
+        "t_send": t_send, "t_end": time.perf_counter(), "chunks": chunks, "tokens": tokens,
+        "finish_reason": last.finish_reason, "completion_tokens": last.usage.completion_tokens,
+        "stats": {k: getattr(st, k) for k in ("num_rounds", "num_drafts", "num_draft_tokens", "num_accepted_tokens",
+                                              "cache_hit", "cache_late", "cache_miss")},
+    }
+
+
+class Metrics:
+    """Counter differences of the target's and the gateway's /metrics over one cell."""
+
+    TARGET = {"cache_" + r: ("ssd_speculation_cache_total", {"result": r}) for r in ("hit", "late", "miss")}
+    TARGET.update({"source_" + s: ("ssd_speculation_source_total", {"source": s})
+                   for s in ("cache", "index", "jit", "backup")})
+    TARGET["num_drafts"] = ("ssd_spec_decode_num_drafts_total", {})
+    GATEWAY = {"itl_count": ("ssd_inter_token_latency_seconds_count", {}),
+               "ttft_count": ("ssd_time_to_first_token_seconds_count", {}),
+               "generation_tokens": ("ssd_generation_tokens_total", {})}
+
+    def __init__(self, target_url: str, gateway_url: str):
+        self.urls = {"target": (target_url, self.TARGET), "gateway": (gateway_url, self.GATEWAY)}
+
+    def read(self) -> dict[str, float]:
+        from ssd.services.metrics import sample, scrape
+
+        out = {}
+        for url, names in self.urls.values():
+            got = scrape(url)
+            out.update({k: sample(got, name, **labels) for k, (name, labels) in names.items()})
+        return out
+
+
+def run_cell(stub, metrics: Metrics, prompts: list[list[dict]], mode: str, concurrency: int, params,
+             seed: int) -> dict:
+    """All prompts through the gateway, `concurrency` clients at a time; the cell's report."""
+    from ssd.services.convert import sampling_to_pb
+    from ssd.services.gateway.server import inter_token_gaps
+    from ssd.services.protos import pb
+
+    before = metrics.read()
+    results: list[dict | None] = [None] * len(prompts)
+    lock = threading.Lock()
+    todo = iter(range(len(prompts)))
+
+    def client():
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            p = params if params.greedy else dataclasses.replace(params, seed=seed + i)
+            results[i] = _one_request(stub, pb, sampling_to_pb, prompts[i], mode, p)
+
+    t0 = time.perf_counter()
+    clients = [threading.Thread(target=client) for _ in range(min(concurrency, len(prompts)))]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join()
+    wall = time.perf_counter() - t0
+    after = metrics.read()
+    server = {k: after[k] - before[k] for k in after}
+
+    ok = [r for r in results if "error" not in r]
+    ttft, gaps, per_req = [], [], []
+    for r in ok:
+        prev, first = r["t_send"], True
+        for t, n in r["chunks"]:
+            if n and first:
+                ttft.append(t - r["t_send"])
+            if n:
+                gaps += inter_token_gaps(n, t - prev, first)
+                prev, first = t, False
+        per_req.append(len(r["tokens"]) / (r["t_end"] - r["t_send"]))
+    tokens = sum(len(r["tokens"]) for r in ok)
+    st = {k: sum(r["stats"][k] for r in ok) for k in ok[0]["stats"]} if ok else {}
+    lookups = st.get("cache_hit", 0) + st.get("cache_late", 0) + st.get("cache_miss", 0)
+    sources = {s: server["source_" + s] for s in ("cache", "index", "jit", "backup")}
+    verified = sum(sources.values())
+    return {
+        "mode": mode, "concurrency": concurrency, "requests": len(prompts), "errors": [r["error"] for r in results if "error" in r],
+        "tokens": tokens, "wall_s": wall,
+        "aggregate_tokens_per_s": tokens / wall, "requests_per_s": len(ok) / wall,
+        "per_request_tokens_per_s": {"mean": sum(per_req) / len(per_req) if per_req else None,
+                                     "p50": percentile(per_req, 50)},
+        "ttft_s": {"p50": percentile(ttft, 50), "p99": percentile(ttft, 99)},
+        "itl_s": {"p50": percentile(gaps, 50), "p99": percentile(gaps, 99), "count": len(gaps)},
+        "acceptance_rate": st["num_accepted_tokens"] / st["num_draft_tokens"] if st.get("num_draft_tokens") else None,
+        "mean_accepted_length": ((tokens - len(ok)) / st["num_rounds"]) if st.get("num_rounds") else None,
+        "cache_hit_rate": (st["cache_hit"] + st["cache_late"]) / lookups if lookups else None,
+        "request_stats": st,
+        "speculation_sources": sources,
+        "backup_share": sources["backup"] / verified if verified else None,
+        "server_counters": server,
+        "tokens_match_usage": all(r["completion_tokens"] == len(r["tokens"]) for r in ok),
+        "finish_reasons": sorted({r["finish_reason"] for r in ok}),
+        "outputs": [r["tokens"] if "error" not in r else None for r in results],
+    }
+
+
+def run_serving(cfg, params, ns) -> int:
+    import grpc
+
+    from ssd.cli import _config_args
+    from ssd.models.loader import default_target_path, resolve_model
+    from ssd.services.common import CHANNEL_OPTIONS
+    from ssd.services.protos import pb, pb_grpc
+    from ssd.services.run import start_stack, stop_stack
+
+    levels = parse_levels(ns.concurrency)
+    kinds = parse_samplings(ns.sampling)
+    modes = [m.strip() for m in ns.modes.split(",") if m.strip()]
+    rows = load_prompts(ns.prompts, ns.num_prompts)
+    prompts = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+    settings = {k: sampling_params(k, params) for k in kinds}
+    if cfg.target in ("default", "smollm2-135m-instruct"):
+        default_target_path()  # convert once here, not in three processes at once
+    cells_total = len(kinds) * len(levels) * len(modes)
+    print(f"serving bench: {len(prompts)} prompts x {params.max_tokens} tokens, modes {','.join(modes)}, "
+          f"concurrency {','.join(map(str, levels))}, {', '.join(kinds)} ({cells_total} cells); "
+          f"target {cfg.target_threads} thread(s), draft {cfg.draft_threads}, max batch {cfg.max_batch}, "
+          f"b* {cfg.speculation.critical_batch_size}", flush=True)
+    for k, p in settings.items():
+        print(f"  {k}: temperature {p.temperature}, top_k {p.top_k}, top_p {p.top_p}, ignore_eos {p.ignore_eos}", flush=True)
+    procs, cells = [], []
+    t_start = time.perf_counter()
+    try:
+        ports = start_stack(_config_args(cfg), procs, metrics_port=0)
+        stub = pb_grpc.GatewayStub(grpc.insecure_channel(f"127.0.0.1:{ports['gateway']['port']}", options=CHANNEL_OPTIONS))
+        metrics = Metrics(f"http://127.0.0.1:{ports['target']['metrics_port']}/metrics",
+                          f"http://127.0.0.1:{ports['gateway']['metrics_port']}/metrics")
+        model = stub.ListModels(pb.ListModelsRequest(), timeout=60).models[0]
+        print(f"stack up in {time.perf_counter() - t_start:.0f} s (gateway 127.0.0.1:{ports['gateway']['port']})", flush=True)
+        for mode in modes:  # warm-up: the first request of each mode pays one-off costs
+            run_cell(stub, metrics, prompts[:1], mode, 1, dataclasses.replace(params, max_tokens=4), 0)
+        for kind in kinds:
+            for c in levels:
+                for mode in modes:  # modes side by side at each level, so drift in machine load hits all
+                    cell = run_cell(stub, metrics, prompts, mode, c, settings[kind], ns.seed or 0)
+                    cell["sampling"] = kind
+                    cells.append(cell)
+                    _progress(cell, len(cells), cells_total, time.perf_counter() - t_start)
+    finally:
+        stop_stack(procs)
+    result = {
+        "command": getattr(ns, "command_line", None),
+        "target": str(resolve_model(cfg.target)),
+        "draft": model.draft,
+        "engine": {k: v for k, v in vars(cfg).items() if k != "speculation"},
+        "speculation": vars(cfg.speculation),
+        "prompts": ns.prompts or "built-in", "num_prompts": len(prompts), "max_tokens": params.max_tokens,
+        "concurrency": levels, "modes": modes,
+        "sampling": {k: vars(p) for k, p in settings.items()},
+        "cells": cells,
+    }
+    check_identity(result)
+    result["ratios"] = mode_ratios(cells)
+    _print_summary(result)
+    js, png = save_results(ns.out, "serve", result, plot)
+    print(f"wrote {js} and {png}")
+    bad = [c for c in cells if c["errors"] or not c["tokens_match_usage"] or c.get("identical_to_reference") is False]
+    return 1 if bad else 0
+
+
+def check_identity(result: dict) -> None:
+    """Each sampling setting's cells: outputs equal to its first cell's, in every mode and at every
+    concurrency. Greedy: speculation is lossless and the kernels batch-invariant. Sampled: every
+    request is seeded, and a seeded request's output is a function of its seed and prompt alone
+    (coupled verification, docs/algorithm.md section 5b)."""
+    result["identity_reference"] = {}
+    for kind in dict.fromkeys(c["sampling"] for c in result["cells"]):
+        cells = [c for c in result["cells"] if c["sampling"] == kind]
+        ref = cells[0]
+        result["identity_reference"][kind] = f"{ref['mode']} at concurrency {ref['concurrency']}"
+        for c in cells:
+            c["identical_to_reference"] = c["outputs"] == ref["outputs"] and None not in c["outputs"]
+
+
+def mode_ratios(cells: list[dict]) -> list[dict]:
+    """Per (sampling, concurrency): each mode's aggregate tokens/s over each other's."""
+    out = []
+    groups = {}
+    for c in cells:
+        groups.setdefault((c["sampling"], c["concurrency"]), {})[c["mode"]] = c["aggregate_tokens_per_s"]
+    for (kind, level), tps in groups.items():
+        row = {"sampling": kind, "concurrency": level}
+        for a, b in (("ssd", "sd"), ("ssd", "ar"), ("sd", "ar")):
+            if a in tps and b in tps:
+                row[f"{a}/{b}"] = tps[a] / tps[b]
+        out.append(row)
+    return out
+
+
+def _ms(x) -> str:
+    return "-" if x is None else f"{1000 * x:.0f}"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _progress(c: dict, i: int, n: int, elapsed: float) -> None:
+    print(f"[{i}/{n} {elapsed:5.0f}s] {c['sampling']:<7} {c['mode']:>3} c={c['concurrency']:<3} "
+          f"{c['aggregate_tokens_per_s']:7.2f} tok/s, {c['per_request_tokens_per_s']['p50'] or 0:6.2f} tok/s/req, "
+          f"TTFT p50 {_ms(c['ttft_s']['p50'])} ms, ITL p50 {_ms(c['itl_s']['p50'])} ms, "
+          f"hit {_pct(c['cache_hit_rate'])}, backup {_pct(c['backup_share'])}"
+          + (f", {len(c['errors'])} ERRORS" if c["errors"] else ""), flush=True)
+
+
+def _print_summary(r: dict) -> None:
+    print("\n(TTFT and ITL in ms; hit: speculation-cache hit rate; backup: share of speculations from the n-gram backup)")
+    print(f"{'sampling':<8} {'c':>3} {'mode':>4} {'tok/s':>8} {'req/s':>6} {'tok/s/req':>9} {'TTFT p50':>9} {'p99':>6} "
+          f"{'ITL p50':>8} {'p99':>6} {'accept':>7} {'hit':>5} {'backup':>6} {'same':>5}")
+    for c in r["cells"]:
+        print(f"{c['sampling']:<8} {c['concurrency']:>3} {c['mode']:>4} {c['aggregate_tokens_per_s']:>8.2f} "
+              f"{c['requests_per_s']:>6.2f} {c['per_request_tokens_per_s']['p50'] or 0:>9.2f} "
+              f"{_ms(c['ttft_s']['p50']):>9} {_ms(c['ttft_s']['p99']):>6} {_ms(c['itl_s']['p50']):>8} {_ms(c['itl_s']['p99']):>6} "
+              f"{_pct(c['acceptance_rate']):>7} {_pct(c['cache_hit_rate']):>5} {_pct(c['backup_share']):>6} "
+              f"{str(c.get('identical_to_reference', '-')):>5}")
+    print("aggregate tokens/s, one mode over another:")
+    for row in r["ratios"]:
+        print(f"  {row['sampling']:<8} c={row['concurrency']:<3} "
+              + "  ".join(f"{k} {v:.2f}" for k, v in row.items() if "/" in k))
+
+
+def plot(r: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(r["sampling"])
+    colors = {"ar": "#777", "sd": "#4a7", "ssd": "#d62"}
+    fig, axes = plt.subplots(len(kinds), 3, figsize=(15, 4.2 * len(kinds)), squeeze=False)
+    for row, kind in zip(axes, kinds):
+        for mode in r["modes"]:
+            cs = [c for c in r["cells"] if c["sampling"] == kind and c["mode"] == mode]
+            agg = [c["aggregate_tokens_per_s"] for c in cs]
+            xs = ([1000 * (c["itl_s"]["p50"] or 0) for c in cs], [c["per_request_tokens_per_s"]["p50"] or 0 for c in cs],
+                  [c["concurrency"] for c in cs])
+            for ax, x in zip(row, xs):
+                ax.plot(x, agg, marker="o", color=colors.get(mode), label=mode)
+                for xi, yi, c in zip(x, agg, cs):
+                    ax.annotate(str(c["concurrency"]), (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        row[0].set_xlabel("inter-token latency p50 (ms)")
+        row[1].set_xlabel("per-request tokens/s (p50)")
+        row[2].set_xlabel("concurrent clients")
+        row[2].set_xscale("log", base=2)
+        for ax in row:
+            ax.set_ylabel("aggregate tokens/s")
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+        row[0].set_title(f"{kind}: throughput vs latency (labels: concurrency)", fontsize=9)
+        row[1].set_title(f"{kind}: throughput vs per-request speed", fontsize=9)
+        row[2].set_title(f"{kind}: throughput vs concurrency", fontsize=9)
+    fig.suptitle(f"ssd bench --serve: {r['num_prompts']} prompts x {r['max_tokens']} tokens; draft {r['draft'][:70]}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,97 @@
+"""`ssd bench --serve`: the real services under concurrent clients. The report's numbers must
+agree with each other and with the services' own counters, and greedy output must not depend
+on the mode or the concurrency."""
+import json
+
+import pytest
+
+from ssd.benchmarks.serving import check_identity, parse_levels, parse_samplings, percentile
+from ssd.cli import main
+
+MAX_TOKENS, PROMPTS, LEVELS, MODES = 6, 2, (1, 2), ("ar", "sd", "ssd")
+
+
+def test_levels_samplings_and_percentiles():
+    assert parse_levels("1,2, 16") == [1, 2, 16]
+    for bad in ("", "0,1", "2,2", "1,-4"):
+        with pytest.raises(ValueError):
+            parse_levels(bad)
+    assert parse_samplings("sampled,greedy") == ["sampled", "greedy"]
+    with pytest.raises(ValueError):
+        parse_samplings("greedy,beam")
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([0.0, 10.0], 99) == pytest.approx(9.9)
+    assert percentile([5.0], 99) == 5.0
+
+
+def test_identity_flags_a_differing_output_per_sampling_setting():
+    cells = [{"sampling": k, "mode": m, "concurrency": 1, "outputs": [[1, 2], [3]]} for k in ("greedy", "sampled")
+             for m in MODES]
+    cells[2]["outputs"] = [[1, 2], [4]]
+    cells[3]["outputs"] = cells[4]["outputs"] = [[7], [8]]  # sampled: its own reference
+    cells[5]["outputs"] = [[7], None]  # a failed request is no match
+    r = {"cells": cells}
+    check_identity(r)
+    assert [c["identical_to_reference"] for c in r["cells"]] == [True, True, False, True, True, False]
+    assert r["identity_reference"] == {"greedy": "ar at concurrency 1", "sampled": "ar at concurrency 1"}
+
+
+def test_bench_serve_flags_that_do_not_apply_exit_2(capsys):
+    assert main(["bench", "--serve", "--no-hf"]) == 2
+    assert "--no-hf" in capsys.readouterr().err
+    assert main(["bench", "--serve", "--concurrency", "0"]) == 2
+    assert main(["bench", "--serve", "--sampling", "nucleus"]) == 2
+
+
+@pytest.mark.slow
+def test_serving_report_is_consistent(tmp_path, capsys):
+    rc = main(["bench", "--serve", "--num-prompts", str(PROMPTS), "--max-tokens", str(MAX_TOKENS), "--ignore-eos",
+               "--concurrency", ",".join(map(str, LEVELS)), "--temperature", "0.8", "--seed", "5",
+               "--max-batch", "4", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "[12/12" in out  # progress, one line per cell
+    r = json.loads((tmp_path / "serve.json").read_text())
+    assert (tmp_path / "serve.png").stat().st_size > 10_000
+    assert r["sampling"]["greedy"]["temperature"] == 0.0 and r["sampling"]["sampled"]["temperature"] == 0.8
+    cells = {(c["sampling"], c["concurrency"], c["mode"]): c for c in r["cells"]}
+    assert set(cells) == {(s, c, m) for s in ("greedy", "sampled") for c in LEVELS for m in MODES}
+    for (kind, level, mode), c in cells.items():
+        where = (kind, level, mode)
+        assert c["errors"] == [] and c["requests"] == PROMPTS, where
+        # every request streamed exactly max_tokens (ignore_eos), and its usage says so
+        assert [len(o) for o in c["outputs"]] == [MAX_TOKENS] * PROMPTS, where
+        assert c["tokens"] == PROMPTS * MAX_TOKENS and c["tokens_match_usage"], where
+        assert c["aggregate_tokens_per_s"] == pytest.approx(c["tokens"] / c["wall_s"])
+        assert c["requests_per_s"] == pytest.approx(PROMPTS / c["wall_s"])
+        if level == 1:  # one client: the cell's wall is at least the sum of its requests
+            assert c["aggregate_tokens_per_s"] <= c["per_request_tokens_per_s"]["mean"] * 1.001, where
+        assert 0 < c["ttft_s"]["p50"] <= c["ttft_s"]["p99"] and 0 <= c["itl_s"]["p50"] <= c["itl_s"]["p99"], where
+        # the client saw what the gateway recorded: one TTFT per request, as many token gaps
+        srv = c["server_counters"]
+        assert srv["ttft_count"] == PROMPTS and srv["generation_tokens"] == c["tokens"], where
+        assert c["itl_s"]["count"] == srv["itl_count"] == PROMPTS * (MAX_TOKENS - 1), where
+        # the requests' own statistics add up to the target's counters over the cell
+        st = c["request_stats"]
+        for res in ("hit", "late", "miss"):
+            assert st[f"cache_{res}"] == srv[f"cache_{res}"], (where, res)
+        assert sum(c["speculation_sources"].values()) == srv["num_drafts"] == st["num_drafts"], where
+        lookups = st["cache_hit"] + st["cache_late"] + st["cache_miss"]
+        if mode == "ar":
+            assert st["num_draft_tokens"] == 0 and srv["num_drafts"] == 0 and c["backup_share"] is None, where
+            assert st["num_rounds"] == PROMPTS * (MAX_TOKENS - 1) and c["mean_accepted_length"] == 1.0, where
+        else:
+            # a round commits its accepted tokens + 1 (the last one may be cut at max_tokens)
+            assert st["num_rounds"] <= PROMPTS * (MAX_TOKENS - 1) <= st["num_rounds"] + st["num_accepted_tokens"], where
+            assert st["num_drafts"] > 0 and 0 <= c["backup_share"] <= 1, where
+        if mode == "sd":  # just-in-time drafts only, never the speculation cache
+            assert lookups == 0 and c["speculation_sources"]["cache"] == 0, where
+        if mode == "ssd":
+            assert lookups > 0 and c["cache_hit_rate"] == pytest.approx((st["cache_hit"] + st["cache_late"]) / lookups)
+        # lossless: greedy output is the same in every mode, alone or beside another request; so
+        # is a seeded sampled one (coupled verification)
+        assert c["identical_to_reference"] is True, where
+    for row in r["ratios"]:
+        tps = {m: cells[(row["sampling"], row["concurrency"], m)]["aggregate_tokens_per_s"] for m in MODES}
+        assert row["ssd/ar"] == pytest.approx(tps["ssd"] / tps["ar"])
