@@ -159,6 +159,7 @@ def _hf_references(pair: ModelPair, prompt_ids, params, k: int, threads: int, al
         runs.append(("hf-all", {}, all_cores))
     for label, extra, n_threads in runs:
         torch.set_num_threads(n_threads)
+        load = os.getloadavg()[0]
         tokens, wall, outs = 0, 0.0, []
         ids0 = torch.tensor([prompt_ids[0]])
         target.generate(ids0, attention_mask=torch.ones_like(ids0), **{**kw, "max_new_tokens": 8}, **extra)  # warm-up
@@ -172,7 +173,7 @@ def _hf_references(pair: ModelPair, prompt_ids, params, k: int, threads: int, al
             tokens += len(new)
             outs.append(new)
         out[label] = {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "outputs": outs,
-                      "threads": torch.get_num_threads(), "dtype": str(next(target.parameters()).dtype).removeprefix("torch."),
+                      "threads": torch.get_num_threads(), "load_avg_1m_at_start": load, "dtype": str(next(target.parameters()).dtype).removeprefix("torch."),
                       "label": _label(label, torch.get_num_threads(), all_cores, str(dtype).removeprefix("torch."))}
         print(f"{out[label]['label']}: {tokens / wall:7.2f} tok/s", flush=True)
     torch.set_num_threads(threads)
@@ -266,7 +267,10 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
     all_cores = os.cpu_count() or 1
     runs = {}
 
+    load = {}  # the machine's 1-minute load average as each system started (others' work shares the cores)
+
     def run(name, c):
+        load[name] = os.getloadavg()[0]
         total, per = _run_engine(c, pair, prompt_ids, params, name)
         runs[name] = (total, per)
         print(f"{_label(name, c.target_threads, all_cores, draft_threads=c.draft_threads)}: "
@@ -306,6 +310,7 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
         row["label"] = _label(mode, c.target_threads, all_cores, draft_threads=cfg.draft_threads)
         row["threads"] = c.target_threads + (cfg.draft_threads if mode == "ssd" else 0)
         row["decode_tokens_per_s"] = decode_tps(st)
+        row["load_avg_1m_at_start"] = load[mode]
         if base is not None and params.greedy:
             row["identical_to_ar"] = all(p["output_ids"] == b["output_ids"] for p, b in zip(per, base[1]))
         cats = {}
@@ -356,6 +361,8 @@ def _print_table(r: dict) -> None:
     systems = {**r["modes"], **r["hf"]}
     bases = [b for b in BASELINES if b in systems]
     print("baselines: " + "; ".join(f"{BASELINES[b].removeprefix('vs ')} = {systems[b]['label']}" for b in bases))
+    print("1-minute load average as each system started: "
+          + ", ".join(f"{name} {row['load_avg_1m_at_start']:.1f}" for name, row in systems.items()))
     width = max(len(row["label"]) for row in systems.values())
     print(f"{'system':<{width}} {'tok/s':>8} " + " ".join(f"{BASELINES[b]:>11}" for b in bases)
           + f" {'accept':>7} {'mean len':>9} {'hit rate':>9} {'same as AR':>11}")

@@ -5,7 +5,10 @@ starts) is driven through the gateway's streaming gRPC Generate by `c` concurren
 sending its next prompt as soon as its previous answer ends (closed loop), for every
 concurrency level, every sampling setting (greedy, sampled) and every mode. The mode is the
 request's own `mode` field: one SSD target serves all three, so AR, SD and SSD share the same
-processes, weights, threads and machine.
+processes, weights, threads and machine. Greedy SD and SSD requests leave their speculations in
+the target's speculation index (kept for retries), and greedy SSD requests read it: before a
+greedy SSD cell that could meet what an earlier cell published, the stack is started afresh, so
+SSD never replays another cell's drafts (the report's `speculation_sources` shows index use).
 
 Per cell (sampling, concurrency, mode), from what the client saw: aggregate tokens/s, requests/s,
 per-request tokens/s, time to first token and inter-token latency (p50/p99; a response of n
@@ -22,6 +25,7 @@ verification makes the output a function of the seed and the prompt alone).
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 
@@ -121,6 +125,7 @@ def run_cell(stub, metrics: Metrics, prompts: list[list[dict]], mode: str, concu
     from ssd.services.protos import pb
 
     before = metrics.read()
+    load = os.getloadavg()[0]  # the machine's 1-minute load average (others' work shares the cores)
     results: list[dict | None] = [None] * len(prompts)
     lock = threading.Lock()
     todo = iter(range(len(prompts)))
@@ -162,7 +167,7 @@ def run_cell(stub, metrics: Metrics, prompts: list[list[dict]], mode: str, concu
     verified = sum(sources.values())
     return {
         "mode": mode, "concurrency": concurrency, "requests": len(prompts), "errors": [r["error"] for r in results if "error" in r],
-        "tokens": tokens, "wall_s": wall,
+        "tokens": tokens, "wall_s": wall, "load_avg_1m_at_start": load,
         "aggregate_tokens_per_s": tokens / wall, "requests_per_s": len(ok) / wall,
         "per_request_tokens_per_s": {"mean": sum(per_req) / len(per_req) if per_req else None,
                                      "p50": percentile(per_req, 50)},
@@ -181,14 +186,49 @@ def run_cell(stub, metrics: Metrics, prompts: list[list[dict]], mode: str, concu
     }
 
 
-def run_serving(cfg, params, ns) -> int:
-    import grpc
+WARMUP = [{"role": "user", "content": "Warm-up: say hello."}]  # not a bench prompt (see _Stack.start)
 
-    from ssd.cli import _config_args
+
+class _Stack:
+    """The services as `ssd serve` starts them (draft, target, gateway on loopback, /metrics on),
+    started again on demand; each start warms every mode up with a prompt of its own."""
+
+    def __init__(self, cfg, modes: list[str], params):
+        from ssd.cli import _config_args
+
+        self.args, self.modes, self.params = _config_args(cfg), modes, params
+        self.procs, self.starts, self.stub, self.metrics, self.draft = [], 0, None, None, ""
+
+    def start(self) -> None:
+        import grpc
+
+        from ssd.services.common import CHANNEL_OPTIONS
+        from ssd.services.protos import pb, pb_grpc
+        from ssd.services.run import start_stack
+
+        self.stop()
+        t0 = time.perf_counter()
+        ports = start_stack(self.args, self.procs, metrics_port=0)
+        self.starts += 1
+        self.stub = pb_grpc.GatewayStub(grpc.insecure_channel(f"127.0.0.1:{ports['gateway']['port']}",
+                                                              options=CHANNEL_OPTIONS))
+        self.metrics = Metrics(f"http://127.0.0.1:{ports['target']['metrics_port']}/metrics",
+                               f"http://127.0.0.1:{ports['gateway']['metrics_port']}/metrics")
+        self.draft = self.stub.ListModels(pb.ListModelsRequest(), timeout=60).models[0].draft
+        for mode in self.modes:  # the first request of each mode pays one-off costs
+            run_cell(self.stub, self.metrics, [WARMUP], mode, 1, dataclasses.replace(self.params, max_tokens=4), 0)
+        print(f"stack {'up' if self.starts == 1 else 'restarted'} in {time.perf_counter() - t0:.0f} s "
+              f"(gateway 127.0.0.1:{ports['gateway']['port']})", flush=True)
+
+    def stop(self) -> None:
+        from ssd.services.run import stop_stack
+
+        stop_stack(self.procs)
+        self.procs = []
+
+
+def run_serving(cfg, params, ns) -> int:
     from ssd.models.loader import default_target_path, resolve_model
-    from ssd.services.common import CHANNEL_OPTIONS
-    from ssd.services.protos import pb, pb_grpc
-    from ssd.services.run import start_stack, stop_stack
 
     levels = parse_levels(ns.concurrency)
     kinds = parse_samplings(ns.sampling)
@@ -205,30 +245,31 @@ def run_serving(cfg, params, ns) -> int:
           f"b* {cfg.speculation.critical_batch_size}", flush=True)
     for k, p in settings.items():
         print(f"  {k}: temperature {p.temperature}, top_k {p.top_k}, top_p {p.top_p}, ignore_eos {p.ignore_eos}", flush=True)
-    procs, cells = [], []
+    stack, cells = _Stack(cfg, modes, params), []
     t_start = time.perf_counter()
     try:
-        ports = start_stack(_config_args(cfg), procs, metrics_port=0)
-        stub = pb_grpc.GatewayStub(grpc.insecure_channel(f"127.0.0.1:{ports['gateway']['port']}", options=CHANNEL_OPTIONS))
-        metrics = Metrics(f"http://127.0.0.1:{ports['target']['metrics_port']}/metrics",
-                          f"http://127.0.0.1:{ports['gateway']['metrics_port']}/metrics")
-        model = stub.ListModels(pb.ListModelsRequest(), timeout=60).models[0]
-        print(f"stack up in {time.perf_counter() - t_start:.0f} s (gateway 127.0.0.1:{ports['gateway']['port']})", flush=True)
-        for mode in modes:  # warm-up: the first request of each mode pays one-off costs
-            run_cell(stub, metrics, prompts[:1], mode, 1, dataclasses.replace(params, max_tokens=4), 0)
+        stack.start()
+        published = False  # greedy SD/SSD requests have left entries in the target's speculation index
         for kind in kinds:
             for c in levels:
                 for mode in modes:  # modes side by side at each level, so drift in machine load hits all
-                    cell = run_cell(stub, metrics, prompts, mode, c, settings[kind], ns.seed or 0)
+                    if kind == "greedy" and mode == "ssd" and published:
+                        # greedy SD and SSD requests publish their speculations in the target's index
+                        # (kept 60 s, for retries), and a greedy SSD request reads it: the same prompts
+                        # again would hit what an earlier cell drafted. A fresh stack: a fresh index.
+                        stack.start()
+                    cell = run_cell(stack.stub, stack.metrics, prompts, mode, c, settings[kind], ns.seed or 0)
+                    published |= kind == "greedy" and mode != "ar"
                     cell["sampling"] = kind
                     cells.append(cell)
                     _progress(cell, len(cells), cells_total, time.perf_counter() - t_start)
     finally:
-        stop_stack(procs)
+        stack.stop()
     result = {
         "command": getattr(ns, "command_line", None),
         "target": str(resolve_model(cfg.target)),
-        "draft": model.draft,
+        "draft": stack.draft,
+        "stack_starts": stack.starts,
         "engine": {k: v for k, v in vars(cfg).items() if k != "speculation"},
         "speculation": vars(cfg.speculation),
         "prompts": ns.prompts or "built-in", "num_prompts": len(prompts), "max_tokens": params.max_tokens,

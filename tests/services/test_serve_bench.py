@@ -55,6 +55,8 @@ def test_serving_report_is_consistent(tmp_path, capsys):
     r = json.loads((tmp_path / "serve.json").read_text())
     assert (tmp_path / "serve.png").stat().st_size > 10_000
     assert r["sampling"]["greedy"]["temperature"] == 0.0 and r["sampling"]["sampled"]["temperature"] == 0.8
+    # a fresh stack (a fresh speculation index) before each greedy SSD cell that follows greedy SD
+    assert r["stack_starts"] == 1 + len(LEVELS)
     cells = {(c["sampling"], c["concurrency"], c["mode"]): c for c in r["cells"]}
     assert set(cells) == {(s, c, m) for s in ("greedy", "sampled") for c in LEVELS for m in MODES}
     for (kind, level, mode), c in cells.items():
