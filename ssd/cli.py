@@ -24,6 +24,9 @@ _HELP = {
     "batch_invariant": "kernels whose results do not depend on the batch shape, so speculative greedy output is "
                        "bit-identical to AR (--no-batch-invariant: the fast non-invariant kernels)",
     "max_tokens": "new tokens to generate",
+    "logit_bias": "ID:VALUE,...: added to those tokens' target logits (-100 bans a token)",
+    "logprobs": "report each token's target log-probability and this many alternatives (--json)",
+    "min_tokens": "no end-of-sequence token before this many new tokens",
 }
 
 
@@ -36,9 +39,19 @@ def _add_fields(parser: argparse.ArgumentParser, cls, skip=()) -> None:
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
         if "bool" in kind:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=_HELP.get(f.name))
+        elif kind.startswith("tuple"):  # logit_bias: "ID:BIAS,ID:BIAS"
+            parser.add_argument(flag, type=_pairs, default=default, help=_HELP.get(f.name, "ID:VALUE,ID:VALUE"))
         else:
             conv = int if kind.startswith("int") else float if kind.startswith("float") else str
             parser.add_argument(flag, type=conv, default=default, help=_HELP.get(f.name, f"(default {default})"))
+
+
+def _pairs(text: str) -> tuple:
+    """"5:-100,17:2.5" -> ((5, -100.0), (17, 2.5))."""
+    try:
+        return tuple((int(t), float(v)) for t, v in (item.split(":") for item in text.split(",") if item.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ID:VALUE[,ID:VALUE...], got {text!r}") from None
 
 
 def _build(cls, ns, **override):
@@ -103,6 +116,9 @@ def cmd_generate(ns) -> int:
         "draft": draft_desc,
         "stats": summary,
     }
+    if params.logprobs is not None:  # each token's log-probability under the target, with alternatives
+        result["logprobs"] = [{"token_id": t, "logprob": lp, "top": [{"token_id": a, "logprob": v} for a, v in alts]}
+                              for t, (lp, alts) in zip(seq.output_ids, seq.logprobs)]
     if ns.json:
         print(json.dumps(result))
     else:

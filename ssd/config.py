@@ -14,6 +14,9 @@ DTYPES = ("auto", "bfloat16", "float32")
 
 
 GREEDY_BELOW = 1e-5  # temperatures below this decode greedily
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit)
+MAX_LOGIT_BIAS = 300  # entries of one request's logit_bias
+MAX_REPETITION_PENALTY = 10.0
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,14 @@ class SamplingParams:
     max_tokens: int = 128  # new tokens to generate
     seed: int | None = None
     ignore_eos: bool = False
+    # applied to the target's logits before temperature / top-k / top-p, identically in AR, SD
+    # and SSD, so speculation stays exact for the adjusted distribution (ssd/sampling.py)
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and the output
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added logit) pairs
+    min_tokens: int = 0  # end-of-sequence tokens are impossible before this many new tokens
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives (None: off)
 
     def __post_init__(self):
         if not 0.0 <= self.temperature < float("inf"):
@@ -34,6 +45,34 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be > 0, got {self.max_tokens}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not -2.0 <= v <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {v}")
+        if not 0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty}")
+        # a mapping or pairs, stored as sorted (int, float) pairs: equal biases, equal params
+        items = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in items)))
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS}")
+        for t, b in self.logit_bias:
+            if t < 0:
+                raise ValueError(f"logit_bias token id {t} is negative")
+            if not -100.0 <= b <= 100.0:
+                raise ValueError(f"logit_bias value for token {t} must be in [-100, 100], got {b}")
+        if len({t for t, _ in self.logit_bias}) != len(self.logit_bias):
+            raise ValueError("logit_bias names a token twice")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs (alternatives per token) must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """True when penalties, biases or min_tokens change the target's logits."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
 
     @property
     def greedy(self) -> bool:

@@ -21,11 +21,11 @@ class AREngine(Engine):
             self.stats.t_verify += time.perf_counter() - t0
             self.stats.steps += 1
             rows = []
-            for s, t in zip(old, self._sample_rows(old, logits)):
+            for b, (s, t) in enumerate(zip(old, self._sample_rows(old, logits))):
                 if t is None:  # failed alone
                     events.append((s, []))
                     continue
-                kept = s.commit([t], self.cfg.max_model_len)
+                kept = self._commit_tokens(s, [t], logits[b:b + 1])
                 self.stats.tokens += len(kept)
                 self.stats.rounds += 1
                 s.spec_stats.record(0, 0)

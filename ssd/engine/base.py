@@ -13,7 +13,7 @@ import torch
 from ..config import EngineConfig, SamplingParams
 from ..errors import ContextTooLong, RequestError
 from ..kernels.rejection import greedy_verify, rejection_sample
-from ..sampling import process_logits, sample
+from ..sampling import adjust_logits, coupled_scores, process_logits, sample, token_logprobs
 from .sequence import Scheduler, Sequence, count_accepted_per_pos
 from .target_runner import TargetRunner
 
@@ -110,6 +110,9 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise RequestError(f"token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
+        bad = [t for t, _ in params.logit_bias if t >= self.vocab_size]
+        if bad:
+            raise RequestError(f"logit_bias token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
         seq = Sequence(list(prompt_ids), params, self.eos_token_ids, meta=dict(meta or {}))
         self.scheduler.add(seq)
         self.stats.requests += 1
@@ -160,11 +163,11 @@ class Engine:
         logits = self.target.forward(new, None, 1)[:, 0]  # [B, V]
         tokens = self._sample_rows(new, logits)
         events = []
-        for s, t in zip(new, tokens):
+        for b, (s, t) in enumerate(zip(new, tokens)):
             if t is None:  # this request failed alone (see _isolated)
                 events.append((s, []))
                 continue
-            kept = s.commit([t], self.cfg.max_model_len)
+            kept = self._commit_tokens(s, [t], logits[b:b + 1])
             self.target.commit_features(s)
             self.stats.tokens += len(kept)
             self.stats.prefill_tokens += len(kept)
@@ -177,40 +180,68 @@ class Engine:
         own sampling failed: that sequence is failed, the others are unaffected."""
         out = []
         for b, s in enumerate(seqs):
-            out.append(_isolated(s, lambda: int(logits[b].argmax()) if s.params.greedy
-                                 else int(sample(process_logits(logits[b], s.params), s.generator))))
+            def one():
+                row = self._adjusted(s, logits[b:b + 1])[0]
+                if s.params.greedy:
+                    return int(row.argmax())
+                p = process_logits(row, s.params)
+                if s.params.seed is not None:
+                    return int(coupled_scores(p[None], s.params.seed, len(s.context))[0].argmax())
+                return int(sample(p, s.generator))
+            out.append(_isolated(s, one))
         return out
+
+    def _adjusted(self, s: Sequence, logits: torch.Tensor, drafted: list[int] = ()) -> torch.Tensor:
+        """The rows [n, V] of s's target logits after its penalties, bias and min_tokens (row i
+        follows drafted[:i]); the logits themselves when s sets none (ssd/sampling.py)."""
+        return adjust_logits(logits, s.params, s.prompt_ids, s.output_ids, drafted, self.eos_token_ids)
+
+    def _commit_tokens(self, s: Sequence, tokens: list[int], logits: torch.Tensor) -> list[int]:
+        """Append tokens (cut at a stop) and, when the request asked for them, their
+        log-probabilities from the target's logits [len(tokens), V] (row i chose tokens[i])."""
+        kept = s.commit(tokens, self.cfg.max_model_len)
+        if s.params.logprobs is not None and kept:
+            s.logprobs.extend(token_logprobs(logits, kept, s.params.logprobs))
+        return kept
 
     def _verify_rows(self, seqs: list[Sequence], logits: torch.Tensor, specs: list[tuple]) -> list[tuple[int, int]]:
         """Outcome (k, t*) per row. logits [B, K+1, V]; specs[b]: the row's Proposal.
-        Rows are verified in batches: greedy rows together, sampled rows together (grouped by
-        speculation length). Each sampled row draws its uniforms from its own generator, in row
-        order, so a sequence's randomness does not depend on its neighbours."""
+        Rows are verified in batches of one kind and speculation length: greedy; seeded sampled
+        (coupled: the target's token at each position is fixed by the seed, ssd/sampling.py
+        coupled_scores, and drafts are checked against it); other sampled rows (rejection
+        sampling, each row drawing its uniforms from its own generator, so a sequence's
+        randomness never depends on its neighbours)."""
         out: list[tuple[int, int] | None] = [None] * len(seqs)
-        groups: dict[tuple[bool, int], list[int]] = {}
+        groups: dict[tuple[str, int], list[int]] = {}
         for b, s in enumerate(seqs):
-            groups.setdefault((s.params.greedy, specs[b].token_ids.numel()), []).append(b)
-        for (greedy, n), rows in groups.items():
+            groups.setdefault((_verify_kind(s.params), specs[b].token_ids.numel()), []).append(b)
+        for (kind, n), rows in groups.items():
             if n == 0:  # target-only rows (requests served as AR): sampled exactly as the AR engine does
                 for b, t in zip(rows, self._sample_rows([seqs[b] for b in rows], logits[rows, 0])):
                     out[b] = None if t is None else (0, t)
                 continue
             try:
-                self._verify_group(seqs, logits, specs, greedy, n, rows, out)
+                self._verify_group(seqs, logits, specs, kind, n, rows, out)
             except Exception:  # noqa: BLE001 - find the row at fault; only it fails
                 if len(rows) == 1:
                     seqs[rows[0]].fail(f"verification failed: {_describe_exc()}")
                     continue
                 for b in rows:
-                    _isolated(seqs[b], lambda: self._verify_group(seqs, logits, specs, greedy, n, [b], out))
+                    _isolated(seqs[b], lambda: self._verify_group(seqs, logits, specs, kind, n, [b], out))
         return out
 
-    def _verify_group(self, seqs, logits, specs, greedy: bool, n: int, rows: list[int], out: list) -> None:
-        """Verify rows (same greedy-ness, same speculation length) together into out."""
+    def _verify_group(self, seqs, logits, specs, kind: str, n: int, rows: list[int], out: list) -> None:
+        """Verify rows (same kind, same speculation length) together into out."""
         d = torch.stack([specs[b].token_ids.view(-1) for b in rows])  # [G, n]
         lg = logits[rows, : n + 1]  # [G, n+1, V]
-        if greedy:
+        if any(seqs[b].params.adjusts_logits for b in rows):
+            lg = torch.stack([self._adjusted(seqs[b], lg[i], d[i].tolist()) for i, b in enumerate(rows)])
+        if kind == "greedy":
             ks, ts = greedy_verify(d, lg)
+        elif kind == "coupled":
+            ks, ts = greedy_verify(d, torch.stack([
+                coupled_scores(process_logits(lg[i], seqs[b].params), seqs[b].params.seed, len(seqs[b].context))
+                for i, b in enumerate(rows)]))
         else:
             p = torch.stack([process_logits(lg[i], seqs[b].params) for i, b in enumerate(rows)])
             q = torch.stack([specs[b].q for b in rows])  # [G, n, V]
@@ -222,8 +253,10 @@ class Engine:
         for i, b in enumerate(rows):
             out[b] = (int(ks[i]), int(ts[i]))
 
-    def _commit_outcome(self, s: Sequence, spec_tokens: list[int], k: int, t: int) -> list[int]:
-        kept = s.commit(spec_tokens[:k] + [t], self.cfg.max_model_len)
+    def _commit_outcome(self, s: Sequence, spec_tokens: list[int], k: int, t: int, logits: torch.Tensor) -> list[int]:
+        """Commit a verified round: the k accepted draft tokens and t. logits [K+1, V]: the
+        row's target logits of the verify block (for logprobs)."""
+        kept = self._commit_tokens(s, spec_tokens[:k] + [t], logits)
         self.target.commit_features(s)
         self.stats.tokens += len(kept)
         self.stats.rounds += 1
@@ -276,6 +309,11 @@ class StepRecord:
     jit_ns: tuple[int, int] | None = None      # just-in-time draft before the verify
     lookup_ns: tuple[int, int] | None = None   # wait for the speculation cache + index lookup after it
     jit_seq_ids: tuple = ()
+
+
+def _verify_kind(params: SamplingParams) -> str:
+    """greedy | coupled (sampled with a seed: reproducible) | sampled (rejection sampling)."""
+    return "greedy" if params.greedy else "coupled" if params.seed is not None else "sampled"
 
 
 def _describe_exc() -> str:

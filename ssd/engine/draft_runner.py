@@ -21,7 +21,7 @@ import torch
 
 from ..config import SamplingParams, SpeculationConfig
 from ..kv_cache import append_batch, tree_step_batch
-from ..sampling import process_logits, sample, saguaro_reshape
+from ..sampling import position_noise, process_logits, sample, saguaro_reshape
 from ..speculation.fanout import FanOutPlanner
 
 RANKED_CANDIDATES = 16  # candidates per depth kept for the power-law fit (tokens only)
@@ -40,6 +40,7 @@ class DraftSeq:
     last_outcome_k: int = -1  # accepted tokens of the last verified round (its cache key's k)
     gin: torch.Tensor | None = None  # feature drafters: [max_len, H] the feature each position reads (of its predecessor)
     selfh: dict = field(default_factory=dict)  # (start position, last context token, tokens) -> [K, H] self-fed inputs
+    noise: dict = field(default_factory=dict)  # seeded requests: position -> the race's Exp(1) variates [Vh]
 
 
 @dataclass
@@ -155,15 +156,41 @@ class DraftRunner:
         """Head indices -> token ids."""
         return idx if self.head_ids is None else self.head_ids[idx]
 
-    def _pick(self, s: DraftSeq, logits: torch.Tensor, fan_out):
+    def _pick(self, s: DraftSeq, logits: torch.Tensor, fan_out, positions):
         """Next draft token per row. logits [N, Vh] -> (tokens [N], q [N, Vh] | None).
         q is the exact (Saguaro-reshaped) distribution the token was sampled from, over the
-        head's tokens (head_ids; ssd/speculation/qrows.py widens it to the vocabulary)."""
+        head's tokens (head_ids; ssd/speculation/qrows.py widens it to the vocabulary).
+        positions[n]: the context position of row n's token. A seeded request's target draws
+        each token by an exponential race fixed by (seed, position) (docs/algorithm.md section
+        5b); the draft runs the same race over its own q, which is what makes its proposals
+        agree with the target's choices."""
         if s.params.greedy:
             return self._to_vocab(logits.argmax(-1)), None
+        if s.params.seed is not None:
+            q = process_logits(logits, s.params)
+            return self._to_vocab((q / self._noise(s, positions)).argmax(-1)), q
         q = saguaro_reshape(process_logits(logits, s.params), torch.as_tensor(fan_out), self.speculation.saguaro_c)
         idx = sample(q, s.generator)
         return self._to_vocab(idx), q
+
+    def _noise(self, s: DraftSeq, positions) -> torch.Tensor:
+        """The seeded race's Exp(1) variates [N, Vh] at these positions, over the head's tokens
+        (the target draws them over the vocabulary; the head sees its own columns)."""
+        positions = [int(j) for j in positions]
+        for j in set(positions) - s.noise.keys():  # positions repeat across branches and calls
+            e = position_noise(s.params.seed, [j], self.vocab_size)[0]
+            s.noise[j] = e if self.head_ids is None else e[self.head_ids]
+        if len(s.noise) > 8 * (self.K + 1):  # positions behind the context are never drawn again
+            for j in [j for j in s.noise if j < len(s.ctx)]:
+                del s.noise[j]
+        return torch.stack([s.noise[j] for j in positions])
+
+    def _ranking(self, s: DraftSeq, logits: torch.Tensor, positions) -> torch.Tensor:
+        """Scores [N, Vh] that order a row's fork candidates: the draft's logits, or for a seeded
+        request its race (q / E), whose runners-up are the likeliest recovery tokens."""
+        if s.params.greedy or s.params.seed is None:
+            return logits
+        return process_logits(logits, s.params) / self._noise(s, positions)
 
     # ---- just-in-time drafting (SD, and SSD after a miss) ---------------------------------
     @torch.inference_mode()
@@ -191,7 +218,7 @@ class DraftRunner:
             logits, h = self._forward(ids, gprev, batch, logits_rows=last)
             logits = logits[:, 0]  # [B, V]
             for b, r in enumerate(rows):
-                tok, q = self._pick(r, logits[b : b + 1], fan[step])
+                tok, q = self._pick(r, logits[b : b + 1], fan[step], [len(r.ctx) + step])
                 tokens[b].append(int(tok[0]))
                 if q is not None:
                     probs[b].append(q[0])
@@ -273,7 +300,8 @@ class DraftRunner:
             r.draft_len = len(r.ctx) + K  # context + speculated tokens now hold valid KV
             r.spec_after = after
             fan = self.planner.schedule(after)  # the schedule follows how this speculation arrived
-            top_idx = torch.topk(glue_logits[b], min(RANKED_CANDIDATES + 1, glue_logits.shape[-1]), dim=-1).indices
+            scores = self._ranking(r, glue_logits[b], range(len(r.ctx), len(r.ctx) + K + 1))
+            top_idx = torch.topk(scores, min(RANKED_CANDIDATES + 1, glue_logits.shape[-1]), dim=-1).indices
             top = self._to_vocab(top_idx).tolist()  # [K+1][R+1] token ids by draft rank
             ranked = []
             for k in range(K + 1):
@@ -320,7 +348,8 @@ class DraftRunner:
             for b, r in enumerate(rows):
                 if nb[b] == 0:
                     continue
-                tok, q = self._pick(r, logits[b, : nb[b]], next_fan[step])
+                # branch j forks at depth d (position L + d): this step drafts position L + d + 1 + step
+                tok, q = self._pick(r, logits[b, : nb[b]], next_fan[step], [L[b] + d + 1 + step for d in branch_depth[b]])
                 tok = tok.tolist()
                 for j in range(nb[b]):
                     out_tok[b][j].append(tok[j])

@@ -38,11 +38,11 @@ class SDEngine(Engine):
             self.stats.t_draft += t1 - t0
             self.stats.t_verify += t2 - t1
             self.stats.steps += 1
-            for s, sp, outcome in zip(old, specs, self._verify_rows(old, logits, specs)):
+            for b, (s, sp, outcome) in enumerate(zip(old, specs, self._verify_rows(old, logits, specs))):
                 if outcome is None:  # failed alone
                     events.append((s, []))
                     continue
-                kept = self._commit_outcome(s, sp.token_ids.tolist(), *outcome)
+                kept = self._commit_outcome(s, sp.token_ids.tolist(), *outcome, logits[b])
                 self.stats.tokens_after_miss += len(kept)
                 self.stats.rounds_after_miss += 1
                 events.append((s, kept))

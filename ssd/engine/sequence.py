@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -51,6 +52,12 @@ def count_accepted_per_pos(per_pos: list[int], num_draft: int, num_accepted: int
         per_pos[i] += 1
 
 
+def fresh_seed() -> int:
+    """The random stream of a sampled request without a seed (OS entropy; the global torch
+    generator is left alone)."""
+    return secrets.randbits(63)
+
+
 @dataclass
 class Sequence:
     prompt_ids: list[int]
@@ -76,13 +83,15 @@ class Sequence:
     features: list = field(default_factory=list)
     fed_features: tuple | None = None
     error: str | None = None  # why the sequence failed (finish_reason "error")
+    # params.logprobs set: per output token, (its log-probability, [(alternative, log-probability)])
+    logprobs: list = field(default_factory=list)
 
     def all_features(self) -> torch.Tensor | None:
         return torch.cat(self.features) if self.features else None
 
     def __post_init__(self):
         if not self.params.greedy:
-            seed = self.params.seed if self.params.seed is not None else torch.seed() % (2**31)
+            seed = self.params.seed if self.params.seed is not None else fresh_seed()
             self.generator = torch.Generator().manual_seed((seed * 1_000_003 + 17) % (1 << 64))  # any int64 seed
 
     @property

@@ -41,6 +41,7 @@ class SSDEngine(Engine):
         self.round_id = 0
         self.pending_ops: list[SequenceOp] = []
         self.stale_rounds: set[int] = set()  # rounds whose cache we stopped waiting for
+        self.round_wants_cache = False  # the last round sent asked the draft for some speculation
         # speculations of different drafts (or draft settings) must never meet in the index; a
         # draft service names its own fingerprint (and publishes itself when it has the index)
         self.draft_fingerprint = self.link.info.get("fingerprint") or draft_fingerprint(
@@ -110,9 +111,9 @@ class SSDEngine(Engine):
         jit_ns = self._dispatch(running, need, jit_ids, backups, hit_ids)
         round_id = self.round_id
         self.round_id += 1
-        specs, outcomes, (verify_start, verify_end) = self._verify(running)
+        specs, outcomes, logits, (verify_start, verify_end) = self._verify(running)
         base_len = {s.seq_id: len(s.context) for s in running}  # context each speculation continued
-        rows = self._commit(running, specs, outcomes, events)
+        rows = self._commit(running, specs, outcomes, logits, events)
         lookup_start = time.time_ns()
         entries, on_time = self._receive_cache(running, outcomes, round_id)
         self._publish(running, specs, base_len, entries)
@@ -162,6 +163,9 @@ class SSDEngine(Engine):
             self.pending_ops = []
             return None
         jit_ns = None
+        # a round that asks for no speculation (every running request served as AR) gets no
+        # cache keys back, only the (empty) cache reply, which _receive_cache then skips
+        self.round_wants_cache = bool(jit_ids or backups or hit_ids)
         try:
             self.link.send(RoundRequest(self.round_id, self.pending_ops, jit_ids, backups, hit_ids))
             self.pending_ops = []
@@ -200,17 +204,17 @@ class SSDEngine(Engine):
         outcomes = self._verify_rows(running, logits, specs)
         self.stats.t_verify += time.perf_counter() - t0
         self.stats.steps += 1
-        return specs, outcomes, (verify_start, time.time_ns())
+        return specs, outcomes, logits, (verify_start, time.time_ns())
 
-    def _commit(self, running, specs, outcomes, events) -> list[RoundRow]:
+    def _commit(self, running, specs, outcomes, logits, events) -> list[RoundRow]:
         """Commit each outcome, count it by where its speculation came from, and queue it for the draft."""
         rows = []
-        for s, sp, outcome in zip(running, specs, outcomes):
+        for b, (s, sp, outcome) in enumerate(zip(running, specs, outcomes)):
             if outcome is None:  # this request failed alone (Engine._verify_rows): the others go on
                 events.append((s, []))
                 continue
             k, t = outcome
-            kept = self._commit_outcome(s, sp.token_ids.tolist(), k, t)
+            kept = self._commit_outcome(s, sp.token_ids.tolist(), k, t, logits[b])
             if sp.source in ("cache", "index"):
                 self.stats.tokens_after_hit += len(kept)
                 self.stats.rounds_after_hit += 1
@@ -229,6 +233,9 @@ class SSDEngine(Engine):
         every outcome missed we do not wait for the tokens (the next round message makes the
         draft abandon the build). Returns (entries, whether they were there on time)."""
         if not self.draft_alive:
+            return {}, False
+        if not self.round_wants_cache:
+            self.stale_rounds.add(round_id)
             return {}, False
         entries, on_time = {}, False
         t0 = time.perf_counter()

@@ -38,6 +38,23 @@ def test_modes_side_by_side_greedy_identical(small_pair, target):
     assert sum(s.spec_stats.num_accepted_tokens for s in sd) > 0
 
 
+def test_rounds_of_ar_requests_alone_keep_the_draft(small_pair, target):
+    """A round in which every request is served as AR asks the draft for nothing; the draft
+    answers with its (empty) cache reply only, and the target must not take that for a protocol
+    error (which used to drop the draft and leave SSD requests to the backup)."""
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    with SSDEngine(_cfg(), target, {"path": str(small_pair[1])}, (3,)) as eng:
+        first = eng.add_request(PROMPTS[0], params, {"mode": "ar"})
+        while not first.finished:
+            eng.step()
+            assert eng.draft_alive, eng.draft_error
+        later = eng.add_request(PROMPTS[1], params, {"mode": "ssd"})
+        while eng.has_unfinished():
+            eng.step()
+        assert eng.draft_alive, eng.draft_error
+    assert later.spec_stats.cache_hit + later.spec_stats.cache_late > 0 and eng.stats.n_backup == 0
+
+
 def test_sampled_ar_request_equals_the_ar_engine(small_pair, target):
     params = [SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True, seed=100 + i) for i in range(4)]
     ref = [s.output_ids for s in AREngine(_cfg("ar"), target, (3,)).generate(PROMPTS, params)]

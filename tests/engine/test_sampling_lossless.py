@@ -61,9 +61,17 @@ def run(engine, params_list):
     return [tuple(s.output_ids) for s in seqs]
 
 
-def params_list(base):
+def params_list(base, seeded: bool = False):
+    """Unseeded: rejection sampling (the streams come from fresh_seed, made reproducible by the
+    fixture below). Seeded: coupled verification (ssd/sampling.py coupled_scores)."""
     return [SamplingParams(temperature=base.temperature, top_k=base.top_k, top_p=base.top_p,
-                           max_tokens=N_OUT, ignore_eos=True, seed=i) for i in range(N_SAMPLES)]
+                           max_tokens=N_OUT, ignore_eos=True, seed=i if seeded else None) for i in range(N_SAMPLES)]
+
+
+@pytest.fixture(autouse=True)
+def reproducible_unseeded_streams(monkeypatch):
+    counter = itertools.count(1)
+    monkeypatch.setattr("ssd.engine.sequence.fresh_seed", lambda: next(counter))
 
 
 def wrong_verify_rows(self, seqs, logits, specs):
@@ -168,3 +176,41 @@ def test_restrict_head_rejects_bad_ids(models):
         restrict_head(draft, torch.tensor([0, 9]))
     with pytest.raises(ValueError):
         restrict_head(draft, torch.tensor([1, 1]))
+
+
+def test_seeded_sampling_is_exact_and_the_same_in_ar_sd_and_ssd(models):
+    """A seed fixes the target's token at every position (coupled verification): each seed gives
+    the same output in AR, SD and SSD, whatever the draft proposed and whether its speculation
+    came from the cache, and over seeds the output is distributed exactly as the target's."""
+    from ssd.engine import AREngine
+
+    t_dir, d_dir, hf, target, draft = models
+    params = SAMPLINGS["t0.7_topk3"]
+    plist = params_list(params, seeded=True)[:1500]
+    ar = run(AREngine(_cfg().replace(mode="ar"), target, eos_token_ids=(3,)), plist)
+    sd_eng = SDEngine(_cfg().replace(mode="sd"), target, draft, eos_token_ids=(3,))
+    sd = run(sd_eng, plist)
+    narrow = _cfg().replace(speculation=SpeculationConfig(num_speculative_tokens=2, fan_out_budget=2,
+                                                          critical_batch_size=1000))  # some misses too
+    with SSDEngine(narrow, target, {"path": str(d_dir)}, (3,)) as eng:
+        ssd = run(eng, plist)
+        assert eng.stats.cache_hit + eng.stats.cache_late > 50 and eng.stats.cache_miss > 5
+    assert sd == ar and ssd == ar
+    assert 0.3 < sd_eng.stats.summary()["acceptance_rate"] < 0.95
+    assert chi_square_pvalue(ar, exact_distribution(hf, params)) > ALPHA
+    assert chi_square_pvalue(ar, exact_distribution(hf, SAMPLINGS["t1"])) < ALPHA  # the test can tell
+
+
+def test_seeded_draft_runs_the_targets_race(models):
+    """The draft draws a seeded request's tokens by the same race as the target, at the same
+    positions (JIT steps and every tree branch), so a draft that *is* the target is always
+    accepted; an uncoupled draft would be accepted with probability sum_v p(v)^2 only."""
+    t_dir, d_dir, hf, target, draft = models
+    plist = [SamplingParams(temperature=1.0, max_tokens=13, ignore_eos=True, seed=i) for i in range(300)]
+    sd = SDEngine(_cfg().replace(mode="sd"), target, target, eos_token_ids=(3,))
+    run(sd, plist)
+    assert sd.stats.summary()["acceptance_rate"] == 1.0
+    with SSDEngine(_cfg(critical_batch_size=1000), target, {"path": str(t_dir)}, (3,)) as eng:
+        run(eng, plist)
+        assert eng.stats.cache_hit + eng.stats.cache_late > 100  # speculations from the tree
+        assert eng.stats.summary()["acceptance_rate"] == 1.0
