@@ -26,15 +26,31 @@ def sampling_from_pb(m) -> SamplingParams:
         max_tokens=m.max_tokens,
         seed=m.seed if m.HasField("seed") else None,
         ignore_eos=m.ignore_eos,
+        presence_penalty=m.presence_penalty,
+        frequency_penalty=m.frequency_penalty,
+        repetition_penalty=m.repetition_penalty if m.repetition_penalty != 0 else 1.0,
+        logit_bias=dict(m.logit_bias),
+        min_tokens=m.min_tokens,
+        logprobs=m.logprobs if m.HasField("logprobs") else None,
     )
 
 
 def sampling_to_pb(p: SamplingParams):
     m = pb.SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, max_tokens=p.max_tokens,
-                          ignore_eos=p.ignore_eos)
+                          ignore_eos=p.ignore_eos, presence_penalty=p.presence_penalty,
+                          frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty,
+                          logit_bias=dict(p.logit_bias), min_tokens=p.min_tokens)
     if p.seed is not None:
         m.seed = p.seed
+    if p.logprobs is not None:
+        m.logprobs = p.logprobs
     return m
+
+
+def logprobs_to_pb(entries) -> list:
+    """Sequence.logprobs entries -> TokenLogprob messages."""
+    return [pb.TokenLogprob(logprob=lp, top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in alts])
+            for lp, alts in entries]
 
 
 def tensor_to_bytes(t: torch.Tensor) -> bytes:

@@ -1,6 +1,7 @@
 """Tokenizer and chat template read from a model directory (tokenizer.json + tokenizer_config)."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -30,6 +31,21 @@ class Tokenizer:
             self._longest = max(self._longest, 1)
         return self._longest
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text alone (special tokens included; a piece of a multi-byte character
+        shows as U+FFFD)."""
+        return self._tok.decode([int(token_id)], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's exact bytes. Byte-level BPE vocabularies spell each byte as one printable
+        character (_byte_level_alphabet); other vocabularies: the UTF-8 of token_text."""
+        piece = self._tok.convert_ids_to_tokens(int(token_id))
+        decode = _byte_level_alphabet()
+        if isinstance(piece, str) and piece and all(c in decode for c in piece) and \
+                int(token_id) not in self._tok.all_special_ids:
+            return bytes(decode[c] for c in piece)
+        return self.token_text(token_id).encode("utf-8")
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens)
 
@@ -43,6 +59,18 @@ class Tokenizer:
 
     def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
         return StreamDecoder(self, skip_special_tokens)
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """Character -> byte of byte-level BPE: bytes that are printable Latin-1 characters stand for
+    themselves, the other 68 (controls, space, soft hyphen, ...) for code points 256, 257, ... in
+    byte order."""
+    printable = [b for b in range(256) if 0x21 <= b <= 0x7E or 0xA1 <= b <= 0xAC or 0xAE <= b <= 0xFF]
+    out = {chr(b): b for b in printable}
+    others = [b for b in range(256) if b not in out.values()]
+    out.update({chr(256 + i): b for i, b in enumerate(others)})
+    return out
 
 
 class StreamDecoder:

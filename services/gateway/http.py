@@ -30,6 +30,8 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from ssd.config import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_REPETITION_PENALTY
+
 from ..protos import pb
 from .. import telemetry as tm
 from .server import MAX_TOKENS_LIMIT, Gateway, GenerateError
@@ -97,9 +99,7 @@ class ChatMessage(BaseModel):
 # parameters that are part of the OpenAI surface but that this server does not implement: a
 # request that sets one (to anything but its neutral value) is refused, naming it
 _UNSUPPORTED = {
-    "logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0), "logit_bias": (None, {}),
-    "min_tokens": (None, 0), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
     "function_call": (None, "none"), "response_format": (None, {"type": "text"}), "echo": (None, False),
     "suffix": (None, ""), "best_of": (None, 1), "parallel_tool_calls": (None,), "audio": (None,),
     "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
@@ -126,14 +126,13 @@ class _Common(BaseModel):
     metadata: Any = None
     store: Any = None
     service_tier: Any = None
+    # adjustments of the target's logits, the same in AR, SD and SSD (ssd/sampling.py)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # extension (vLLM)
+    logit_bias: dict[str, float] | None = None
+    min_tokens: StrictInt | None = None  # extension (vLLM)
     # accepted only at their neutral values (see _UNSUPPORTED)
-    logprobs: Any = None
-    top_logprobs: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    repetition_penalty: Any = None
-    logit_bias: Any = None
-    min_tokens: Any = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -185,10 +184,24 @@ class _Common(BaseModel):
 class ChatRequest(_Common):
     messages: list[ChatMessage]
     max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+
+    def alternatives(self) -> int | None:
+        """SamplingParams.logprobs: None (no logprobs) or the alternatives per token."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs requires logprobs: true", "top_logprobs")
+        if not self.logprobs:
+            return None
+        return _in_range(self.top_logprobs or 0, 0, MAX_LOGPROBS, "top_logprobs")
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: StrictInt | None = None  # legacy: the number of alternatives per token
+
+    def alternatives(self) -> int | None:
+        return None if self.logprobs is None else _in_range(self.logprobs, 0, MAX_LOGPROBS, "logprobs")
 
 
 class TokenizeRequest(BaseModel):
@@ -434,6 +447,10 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
             raise ApiError(400, "top_p must be in (0, 1]", "top_p")
         s.top_k = req.top_k or 0
         s.ignore_eos = req.ignore_eos
+        _set_adjustments(req, s, gw.tokenizer.vocab_size)
+        alternatives = req.alternatives()
+        if alternatives is not None:
+            s.logprobs = alternatives
         if req.seed is not None:
             s.seed = req.seed
         if max_tokens is not None:
@@ -443,19 +460,22 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
             s.max_tokens = max_tokens
         else:  # chat: up to the context; legacy completions: 16, as OpenAI
             s.max_tokens = default_max or 0  # 0: the gateway fills in "the rest of the context"
+        if s.max_tokens and s.min_tokens > s.max_tokens:
+            raise ApiError(400, f"min_tokens ({s.min_tokens}) is over max_tokens ({s.max_tokens})", "min_tokens")
         gen = gw.generate(g, parent_ctx=tm.extract_headers(dict(request.headers.items())), fill_max_tokens=True)
         first = await run_in_threadpool(_first, gen)  # validation errors surface here, before any response
         rid = ("chatcmpl-" if chat else "cmpl-") + first.request_id
         now = int(time.time())
         scanner = StopScanner(req.stops())
+        lps = _Logprobs(gw.tokenizer, chat) if alternatives is not None else None
         if not req.stream:
-            return await _collect(gen, first, rid, now, chat, scanner, request)
+            return await _collect(gen, first, rid, now, chat, scanner, request, lps)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_sse(gen, first, rid, now, chat, scanner, include_usage),
+        return StreamingResponse(_sse(gen, first, rid, now, chat, scanner, include_usage, lps),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    def choice(text: str, finish: str | None, chat: bool, delta: bool, first: bool = False) -> dict:
-        c: dict = {"index": 0, "finish_reason": finish, "logprobs": None}
+    def choice(text: str, finish: str | None, chat: bool, delta: bool, first: bool = False, logprobs=None) -> dict:
+        c: dict = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
         if chat:
             if delta:
                 c["delta"] = ({"role": "assistant", "content": text} if first else {"content": text}) if (text or first) else {}
@@ -469,7 +489,7 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
         p = resp.usage.prompt_tokens
         return {"prompt_tokens": p, "completion_tokens": produced, "total_tokens": p + produced}
 
-    async def _collect(gen, first, rid, now, chat, scanner: StopScanner, request: Request):
+    async def _collect(gen, first, rid, now, chat, scanner: StopScanner, request: Request, lps: "_Logprobs | None"):
         """Non-streaming: the whole answer; a client that hangs up aborts the request."""
         done = threading.Event()
 
@@ -477,6 +497,8 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
             parts, last, produced, finish = [], first, 0, None
             for r in _chain(first, gen):
                 produced += len(r.token_ids)
+                if lps is not None:
+                    lps.add(r)
                 out, hit = scanner.push(r.text)
                 parts.append(out)
                 last = r
@@ -501,10 +523,10 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
         text, finish, last, produced = await task
         obj = "chat.completion" if chat else "text_completion"
         return {"id": rid, "object": obj, "created": now, "model": gw.model_name,
-                "choices": [choice(text, finish, chat, False)], "usage": usage(last, produced),
+                "choices": [choice(text, finish, chat, False, logprobs=lps and lps.total())], "usage": usage(last, produced),
                 "system_fingerprint": gw.draft_description or None}
 
-    async def _sse(gen, first, rid, now, chat, scanner: StopScanner, include_usage: bool):
+    async def _sse(gen, first, rid, now, chat, scanner: StopScanner, include_usage: bool, lps: "_Logprobs | None"):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def event(choices, extra=None) -> bytes:
@@ -524,13 +546,12 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
                 produced += len(r.token_ids)
                 last = r
                 out, hit = scanner.push(r.text)
+                chunk_lps = lps.add(r) if lps is not None else None
+                if out or chunk_lps:  # logprobs of tokens whose text is still held back come now
+                    yield event([choice(out, None, chat, True, logprobs=chunk_lps)])
                 if hit:
                     finish = "stop"
-                    if out:
-                        yield event([choice(out, None, chat, True)])
                     break
-                if out:
-                    yield event([choice(out, None, chat, True)])
             if finish is None:
                 tail = scanner.flush()
                 if tail:
@@ -562,6 +583,78 @@ def _utf8(text: str, param: str) -> str:
     except UnicodeEncodeError:
         raise ApiError(400, f"{param} is not valid Unicode text (a lone surrogate?)", param) from None
     return text
+
+
+def _in_range(v, lo, hi, name: str):
+    if not lo <= v <= hi:
+        raise ApiError(400, f"{name} must be in [{lo}, {hi}], got {v}", name)
+    return v
+
+
+def _set_adjustments(req: "_Common", s, vocab_size: int) -> None:
+    """Penalties, logit_bias and min_tokens into the request's SamplingParams message, each
+    checked here so a bad one is refused naming it."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = getattr(req, name)
+        if v is not None:
+            setattr(s, name, _in_range(_number(v, name), -2.0, 2.0, name))
+    if req.repetition_penalty is not None:
+        r = _number(req.repetition_penalty, "repetition_penalty")
+        if not 0 < r <= MAX_REPETITION_PENALTY:
+            raise ApiError(400, f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}]", "repetition_penalty")
+        s.repetition_penalty = r
+    if req.logit_bias:
+        if len(req.logit_bias) > MAX_LOGIT_BIAS:
+            raise ApiError(400, f"logit_bias has more than {MAX_LOGIT_BIAS} entries", "logit_bias")
+        for key, bias in req.logit_bias.items():
+            if not key.isdigit() or int(key) >= vocab_size:
+                raise ApiError(400, f"logit_bias key {key!r} is not a token id in [0, {vocab_size})", "logit_bias")
+            s.logit_bias[int(key)] = _in_range(_number(bias, "logit_bias"), -100.0, 100.0, "logit_bias")
+    if req.min_tokens is not None:
+        s.min_tokens = _in_range(req.min_tokens, 0, MAX_TOKENS_LIMIT, "min_tokens")
+
+
+class _Logprobs:
+    """OpenAI logprobs objects from the GenerateResponse's TokenLogprob entries: chat
+    {"content": [{token, logprob, bytes, top_logprobs}]}; legacy completions {tokens,
+    token_logprobs, top_logprobs (the chosen token and its alternatives), text_offset (from the
+    start of the generated text)}. `add` takes each response in order and returns the object
+    for its tokens alone (a stream chunk's); `total` the object for all of them."""
+
+    def __init__(self, tokenizer, chat: bool):
+        self.tok, self.chat = tokenizer, chat
+        self.decoder = tokenizer.stream_decoder(skip_special_tokens=False)
+        self.offset = 0
+        self.all: list = []
+
+    def _item(self, token_id: int, logprob: float) -> dict:
+        return {"token": self.tok.token_text(token_id), "logprob": logprob, "bytes": list(self.tok.token_bytes(token_id))}
+
+    def add(self, resp) -> dict | None:
+        if not resp.logprobs:
+            return None
+        items = []
+        for t, e in zip(resp.token_ids, resp.logprobs):
+            if self.chat:
+                item = self._item(t, e.logprob)
+                item["top_logprobs"] = [self._item(a.token_id, a.logprob) for a in e.top]
+            else:
+                alts = {self.tok.token_text(a.token_id): a.logprob for a in e.top}
+                alts.setdefault(self.tok.token_text(t), e.logprob)
+                item = (self.tok.token_text(t), e.logprob, alts, self.offset)
+            self.offset += len(self.decoder.push(t))
+            items.append(item)
+        self.all += items
+        return self._obj(items)
+
+    def total(self) -> dict:
+        return self._obj(self.all)
+
+    def _obj(self, items: list) -> dict:
+        if self.chat:
+            return {"content": items, "refusal": None}
+        return {"tokens": [i[0] for i in items], "token_logprobs": [i[1] for i in items],
+                "top_logprobs": [i[2] for i in items], "text_offset": [i[3] for i in items]}
 
 
 def _role(role: str) -> str:

@@ -122,8 +122,15 @@ def test_stop_scanner_holds_back_partial_matches():
 
 
 @pytest.mark.parametrize("kw,param", [
-    ({"logprobs": True}, "logprobs"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 150}}, "logit_bias"),
+    ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
+    ({"extra_body": {"min_tokens": 10}}, "min_tokens"),  # over max_tokens
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"n": 2}, "n"),
@@ -140,6 +147,86 @@ def test_unsupported_or_bad_parameters_are_400_naming_them(client, kw, param):
     assert err["message"] and err["type"] == "invalid_request_error"
     if param:
         assert err["param"] == param
+
+
+def _ar(pair, params: SamplingParams):
+    ids = pair.tokenizer.apply_chat_template([{"role": "user", "content": Q}])
+    eng = AREngine(EngineConfig(mode="ar", max_model_len=MAX_LEN), pair.target, pair.tokenizer.eos_token_ids)
+    return eng.generate([ids], params)[0]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_logprobs_are_the_targets_own(client, pair, stream):
+    """Greedy with logprobs through SSD: each token's logprob and its alternatives equal the AR
+    engine's (the target's log-softmax; batch-invariant kernels make them bit-identical), the
+    tokens' bytes spell the text, and the chosen token is the top alternative."""
+    ref = _ar(pair, SamplingParams(max_tokens=24, logprobs=3))
+    kw = dict(max_tokens=24, logprobs=True, top_logprobs=3)
+    if stream:
+        chunks = [c for c in _chat(client, stream=True, **kw) if c.choices]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        content = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    else:
+        r = _chat(client, **kw)
+        text, content = r.choices[0].message.content, r.choices[0].logprobs.content
+    assert len(content) == 24
+    assert b"".join(bytes(e.bytes) for e in content).decode() == text
+    for e, (lp, alts), tok in zip(content, ref.logprobs, ref.output_ids):
+        assert e.logprob == pytest.approx(lp, abs=1e-6) and e.token == pair.tokenizer.token_text(tok)
+        assert [a.token for a in e.top_logprobs] == [pair.tokenizer.token_text(t) for t, _ in alts]
+        assert [a.logprob for a in e.top_logprobs] == pytest.approx([v for _, v in alts], abs=1e-6)
+        # greedy: the chosen token is a most likely one (bf16 logits may tie; topk orders ties its own way)
+        assert e.top_logprobs[0].logprob == e.logprob and e.token in [a.token for a in e.top_logprobs]
+    plain = _chat(client, max_tokens=4)
+    assert plain.choices[0].logprobs is None
+
+
+def test_legacy_completion_logprobs(client):
+    r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 8
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(8)]
+    for tok, v, alts in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert v <= 0 and alts[tok] == v and 1 <= len(alts) <= 3 and max(alts.values()) == v  # greedy
+    chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0,
+                                            logprobs=2, stream=True))
+    assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs] == lp.token_logprobs
+
+
+def test_penalties_bias_and_min_tokens_equal_the_ar_engine_in_every_mode(client, pair, reference):
+    """Adjusted greedy decoding through the gateway, as ar, sd and ssd: the same text as the AR
+    engine given the same adjustments, and not the unadjusted text."""
+    ban = reference[2]
+    params = SamplingParams(max_tokens=32, frequency_penalty=1.2, presence_penalty=0.3, repetition_penalty=1.3,
+                            logit_bias={ban: -100.0}, min_tokens=32)
+    want = pair.tokenizer.decode(_ar(pair, params).output_ids)
+    assert want != pair.tokenizer.decode(reference)
+    for mode in ("ar", "sd", "ssd"):
+        r = _chat(client, max_tokens=32, frequency_penalty=1.2, presence_penalty=0.3, logit_bias={str(ban): -100},
+                  extra_body={"repetition_penalty": 1.3, "min_tokens": 32, "mode": mode})
+        assert r.choices[0].message.content == want, mode
+        assert r.usage.completion_tokens == 32
+
+
+def test_a_seed_gives_the_same_sampled_text_everywhere(stack, client, pair):
+    """Same seed, same input: the same sampled tokens streamed or not, over HTTP or gRPC, as
+    ar, sd or ssd, and equal to the AR engine's; another seed gives another text."""
+    from ssd.services.protos import pb
+
+    want = _ar(pair, SamplingParams(temperature=0.9, top_p=0.95, max_tokens=24, seed=1234)).output_ids
+    texts = set()
+    for mode in ("ar", "sd", "ssd"):
+        kw = dict(max_tokens=24, temperature=0.9, top_p=0.95, seed=1234, extra_body={"mode": mode})
+        texts.add(_chat(client, **kw).choices[0].message.content)
+        texts.add("".join(c.choices[0].delta.content or "" for c in _chat(client, stream=True, **kw) if c.choices))
+        out = list(stack.stub.Generate(pb.GenerateRequest(
+            messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=Q)]), mode=mode,
+            sampling=pb.SamplingParams(temperature=0.9, top_p=0.95, max_tokens=24, seed=1234))))
+        assert [t for r in out for t in r.token_ids] == want, mode
+    assert texts == {pair.tokenizer.decode(want)}
+    other = _chat(client, max_tokens=24, temperature=0.9, top_p=0.95, seed=1235).choices[0].message.content
+    assert other != texts.pop()
 
 
 def test_int64_seeds_at_the_limits_are_accepted(client):
@@ -342,7 +429,7 @@ def test_mode_is_honoured_per_request(stack, client, pair, reference):
         stats[mode] = out[-1].stats
     assert stats["ar"].num_draft_tokens == 0 and stats["ar"].num_rounds == 31
     assert stats["sd"].num_draft_tokens > 0 and stats["sd"].cache_hit + stats["sd"].cache_late == 0
-    assert stats["ssd"].num_draft_tokens > 0
+    assert stats["ssd"].num_draft_tokens > 0 and stats["ssd"].cache_hit + stats["ssd"].cache_late > 0  # the draft's cache
     r = _chat(client, max_tokens=32, extra_body={"mode": "ar"})
     assert r.choices[0].message.content == pair.tokenizer.decode(reference)
     with pytest.raises(openai.BadRequestError):
