@@ -20,6 +20,8 @@ from ..protos import pb, pb_grpc
 log = logging.getLogger(__name__)
 
 MAX_TOKENS_LIMIT = 1 << 20  # "absurd" max_tokens are rejected before they reach a target
+DRAINING = "the gateway is shutting down (draining) and takes no new requests; retry on another replica"
+CUT_BY_DRAIN = "the gateway shut down before the request finished (its drain grace period ran out); retry it"
 
 
 def inter_token_gaps(n_tokens: int, interval_s: float, first: bool) -> list[float]:
@@ -55,6 +57,8 @@ class Gateway:
         self.discovery = discovery
         self._stubs: dict[tuple[str, str], object] = {}
         self.running: dict[str, list] = {}  # request id -> [owner, the target call | None] (for Abort)
+        self.draining = False  # set once by drain(): new requests are refused from then on
+        self.cut: set[str] = set()  # running requests the drain ended (they fail with CUT_BY_DRAIN)
         self.lock = threading.Lock()
         self._rr = itertools.count()
 
@@ -68,40 +72,48 @@ class Gateway:
             return stub
 
     # ---- routing ---------------------------------------------------------------------------
-    def _least_loaded(self, kind: str, endpoints, load_of):
-        """(endpoint, stub, Load reply) of the least loaded ready endpoint; round robin among equals."""
+    def _least_loaded(self, kind: str, endpoints, load_of, parent=None):
+        """(endpoint, stub, Load reply) of the least loaded ready endpoint; round robin among
+        equals. parent: the request span the Load calls are traced under (CLIENT spans)."""
         best = None
         if not endpoints:
             return None
         start = next(self._rr) % len(endpoints)
+        method = "/ssd.v1.Target/Load" if kind == "target" else "/ssd.v1.Draft/Load"
         for ep in endpoints[start:] + endpoints[:start]:
             stub = self._stub(kind, ep.address)
+            client = tm.start_client_span(self.tracer, method, parent, ep.address) if parent is not None else None
             try:
-                load = stub.Load(pb.LoadRequest(), timeout=2.0)
-            except grpc.RpcError:
+                load = stub.Load(pb.LoadRequest(), timeout=2.0, metadata=tm.inject_metadata(client) if client else None)
+            except grpc.RpcError as e:
+                if client is not None:
+                    tm.end_rpc_span(client, e.code().value[0], e.details() or "")
                 continue
+            if client is not None:
+                tm.end_rpc_span(client, 0)
             if best is None or load_of(load) < load_of(best[2]):
                 best = (ep, stub, load)
         return best
 
     def ready(self) -> bool:
-        """True when some target answers (readiness: /health, the gRPC health service)."""
-        return self._least_loaded("target", self.discovery.targets(), lambda l: l.running + l.waiting) is not None
+        """True when some target answers and the gateway is not draining (readiness: /health,
+        the gRPC health service)."""
+        return not self.draining and self._least_loaded("target", self.discovery.targets(), lambda l: l.running + l.waiting) is not None
 
-    def pick_target(self):
+    def pick_target(self, parent=None):
         """Least loaded ready target (running + waiting)."""
-        best = self._least_loaded("target", self.discovery.targets(), lambda l: l.running + l.waiting)
+        best = self._least_loaded("target", self.discovery.targets(), lambda l: l.running + l.waiting, parent)
         if best is None:
             raise GenerateError(grpc.StatusCode.UNAVAILABLE, "no target is ready")
         ep, stub, load = best
         return ep.address, stub, ep.node or load.node
 
-    def pick_draft(self, node: str) -> str:
+    def pick_draft(self, node: str, parent=None) -> str:
         """Least loaded draft, on the target's node when any draft runs there (NCCL P2P; no
         network hop for q rows). Empty: let the target use its own drafts."""
         drafts = self.discovery.drafts()
         local = [d for d in drafts if node and d.node == node]
-        best = self._least_loaded("draft", local or drafts, lambda l: l.sequences + l.queue_depth)
+        best = self._least_loaded("draft", local or drafts, lambda l: l.sequences + l.queue_depth, parent)
         return best[0].address if best is not None else ""
     # ---- the generation path ---------------------------------------------------------------
     def check_size(self, req) -> None:
@@ -141,20 +153,33 @@ class Gateway:
             return ids
         raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, "one of prompt, messages, prompt_token_ids is required")
 
-    def generate(self, req, deadline_s: float | None = None, parent_ctx=None, owner=None, fill_max_tokens: bool = False):
+    def generate(self, req, deadline_s: float | None = None, parent_ctx=None, owner=None, fill_max_tokens: bool = False,
+                 rpc_method: str | None = None):
         """Yields GenerateResponse messages; raises GenerateError on bad input or target errors.
-        The request's root span (`ssd.request`) covers it all; its context goes to the target.
-        fill_max_tokens: sampling.max_tokens 0 means "the rest of the context" (OpenAI chat)."""
-        span = self.tracer.start_span(tm.SPAN_REQUEST, context=parent_ctx, kind=SpanKind.SERVER)
+        The request's root span (`ssd.request`) covers it all; a CLIENT span for the target
+        call carries its context to the target. fill_max_tokens: sampling.max_tokens 0 means
+        "the rest of the context" (OpenAI chat). rpc_method: the gRPC method being served (its
+        rpc.* attributes go on the span), None over HTTP."""
+        span = self.tracer.start_span(tm.SPAN_REQUEST, context=parent_ctx, kind=SpanKind.SERVER,
+                                      attributes=tm.rpc_attributes(rpc_method) if rpc_method else None)
+        code = grpc.StatusCode.OK
         try:  # not made current: the generator resumes on whichever thread the server picks
             yield from self._generate(req, deadline_s, span, owner, fill_max_tokens)
         except GenerateError as e:
+            code = e.code
             span.set_status(Status(StatusCode.ERROR, f"{e.code.name}: {e}"))
             raise
+        except GeneratorExit:  # the client went away
+            code = grpc.StatusCode.CANCELLED
+            raise
         finally:
+            if rpc_method:
+                span.set_attribute(tm.RPC_GRPC_STATUS_CODE, code.value[0])
             span.end()
 
     def _generate(self, req, deadline_s, span, owner, fill_max_tokens=False):
+        if self.draining:
+            raise GenerateError(grpc.StatusCode.UNAVAILABLE, DRAINING)
         if req.model and req.model != self.model_name:
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown model {req.model!r}; served: {self.model_name!r}")
         if req.mode not in ("", "ssd", "sd", "ar"):
@@ -178,23 +203,27 @@ class Gateway:
         if len(ids) + params.max_tokens > self.max_model_len:
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) exceeds the context length {self.max_model_len}")
+        span.set_attributes(self._gen_ai_attributes(req, params, len(ids)))
         request_id = req.request_id or uuid.uuid4().hex
         with self.lock:  # reserve the id now: two concurrent requests with one id must not both run
+            if self.draining:  # the drain began since the check above: it waits only for what it saw
+                raise GenerateError(grpc.StatusCode.UNAVAILABLE, DRAINING)
             if request_id in self.running:
                 raise GenerateError(grpc.StatusCode.ALREADY_EXISTS, f"request {request_id!r} is already running")
             self.running[request_id] = [owner, None]
         try:
-            addr, stub, node = self.pick_target()
+            addr, stub, node = self.pick_target(span)
         except GenerateError:
             with self.lock:
                 self.running.pop(request_id, None)
             raise
-        draft = self.pick_draft(node)
+        draft = self.pick_draft(node, span)
         span.set_attributes({tm.ATTR_REQUEST_ID: request_id, "ssd.model": self.model_name, "ssd.prompt_tokens": len(ids),
                              "ssd.target": addr, "ssd.draft": draft, "ssd.node": node})
         t_start = last = time.perf_counter()
+        client = tm.start_client_span(self.tracer, "/ssd.v1.Target/Run", span, addr)
         call = stub.Run(pb.RunRequest(seq_id=request_id, prompt_token_ids=ids, sampling=req.sampling, mode=req.mode,
-                                      draft_address=draft), timeout=deadline_s, metadata=tm.inject_metadata(span))
+                                      draft_address=draft), timeout=deadline_s, metadata=tm.inject_metadata(client))
         with self.lock:
             aborted = request_id not in self.running  # Abort arrived while we picked a target
             self.running[request_id] = [owner, call]
@@ -202,6 +231,7 @@ class Gateway:
             self.abort(request_id)
         decoder = self.tokenizer.stream_decoder()
         produced = 0
+        status = (grpc.StatusCode.UNKNOWN, "the gateway failed")  # until the call ends one way or another
         try:
             for resp in call:
                 now = time.perf_counter()
@@ -213,28 +243,66 @@ class Gateway:
                 last = now
                 produced += len(resp.token_ids)
                 text = "".join(decoder.push(t) for t in resp.token_ids)
-                out = pb.GenerateResponse(request_id=request_id, token_ids=resp.token_ids, text=text)
+                out = pb.GenerateResponse(request_id=request_id, token_ids=resp.token_ids, text=text, logprobs=resp.logprobs)
                 if resp.finish_reason:
                     span.set_attributes({"ssd.completion_tokens": produced, "ssd.finish_reason": resp.finish_reason,
-                                         "ssd.rounds": resp.stats.num_rounds})
+                                         "ssd.rounds": resp.stats.num_rounds, tm.GEN_AI_OUTPUT_TOKENS: produced,
+                                         tm.GEN_AI_FINISH_REASONS: [resp.finish_reason]})
                     if self.metrics is not None:
                         self.metrics.request_finished(resp.finish_reason, len(ids), produced, now - t_start)
                     out.finish_reason = resp.finish_reason
                     out.usage.CopyFrom(pb.Usage(prompt_tokens=len(ids), completion_tokens=produced))
                     out.stats.CopyFrom(resp.stats)
                 yield out
+            status = (grpc.StatusCode.OK, "")
         except grpc.RpcError as e:
+            status = (e.code(), e.details() or "")
             if e.code() == grpc.StatusCode.CANCELLED and request_id not in self.running:
+                if request_id in self.cut:  # the drain's grace ran out: say so, do not just stop
+                    raise GenerateError(grpc.StatusCode.UNAVAILABLE, CUT_BY_DRAIN) from None
                 yield pb.GenerateResponse(request_id=request_id, finish_reason="abort",
                                           usage=pb.Usage(prompt_tokens=len(ids), completion_tokens=produced))
                 return
             retry = dict(e.trailing_metadata() or ()).get("retry-after-ms")
             raise GenerateError(e.code(), e.details() or str(e.code()),
                                 int(retry) if retry and retry.isdigit() else None) from None
+        except GeneratorExit:  # our reader left before the end: the target call is cancelled below
+            status = (grpc.StatusCode.CANCELLED, "the client went away")
+            raise
         finally:
             with self.lock:
                 self.running.pop(request_id, None)
+                self.cut.discard(request_id)
             call.cancel()  # no-op when finished; frees the target sequence when the client left
+            tm.end_rpc_span(client, status[0].value[0], status[1])
+
+    def _gen_ai_attributes(self, req, params, prompt_tokens: int) -> dict:
+        """The conventions' gen_ai.* request attributes (the usage and finish reasons follow
+        with the last response)."""
+        return {tm.GEN_AI_SYSTEM: tm.GEN_AI_SYSTEM_NAME, tm.GEN_AI_PROVIDER: tm.GEN_AI_SYSTEM_NAME,
+                tm.GEN_AI_OPERATION: "chat" if req.WhichOneof("input") == "messages" else "text_completion",
+                tm.GEN_AI_REQUEST_MODEL: req.model or self.model_name, tm.GEN_AI_MAX_TOKENS: params.max_tokens,
+                tm.GEN_AI_TEMPERATURE: params.temperature, tm.GEN_AI_TOP_P: params.top_p,
+                tm.GEN_AI_INPUT_TOKENS: prompt_tokens}
+
+    def drain(self, deadline: float, margin_s: float = 1.0) -> None:
+        """Refuse new requests from now on (UNAVAILABLE, HTTP 503); let the running ones finish
+        until margin_s before deadline (a time.monotonic() instant), then end those left with
+        an explicit UNAVAILABLE (an HTTP stream gets an error event and [DONE]) instead of
+        letting the servers' stop cut them; returns once they have ended or the deadline passed."""
+        with self.lock:
+            self.draining = True
+        while self.running and time.monotonic() < deadline - margin_s:
+            time.sleep(0.05)
+        with self.lock:
+            left = list(self.running)
+            self.cut.update(left)
+        if left:
+            log.warning("drain: ending %d requests still running", len(left))
+        for request_id in left:
+            self.abort(request_id)
+        while self.cut and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def abort(self, request_id: str, owner=None) -> bool:
         """owner: only the request started by that owner (a failed duplicate must not cancel
@@ -305,7 +373,7 @@ class GatewayService(pb_grpc.GatewayServicer):
         context.add_callback(lambda: self.gw.abort(request.request_id, owner))
         try:
             yield from self.gw.generate(request, deadline_s=client_deadline(context), parent_ctx=tm.extract_grpc(context),
-                                        owner=owner)
+                                        owner=owner, rpc_method="/ssd.v1.Gateway/Generate")
         except GenerateError as e:
             if e.retry_after_ms is not None:
                 context.set_trailing_metadata((("retry-after-ms", str(e.retry_after_ms)),))

@@ -34,7 +34,7 @@ class EngineLoop:
     def __init__(self, engine, tracer=None, metrics=None):
         self.engine = engine
         self.metrics = metrics
-        engine.on_step = TargetObserver(tracer or tm.get_tracer(), metrics).on_step
+        engine.on_step = TargetObserver(tracer or tm.get_tracer(), metrics, draft_of=self._draft_of).on_step
         self.cv = threading.Condition()
         self.inbox: list[tuple] = []  # ("add", prompt_ids, params, meta, Future) | ("abort", seq)
         self.streams: dict[int, queue.Queue] = {}  # engine thread only
@@ -42,8 +42,13 @@ class EngineLoop:
         # this snapshot (one tuple, replaced whole) instead of the engine's own state
         self._load = (0, 0, engine.target.cache.num_free)
         self.stopped = False
+        self.draining = False  # drain(): new requests refused, the running ones go on
         self.thread = threading.Thread(target=self._run, daemon=True, name="engine-loop")
         self.thread.start()
+
+    def _draft_of(self, seq_id: int) -> str:
+        """The draft serving a sequence (its address), "" without one (engine thread only)."""
+        return getattr(getattr(self.engine, "link", None), "owner", {}).get(seq_id, "")
 
     def _post(self, item) -> None:
         with self.cv:
@@ -58,8 +63,8 @@ class EngineLoop:
         fut: Future = Future()
         limit = self.engine.cfg.max_queue
         with self.cv:
-            if self.stopped:
-                raise RuntimeError("the target is shutting down")
+            if self.stopped or self.draining:
+                raise RuntimeError("the target is shutting down (draining): it takes no new requests")
             waiting = self._load[1] + sum(1 for item in self.inbox if item[0] == "add")
             if limit and waiting >= limit:
                 raise QueueFull(f"the target's queue is full ({waiting} requests waiting for "
@@ -141,11 +146,12 @@ class EngineLoop:
             if self.metrics is not None:
                 self.metrics.set_running(self._load[0])
                 self.metrics.set_waiting(self._load[1])
-            for seq, tokens in events:
+            for (seq, tokens), start in zip(events, _output_positions(events)):
                 q = self.streams.get(seq.seq_id)
                 if q is None:
                     continue
-                q.put((tokens, seq.finish_reason if seq.finished else None))
+                lps = seq.logprobs[start:start + len(tokens)] if seq.params.logprobs is not None else ()
+                q.put((tokens, seq.finish_reason if seq.finished else None, lps))
                 if seq.finished:
                     self.streams.pop(seq.seq_id, None)
             if not self.engine.has_unfinished():
@@ -162,12 +168,29 @@ class EngineLoop:
         except Exception:  # best effort: the next request's round carries the same ops
             log.exception("engine idle hook failed")
 
+    def drain(self) -> None:
+        """Refuse new requests from now on (UNAVAILABLE); the running ones go on (the gRPC
+        server's graceful stop waits for them)."""
+        with self.cv:
+            self.draining = True
+
     def stop(self):
         with self.cv:
             self.stopped = True
             self.cv.notify()
         self.thread.join(timeout=10)
         self.engine.close()
+
+
+def _output_positions(events) -> list[int]:
+    """Where each event's tokens start in its sequence's output: a step may commit twice for
+    one sequence (its prefill token, then a round), and both events are read after the step."""
+    starts, later = [], {}
+    for seq, tokens in reversed(events):
+        n = later.get(seq.seq_id, 0)
+        starts.append(len(seq.output_ids) - n - len(tokens))
+        later[seq.seq_id] = n + len(tokens)
+    return starts[::-1]
 
 
 class QueueFull(Exception):
@@ -187,10 +210,17 @@ class TargetService(pb_grpc.TargetServicer):
         # a live span for the sequence's life here; its context parents every ssd.verify span
         # of the sequence and travels to the draft (ssd.speculate spans)
         span = self.tracer.start_span("ssd.target.run", context=tm.extract_grpc(context), kind=SpanKind.SERVER,
-                                      attributes={tm.ATTR_REQUEST_ID: request.seq_id})
+                                      attributes={tm.ATTR_REQUEST_ID: request.seq_id,
+                                                  **tm.rpc_attributes("/ssd.v1.Target/Run")})
+        code = grpc.StatusCode.CANCELLED  # unless the stream ends (OK) or is aborted (its code)
         try:  # not made current: the generator resumes on whichever thread gRPC picks
             yield from self._run(request, context, span)
+            code = grpc.StatusCode.OK
+        except Exception:
+            code = context.code() or grpc.StatusCode.UNKNOWN  # context.abort set it before raising
+            raise
         finally:
+            span.set_attribute(tm.RPC_GRPC_STATUS_CODE, code.value[0])
             span.end()
 
     def _run(self, request, context, span):
@@ -234,15 +264,16 @@ class TargetService(pb_grpc.TargetServicer):
                 return
             if isinstance(item, Exception):
                 context.abort(grpc.StatusCode.INTERNAL, str(item))
-            tokens, finish = item
+            tokens, finish, lps = item
             if finish == "error":  # this request failed alone; its neighbours were not touched
                 context.abort(grpc.StatusCode.INTERNAL, f"the request failed: {seq.error}")
             if finish is None:
-                yield pb.RunResponse(token_ids=tokens)
+                yield pb.RunResponse(token_ids=tokens, logprobs=convert.logprobs_to_pb(lps))
             else:
                 span.set_attributes({"ssd.finish_reason": finish, "ssd.completion_tokens": len(seq.output_ids),
                                      "ssd.rounds": seq.spec_stats.num_rounds})
-                yield pb.RunResponse(token_ids=tokens, finish_reason=finish, stats=stats_to_pb(seq.spec_stats))
+                yield pb.RunResponse(token_ids=tokens, finish_reason=finish, stats=stats_to_pb(seq.spec_stats),
+                                     logprobs=convert.logprobs_to_pb(lps))
                 return
 
     def Load(self, request, context):
