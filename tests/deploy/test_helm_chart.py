@@ -162,6 +162,7 @@ def test_schema_is_strict_at_component_level():
     ("telemetry.metrics.port=0", "port"),
     ("redis.externalUrl=http://x", "externalUrl"),
     ("engine.dtype=float16", "dtype"),
+    ("target.maxQueue=-1", "maxQueue"),
 ])
 def test_schema_rejects_bad_values(render_error, bad, message):
     assert message in render_error(bad)
@@ -261,6 +262,8 @@ def test_container_args_parse_with_the_real_cli(sets, monkeypatch, name):
             # numerics reach every role as the values say
             assert cfg.dtype == ("bfloat16" if name == "bf16-plain-kernels" else "auto") == arg(c, "--dtype")
             assert cfg.batch_invariant is (name != "bf16-plain-kernels")
+            if c["name"] == "target":  # admission control: the chart's queue bound reaches the engine
+                assert cfg.max_queue == int(arg(c, "--max-queue")) == 256
 
 
 # ---- autoscaling ----------------------------------------------------------------------------------
