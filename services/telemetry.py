@@ -426,6 +426,10 @@ def detach(token) -> None:
 
 # --- rpc spans ------------------------------------------------------------------------------
 
+HTTP_METHOD = "http.request.method"  # the HTTP conventions, on requests served over HTTP
+HTTP_ROUTE = "http.route"
+
+
 def rpc_attributes(full_method: str, address: str | None = None) -> dict:
     """The conventions' rpc.* attributes of a gRPC method "/pkg.Service/Method", with
     server.address / server.port of the peer (client side) when address ("host:port") is given."""

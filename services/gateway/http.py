@@ -462,7 +462,8 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
             s.max_tokens = default_max or 0  # 0: the gateway fills in "the rest of the context"
         if s.max_tokens and s.min_tokens > s.max_tokens:
             raise ApiError(400, f"min_tokens ({s.min_tokens}) is over max_tokens ({s.max_tokens})", "min_tokens")
-        gen = gw.generate(g, parent_ctx=tm.extract_headers(dict(request.headers.items())), fill_max_tokens=True)
+        gen = gw.generate(g, parent_ctx=tm.extract_headers(dict(request.headers.items())), fill_max_tokens=True,
+                          http_route=request.url.path)
         first = await run_in_threadpool(_first, gen)  # validation errors surface here, before any response
         rid = ("chatcmpl-" if chat else "cmpl-") + first.request_id
         now = int(time.time())

@@ -154,14 +154,16 @@ class Gateway:
         raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, "one of prompt, messages, prompt_token_ids is required")
 
     def generate(self, req, deadline_s: float | None = None, parent_ctx=None, owner=None, fill_max_tokens: bool = False,
-                 rpc_method: str | None = None):
+                 rpc_method: str | None = None, http_route: str | None = None):
         """Yields GenerateResponse messages; raises GenerateError on bad input or target errors.
         The request's root span (`ssd.request`) covers it all; a CLIENT span for the target
         call carries its context to the target. fill_max_tokens: sampling.max_tokens 0 means
         "the rest of the context" (OpenAI chat). rpc_method: the gRPC method being served (its
-        rpc.* attributes go on the span), None over HTTP."""
-        span = self.tracer.start_span(tm.SPAN_REQUEST, context=parent_ctx, kind=SpanKind.SERVER,
-                                      attributes=tm.rpc_attributes(rpc_method) if rpc_method else None)
+        rpc.* attributes go on the span); http_route: the HTTP route being served (http.*)."""
+        attrs = tm.rpc_attributes(rpc_method) if rpc_method else {}
+        if http_route:
+            attrs.update({tm.HTTP_METHOD: "POST", tm.HTTP_ROUTE: http_route})
+        span = self.tracer.start_span(tm.SPAN_REQUEST, context=parent_ctx, kind=SpanKind.SERVER, attributes=attrs or None)
         code = grpc.StatusCode.OK
         try:  # not made current: the generator resumes on whichever thread the server picks
             yield from self._generate(req, deadline_s, span, owner, fill_max_tokens)
