@@ -144,7 +144,11 @@ def position_noise(seed: int, positions, vocab: int) -> torch.Tensor:
     rows = []
     for j in positions:
         g = torch.Generator().manual_seed(_position_seed(seed, int(j)))
-        rows.append(torch.empty(vocab, dtype=torch.float32).exponential_(generator=g))
+        # -log(1 - U), U uniform on [0, 1) in float64: E is never 0 nor inf in practice (a float32
+        # U would hit an end with probability ~vocab * 2^-24 per position, forcing or banning a
+        # token); and 5x faster than exponential_ here
+        u = torch.rand(vocab, dtype=torch.float64, generator=g)
+        rows.append(torch.log1p(-u).neg_().to(torch.float32))
     return torch.stack(rows)
 
 
