@@ -93,6 +93,12 @@ class SpeculationConfig:
     ngram_max: int = 3  # longest suffix the prompt-lookup backup matches
     init_acceptance: float = 0.6  # acceptance rate assumed before any measurement
     init_power_r: float = 1.0  # power-law exponent assumed before any fit
+    # adaptive speculation (docs/algorithm.md section 7): K per round and sequence (at most
+    # num_speculative_tokens) from measured acceptance and costs, the miss fallback (JIT or backup)
+    # from measured tokens per second instead of b*, the fan-out budget (at most fan_out_budget)
+    # from measured build vs verify time
+    adaptive: bool = False
+    p_min: float = 0.0  # stop drafting a row when the draft's top probability at the next position is below this (0 = off)
 
     def __post_init__(self):
         if not 1 <= self.num_speculative_tokens <= 16:
@@ -109,6 +115,8 @@ class SpeculationConfig:
             raise ValueError("backup must be 'ngram'")
         if not 0.0 < self.init_acceptance < 1.0:
             raise ValueError("init_acceptance must be in (0, 1)")
+        if not 0.0 <= self.p_min < 1.0:
+            raise ValueError("p_min must be in [0, 1)")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,10 @@ class EngineStats:
     rounds_after_hit: int = 0
     tokens_after_miss: int = 0  # ... from the just-in-time draft or the fast backup
     rounds_after_miss: int = 0
+    tokens_after_jit: int = 0  # the miss rounds split by source (SSD: JIT draft | fast backup)
+    rounds_after_jit: int = 0
+    tokens_after_backup: int = 0
+    rounds_after_backup: int = 0
     t_prefill: float = 0.0
     t_verify: float = 0.0  # target forwards of verify / AR steps (seconds, summed)
     t_draft: float = 0.0  # SD: sequential drafting

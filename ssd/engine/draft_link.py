@@ -48,6 +48,8 @@ class DraftLink(Protocol):
 
 
 class ProcessDraftLink:
+    carries_adaptive = True  # RoundRequest.jit_k and fan_out_budget reach the draft (pickled whole)
+
     def __init__(self, draft_desc, speculation, max_seqs: int, max_model_len: int, threads: int,
                  seed: int = 0, start_timeout: float = 300.0):
         ctx = mp.get_context("spawn")
@@ -92,10 +94,10 @@ class ProcessDraftLink:
         return msg
 
     def q_row(self, q_ref, j: int | None = None) -> torch.Tensor:
-        """q_ref = ("jit", slot) or (parity, slot) of the cache buffers; j = branch. A copy over
+        """q_ref = ("jit", slot, rows) or (parity, slot) of the cache buffers; j = branch. A copy over
         the vocabulary (the buffers hold the draft head's columns)."""
-        if q_ref[0] == "jit":
-            q = self.jit_q[q_ref[1]]
+        if q_ref[0] == "jit":  # ("jit", slot, rows)
+            q = self.jit_q[q_ref[1], : q_ref[2]]
         else:
             parity, slot = q_ref
             q = self.cache_q[parity, slot, j]

@@ -124,7 +124,7 @@ class DraftRunner:
             cands = s.ranked[k] if k < len(s.ranked) else []
             t = new_tokens[-1]
             rank = cands.index(t) if t in cands else RANKED_CANDIDATES
-            self.planner.stats[s.spec_after].record_round(self.K, k, rank)
+            self.planner.stats[s.spec_after].record_round(len(s.ranked) - 1, k, rank)  # tokens it drafted
         s.ranked = None
         s.last_outcome_k = len(new_tokens) - 1
         s.ctx.extend(new_tokens)
@@ -194,53 +194,76 @@ class DraftRunner:
 
     # ---- just-in-time drafting (SD, and SSD after a miss) ---------------------------------
     @torch.inference_mode()
-    def jit(self, seq_ids: list[int], after: str = "miss"):
-        """K sequential draft steps for each sequence, batched across sequences.
-        Returns {seq_id: (token_ids [K], probs [K, Vh] | None)}, q over the head (head_ids)."""
+    def jit(self, seq_ids: list[int], after: str = "miss", lengths: dict[int, int] | None = None):
+        """Up to K sequential draft steps for each sequence, batched across sequences.
+        lengths: {seq_id: most tokens to draft} (adaptive K; K when absent). A row also stops
+        early, after its first token, when the draft's top probability at the next position is
+        below p_min (docs/algorithm.md section 7a): decided before that token is drawn, so the
+        tokens drafted keep exactly the q they were drawn from.
+        Returns {seq_id: (token_ids [n], probs [n, Vh] | None)}, n <= K, q over the head (head_ids)."""
         if not seq_ids:
             return {}
         rows = [self.seqs[i] for i in seq_ids]
-        K = self.K
+        limit = [min(max((lengths or {}).get(i, self.K), 1), self.K) for i in seq_ids]
+        p_min = self.speculation.p_min
         fan = self.planner.schedule(after)
         feeds = [r.ctx[r.draft_len :] for r in rows]
         tokens = [[] for _ in rows]
         probs = [[] for _ in rows]
         hs = [[] for _ in rows]  # feature drafter: the output h each proposal was drafted from
-        lengths = [r.draft_len for r in rows]
-        for step in range(K):
-            n = [len(f) for f in feeds]
+        lengths_fed = [r.draft_len for r in rows]
+        active = list(range(len(rows)))
+        for step in range(self.K):
+            active = [b for b in active if len(tokens[b]) < limit[b]]
+            if not active:
+                break
+            n = [len(feeds[b]) for b in active]
             width = max(n)
-            ids = torch.tensor([f + [0] * (width - len(f)) for f in feeds], dtype=torch.int64)
-            batch = append_batch([r.slot for r in rows], lengths, n, device=ids.device)
+            ids = torch.tensor([feeds[b] + [0] * (width - len(feeds[b])) for b in active], dtype=torch.int64)
+            batch = append_batch([rows[b].slot for b in active], [lengths_fed[b] for b in active], n, device=ids.device)
             last = torch.tensor([[x - 1] for x in n], dtype=torch.int64)
             # step 0 feeds context (true features); later steps feed a proposal, self-fed
-            gprev = self._gprev(rows, lengths, n, width, [h[-1][None] for h in hs] if step and self.feature else None)
+            gprev = self._gprev([rows[b] for b in active], [lengths_fed[b] for b in active], n, width,
+                                [hs[b][-1][None] for b in active] if step and self.feature else None)
             logits, h = self._forward(ids, gprev, batch, logits_rows=last)
             logits = logits[:, 0]  # [B, V]
-            for b, r in enumerate(rows):
-                tok, q = self._pick(r, logits[b : b + 1], fan[step], [len(r.ctx) + step])
+            stopped = set()
+            for a, b in enumerate(active):
+                r = rows[b]
+                lengths_fed[b] += n[a]
+                if step and p_min > 0 and self._confidence(r, logits[a : a + 1]) < p_min:
+                    stopped.add(b)  # not drawn: the speculation ends with the tokens drawn so far
+                    continue
+                tok, q = self._pick(r, logits[a : a + 1], fan[step], [len(r.ctx) + step])
                 tokens[b].append(int(tok[0]))
                 if q is not None:
                     probs[b].append(q[0])
                 if h is not None:
-                    hs[b].append(h[b, n[b] - 1])
-            lengths = [l + x for l, x in zip(lengths, n)]
-            feeds = [[t[-1]] for t in tokens]
+                    hs[b].append(h[a, n[a] - 1])
+                feeds[b] = [tokens[b][-1]]
+            active = [b for b in active if b not in stopped]
         out = {}
         for b, (i, r) in enumerate(zip(seq_ids, rows)):
-            # ctx + d_1..d_{K-1} hold valid KV (build() re-feeds the last ctx token for G_0)
-            r.draft_len = len(r.ctx) + K - 1
+            # ctx + d_1..d_{n-1} hold valid KV (build() re-feeds the last ctx token for G_0)
+            r.draft_len = len(r.ctx) + len(tokens[b]) - 1
             if self.feature:
                 r.selfh = {self._selfh_key(r, tokens[b]): torch.stack(hs[b])}
             out[i] = (torch.tensor(tokens[b]), torch.stack(probs[b]) if probs[b] else None)
         return out
 
+    def _confidence(self, s: DraftSeq, logits: torch.Tensor) -> float:
+        """The draft's top probability for a row's next position ([1, Vh] logits): of its own
+        (temperature, top-k/p) distribution when sampling, of softmax(logits) when greedy."""
+        if s.params.greedy:
+            return float(torch.softmax(logits.float(), -1).max())
+        return float(process_logits(logits, s.params).max())
+
     @torch.inference_mode()
     def _selffed_chain(self, rows: list[DraftSeq], specs: list[list[int]]) -> list[torch.Tensor]:
         """A feature drafter's self-fed inputs for speculations it did not draft itself (the
         fast backup's, the index's, another draft's): the context and then the speculated tokens
-        one at a time, each reading the previous output. -> per row [K, H]"""
-        K = self.K
+        one at a time, each reading the previous output. All specs of one length. -> per row [len, H]"""
+        K = len(specs[0])
         starts = [min(r.draft_len, len(r.ctx) - 1) for r in rows]
         feeds = [r.ctx[st:] for r, st in zip(rows, starts)]
         hs = [[] for _ in rows]
@@ -260,7 +283,8 @@ class DraftRunner:
     # ---- speculation cache construction (SSD) ----------------------------------------------
     @torch.inference_mode()
     def build(self, specs: dict[int, tuple[list[int], str]], on_keys=None, should_abort=None) -> dict[int, CacheEntry] | None:
-        """specs: {seq_id: (the K speculated tokens now being verified, "hit" | "miss")}.
+        """specs: {seq_id: (the speculated tokens now being verified (K, or fewer from an
+        adaptive JIT draft), "hit" | "miss")}. Every branch drafts K tokens whatever the length.
         Predicts the round's outcomes and drafts the next speculation for each (Saguaro).
         on_keys({seq_id: [(k, token), ...]}) is called as soon as the fork is known, before the
         tree decode; should_abort() is polled between tree steps: True abandons the build
@@ -276,9 +300,10 @@ class DraftRunner:
         if self.feature:  # the speculated positions read the outputs they were drafted from
             selfh = [r.selfh.get(self._selfh_key(r, specs[i][0])) for r, i in zip(rows, seq_ids)]
             missing = [b for b, h in enumerate(selfh) if h is None]
-            if missing:
-                for b, h in zip(missing, self._selffed_chain([rows[b] for b in missing],
-                                                             [list(specs[seq_ids[b]][0]) for b in missing])):
+            for m in sorted({len(specs[seq_ids[b]][0]) for b in missing}):  # one chain per length
+                group = [b for b in missing if len(specs[seq_ids[b]][0]) == m]
+                for b, h in zip(group, self._selffed_chain([rows[b] for b in group],
+                                                           [list(specs[seq_ids[b]][0]) for b in group])):
                     selfh[b] = h
         feeds, starts = [], []
         for r, i in zip(rows, seq_ids):
@@ -289,7 +314,9 @@ class DraftRunner:
         width = max(n)
         ids = torch.tensor([f + [0] * (width - len(f)) for f in feeds], dtype=torch.int64)
         batch = append_batch([r.slot for r in rows], starts, n, device=ids.device)
-        glue_rows = torch.tensor([[x - K - 1 + j for j in range(K + 1)] for x in n], dtype=torch.int64)
+        m = [len(specs[i][0]) for i in seq_ids]  # speculated tokens per row (<= K)
+        # row b's G_0..G_{m_b} (repeating its last one up to K+1 columns)
+        glue_rows = torch.tensor([[x - mb - 1 + min(j, mb) for j in range(K + 1)] for x, mb in zip(n, m)], dtype=torch.int64)
         glue_logits, glue_h = self._forward(ids, self._gprev(rows, starts, n, width, selfh), batch,
                                             logits_rows=glue_rows)  # [B, K+1, V], [B, width, H]
 
@@ -297,18 +324,19 @@ class DraftRunner:
         branch_tok, branch_depth, fans = [], [], []
         for b, (r, i) in enumerate(zip(rows, seq_ids)):
             spec_tokens, after = specs[i]
-            r.draft_len = len(r.ctx) + K  # context + speculated tokens now hold valid KV
+            mb = m[b]
+            r.draft_len = len(r.ctx) + mb  # context + speculated tokens now hold valid KV
             r.spec_after = after
-            fan = self.planner.schedule(after)  # the schedule follows how this speculation arrived
-            scores = self._ranking(r, glue_logits[b], range(len(r.ctx), len(r.ctx) + K + 1))
+            fan = self.planner.schedule(after, mb)  # the schedule follows how this speculation arrived
+            scores = self._ranking(r, glue_logits[b, : mb + 1], range(len(r.ctx), len(r.ctx) + mb + 1))
             top_idx = torch.topk(scores, min(RANKED_CANDIDATES + 1, glue_logits.shape[-1]), dim=-1).indices
-            top = self._to_vocab(top_idx).tolist()  # [K+1][R+1] token ids by draft rank
+            top = self._to_vocab(top_idx).tolist()  # [m+1][R+1] token ids by draft rank
             ranked = []
-            for k in range(K + 1):
-                cands = [t for t in top[k] if k == K or t != spec_tokens[k]][:RANKED_CANDIDATES]
+            for k in range(mb + 1):
+                cands = [t for t in top[k] if k == mb or t != spec_tokens[k]][:RANKED_CANDIDATES]
                 ranked.append(cands)
             toks, depths = [], []
-            for k in range(K + 1):
+            for k in range(mb + 1):
                 for t in ranked[k][: fan[k]]:
                     toks.append(t)
                     depths.append(k)
@@ -322,7 +350,7 @@ class DraftRunner:
         nb = [len(t) for t in branch_tok]
         width = max(nb)
         L = [len(r.ctx) for r in rows]
-        region = [l + K for l in L]
+        region = [l + K for l in L]  # after the longest glue (a shorter one leaves unseen columns)
         visible = [[l + d for d in depths] for l, depths in zip(L, branch_depth)]
         base_pos = visible  # the fork token sits at logical position L + k
         # branch tokens become the next speculation only on a hit: reshape for the hit schedule
@@ -335,7 +363,7 @@ class DraftRunner:
             tree_g = torch.zeros(len(rows), width, self.model.cfg.hidden_size, dtype=self.model.dtype)
             for b in range(len(rows)):
                 for j, d in enumerate(branch_depth[b]):
-                    tree_g[b, j] = glue_h[b, n[b] - K - 1 + d]
+                    tree_g[b, j] = glue_h[b, n[b] - m[b] - 1 + d]
         for step in range(K):
             if should_abort is not None and should_abort():
                 return None

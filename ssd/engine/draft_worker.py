@@ -93,6 +93,8 @@ class RoundServer:
                 if op.reason == "abort" and self.index is not None:
                     self.index.delete_many(keys)
                 self.forget(seq_id)
+        if msg.fan_out_budget:  # adaptive: the target sized this round's build (at most the buffers' room)
+            runner.planner.budget = min(msg.fan_out_budget, runner.max_branches)
         # the replies the target waits for follow its message, whatever this draft can serve
         want_jit, want_keys = bool(jit_ids), bool(jit_ids or backups or hit_ids)
         if self.refused:  # no speculation for refused sequences: the target uses its backup for them
@@ -103,7 +105,7 @@ class RoundServer:
         if want_jit:
             t0, jit_start = time.perf_counter(), time.time_ns()
             reply = {}
-            for i, (tokens, q) in (runner.jit(jit_ids, after="miss") if jit_ids else {}).items():
+            for i, (tokens, q) in (runner.jit(jit_ids, after="miss", lengths=msg.jit_k) if jit_ids else {}).items():
                 q_ref = put_q("jit", round_id, runner.seqs[i].slot, q) if q is not None else None
                 reply[i] = Speculation(tokens.tolist(), q_ref)
                 specs[i] = (tokens.tolist(), "miss")
@@ -177,9 +179,9 @@ def worker_main(conn, draft_desc, speculation, max_seqs: int, max_model_len: int
 
     def put_q(kind, round_id, slot, probs):
         # shared memory: cache rows double-buffered by round parity, JIT rows in their own region
-        if kind == "jit":
-            jit_q[slot].copy_(probs)
-            return ("jit", slot)
+        if kind == "jit":  # an adaptive JIT speculation may hold fewer than K rows
+            jit_q[slot, : probs.shape[0]].copy_(probs)
+            return ("jit", slot, probs.shape[0])
         cache_q[round_id % 2, slot, : probs.shape[0]].copy_(probs)
         return (round_id % 2, slot)
 

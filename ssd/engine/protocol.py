@@ -96,6 +96,10 @@ class RoundRequest:
     jit_ids: list[int] = field(default_factory=list)
     backups: dict[int, list[int]] = field(default_factory=dict)
     hit_ids: list[int] = field(default_factory=list)
+    # adaptive speculation (docs/algorithm.md section 7): most tokens each JIT speculation may
+    # hold (K when absent), and the fan-out budget of this round's build (0: the configured one)
+    jit_k: dict[int, int] = field(default_factory=dict)
+    fan_out_budget: int = 0
 
 
 @dataclass(frozen=True)

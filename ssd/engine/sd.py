@@ -7,6 +7,7 @@ import time
 from ..config import EngineConfig
 from .base import Engine
 from .draft_runner import DraftRunner
+from ..speculation.adaptive import AdaptiveK
 from ..speculation.qrows import to_vocab
 from .sequence import Proposal
 
@@ -18,6 +19,9 @@ class SDEngine(Engine):
         super().__init__(cfg, target_model, eos_token_ids)
         self.draft = DraftRunner(draft_model, cfg.speculation, cfg.max_batch, cfg.max_model_len)
         self.target.capture = self.draft.feature_layers  # a feature drafter reads these target layers
+        spec = cfg.speculation
+        # adaptive K per sequence and round (docs/algorithm.md section 7a); None: always K
+        self.adaptive = AdaptiveK(self.K, spec.init_acceptance) if spec.adaptive else None
 
     def step(self):
         new = self.scheduler.admit()
@@ -28,7 +32,8 @@ class SDEngine(Engine):
         old = [s for s in self.scheduler.running if s not in new and not s.finished]
         if old:
             t0 = time.perf_counter()
-            drafted = self.draft.jit([s.seq_id for s in old], after="miss")
+            lengths = {s.seq_id: self.adaptive.k_for(s.seq_id) for s in old} if self.adaptive else None
+            drafted = self.draft.jit([s.seq_id for s in old], after="miss", lengths=lengths)
             t1 = time.perf_counter()
             d = self.draft
             specs = [Proposal(tokens, to_vocab(q, d.head_ids, d.vocab_size), "jit")
@@ -38,11 +43,17 @@ class SDEngine(Engine):
             self.stats.t_draft += t1 - t0
             self.stats.t_verify += t2 - t1
             self.stats.steps += 1
+            if self.adaptive is not None:  # measured costs: one draft step, a verify vs its width
+                longest = max(sp.token_ids.numel() for sp in specs)
+                self.adaptive.draft_step.observe((t1 - t0) / max(longest, 1))
+                self.adaptive.verify.observe(longest, t2 - t1)
             for b, (s, sp, outcome) in enumerate(zip(old, specs, self._verify_rows(old, logits, specs))):
                 if outcome is None:  # failed alone
                     events.append((s, []))
                     continue
                 kept = self._commit_outcome(s, sp.token_ids.tolist(), *outcome, logits[b])
+                if self.adaptive is not None:
+                    self.adaptive.record(s.seq_id, sp.token_ids.numel(), outcome[0])
                 self.stats.tokens_after_miss += len(kept)
                 self.stats.rounds_after_miss += 1
                 events.append((s, kept))
@@ -53,3 +64,5 @@ class SDEngine(Engine):
 
     def _on_finished(self, seq) -> None:
         self.draft.release(seq.seq_id)
+        if self.adaptive is not None:
+            self.adaptive.forget(seq.seq_id)

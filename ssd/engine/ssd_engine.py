@@ -15,6 +15,7 @@ import torch
 from ..config import EngineConfig
 from ..models.draft import DraftDescription
 from ..speculation import ngram
+from ..speculation.adaptive import AdaptiveK, Ewma, next_budget, prefer_jit
 from ..speculation.index import GREEDY, LocalIndex, branch_items, context_key, draft_fingerprint
 from .base import Engine, RoundRow, StepRecord
 from .draft_link import DraftUnavailable, ProcessDraftLink
@@ -50,6 +51,17 @@ class SSDEngine(Engine):
         # in-process map the target stores what it receives itself
         self.draft_publishes = bool(self.link.info.get("publishes")) and not isinstance(self.index, LocalIndex)
         self.target.capture = tuple(self.link.info.get("feature_layers") or ())  # a feature drafter's layers
+        spec = cfg.speculation
+        # adaptive speculation (docs/algorithm.md section 7); None: K, b* and the budget stay fixed
+        self.adaptive = AdaptiveK(self.K, spec.init_acceptance) if spec.adaptive else None
+        if self.adaptive is not None and not getattr(self.link, "carries_adaptive", False):
+            raise ValueError(f"adaptive speculation needs a draft link that carries per-round K and budgets; "
+                             f"{type(self.link).__name__} does not")
+        self.budget = spec.fan_out_budget  # this round's fan-out budget (adaptive: moves within [1, fan_out_budget])
+        self.jit_wait = Ewma()  # seconds the target waits for one JIT reply
+        self.verify_wait = Ewma()  # seconds of one verify step
+        self.fallback_decisions = 0  # measured JIT-or-backup decisions taken (section 7b)
+        self.last_fallback_was_backup = False
         if self.link.info["vocab_size"] != self.vocab_size:
             raise ValueError(f"draft vocabulary {self.link.info['vocab_size']} != target vocabulary {self.vocab_size}")
 
@@ -144,9 +156,11 @@ class SSDEngine(Engine):
                 s.speculation = Proposal(torch.empty(0, dtype=torch.int64), None, "none")
         need = [s for s in running if s.speculation is None]
         jit_ids, backups = [], {}
-        below_b = len(running) < self.cfg.speculation.critical_batch_size
+        use_jit = len(running) < self.cfg.speculation.critical_batch_size
+        if self.adaptive is not None and need:
+            use_jit = self._measured_prefers_jit(len(running) - len(need), len(need), use_jit)
         for s in need:  # SD requests always draft just in time (the draft sequentially, then verify)
-            if self.draft_alive and (below_b or _mode(s) == "sd"):
+            if self.draft_alive and (use_jit or _mode(s) == "sd"):
                 jit_ids.append(s.seq_id)
             else:
                 backups[s.seq_id] = self._backup(s)
@@ -155,6 +169,28 @@ class SSDEngine(Engine):
             if s.speculation is not None and s.speculation.source == "index":
                 backups[s.seq_id] = s.speculation.token_ids.tolist()
         return need, jit_ids, backups, hit_ids
+
+    def _measured_prefers_jit(self, hits: int, misses: int, constant_rule: bool) -> bool:
+        """Section 7b: JIT or fast backup for this step's misses, from measured tokens per round
+        after each, the JIT wait, the backup's cost and the verify time. A source not yet measured
+        is tried first (so both are); before any measurement the constant b* decides."""
+        st = self.stats
+        jit_known = st.rounds_after_jit >= MIN_ROUNDS and self.jit_wait.value is not None
+        backup_known = st.rounds_after_backup >= MIN_ROUNDS and st.n_backup > 0
+        if self.verify_wait.value is None or not (jit_known or backup_known):
+            return constant_rule
+        if not (jit_known and backup_known):
+            return not jit_known  # measure the other one
+        self.fallback_decisions += 1
+        if self.fallback_decisions % EXPLORE_EVERY == 0:  # re-measure the source the rule keeps losing
+            return self.last_fallback_was_backup
+        e_jit = st.tokens_after_jit / st.rounds_after_jit
+        e_backup = st.tokens_after_backup / st.rounds_after_backup
+        e_hit = st.tokens_after_hit / st.rounds_after_hit if st.rounds_after_hit else max(e_jit, e_backup)
+        jit = prefer_jit(hits, misses, e_hit, e_jit, e_backup, self.jit_wait.value, st.t_backup / st.n_backup,
+                         self.verify_wait.value)
+        self.last_fallback_was_backup = not jit
+        return jit
 
     def _dispatch(self, running, need, jit_ids, backups, hit_ids):
         """Send the round to the draft; wait for the JIT speculations it asks for. A lost draft
@@ -167,7 +203,9 @@ class SSDEngine(Engine):
         # cache keys back, only the (empty) cache reply, which _receive_cache then skips
         self.round_wants_cache = bool(jit_ids or backups or hit_ids)
         try:
-            self.link.send(RoundRequest(self.round_id, self.pending_ops, jit_ids, backups, hit_ids))
+            jit_k = {i: self.adaptive.k_for(i) for i in jit_ids} if self.adaptive is not None else {}
+            budget = self.budget if self.adaptive is not None else 0
+            self.link.send(RoundRequest(self.round_id, self.pending_ops, jit_ids, backups, hit_ids, jit_k, budget))
             self.pending_ops = []
             if jit_ids:
                 t0, jit_start = time.perf_counter(), time.time_ns()
@@ -186,8 +224,12 @@ class SSDEngine(Engine):
                         self.published.setdefault(s.seq_id, []).append(key)
                 if jit_items:
                     self.index.put_many(jit_items)
-                self.stats.t_jit += time.perf_counter() - t0
+                waited = time.perf_counter() - t0
+                self.stats.t_jit += waited
                 self.stats.n_jit += 1
+                self.jit_wait.observe(waited)
+                if self.adaptive is not None:  # one draft step: the wait over the longest speculation
+                    self.adaptive.draft_step.observe(waited / max([len(sp.token_ids) for sp in reply.values()] or [1]))
                 jit_ns = (jit_start, time.time_ns())
         except DraftUnavailable as e:
             self._draft_lost(e)  # drops cache and JIT speculations: the backup takes over
@@ -202,7 +244,11 @@ class SSDEngine(Engine):
         specs = [s.speculation for s in running]
         logits = self.target.forward(running, [sp.token_ids.tolist() for sp in specs], self.K + 1)
         outcomes = self._verify_rows(running, logits, specs)
-        self.stats.t_verify += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.stats.t_verify += seconds
+        self.verify_wait.observe(seconds)
+        if self.adaptive is not None:  # the verify's cost against its widest speculation
+            self.adaptive.verify.observe(max(sp.token_ids.numel() for sp in specs), seconds)
         self.stats.steps += 1
         return specs, outcomes, logits, (verify_start, time.time_ns())
 
@@ -221,6 +267,11 @@ class SSDEngine(Engine):
             elif sp.source != "none":
                 self.stats.tokens_after_miss += len(kept)
                 self.stats.rounds_after_miss += 1
+                src = "jit" if sp.source == "jit" else "backup"
+                setattr(self.stats, f"tokens_after_{src}", getattr(self.stats, f"tokens_after_{src}") + len(kept))
+                setattr(self.stats, f"rounds_after_{src}", getattr(self.stats, f"rounds_after_{src}") + 1)
+            if self.adaptive is not None:
+                self.adaptive.record(s.seq_id, len(sp.token_ids), k)
             events.append((s, kept))
             rows.append(RoundRow(s, len(sp.token_ids), k, len(kept), sp.source, s.spec_result))
             s.speculation, s.spec_result = None, None
@@ -247,6 +298,9 @@ class SSDEngine(Engine):
                 entries = msg.entries or {}  # None: abandoned (a draft lost mid-round leaves nothing either)
                 self.stats.t_build += msg.seconds
                 self.stats.n_build += 1
+                if self.adaptive is not None and msg.entries is not None:  # section 7c: build within the verify
+                    self.budget = next_budget(self.budget, msg.seconds, self.verify_wait.value, 1,
+                                              self.cfg.speculation.fan_out_budget)
             else:
                 self.stale_rounds.add(round_id)
         except DraftUnavailable as e:
@@ -319,6 +373,8 @@ class SSDEngine(Engine):
         return tokens
 
     def _on_finished(self, s) -> None:
+        if self.adaptive is not None:
+            self.adaptive.forget(s.seq_id)
         keys = self.published.pop(s.seq_id, [])
         if s.finish_reason == "abort":  # cancelled or expired: free its index entries (finished ones age out by TTL)
             self.index.delete_many(keys)
@@ -342,6 +398,10 @@ class SSDEngine(Engine):
             self.round_id += 1
         except DraftUnavailable as e:
             self._draft_lost(e)
+
+
+MIN_ROUNDS = 4  # rounds after a source before its measured tokens per round are trusted
+EXPLORE_EVERY = 16  # every so many measured decisions take the other source, keeping both measurements current
 
 
 def _mode(s) -> str:

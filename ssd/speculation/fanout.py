@@ -107,8 +107,10 @@ class FanOutPlanner:
             "miss": AcceptanceStats(init_acceptance=self.init_acceptance, init_r=self.init_r),
         }
 
-    def schedule(self, after: str) -> list[int]:
+    def schedule(self, after: str, k: int | None = None) -> list[int]:
+        """F_0..F_k (k: the speculation's length, K when None; adaptive JIT drafts may be shorter)."""
+        k = self.k if k is None else k
         if self.kind == "uniform":
-            return uniform_fan_out(self.budget, self.k, self.vocab_size)
+            return uniform_fan_out(self.budget, k, self.vocab_size)
         s = self.stats[after]
-        return geometric_fan_out(self.budget, self.k, s.acceptance, s.fitted_r(), self.vocab_size)
+        return geometric_fan_out(self.budget, k, s.acceptance, s.fitted_r(), self.vocab_size)

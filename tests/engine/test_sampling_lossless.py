@@ -214,3 +214,47 @@ def test_seeded_draft_runs_the_targets_race(models):
         run(eng, plist)
         assert eng.stats.cache_hit + eng.stats.cache_late > 100  # speculations from the tree
         assert eng.stats.summary()["acceptance_rate"] == 1.0
+
+
+def _varied_lengths(st) -> bool:
+    """Some verified speculations were shorter than K = 2, and some were not."""
+    return st.num_drafts < st.num_draft_tokens < 2 * st.num_drafts
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sd_p_min_and_adaptive_k_match_target_distribution(models, adaptive):
+    """The draft-confidence stop, alone (every row reaches the p_min check) and with adaptive K
+    (docs/algorithm.md section 7a): rows drafted with different lengths in one verify, each
+    drafted token's q exact, the output exact."""
+    t_dir, d_dir, hf, target, draft = models
+    params = SAMPLINGS["t1"]
+    eng = SDEngine(_cfg(adaptive=adaptive, p_min=0.8).replace(mode="sd"), target, draft, eos_token_ids=(3,))
+    samples = run(eng, params_list(params))
+    assert _varied_lengths(eng.stats)
+    assert chi_square_pvalue(samples, exact_distribution(hf, params)) > ALPHA
+
+
+def test_ssd_adaptive_matches_target_distribution(models):
+    """SSD with adaptive JIT lengths, the measured JIT-or-backup rule and the measured budget."""
+    t_dir, d_dir, hf, target, _ = models
+    params = SAMPLINGS["t0.7_topk3"]
+    cfg = _cfg(adaptive=True, p_min=0.6, saguaro_c=0.5).replace(max_batch=8)  # small batches: JIT pays too
+    with SSDEngine(cfg, target, {"path": str(d_dir)}, (3,)) as eng:
+        samples = run(eng, params_list(params))
+        st = eng.stats
+    assert st.n_jit > 0 and st.n_backup > 0 and st.cache_hit + st.cache_late > 100  # every source exercised
+    assert _varied_lengths(st)
+    assert chi_square_pvalue(samples, exact_distribution(hf, params)) > ALPHA
+
+
+def test_seeded_adaptive_output_equals_ar(models):
+    """Coupled verification with adaptive lengths: the same text per seed as AR."""
+    from ssd.engine import AREngine
+
+    t_dir, d_dir, hf, target, draft = models
+    plist = params_list(SAMPLINGS["t0.7_topk3"], seeded=True)[:300]
+    ar = run(AREngine(_cfg().replace(mode="ar"), target, eos_token_ids=(3,)), plist)
+    sd_eng = SDEngine(_cfg(adaptive=True, p_min=0.6).replace(mode="sd"), target, draft, eos_token_ids=(3,))
+    assert run(sd_eng, plist) == ar and _varied_lengths(sd_eng.stats)
+    with SSDEngine(_cfg(adaptive=True, p_min=0.6), target, {"path": str(d_dir)}, (3,)) as eng:
+        assert run(eng, plist) == ar

@@ -1,0 +1,143 @@
+"""Adaptive speculation: K per round and per sequence, the fallback after a miss (b*) and the
+fan-out budget, each chosen from measured numbers instead of constants (docs/algorithm.md
+section 7). Pure policy: the engines feed it timings and outcomes and ask it for decisions; it
+never touches tokens, so any choice it makes leaves the output exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ALPHA_FLOOR, ALPHA_CEIL = 0.02, 0.98  # keep 1 - alpha away from 0 and log/ratios finite
+PRIOR_POSITIONS = 20  # the engine-wide estimate starts worth this many observed positions
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Committed tokens of a round that drafts k tokens, each accepted with probability alpha
+    given the ones before it: 1 + alpha + ... + alpha^k = (1 - alpha^(k+1)) / (1 - alpha)."""
+    a = min(max(alpha, ALPHA_FLOOR), ALPHA_CEIL)
+    return (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+def choose_k(alpha: float, k_max: int, draft_step_s: float, verify_s) -> int:
+    """The k in 1..k_max that maximises expected committed tokens per second of a round,
+    E(k) / (verify_s(k) + k * draft_step_s); verify_s(k): seconds of a verify with k drafted
+    tokens per row. Ties go to the smaller k."""
+    best_k, best_rate = 1, -1.0
+    for k in range(1, k_max + 1):
+        cost = verify_s(k) + k * draft_step_s
+        rate = expected_tokens(alpha, k) / max(cost, 1e-9)
+        if rate > best_rate * (1 + 1e-9):
+            best_k, best_rate = k, rate
+    return best_k
+
+
+def ewma_acceptance(alpha: float, drafted: int, accepted: int, weight: float) -> float:
+    """Update a per-position acceptance estimate with one verified round: positions 1..accepted
+    were accepted, position accepted+1 (if drafted) was rejected, later ones were not tried."""
+    for _ in range(accepted):
+        alpha += weight * (1.0 - alpha)
+    if accepted < drafted:
+        alpha += weight * (0.0 - alpha)
+    return alpha
+
+
+@dataclass
+class LinearCost:
+    """seconds(n) = c0 + c1 * n from exponentially decayed least squares over observations
+    (n, seconds); with a single distinct n seen, c1 = 0 (a flat cost)."""
+
+    decay: float = 0.9
+    sw: float = 0.0
+    sx: float = 0.0
+    sy: float = 0.0
+    sxx: float = 0.0
+    sxy: float = 0.0
+
+    def observe(self, n: float, seconds: float) -> None:
+        d = self.decay
+        self.sw = d * self.sw + 1.0
+        self.sx = d * self.sx + n
+        self.sy = d * self.sy + seconds
+        self.sxx = d * self.sxx + n * n
+        self.sxy = d * self.sxy + n * seconds
+
+    @property
+    def known(self) -> bool:
+        return self.sw > 0
+
+    def coefficients(self) -> tuple[float, float]:
+        mx, my = self.sx / self.sw, self.sy / self.sw
+        var = self.sxx / self.sw - mx * mx
+        c1 = (self.sxy / self.sw - mx * my) / var if var > 1e-9 else 0.0
+        c1 = max(c1, 0.0)  # more tokens never cost less; noise must not say otherwise
+        return my - c1 * mx, c1
+
+    def __call__(self, n: float) -> float:
+        c0, c1 = self.coefficients()
+        return max(c0 + c1 * n, 0.0)
+
+
+@dataclass
+class Ewma:
+    weight: float = 0.2
+    value: float | None = None
+
+    def observe(self, x: float) -> None:
+        self.value = x if self.value is None else self.value + self.weight * (x - self.value)
+
+
+def prefer_jit(hits: int, misses: int, e_hit: float, e_jit: float, e_backup: float,
+               jit_s: float, backup_s: float, verify_s: float) -> bool:
+    """Section 7b: a step with `misses` sequences lacking a speculation (and `hits` with one).
+    JIT costs jit_s before the verify and gives e_jit tokens per missed row; the backup costs
+    backup_s per missed row and gives e_backup. True when JIT gives more tokens per second."""
+    rate_jit = (hits * e_hit + misses * e_jit) / max(jit_s + verify_s, 1e-9)
+    rate_backup = (hits * e_hit + misses * e_backup) / max(misses * backup_s + verify_s, 1e-9)
+    return rate_jit > rate_backup
+
+
+def next_budget(budget: int, build_s: float, verify_s: float, lo: int, hi: int, slack: float = 0.8) -> int:
+    """Section 7c: the cache build should end within the verify. One branch less while the build
+    takes longer than the verify; one more while it takes under slack * verify; within [lo, hi]."""
+    if build_s > verify_s:
+        budget -= 1
+    elif build_s < slack * verify_s:
+        budget += 1
+    return min(max(budget, lo), hi)
+
+
+@dataclass
+class AdaptiveK:
+    """Per-sequence K from its measured acceptance (an EWMA of per-position acceptance that
+    starts from the engine-wide estimate) and measured draft-step and verify costs."""
+
+    k_max: int
+    init_acceptance: float = 0.6
+    weight: float = 0.3  # EWMA weight of one observed position
+    verify: LinearCost = field(default_factory=LinearCost)  # seconds of a verify step vs drafted tokens per row
+    draft_step: Ewma = field(default_factory=Ewma)  # seconds of one draft step (batched over the rows)
+    tried: int = 0  # engine-wide: positions observed
+    accepted: int = 0
+    per_seq: dict = field(default_factory=dict)  # seq_id -> acceptance estimate
+
+    def engine_acceptance(self) -> float:
+        return (self.accepted + PRIOR_POSITIONS * self.init_acceptance) / (self.tried + PRIOR_POSITIONS)
+
+    def acceptance(self, seq_id: int) -> float:
+        return self.per_seq.get(seq_id, self.engine_acceptance())
+
+    def record(self, seq_id: int, drafted: int, accepted: int) -> None:
+        if drafted == 0:
+            return
+        self.tried += accepted + (accepted < drafted)
+        self.accepted += accepted
+        self.per_seq[seq_id] = ewma_acceptance(self.acceptance(seq_id), drafted, accepted, self.weight)
+
+    def forget(self, seq_id: int) -> None:
+        self.per_seq.pop(seq_id, None)
+
+    def k_for(self, seq_id: int) -> int:
+        """K for this sequence's next drafted round; k_max until both costs have been measured."""
+        if not self.verify.known or self.draft_step.value is None:
+            return self.k_max
+        return choose_k(self.acceptance(seq_id), self.k_max, self.draft_step.value, self.verify)

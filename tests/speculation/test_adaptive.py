@@ -1,0 +1,97 @@
+"""The adaptive speculation rules (docs/algorithm.md section 7): K choice, acceptance EWMA, the
+verify cost fit, JIT-or-backup and the fan-out budget, plus the draft's p_min stop."""
+import pytest
+
+from ssd.speculation.adaptive import (AdaptiveK, LinearCost, choose_k, ewma_acceptance, expected_tokens, next_budget,
+                                      prefer_jit)
+
+
+def test_expected_tokens_is_the_geometric_sum():
+    assert expected_tokens(0.5, 0) == pytest.approx(1.0)
+    assert expected_tokens(0.5, 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert expected_tokens(0.8, 2) == pytest.approx(1 + 0.8 + 0.64)
+
+
+def test_choose_k_maximises_tokens_per_second():
+    flat = lambda k: 1.0  # noqa: E731 - a verify that costs the same for any k
+    # free drafting and a flat verify: the longest speculation always wins
+    assert choose_k(0.5, 6, 0.0, flat) == 6
+    # alpha = 0.5, draft step 0.5: rates k=1 1.5/1.5=1.0, k=2 1.75/2=0.875 -> 1
+    assert choose_k(0.5, 6, 0.5, flat) == 1
+    # alpha = 0.9, draft step 0.1: k=1 1.9/1.1=1.727, k=3 3.439/1.3=2.645, k=6 5.217/1.6=3.26, k=8 6.13/1.8=3.41
+    assert choose_k(0.9, 8, 0.1, flat) == 8
+    # alpha = 0.8, draft step 0.2: k=2 2.44/1.4=1.743, k=3 2.952/1.6=1.845, k=4 3.362/1.8=1.868, k=5 3.689/2=1.845
+    assert choose_k(0.8, 6, 0.2, flat) == 4
+    # a verify whose cost grows with k pushes K down (same alpha and draft step: 4 -> 3):
+    # k=2 2.44/1.6=1.525, k=3 2.952/1.9=1.554, k=4 3.362/2.2=1.528
+    assert choose_k(0.8, 6, 0.2, lambda k: 1.0 + 0.1 * k) == 3
+
+
+def test_ewma_acceptance_counts_accepted_and_the_rejected_position():
+    a = ewma_acceptance(0.5, drafted=3, accepted=1, weight=0.5)  # one accept (0.75), one reject (0.375)
+    assert a == pytest.approx(0.375)
+    assert ewma_acceptance(0.5, drafted=2, accepted=2, weight=0.5) == pytest.approx(0.875)  # no reject seen
+
+
+def test_linear_cost_fits_intercept_and_slope():
+    c = LinearCost(decay=1.0)
+    for n in (1, 2, 3, 4):
+        c.observe(n, 0.010 + 0.002 * n)
+    assert c.coefficients() == pytest.approx((0.010, 0.002))
+    flat = LinearCost()
+    flat.observe(3, 0.5)
+    assert flat(1) == pytest.approx(0.5) and flat(6) == pytest.approx(0.5)  # one width seen: no slope
+
+
+def test_adaptive_k_starts_at_k_max_then_follows_each_sequence():
+    ak = AdaptiveK(k_max=6, init_acceptance=0.6)
+    assert ak.k_for(1) == 6  # costs not yet measured
+    ak.draft_step.observe(0.2)
+    ak.verify.observe(6, 1.0)
+    for _ in range(10):
+        ak.record(1, drafted=6, accepted=6)  # sequence 1 accepts everything
+        ak.record(2, drafted=6, accepted=0)  # sequence 2 nothing
+    assert ak.acceptance(1) > 0.95 and ak.acceptance(2) < 0.05
+    assert ak.k_for(1) == 6 and ak.k_for(2) == 1
+    # a new sequence starts from the engine-wide estimate (60 of 130 observed positions + prior)
+    assert ak.acceptance(3) == pytest.approx((60 + 20 * 0.6) / (70 + 20))
+    ak.forget(1)
+    assert ak.acceptance(1) == ak.acceptance(3)
+
+
+def test_prefer_jit_compares_tokens_per_second_of_the_step():
+    # JIT: (2*3 + 2*2.5) / (0.05 + 0.1) = 73.3 tok/s; backup: (6 + 2*1.2) / 0.1 = 84 tok/s -> backup
+    assert not prefer_jit(2, 2, 3.0, 2.5, 1.2, 0.05, 0.0, 0.1)
+    # a faster JIT: (6 + 5) / 0.12 = 91.7 > 84 -> JIT
+    assert prefer_jit(2, 2, 3.0, 2.5, 1.2, 0.02, 0.0, 0.1)
+    # the backup's own cost counts per missed row: (6 + 2.4) / (0.1 + 2 * 0.01) = 70 < 73.3 -> JIT
+    assert prefer_jit(2, 2, 3.0, 2.5, 1.2, 0.05, 0.01, 0.1)
+
+
+def test_next_budget_keeps_the_build_within_the_verify():
+    assert next_budget(8, build_s=0.12, verify_s=0.10, lo=1, hi=12) == 7  # build too slow: one branch less
+    assert next_budget(8, build_s=0.05, verify_s=0.10, lo=1, hi=12) == 9  # room: one more
+    assert next_budget(8, build_s=0.09, verify_s=0.10, lo=1, hi=12) == 8  # within (0.8, 1] of the verify: hold
+    assert next_budget(12, build_s=0.01, verify_s=0.10, lo=1, hi=12) == 12  # bounded above
+    assert next_budget(1, build_s=0.50, verify_s=0.10, lo=1, hi=12) == 1  # and below
+
+
+def test_draft_p_min_stops_unconfident_rows(small_pair):
+    """The JIT draft stops a row before a position whose top probability is below p_min, and
+    honours per-sequence lengths; p_min = 0 drafts K."""
+    from ssd.config import SamplingParams, SpeculationConfig
+    from ssd.engine.draft_runner import DraftRunner
+    from ssd.models.loader import load_model
+
+    _, d_dir, _ = small_pair
+    draft, _ = load_model(d_dir)
+    greedy = SamplingParams()
+    lengths = {}
+    for p_min in (0.0, 0.99):
+        runner = DraftRunner(draft, SpeculationConfig(num_speculative_tokens=4, p_min=p_min), 4, 64)
+        for i in range(3):
+            runner.add(i, [0, 1, 2, i], greedy)
+        out = runner.jit([0, 1, 2], lengths={2: 2})
+        lengths[p_min] = [len(out[i][0]) for i in range(3)]
+    assert lengths[0.0] == [4, 4, 2]
+    assert lengths[0.99] == [1, 1, 1]  # a 4-token vocabulary's draft is never 99% sure twice in a row
