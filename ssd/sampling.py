@@ -152,11 +152,21 @@ def position_noise(seed: int, positions, vocab: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def coupled_scores(probs: torch.Tensor, seed: int, start: int) -> torch.Tensor:
+def coupled_scores(probs: torch.Tensor, seed: int, start: int, cache: dict | None = None) -> torch.Tensor:
     """probs [n, V] of context positions start.. -> scores whose argmax is the token drawn there:
     argmax_v p(v) / E(v) with E ~ Exp(1) i.i.d. (the exponential race, i.e. the Gumbel-max
     trick) is an exact sample from p. Verifying a speculation then means comparing each draft
     token with these argmaxes, as in greedy decoding: the output is a function of the seed and
-    the input alone, the same in AR, SD and SSD whatever the draft proposed."""
-    e = position_noise(seed, range(start, start + probs.shape[0]), probs.shape[-1]).to(probs.device)
-    return probs.float() / e
+    the input alone, the same in AR, SD and SSD whatever the draft proposed. cache: the
+    request's {position: noise} (positions before start are dropped from it)."""
+    n, vocab = probs.shape
+    if cache is None:
+        e = position_noise(seed, range(start, start + n), vocab)
+    else:  # a sequence's own: a rejected round verifies some of the same positions again
+        for j in [j for j in cache if j < start]:
+            del cache[j]
+        for j in range(start, start + n):
+            if j not in cache:
+                cache[j] = position_noise(seed, [j], vocab)[0]
+        e = torch.stack([cache[j] for j in range(start, start + n)])
+    return probs.float() / e.to(probs.device)

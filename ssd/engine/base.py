@@ -190,7 +190,7 @@ class Engine:
                     return int(row.argmax())
                 p = process_logits(row, s.params)
                 if s.params.seed is not None:
-                    return int(coupled_scores(p[None], s.params.seed, len(s.context))[0].argmax())
+                    return int(coupled_scores(p[None], s.params.seed, len(s.context), s.race_noise)[0].argmax())
                 return int(sample(p, s.generator))
             out.append(_isolated(s, one))
         return out
@@ -244,7 +244,8 @@ class Engine:
             ks, ts = greedy_verify(d, lg)
         elif kind == "coupled":
             ks, ts = greedy_verify(d, torch.stack([
-                coupled_scores(process_logits(lg[i], seqs[b].params), seqs[b].params.seed, len(seqs[b].context))
+                coupled_scores(process_logits(lg[i], seqs[b].params), seqs[b].params.seed, len(seqs[b].context),
+                               seqs[b].race_noise)
                 for i, b in enumerate(rows)]))
         else:
             p = torch.stack([process_logits(lg[i], seqs[b].params) for i, b in enumerate(rows)])

@@ -159,16 +159,17 @@ class DraftRunner:
     def _pick(self, s: DraftSeq, logits: torch.Tensor, fan_out, positions):
         """Next draft token per row. logits [N, Vh] -> (tokens [N], q [N, Vh] | None).
         q is the exact (Saguaro-reshaped) distribution the token was sampled from, over the
-        head's tokens (head_ids; ssd/speculation/qrows.py widens it to the vocabulary).
+        head's tokens (head_ids; ssd/speculation/qrows.py widens it to the vocabulary); None
+        when greedy or seeded (neither verification reads it).
         positions[n]: the context position of row n's token. A seeded request's target draws
         each token by an exponential race fixed by (seed, position) (docs/algorithm.md section
         5b); the draft runs the same race over its own q, which is what makes its proposals
         agree with the target's choices."""
         if s.params.greedy:
             return self._to_vocab(logits.argmax(-1)), None
-        if s.params.seed is not None:
+        if s.params.seed is not None:  # coupled verification reads no q: none is kept or sent
             q = process_logits(logits, s.params)
-            return self._to_vocab((q / self._noise(s, positions)).argmax(-1)), q
+            return self._to_vocab((q / self._noise(s, positions)).argmax(-1)), None
         q = saguaro_reshape(process_logits(logits, s.params), torch.as_tensor(fan_out), self.speculation.saguaro_c)
         idx = sample(q, s.generator)
         return self._to_vocab(idx), q
@@ -389,7 +390,7 @@ class DraftRunner:
             keys = {(d, t): j for j, (d, t) in enumerate(zip(branch_depth[b], branch_tok[b]))}
             token_ids = torch.tensor(out_tok[b], dtype=torch.int64).reshape(nb[b], K)
             probs = None
-            if not rows[b].params.greedy and nb[b]:
+            if nb[b] and out_q[b][0]:  # sampled by the ratio test (greedy and seeded keep no q)
                 probs = torch.stack([torch.stack(q) for q in out_q[b]])
             result[i] = CacheEntry(keys, token_ids, probs, fans[b])
             if self.feature:  # a branch that hits is the next speculation: keep what it was drafted from

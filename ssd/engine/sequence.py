@@ -85,6 +85,7 @@ class Sequence:
     error: str | None = None  # why the sequence failed (finish_reason "error")
     # params.logprobs set: per output token, (its log-probability, [(alternative, log-probability)])
     logprobs: list = field(default_factory=list)
+    race_noise: dict = field(default_factory=dict)  # seeded sampling: position -> its race's noise (ssd/sampling.py)
 
     def all_features(self) -> torch.Tensor | None:
         return torch.cat(self.features) if self.features else None
