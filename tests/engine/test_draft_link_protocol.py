@@ -55,7 +55,10 @@ def test_the_process_link_shares_q_rows_over_the_draft_head_only(small_pair):
     try:
         assert link.cache_q.shape[-1] == h and link.jit_q.shape[-1] == h
         assert torch.equal(link.head_ids, torch.arange(h))
-        link.send(RoundRequest(1, [AddSequence(0, [1, 2, 3], SamplingParams(temperature=1.0, seed=3))], [0]))
+        # sequence 0 is verified by the ratio test (its q rows travel); sequence 1 is seeded
+        # (coupled verification reads no q, so none is sent)
+        link.send(RoundRequest(1, [AddSequence(0, [1, 2, 3], SamplingParams(temperature=1.0)),
+                                   AddSequence(1, [1, 2, 3], SamplingParams(temperature=1.0, seed=3))], [0, 1]))
         reply = link.recv(timeout=60)
         while not isinstance(reply, JitReply):
             reply = link.recv(timeout=60)
@@ -63,5 +66,6 @@ def test_the_process_link_shares_q_rows_over_the_draft_head_only(small_pair):
         assert q.shape == (3, vocab) and torch.all(q[:, h:] == 0) and q[:, :h].sum() > 0
         torch.testing.assert_close(q.sum(-1), torch.ones(3))
         assert all(t < h for t in reply.speculations[0].token_ids)
+        assert reply.speculations[1].q_ref is None and len(reply.speculations[1].token_ids) == 3
     finally:
         link.close()
