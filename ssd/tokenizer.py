@@ -21,6 +21,7 @@ class Tokenizer:
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(eos))
         self.bos_token_id: int | None = self._tok.bos_token_id
         self.vocab_size: int = len(self._tok)
+        self._special_ids = frozenset(self._tok.all_special_ids)  # the tokenizer rebuilds its list per access
 
     def longest_token_bytes(self) -> int:
         """UTF-8 bytes of the longest token's text: a text of more than n times this many bytes
@@ -42,7 +43,7 @@ class Tokenizer:
         piece = self._tok.convert_ids_to_tokens(int(token_id))
         decode = _byte_level_alphabet()
         if isinstance(piece, str) and piece and all(c in decode for c in piece) and \
-                int(token_id) not in self._tok.all_special_ids:
+                int(token_id) not in self._special_ids:
             return bytes(decode[c] for c in piece)
         return self.token_text(token_id).encode("utf-8")
 

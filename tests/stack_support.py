@@ -1,5 +1,7 @@
 """The three services (gateway, target, draft) in one test process, over real loopback gRPC
 sockets and the gateway's HTTP server; shared by the service tests."""
+import contextlib
+
 import grpc
 
 from ssd.models.draft import describe
@@ -10,6 +12,22 @@ from ssd.services.gateway.http import serve_http
 from ssd.services.gateway.server import Gateway, GatewayService
 from ssd.services.protos import pb_grpc
 from ssd.services.target.server import EngineLoop, TargetService, build_target_engine
+
+
+@contextlib.contextmanager
+def target_service(engine):
+    """A target service over `engine` on a loopback port; yields its address, then stops it."""
+    loop = EngineLoop(engine)
+    server = make_server()
+    pb_grpc.add_TargetServicer_to_server(TargetService(loop), server)
+    add_health_and_reflection(server, ["Target"])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)
+        loop.stop()
 
 
 class Stack:

@@ -14,7 +14,8 @@ from ssd.services.discovery import StaticDiscovery
 from ssd.services.gateway.http import serve_http
 from ssd.services.gateway.server import Gateway
 from ssd.services.protos import pb, pb_grpc
-from ssd.services.target.server import EngineLoop, TargetService
+
+from stack_support import target_service
 from ssd.tokenizer import Tokenizer
 
 
@@ -23,15 +24,8 @@ def full_target(small_pair):
     """The small target, one batch slot and room for one waiting request."""
     model = load_model(small_pair[0])[0]
     cfg = EngineConfig(mode="ar", max_batch=1, max_queue=1, max_model_len=100)
-    loop = EngineLoop(AREngine(cfg, model, (3,)))
-    server = make_server()
-    pb_grpc.add_TargetServicer_to_server(TargetService(loop), server)
-    add_health_and_reflection(server, ["Target"])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(0)
-    loop.stop()
+    with target_service(AREngine(cfg, model, (3,))) as addr:
+        yield addr
 
 
 def _burst(n, call):

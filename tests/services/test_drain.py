@@ -3,7 +3,6 @@
 period completes with [DONE], one that does not ends with an error event and [DONE], an open
 health Watch stream ends at once instead of holding the stop, and the process exits."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,9 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ssd.config import EngineConfig
 from ssd.engine import AREngine
 from ssd.models.loader import default_target_path, load_model
-from ssd.services.common import add_health_and_reflection, make_server
 from ssd.services.protos import pb, pb_grpc
-from ssd.services.target.server import EngineLoop, TargetService
+
+from stack_support import target_service
 from ssd.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -35,16 +34,9 @@ def target():
     300-token stream outlives the grace period."""
     path = default_target_path()
     model = load_model(path)[0]
-    loop = EngineLoop(AREngine(EngineConfig(mode="ar", max_batch=2, max_model_len=512), model,
-                               Tokenizer(path).eos_token_ids))
-    server = make_server()
-    pb_grpc.add_TargetServicer_to_server(TargetService(loop), server)
-    add_health_and_reflection(server, ["Target"])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(0)
-    loop.stop()
+    with target_service(AREngine(EngineConfig(mode="ar", max_batch=2, max_model_len=512), model,
+                                 Tokenizer(path).eos_token_ids)) as addr:
+        yield addr
 
 
 def _start_gateway(target_addr: str, tmp_path):
