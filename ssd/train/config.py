@@ -43,6 +43,7 @@ class TrainDraftConfig:
     ttt_decay: float = 0.85  # feature drafter: loss weight of step j is ttt_decay**j (normalised)
     feature_init_layer: int = -1  # feature drafter: the target layer its decoder layer starts from (-1 = last)
     head_from: str = ""  # take the head vocabulary (head_token_ids) of this draft directory instead of selecting one from --data
+    init_from: str = ""  # continue training this standalone draft directory (its weights and head) on --data
 
     def __post_init__(self):
         if self.layers < 1:
@@ -68,6 +69,8 @@ class TrainDraftConfig:
             raise ValueError("--kind feature trains on `ssd make-data --features` shards: pass --data")
         if self.autocast not in ("auto", "bfloat16", "off"):
             raise ValueError("autocast must be auto, bfloat16 or off")
+        if self.init_from and (not self.data or self.kind != "standalone" or self.head_from):
+            raise ValueError("--init-from continues a standalone draft on --data shards (its head is kept, so no --head-from)")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class DataConfig:
     dtype: str = "auto"  # auto | bfloat16 | float32
     threads: int = 2
     seed: int = 0
+    first_shard: int = 0  # start at this shard of the fixed prompt order (e.g. past the shards an earlier draft was trained on)
 
     def __post_init__(self):
         from ssd.train.sharegpt import SPLITS
@@ -101,6 +105,8 @@ class DataConfig:
                              "and threads must be >= 1")
         if not (0.0 <= self.sampled_share <= 1.0 and 0.0 <= self.generated_share < 1.0):
             raise ValueError("sampled_share must be in [0, 1] and generated_share in [0, 1)")
+        if self.first_shard < 0:
+            raise ValueError("first_shard must be >= 0")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be > 0 and top_p in (0, 1]")
 

@@ -156,7 +156,9 @@ def make_data(cfg: DataConfig, progress: bool = True) -> dict:
     max_len = cfg.max_prompt_tokens + cfg.gen_tokens + 8
     engine = AREngine(EngineConfig(mode="ar", max_batch=cfg.gen_batch, max_model_len=max_len,
                                    target_threads=cfg.threads), target, tuple(tcfg.eos_token_ids))
-    for shard in range(num_shards):
+    if cfg.first_shard >= num_shards:
+        raise ValueError(f"first_shard {cfg.first_shard} is past the last shard ({num_shards - 1}) of this split")
+    for shard in range(cfg.first_shard, num_shards):
         if m["tokens"] >= cfg.max_tokens:
             break
         if shard in done:
@@ -200,7 +202,7 @@ def make_data(cfg: DataConfig, progress: bool = True) -> dict:
         out.write_manifest(m)
     bar.close()
     m["out"] = str(out.path)
-    m["complete"] = m["tokens"] >= cfg.max_tokens or len(m["shards"]) == num_shards
+    m["complete"] = m["tokens"] >= cfg.max_tokens or len(m["shards"]) == num_shards - cfg.first_shard
     out.write_manifest(m)
     return m
 

@@ -469,7 +469,15 @@ def distill_from_data(cfg: TrainDraftConfig, target_path: Path, target_ref: str,
     train_seqs = load_shards(cfg.data, cfg.data_tokens or None)
     eval_seqs = load_shards(eval_dir)
     answers = [sq["ids"][sq["prompt_len"]:].tolist() for sq in train_seqs]
-    if cfg.head_from:  # e.g. a draft whose head was chosen on more data than this run has
+    earlier = None
+    if cfg.init_from:  # more training for a draft trained before, on data this run does not hold
+        from ssd.train.draft_io import load_trainable
+
+        earlier = load_trainable(cfg.init_from, target_path)
+        if earlier.cfg.num_layers != cfg.layers:
+            raise ValueError(f"{cfg.init_from} has {earlier.cfg.num_layers} layers, not --layers {cfg.layers}")
+        head_ids = earlier.head_token_ids.clone()
+    elif cfg.head_from:  # e.g. a draft whose head was chosen on more data than this run has
         from safetensors import safe_open
 
         with safe_open(str(Path(cfg.head_from) / "model.safetensors"), "pt") as f:
@@ -490,14 +498,17 @@ def distill_from_data(cfg: TrainDraftConfig, target_path: Path, target_ref: str,
         return train_feature_draft(cfg, target_path, target_ref, head_ids, tuple(train_m["feature_layers"]),
                                    train_ex, eval_ex, train_tokens, train_m, eval_dir, state, command_line, t_start,
                                    deadline)
-    draft = draft_from_target(target_path, cfg.layers, head_ids, cfg.init_layers)
+    draft = earlier or draft_from_target(target_path, cfg.layers, head_ids, cfg.init_layers)
     curve0 = acceptance_curve(draft, eval_ex, positions=cfg.curve_positions)
     summary = train(draft, train_ex, eval_ex, cfg, state, deadline)
     curve = acceptance_curve(draft, eval_ex, positions=cfg.curve_positions)
     save_draft(out, draft, target_path, target_ref, dtype=_DTYPES[cfg.save_dtype])
     info = {
         "target": target_ref, "layers": cfg.layers,
-        "init_layers": f"{cfg.init_layers} (target layers {init_layer_ids(tcfg.num_layers, cfg.layers, cfg.init_layers)})",
+        "init_layers": (f"the draft in `{cfg.init_from}` (continued)" if earlier is not None else
+                        f"{cfg.init_layers} (target layers {init_layer_ids(tcfg.num_layers, cfg.layers, cfg.init_layers)})"),
+        "earlier_training": _earlier_training(cfg.init_from) if earlier is not None else [],
+        "first_shard": train_m["key"].get("first_shard", 0),
         "head_vocab": int(head_ids.numel()), "data": str(cfg.data), "eval_data": str(eval_dir),
         "train_sequences": len(train_ex), "train_answer_tokens": train_tokens, "eval_sequences": len(eval_ex),
         "data_tokens_per_s": train_m.get("tokens_per_s"), "data_dtype": train_m.get("dtype"),
@@ -510,6 +521,18 @@ def distill_from_data(cfg: TrainDraftConfig, target_path: Path, target_ref: str,
     _plot_curves(out / "acceptance.png", info, state / "log.jsonl")
     (out / "README.md").write_text(data_model_card(cfg, info))
     return info
+
+
+def _earlier_training(draft_dir: str) -> list[list[str]]:
+    """The data and training rows of a continued draft's model card (and the rows it carried
+    from its own predecessors), so the new card keeps the whole history."""
+    card = Path(draft_dir) / "README.md"
+    rows = []
+    for line in (card.read_text().splitlines() if card.exists() else []):
+        cells = [c.strip() for c in line.strip().strip("|").split("|", 1)]
+        if len(cells) == 2 and cells[0] in ("data", "training", "earlier data", "earlier training"):
+            rows.append(["earlier " + cells[0].removeprefix("earlier "), cells[1]])
+    return rows or [["earlier training", f"`{draft_dir}` (no model card found)"]]
 
 
 def _plot_curves(path: Path, info: dict, log_path: Path) -> None:
@@ -567,8 +590,11 @@ def data_model_card(cfg: TrainDraftConfig, info: dict) -> str:
         f"| held-out KL(target ‖ draft) over the head, nats/token | {ev['kl']:.3f} |",
         f"| head vocabulary | {info['head_vocab']} tokens; covers {ev['head_coverage']:.3f} of the held-out target tokens |",
         f"| layers | {cfg.layers}, initialised from {info['init_layers']} |",
+        *[f"| {k} | {v} |" for k, v in info.get("earlier_training", [])],
         f"| data | `ssd make-data`: the target's own answers ({info['data_dtype']}) to ShareGPT conversations 0-14,999 "
-        f"(first turns and multi-turn contexts) and generated code/math/chat prompts; {info['train_sequences']} sequences, "
+        f"(first turns and multi-turn contexts) and generated code/math/chat prompts"
+        + (f", from shard {info['first_shard']} of the fixed prompt order" if info.get("first_shard") else "")
+        + f"; {info['train_sequences']} sequences, "
         f"{info['train_answer_tokens']} answer tokens, made at {info['data_tokens_per_s']} tok/s |",
         f"| held-out data | ShareGPT conversations 15,000 onward, answered the same way: {info['eval_sequences']} sequences; never trained on |",
         f"| training | {info['steps']} steps of {cfg.batch_size} sequences x <= {cfg.seq_len} tokens, AdamW lr {cfg.lr} "

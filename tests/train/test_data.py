@@ -82,6 +82,24 @@ def test_make_data_resumes_and_refuses_other_settings(shards, tmp_path):
         make_data(_cfg(out, max_tokens=60, teacher_topk=8), progress=False)
 
 
+def test_make_data_can_start_past_the_shards_an_earlier_run_made(shards, tmp_path):
+    from ssd.train.data import prompt_list
+
+    root, m, _ = shards
+    cfg = _cfg(tmp_path / "later", first_shard=2, max_tokens=5)
+    later = make_data(cfg, progress=False)
+    assert [s["index"] for s in later["shards"]] == [2] and later["complete"]
+    # shard 2 answers exactly the prompts a directory started at 0 reaches third, none before them
+    order = [it["source"] for it in prompt_list(cfg)]
+    assert {sq["source"] for sq in load_shards(tmp_path / "later")} <= set(order[6:9])
+    earlier = {sq["source"] for sq in load_shards(root / "sharegpt-train")}
+    assert earlier <= set(order[:6])
+    with pytest.raises(ValueError, match="other settings"):  # one directory never mixes two starts
+        make_data(_cfg(tmp_path / "later", max_tokens=40), progress=False)
+    with pytest.raises(ValueError, match="past the last shard"):
+        make_data(_cfg(tmp_path / "none", first_shard=10**6), progress=False)
+
+
 def test_examples_keep_only_head_tokens_of_the_teacher():
     from ssd.train.distill import collate, examples_from_shards
 
@@ -131,6 +149,20 @@ def test_training_on_shards_writes_a_draft_with_its_curve(shards, tmp_path):
     assert "n-alpha" in (tmp_path / "draft" / "README.md").read_text()
     with pytest.raises(ValueError, match="held-out"):  # training data used as evaluation data is refused
         distill_from_data(dataclasses.replace(cfg, eval_data=str(root / "sharegpt-train")), default_target_path(), "default")
+
+    # more training for that draft on (here: the same) shards starts from its weights and keeps its head
+    more = dataclasses.replace(cfg, out=str(tmp_path / "more"), init_from=str(tmp_path / "draft"), steps=2)
+    again = distill_from_data(more, default_target_path(), "default")
+    assert json.dumps(again["acceptance_curve_init"]) == json.dumps(info["acceptance_curve"])  # NaN-safe
+    assert again["eval_step0"]["agreement"] == pytest.approx(info["eval"]["agreement"], abs=1e-6)
+    assert torch.equal(load_draft_dir(tmp_path / "more", default_target_path()).head_ids, model.head_ids)
+    card = (tmp_path / "more" / "README.md").read_text()
+    assert "| earlier data | `ssd make-data`" in card and "| earlier training | 4 steps" in card
+    assert "continued" in card
+    with pytest.raises(ValueError, match="layers"):
+        distill_from_data(dataclasses.replace(more, layers=2), default_target_path(), "default")
+    with pytest.raises(ValueError, match="init-from"):
+        dataclasses.replace(more, head_from=str(tmp_path / "draft"))
 
 
 def test_bench_can_run_on_held_out_sharegpt_prompts():
