@@ -83,14 +83,19 @@ def put_q_rows(sp, q: torch.Tensor, support: torch.Tensor | None, vocab_size: in
     sp.draft_probs = tensor_to_bytes(q)
 
 
-def get_q_rows(sp, k: int, vocab_size: int) -> torch.Tensor | None:
+def get_q_rows(sp, vocab_size: int) -> torch.Tensor | None:
+    """The q rows of sp as [n, vocab]: one row per draft token (n = K, or fewer for an adaptive
+    JIT speculation). The byte count must match exactly: a short or long field is refused."""
     if not sp.draft_probs:
         return None
+    n, width = len(sp.draft_token_ids), len(sp.draft_probs_support) or vocab_size
+    if len(sp.draft_probs) != 4 * n * width:
+        raise ValueError(f"q rows of {len(sp.draft_probs)} bytes for {n} draft tokens x {width} columns")
     if not sp.draft_probs_support:
-        return tensor_from_bytes(sp.draft_probs, (k, vocab_size))
+        return tensor_from_bytes(sp.draft_probs, (n, vocab_size))
     support = torch.tensor(list(sp.draft_probs_support), dtype=torch.int64)
-    q = torch.zeros(k, vocab_size, dtype=torch.float32)
-    q[:, support] = tensor_from_bytes(sp.draft_probs, (k, support.numel()))
+    q = torch.zeros(n, vocab_size, dtype=torch.float32)
+    q[:, support] = tensor_from_bytes(sp.draft_probs, (n, width))
     return q
 
 
@@ -108,7 +113,8 @@ def features_from_pb(msg) -> Features | None:
 
 
 def round_to_pb(msg: RoundRequest) -> "pb.SpeculateRequest":
-    req = pb.SpeculateRequest(round=msg.round_id, jit=[str(i) for i in msg.jit_ids], hit=[str(i) for i in msg.hit_ids])
+    req = pb.SpeculateRequest(round=msg.round_id, jit=[str(i) for i in msg.jit_ids], hit=[str(i) for i in msg.hit_ids],
+                              jit_k={str(i): k for i, k in msg.jit_k.items()}, fan_out_budget=msg.fan_out_budget)
     for op in msg.ops:
         if isinstance(op, AddSequence):
             req.add.append(pb.SequenceSetup(seq_id=str(op.seq_id), context_token_ids=op.context, sampling=sampling_to_pb(op.params),
@@ -140,18 +146,23 @@ def round_from_pb(req, seq_key) -> RoundRequest:
     aborted = set(req.aborted)
     ops += [Release(seq_key(r), "abort" if r in aborted else None) for r in req.release]
     backups = {seq_key(b.seq_id): list(b.draft_token_ids) for b in req.backup}
-    return RoundRequest(req.round, ops, [seq_key(i) for i in req.jit], backups, [seq_key(i) for i in req.hit])
+    jit_k = {seq_key(i): k for i, k in req.jit_k.items()}
+    if any(k < 1 for k in jit_k.values()) or req.fan_out_budget < 0:
+        raise ValueError("jit_k values must be >= 1 and fan_out_budget >= 0")
+    return RoundRequest(req.round, ops, [seq_key(i) for i in req.jit], backups, [seq_key(i) for i in req.hit],
+                        jit_k, req.fan_out_budget)
 
 
 def reply_to_pb(msg: RoundReply, seq_name, vocab_size: int, support: torch.Tensor | None = None,
-                channel: bool = False):
-    """Draft reply -> (response, tensor | None). q refs are ("inline", tensor [.., K, S]) over
+                channel: bool = False, k: int = 0):
+    """Draft reply -> (response, tensor | None). k: the speculation depth K (the channel tensor's
+    second dimension). q refs are ("inline", tensor [.., n, S]) over
     `support`, the draft head's token ids (None: the vocabulary). With a tensor channel the rows
     are gathered into one [rows, K, S'] tensor over their union support (named in the response)
     sent after the response instead of travelling as bytes inside it."""
     rows: list[torch.Tensor] = []
 
-    def attach(sp, q):  # q: [K, S]
+    def attach(sp, q):  # q: [n, S], one row per draft token (n <= K)
         if channel:
             sp.channel_probs = True
             rows.append(q)
@@ -191,6 +202,8 @@ def reply_to_pb(msg: RoundReply, seq_name, vocab_size: int, support: torch.Tenso
     if not rows:
         return resp, None
     resp.channel_rows = len(rows)
+    depth = k or max(r.shape[0] for r in rows)  # the channel tensor is [rows, K, S]: pad short speculations with zero rows
+    rows = [r if r.shape[0] == depth else torch.cat([r, r.new_zeros(depth - r.shape[0], *r.shape[1:])]) for r in rows]
     stacked, ids = compact_columns(torch.stack(rows), support, vocab_size)  # [rows, K, S']
     if ids is not None:
         resp.channel_support.extend(ids.tolist())
@@ -208,9 +221,9 @@ def reply_from_pb(resp, k: int, vocab_size: int, channel_rows: torch.Tensor | No
     taken = iter(range(resp.channel_rows))
 
     def q_of(sp):
-        if sp.channel_probs:
-            return channel_rows[next(taken)]
-        return get_q_rows(sp, k, vocab_size)
+        if sp.channel_probs:  # the slot's first len(draft_token_ids) rows (the rest pad a short speculation)
+            return channel_rows[next(taken)][: len(sp.draft_token_ids)]
+        return get_q_rows(sp, vocab_size)
 
     if body == "keys":
         keys: dict[int, list] = {}

@@ -20,9 +20,14 @@ log = logging.getLogger(__name__)
 
 
 class GrpcDraftLink:
-    """tensor_channel: "inline" (q rows as bytes in the messages), "gloo", "nccl", or "auto"
+    """One draft service over a Draft/Speculate stream. Adaptive speculation's per-round JIT
+    lengths and fan-out budget travel in SpeculateRequest.jit_k / fan_out_budget.
+
+    tensor_channel: "inline" (q rows as bytes in the messages), "gloo", "nccl", or "auto"
     (nccl when this target runs on a GPU, falling back to inline when the channel cannot be set
     up; inline on CPU)."""
+
+    carries_adaptive = True
 
     def __init__(self, address: str, k: int, timeout: float = 30.0, tensor_channel: str = "inline", device: str = "cpu"):
         self.k = k

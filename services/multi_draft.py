@@ -128,6 +128,8 @@ class MultiDraftLink:
             self.inject.setdefault(new, []).append(AddSequence(seq_id, list(ctx), params, dict(meta), rows))
 
     # ---- the DraftLink protocol ------------------------------------------------------------------
+    carries_adaptive = True  # each draft gets its sequences' JIT lengths and the round's budget
+
     def send(self, msg: RoundRequest | Stop) -> None:
         if isinstance(msg, Stop):
             for link in self.links.values():
@@ -170,7 +172,9 @@ class MultiDraftLink:
             if not (p_ops or p_jit or p_backups or p_hits):
                 continue
             try:
-                self.links[addr].send(RoundRequest(round_id, p_ops, p_jit, p_backups, p_hits))
+                self.links[addr].send(RoundRequest(round_id, p_ops, p_jit, p_backups, p_hits,
+                                                   {i: msg.jit_k[i] for i in p_jit if i in msg.jit_k},
+                                                   msg.fan_out_budget))
             except DraftUnavailable as e:
                 self._lose(addr, e)
                 continue

@@ -192,8 +192,6 @@ def cmd_serve(ns) -> int:
     from ssd.services.run import serve_local
 
     cfg, _ = _configs(ns)
-    if _adaptive_refused(cfg):
-        return 2
     return serve_local(ns, cfg, _config_args(cfg))
 
 
@@ -201,18 +199,7 @@ def cmd_service(ns) -> int:
     from ssd.services.run import run_role
 
     cfg, _ = _configs(ns)
-    if _adaptive_refused(cfg):
-        return 2
     return run_role(ns, cfg)
-
-
-def _adaptive_refused(cfg) -> bool:
-    """The services' gRPC draft link does not carry adaptive speculation's per-round K and fan-out
-    budget yet: say so before starting anything (instead of a target that dies at start)."""
-    if cfg.speculation.adaptive:
-        print("error: --adaptive runs in process only (ssd generate, ssd bench); the services' gRPC draft link "
-              "does not carry per-round K and fan-out budgets yet", file=sys.stderr)
-    return cfg.speculation.adaptive
 
 
 def _add_access(p) -> None:

@@ -98,11 +98,3 @@ def test_bad_dtype_exits_2_with_message():
     r = _ssd("generate", "--prompt", "hi", "--dtype", "float16")
     assert r.returncode == 2 and "dtype" in r.stderr
 
-
-def test_services_refuse_adaptive_speculation_up_front(capsys):
-    """Not a dead target process: a clear error before anything starts."""
-    from ssd.cli import main
-
-    assert main(["serve", "--adaptive", "--prompt", "hi"]) == 2
-    assert main(["service", "target", "--adaptive"]) == 2
-    assert "--adaptive runs in process only" in capsys.readouterr().err

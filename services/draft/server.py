@@ -102,6 +102,7 @@ class DraftService(pb_grpc.DraftServicer):
         names: dict[int, str] = {}  # draft id -> the target's seq id, for this stream
         ids: dict[str, int] = {}
         vocab, head = self.server.runner.vocab_size, self.server.runner.head_ids  # q rows are over the head
+        depth = self.server.runner.K  # the channel tensor's rows per speculation
 
         def seq_key(name: str) -> int:
             if name not in ids:
@@ -148,7 +149,7 @@ class DraftService(pb_grpc.DraftServicer):
                         self._queue(-1)
                         self.server.handle(
                             msg,
-                            send=lambda m: send(convert.reply_to_pb(m, names.__getitem__, vocab, head, channel is not None)),
+                            send=lambda m: send(convert.reply_to_pb(m, names.__getitem__, vocab, head, channel is not None, depth)),
                             poll=lambda: not inbox.empty(),
                             put_q=lambda kind, round_id, slot, probs: ("inline", probs),
                         )

@@ -34,7 +34,8 @@ VALUE_SETS = {
                              "cache.existingClaim=ssd-cache", "cache.seed=copy", "gateway.pdb.maxUnavailable=50%",
                              "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring",
                              "networkPolicy.gatewayFrom[0].namespaceSelector.matchLabels.name=clients"),
-    "bf16-plain-kernels": ("engine.dtype=bfloat16", "engine.batchInvariant=false"),
+    "bf16-plain-kernels": ("engine.dtype=bfloat16", "engine.batchInvariant=false", "engine.adaptive=true",
+                           "engine.pMin=0.4"),
     "gateway-auth-tls-cors": ("gateway.auth.apiKeysSecret=ssd-api-keys", "gateway.tls.secretName=ssd-gateway-tls",
                               "gateway.corsOrigins[0]=https://app.example", "gateway.corsOrigins[1]=https://b.example",
                               "gateway.maxHttpConnections=256"),
@@ -163,6 +164,8 @@ def test_schema_is_strict_at_component_level():
     ("redis.externalUrl=http://x", "externalUrl"),
     ("engine.dtype=float16", "dtype"),
     ("target.maxQueue=-1", "maxQueue"),
+    ("engine.pMin=1.5", "pMin"),
+    ("engine.pMin=high", "pMin"),
 ])
 def test_schema_rejects_bad_values(render_error, bad, message):
     assert message in render_error(bad)
@@ -237,7 +240,7 @@ def _substitute(args: list[str]) -> list[str]:
     return [re.sub(r"\$\((\w+)\)", lambda m: stand_in[m.group(1)], a) for a in args]
 
 
-@pytest.mark.parametrize("name", ["cpu-default", "gpu", "static-preferred-pvc", "minimal", "redis-secret"])
+@pytest.mark.parametrize("name", ["cpu-default", "gpu", "static-preferred-pvc", "minimal", "redis-secret", "bf16-plain-kernels"])
 def test_container_args_parse_with_the_real_cli(sets, monkeypatch, name):
     """Every role's args go through ssd's own argparse and config validation (the service itself
     is replaced by a recorder)."""
@@ -262,6 +265,9 @@ def test_container_args_parse_with_the_real_cli(sets, monkeypatch, name):
             # numerics reach every role as the values say
             assert cfg.dtype == ("bfloat16" if name == "bf16-plain-kernels" else "auto") == arg(c, "--dtype")
             assert cfg.batch_invariant is (name != "bf16-plain-kernels")
+            # adaptive speculation reaches every role (the target sizes rounds, the draft stops on p_min)
+            assert cfg.speculation.adaptive is (name == "bf16-plain-kernels")
+            assert cfg.speculation.p_min == (0.4 if name == "bf16-plain-kernels" else 0.0) == float(arg(c, "--p-min"))
             if c["name"] == "target":  # admission control: the chart's queue bound reaches the engine
                 assert cfg.max_queue == int(arg(c, "--max-queue")) == 256
 

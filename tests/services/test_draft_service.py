@@ -4,7 +4,7 @@ import pytest
 from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
 from ssd.engine import AREngine, SSDEngine
 from ssd.engine.draft_link import DraftUnavailable
-from ssd.engine.protocol import CachedBranches, CacheReply
+from ssd.engine.protocol import CachedBranches, CacheReply, JitReply
 from ssd.models.loader import load_model
 
 pytest.importorskip("grpc")
@@ -48,6 +48,50 @@ def test_greedy_over_grpc_identical_to_ar(target, ar_reference, draft_server):
         st = eng.stats
     assert out == ref
     assert eng.draft_alive and st.cache_hit + st.cache_late > 0 and st.n_jit > 0
+
+
+def test_adaptive_over_grpc_identical_to_ar(target, small_pair, monkeypatch):
+    """Adaptive speculation over the service links: per-sequence JIT lengths and the round's
+    fan-out budget reach each of two draft services in SpeculateRequest (no p_min here, so every
+    short speculation was sized by the target), and the output is still AR's. The lengths are
+    pinned per sequence (1..4) so every one travels; the policy itself is tested in
+    tests/speculation/test_adaptive.py."""
+    from ssd.services.multi_draft import MultiDraftLink
+    from ssd.speculation.adaptive import AdaptiveK
+
+    monkeypatch.setattr(AdaptiveK, "k_for", lambda self, seq_id: 1 + seq_id % 4)
+
+    cfg = EngineConfig(mode="ssd", max_batch=4, max_model_len=96,
+                       speculation=SpeculationConfig(num_speculative_tokens=4, fan_out_budget=2, saguaro_c=0.5,
+                                                     adaptive=True))
+    params = SamplingParams(max_tokens=60, ignore_eos=True)
+    ref = [s.output_ids for s in AREngine(cfg.replace(mode="ar"), target, (3,)).generate(PROMPTS, params)]
+    servers = [serve({"path": str(small_pair[1])}, cfg.speculation, max_seqs=8, max_model_len=96) for _ in range(2)]
+    sent, got = [], []
+
+    class Recording(GrpcDraftLink):
+        def send(self, msg):
+            sent.append(msg)
+            super().send(msg)
+
+        def recv(self, timeout=None):
+            got.append(super().recv(timeout))
+            return got[-1]
+
+    try:
+        link = MultiDraftLink(lambda a: Recording(a, k=4), [f"127.0.0.1:{p}" for _, p in servers])
+        with SSDEngine(cfg, target, {}, (3,), link=link) as eng:
+            out = [s.output_ids for s in eng.generate(PROMPTS, params)]
+            st = eng.stats
+    finally:
+        for s, _ in servers:
+            s.stop(0)
+    assert out == ref and eng.draft_alive and st.n_jit > 0
+    asked = {(m.round_id, i): k for m in sent if getattr(m, "jit_k", None) for i, k in m.jit_k.items()}
+    assert set(asked.values()) == {1, 2, 3, 4} and any(getattr(m, "fan_out_budget", 0) for m in sent)
+    # each draft drafted exactly the length it was asked for (p_min is off)
+    jit = {(r.round_id, i): len(sp.token_ids) for r in got if isinstance(r, JitReply) for i, sp in r.speculations.items()}
+    assert all(jit[key] == k for key, k in asked.items() if key in jit) and set(asked) <= set(jit)
 
 
 def test_sampled_over_grpc_carries_q_rows(target, draft_server):
@@ -197,9 +241,11 @@ def test_two_targets_share_one_draft(target, ar_reference, draft_server):
     assert out == {"a": ar_reference, "b": ar_reference}
 
 
-def test_sampled_over_gloo_with_two_drafts_matches_target_distribution(small_pair, two_drafts):
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sampled_over_gloo_with_two_drafts_matches_target_distribution(small_pair, two_drafts, adaptive):
     """Lossless sampling end to end over the services' transport: q rows on a gloo tensor
-    channel, sequences spread over two draft services (chi-square, as in the engine tests)."""
+    channel, sequences spread over two draft services (chi-square, as in the engine tests).
+    Adaptive: JIT speculations of varied length, their q rows padded on the channel and cut back."""
     import importlib.util
     from pathlib import Path
 
@@ -212,6 +258,8 @@ def test_sampled_over_gloo_with_two_drafts_matches_target_distribution(small_pai
     t_dir, d_dir, hf = small_pair
     tgt = load_model(t_dir)[0]
     cfg = big_cfg(saguaro_c=0.5, critical_batch_size=1000)
+    if adaptive:
+        cfg = big_cfg(saguaro_c=0.5, adaptive=True, p_min=0.6).replace(max_batch=8)  # small batches: JIT pays too
     servers = [serve({"path": str(d_dir)}, cfg.speculation, max_seqs=128, max_model_len=32) for _ in range(2)]
     try:
         link = _multi([f"127.0.0.1:{p}" for _, p in servers], tensor_channel="gloo")
@@ -221,6 +269,8 @@ def test_sampled_over_gloo_with_two_drafts_matches_target_distribution(small_pai
             st = eng.stats
         assert all(l.tensors.received_bytes > 0 for l in link.links.values())
         assert st.cache_hit + st.cache_late > 100 and st.n_jit > 0
+        if adaptive:
+            assert st.num_drafts < st.num_draft_tokens < 2 * st.num_drafts
         assert chi_square_pvalue(samples, exact_distribution(hf, SAMPLINGS["t1"])) > ALPHA
     finally:
         for s, _ in servers:

@@ -2,6 +2,7 @@
 message and field the engine sends or receives comes back equal."""
 import pickle
 
+import pytest
 import torch
 
 from ssd.config import SamplingParams
@@ -16,10 +17,17 @@ def test_round_request_round_trips():
     msg = RoundRequest(7, [AddSequence(3, [1, 2, 3], SamplingParams(temperature=0.5, top_p=0.9, max_tokens=9, seed=4),
                                        {"request_id": "r", "traceparent": "00-ab-cd-01"}),
                            Advance(1, [4, 5]), Release(2, "abort"), Release(5, "length")],
-                       jit_ids=[3], backups={1: [6, 7]}, hit_ids=[9])
+                       jit_ids=[3, 4], backups={1: [6, 7]}, hit_ids=[9], jit_k={3: 1}, fan_out_budget=5)
     back = round_from_pb(round_to_pb(msg), int)
     # the draft keeps only what it needs of a release: whether it was an abort
-    assert back == RoundRequest(7, [msg.ops[0], msg.ops[1], Release(2, "abort"), Release(5, None)], [3], {1: [6, 7]}, [9])
+    assert back == RoundRequest(7, [msg.ops[0], msg.ops[1], Release(2, "abort"), Release(5, None)], [3, 4], {1: [6, 7]},
+                                [9], {3: 1}, 5)
+    plain = round_from_pb(round_to_pb(RoundRequest(8, jit_ids=[3])), int)  # not adaptive: K and the draft's own budget
+    assert plain.jit_k == {} and plain.fan_out_budget == 0
+    bad = round_to_pb(msg)
+    bad.jit_k["3"] = 0
+    with pytest.raises(ValueError, match="jit_k"):
+        round_from_pb(bad, int)
 
 
 def test_replies_round_trip_with_q_rows():
@@ -36,6 +44,23 @@ def test_replies_round_trip_with_q_rows():
     keys = CacheKeys(4, {8: [(0, 1), (2, 3)]})
     assert reply_from_pb(reply_to_pb(keys, str, V)[0], K, V) == keys
     assert reply_from_pb(reply_to_pb(CacheReply(4, None, 0.1), str, V)[0], K, V) == CacheReply(4, None, 0.1)
+
+
+def test_short_adaptive_speculations_keep_one_q_row_per_token():
+    """An adaptive JIT speculation may hold fewer than K tokens: its q rows come back with it,
+    inline and on the tensor channel (padded there to K rows and cut back)."""
+    q_short, q_full = torch.rand(1, V), torch.rand(K, V)
+    jit = JitReply(3, {8: Speculation([5], ("inline", q_short)), 9: Speculation([1, 2], ("inline", q_full))}, 0.1)
+    back = reply_from_pb(reply_to_pb(jit, str, V)[0], K, V)
+    assert torch.equal(back.speculations[8].q_ref[1], q_short) and torch.equal(back.speculations[9].q_ref[1], q_full)
+    resp, rows = reply_to_pb(jit, str, V, channel=True, k=K)
+    assert rows.shape == (2, K, V) and not rows[0, 1].any()
+    back = reply_from_pb(resp, K, V, rows)
+    assert torch.equal(back.speculations[8].q_ref[1], q_short) and torch.equal(back.speculations[9].q_ref[1], q_full)
+    resp, _ = reply_to_pb(jit, str, V)
+    resp.jit.items[0].draft_probs = resp.jit.items[0].draft_probs[:-4]  # a row cut short is refused, not misread
+    with pytest.raises(ValueError, match="q rows"):
+        reply_from_pb(resp, K, V)
 
 
 def test_messages_pickle_for_the_process_pipe():

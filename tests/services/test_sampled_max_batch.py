@@ -18,24 +18,24 @@ def test_compact_q_rows_are_exact():
     q = torch.zeros(4, 1000)
     q[:, torch.randperm(1000, generator=g)[:120]] = torch.rand(4, 120, generator=g)
     q[2, 5] = 0.5  # a column nonzero in one row only
-    sp = pb.Speculation()
+    sp = pb.Speculation(draft_token_ids=[1, 2, 3, 4])  # one q row per draft token
     put_q_rows(sp, q, None, 1000)
     assert len(sp.draft_probs_support) == int((q != 0).any(0).sum())
-    assert torch.equal(get_q_rows(sp, 4, 1000), q)
+    assert torch.equal(get_q_rows(sp, 1000), q)
     dense = torch.rand(4, 1000, generator=g)  # a full-support q stays dense
-    sp = pb.Speculation()
+    sp = pb.Speculation(draft_token_ids=[1, 2, 3, 4])  # one q row per draft token
     put_q_rows(sp, dense, None, 1000)
-    assert not sp.draft_probs_support and torch.equal(get_q_rows(sp, 4, 1000), dense)
+    assert not sp.draft_probs_support and torch.equal(get_q_rows(sp, 1000), dense)
     # q as the draft runner keeps it: over a reduced head whose ids are not 0..Vh-1
     head = torch.randperm(1000, generator=g)[:200]
     qh = torch.rand(4, 200, generator=g)
     qh[:, 7] = 0  # a head token nobody proposes: dropped from the wire
-    sp = pb.Speculation()
+    sp = pb.Speculation(draft_token_ids=[1, 2, 3, 4])  # one q row per draft token
     put_q_rows(sp, qh, head, 1000)
     assert len(sp.draft_probs_support) == 199 and len(sp.draft_probs) == 4 * 199 * 4
     full = torch.zeros(4, 1000)
     full[:, head] = qh
-    assert torch.equal(get_q_rows(sp, 4, 1000), full)
+    assert torch.equal(get_q_rows(sp, 1000), full)
 
 
 def test_a_cache_over_the_message_limit_is_refused_not_sent():

@@ -186,6 +186,9 @@ the shared tag defaults to appVersion, with "-cuda" when gpu.enabled. Call with
 - {{ $e.numSpeculativeTokens | quote }}
 - --fan-out-budget
 - {{ $e.fanOutBudget | quote }}
+- {{ ternary "--adaptive" "--no-adaptive" $e.adaptive }}
+- --p-min
+- {{ $e.pMin | quote }}
 - --dtype
 - {{ $e.dtype | quote }}
 - {{ ternary "--batch-invariant" "--no-batch-invariant" $e.batchInvariant }}
