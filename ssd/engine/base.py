@@ -33,6 +33,7 @@ class EngineStats:
     cache_late: int = 0  # found in the cache, but the cache arrived after verification ended
     cache_miss: int = 0
     index_hit: int = 0  # of the hits, found in the speculation index (another request's draft work)
+    cut_draft_tokens: int = 0  # adaptive SSD: cached draft tokens left unverified (docs/algorithm.md section 7d)
     tokens_after_hit: int = 0  # committed tokens of rounds whose speculation came from the cache
     rounds_after_hit: int = 0
     tokens_after_miss: int = 0  # ... from the just-in-time draft or the fast backup

@@ -326,7 +326,7 @@ class SSDEngine(Engine):
                 continue
             self._count(s, "cache_hit" if on_time else "cache_late")
             q = self.link.q_row(entry.q_ref, j) if entry.q_ref is not None else None
-            s.speculation = Proposal(torch.tensor(entry.token_ids[j]), q, "cache")
+            s.speculation = self._cached(s, entry.token_ids[j], q, "cache")
         if index_rows:
             found = self.index.get_many([self._key(s.context) for s in index_rows])
             for s, tokens in zip(index_rows, found):
@@ -335,7 +335,18 @@ class SSDEngine(Engine):
                 else:
                     self._count(s, "cache_hit")
                     self.stats.index_hit += 1
-                    s.speculation = Proposal(torch.tensor(tokens), None, "index")
+                    s.speculation = self._cached(s, tokens, None, "index")
+
+    def _cached(self, s, tokens: list[int], q, source: str) -> Proposal:
+        """A speculation from the cache or the index. Adaptive: only its first k_for_cached
+        tokens are verified (section 7d); a prefix of a draft is still a draft, so the output
+        stays exact, and on a CPU, where each verified token costs, the cut ones rarely pay."""
+        if self.adaptive is not None:
+            n = self.adaptive.k_for_cached(s.seq_id)
+            if n < len(tokens):
+                self.stats.cut_draft_tokens += len(tokens) - n
+                tokens, q = tokens[:n], (None if q is None else q[:n])
+        return Proposal(torch.tensor(tokens), q, source)
 
     # ---- speculation index -----------------------------------------------------------------------
     def _key(self, context: list[int]) -> str:

@@ -141,3 +141,11 @@ class AdaptiveK:
         if not self.verify.known or self.draft_step.value is None:
             return self.k_max
         return choose_k(self.acceptance(seq_id), self.k_max, self.draft_step.value, self.verify)
+
+    def k_for_cached(self, seq_id: int) -> int:
+        """How many tokens of a cached SSD speculation (drafted at depth k_max while the previous
+        round was verified) to verify: its draft steps are already paid, off the critical path,
+        so only the verify's cost counts. k_max until the verify cost has been measured."""
+        if not self.verify.known:
+            return self.k_max
+        return choose_k(self.acceptance(seq_id), self.k_max, 0.0, self.verify)

@@ -234,8 +234,13 @@ def test_sd_p_min_and_adaptive_k_match_target_distribution(models, adaptive):
     assert chi_square_pvalue(samples, exact_distribution(hf, params)) > ALPHA
 
 
-def test_ssd_adaptive_matches_target_distribution(models):
-    """SSD with adaptive JIT lengths, the measured JIT-or-backup rule and the measured budget."""
+def test_ssd_adaptive_matches_target_distribution(models, monkeypatch):
+    """SSD with adaptive JIT lengths, the measured JIT-or-backup rule and the measured budget;
+    cached speculations of every other sequence verified only in part (section 7d: pinned here,
+    as this pair's acceptance keeps the policy at full depth; the policy is tested on its own)."""
+    from ssd.speculation.adaptive import AdaptiveK
+
+    monkeypatch.setattr(AdaptiveK, "k_for_cached", lambda self, seq_id: 1 + seq_id % 2)
     t_dir, d_dir, hf, target, _ = models
     params = SAMPLINGS["t0.7_topk3"]
     cfg = _cfg(adaptive=True, p_min=0.6, saguaro_c=0.5).replace(max_batch=8)  # small batches: JIT pays too
@@ -243,7 +248,7 @@ def test_ssd_adaptive_matches_target_distribution(models):
         samples = run(eng, params_list(params))
         st = eng.stats
     assert st.n_jit > 0 and st.n_backup > 0 and st.cache_hit + st.cache_late > 100  # every source exercised
-    assert _varied_lengths(st)
+    assert _varied_lengths(st) and st.cut_draft_tokens > 0  # cached speculations cut too (section 7d)
     assert chi_square_pvalue(samples, exact_distribution(hf, params)) > ALPHA
 
 

@@ -59,6 +59,27 @@ def test_adaptive_k_starts_at_k_max_then_follows_each_sequence():
     assert ak.acceptance(1) == ak.acceptance(3)
 
 
+def test_cached_speculations_are_cut_by_the_verify_cost_alone():
+    """A cached speculation's draft steps are already paid: its depth follows acceptance and the
+    verify's slope only, so it is never shorter than a JIT one for the same sequence."""
+    ak = AdaptiveK(k_max=6, init_acceptance=0.6)
+    ak.draft_step.observe(0.05)
+    assert ak.k_for_cached(1) == 6  # verify cost not yet measured
+    ak.verify.observe(1, 0.100)
+    ak.verify.observe(6, 0.200)  # 20 ms per verified token over a 80 ms base
+    for _ in range(10):
+        ak.record(1, drafted=6, accepted=0)  # alpha -> 0.02
+    # a new sequence starts from the engine-wide estimate; its best depth maximises E(k) / verify(k)
+    # with no draft term
+    a = ak.acceptance(3)
+    rates = {k: expected_tokens(a, k) / (0.080 + 0.020 * k) for k in range(1, 7)}
+    assert ak.k_for_cached(3) == max(rates, key=rates.get)
+    assert ak.k_for_cached(1) == 1 and ak.k_for_cached(3) >= ak.k_for(3)
+    for _ in range(10):
+        ak.record(2, drafted=6, accepted=6)
+    assert ak.k_for_cached(2) == 6
+
+
 def test_prefer_jit_compares_tokens_per_second_of_the_step():
     # JIT: (2*3 + 2*2.5) / (0.05 + 0.1) = 73.3 tok/s; backup: (6 + 2*1.2) / 0.1 = 84 tok/s -> backup
     assert not prefer_jit(2, 2, 3.0, 2.5, 1.2, 0.05, 0.0, 0.1)
