@@ -99,6 +99,7 @@ class SpeculationConfig:
     # from measured build vs verify time
     adaptive: bool = False
     p_min: float = 0.0  # stop drafting a row when the draft's top probability at the next position is below this (0 = off)
+    cut_cached: bool = True  # adaptive SSD: verify only the first m* tokens of a cached speculation (docs/algorithm.md 7d)
 
     def __post_init__(self):
         if not 1 <= self.num_speculative_tokens <= 16:

@@ -3,7 +3,8 @@
     python -m ssd.benchmarks.adaptive --prompts sharegpt-heldout --num-prompts 6 --max-tokens 64
 
 Runs SD and SSD at each fixed K of --ks, then adaptive (K chosen per round and sequence, at most
---k-max) without and with the draft-confidence stop p_min, on the same prompts and pair. Prints
+--k-max) without and with the draft-confidence stop p_min, and (SSD) adaptive with cached
+speculations verified whole instead of cut (section 7d), on the same prompts and pair. Prints
 decode tokens/s and each system's ratio to the best fixed K of its mode (and SSD over SD), and
 writes JSON + PNG. Ratios within one run are the result; the machine is shared.
 """
@@ -25,10 +26,19 @@ def configs(ks: list[int], k_max: int, p_min: float) -> list[tuple[str, Speculat
     base = SpeculationConfig()
     out = [(f"K={k}", dataclasses.replace(base, num_speculative_tokens=k)) for k in ks]
     out.append(("adaptive", dataclasses.replace(base, num_speculative_tokens=k_max, adaptive=True)))
+    # the same without section 7d (cached speculations verified whole): what the cut buys (SSD only)
+    out.append(("adaptive, whole cached", dataclasses.replace(base, num_speculative_tokens=k_max, adaptive=True,
+                                                              cut_cached=False)))
     if p_min > 0:
         out.append((f"adaptive p_min={p_min:g}",
                     dataclasses.replace(base, num_speculative_tokens=k_max, adaptive=True, p_min=p_min)))
     return out
+
+
+def systems(modes: list[str], ks: list[int], k_max: int, p_min: float) -> list[tuple[str, str, SpeculationConfig]]:
+    """(mode, label, settings) of every run; whole-vs-cut cached speculations only in SSD (SD has none)."""
+    return [(mode, label, spec) for mode in modes for label, spec in configs(ks, k_max, p_min)
+            if mode == "ssd" or spec.cut_cached]
 
 
 def ratios(rows: list[dict]) -> None:
@@ -54,21 +64,21 @@ def run(ns) -> dict:
     ids = [pair.tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}]) for p in prompts]
     params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, seed=0 if ns.temperature else None)
     rows = []
-    for mode in ns.modes.split(","):
-        for label, spec in configs(ns.ks, ns.k_max, ns.p_min):
-            total, _ = _run_engine(cfg.replace(mode=mode, speculation=spec), pair, ids, params, f"{mode} {label}")
-            row = {"mode": mode, "label": label, "adaptive": spec.adaptive, "K": spec.num_speculative_tokens,
-                   "p_min": spec.p_min, "tokens": total.tokens, "wall_s": total.wall,
-                   "decode_tokens_per_s": decode_tps(total),
-                   "tokens_per_round": (total.tokens - total.prefill_tokens) / total.rounds if total.rounds else None,
-                   "drafted_per_round": total.num_draft_tokens / total.num_drafts if total.num_drafts else None,
-                   "acceptance_rate": total.num_accepted_tokens / total.num_draft_tokens if total.num_draft_tokens else None,
-                   "n_jit": total.n_jit, "n_backup": total.n_backup,
-                   "load_avg_1m": os.getloadavg()[0]}
-            rows.append(row)
-            print(f"{mode:>3} {label:<20} {row['decode_tokens_per_s']:7.2f} tok/s  "
-                  f"{row['drafted_per_round'] or 0:4.2f} drafted/round  {row['tokens_per_round'] or 0:4.2f} tokens/round",
-                  flush=True)
+    for mode, label, spec in systems(ns.modes.split(","), ns.ks, ns.k_max, ns.p_min):
+        total, _ = _run_engine(cfg.replace(mode=mode, speculation=spec), pair, ids, params, f"{mode} {label}")
+        row = {"mode": mode, "label": label, "adaptive": spec.adaptive, "K": spec.num_speculative_tokens,
+               "p_min": spec.p_min, "tokens": total.tokens, "wall_s": total.wall,
+               "decode_tokens_per_s": decode_tps(total),
+               "tokens_per_round": (total.tokens - total.prefill_tokens) / total.rounds if total.rounds else None,
+               "drafted_per_round": total.num_draft_tokens / total.num_drafts if total.num_drafts else None,
+               "acceptance_rate": total.num_accepted_tokens / total.num_draft_tokens if total.num_draft_tokens else None,
+               "n_jit": total.n_jit, "n_backup": total.n_backup,
+               "cut_per_round": total.cut_draft_tokens / total.rounds if total.rounds else None,
+               "load_avg_1m": os.getloadavg()[0]}
+        rows.append(row)
+        print(f"{mode:>3} {label:<22} {row['decode_tokens_per_s']:7.2f} tok/s  "
+              f"{row['drafted_per_round'] or 0:4.2f} drafted/round  {row['tokens_per_round'] or 0:4.2f} tokens/round",
+              flush=True)
     ratios(rows)
     return {"command": " ".join(["python -m ssd.benchmarks.adaptive"] + sys.argv[1:]), "prompts": ns.prompts or "built-in",
             "num_prompts": len(ids), "max_tokens": ns.max_tokens, "temperature": ns.temperature,
@@ -76,10 +86,10 @@ def run(ns) -> dict:
 
 
 def print_table(result: dict) -> None:
-    print(f"\n{'mode':>4} {'system':<20} {'tok/s':>7} {'vs best fixed':>14} {'SSD/SD':>7}")
+    print(f"\n{'mode':>4} {'system':<22} {'tok/s':>7} {'vs best fixed':>14} {'SSD/SD':>7}")
     for r in result["rows"]:
         vs_sd = f"{r['vs_sd']:.2f}" if "vs_sd" in r else ""
-        print(f"{r['mode']:>4} {r['label']:<20} {r['decode_tokens_per_s']:7.2f} "
+        print(f"{r['mode']:>4} {r['label']:<22} {r['decode_tokens_per_s']:7.2f} "
               f"{r['vs_best_fixed']:9.2f} ({r['best_fixed']}) {vs_sd:>7}")
 
 

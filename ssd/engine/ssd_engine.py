@@ -341,7 +341,7 @@ class SSDEngine(Engine):
         """A speculation from the cache or the index. Adaptive: only its first k_for_cached
         tokens are verified (section 7d); a prefix of a draft is still a draft, so the output
         stays exact, and on a CPU, where each verified token costs, the cut ones rarely pay."""
-        if self.adaptive is not None:
+        if self.adaptive is not None and self.cfg.speculation.cut_cached:
             n = self.adaptive.k_for_cached(s.seq_id)
             if n < len(tokens):
                 self.stats.cut_draft_tokens += len(tokens) - n

@@ -82,18 +82,20 @@ def test_ssd_greedy_identical_to_ar_with_hits_and_backup(pair, prompts, referenc
     assert st.cache_hit + st.cache_late > 10 and st.num_accepted_tokens > 0 and st.n_backup > 0
 
 
-@pytest.mark.parametrize("mode", ["sd", "ssd"])
-def test_adaptive_greedy_identical_to_ar(pair, prompts, reference, mode):
+@pytest.mark.parametrize("mode, cut", [("sd", True), ("ssd", True), ("ssd", False)])
+def test_adaptive_greedy_identical_to_ar(pair, prompts, reference, mode, cut):
     """Adaptive K per round and sequence, the p_min stop, the measured JIT-or-backup rule and
     fan-out budget (docs/algorithm.md section 7): rows of different lengths in one verify, the
-    cache still built at depth K, and the output token for token AR's."""
-    spec = SpeculationConfig(num_speculative_tokens=6, fan_out_budget=6, adaptive=True, p_min=0.5)
+    cache still built at depth K, and the output token for token AR's. SSD with and without
+    cutting cached speculations (section 7d)."""
+    spec = SpeculationConfig(num_speculative_tokens=6, fan_out_budget=6, adaptive=True, p_min=0.5, cut_cached=cut)
     out, st = _run(pair, prompts, EngineConfig(mode=mode, max_batch=4, speculation=spec))
     assert out == reference
     assert st.num_drafts < st.num_draft_tokens < 6 * st.num_drafts  # lengths below K happened
     if mode == "ssd":
         assert st.n_jit > 0 and st.cache_hit + st.cache_late > 0
-        assert st.cut_draft_tokens > 0  # some cached speculations were verified only in part (section 7d)
+        # cut: some cached speculations were verified only in part; whole: none
+        assert (st.cut_draft_tokens > 0) is cut
 
 
 @pytest.mark.parametrize("mode", ["ar", "sd", "ssd"])

@@ -116,3 +116,19 @@ def test_draft_p_min_stops_unconfident_rows(small_pair):
         lengths[p_min] = [len(out[i][0]) for i in range(3)]
     assert lengths[0.0] == [4, 4, 2]
     assert lengths[0.99] == [1, 1, 1]  # a 4-token vocabulary's draft is never 99% sure twice in a row
+
+
+def test_adaptive_bench_runs_every_fixed_k_and_the_ablations():
+    from ssd.benchmarks.adaptive import ratios, systems
+
+    runs = systems(["sd", "ssd"], [1, 2], 4, 0.5)
+    labels = {m: [label for mode, label, _ in runs if mode == m] for m in ("sd", "ssd")}
+    assert labels["sd"] == ["K=1", "K=2", "adaptive", "adaptive p_min=0.5"]  # SD has no cached speculations
+    assert labels["ssd"] == ["K=1", "K=2", "adaptive", "adaptive, whole cached", "adaptive p_min=0.5"]
+    spec = {label: s for mode, label, s in runs if mode == "ssd"}
+    assert spec["adaptive"].cut_cached and not spec["adaptive, whole cached"].cut_cached
+    assert spec["adaptive, whole cached"].adaptive and spec["adaptive"].num_speculative_tokens == 4
+    rows = [{"mode": "ssd", "label": label, "adaptive": spec[label].adaptive, "decode_tokens_per_s": tps}
+            for label, tps in (("K=1", 10.0), ("K=2", 20.0), ("adaptive", 25.0), ("adaptive, whole cached", 18.0))]
+    ratios(rows)
+    assert [r["vs_best_fixed"] for r in rows] == [0.5, 1.0, 1.25, 0.9] and rows[0]["best_fixed"] == "K=2"
