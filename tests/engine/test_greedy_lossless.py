@@ -91,7 +91,8 @@ def test_adaptive_greedy_identical_to_ar(pair, prompts, reference, mode, cut):
     spec = SpeculationConfig(num_speculative_tokens=6, fan_out_budget=6, adaptive=True, p_min=0.5, cut_cached=cut)
     out, st = _run(pair, prompts, EngineConfig(mode=mode, max_batch=4, speculation=spec))
     assert out == reference
-    assert st.num_drafts < st.num_draft_tokens < 6 * st.num_drafts  # lengths below K happened
+    # lengths below K happened (how often follows measured timings: a loaded machine may keep K = 1)
+    assert st.num_draft_tokens < 6 * st.num_drafts
     if mode == "ssd":
         assert st.n_jit > 0 and st.cache_hit + st.cache_late > 0
         # cut: some cached speculations were verified only in part; whole: none

