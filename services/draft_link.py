@@ -100,7 +100,12 @@ class GrpcDraftLink:
             self.replies.put(item)  # every later recv fails the same way
             raise item
         resp, rows = item
-        return convert.reply_from_pb(resp, self.k, self.info["vocab_size"], rows)
+        try:
+            return convert.reply_from_pb(resp, self.k, self.info["vocab_size"], rows)
+        except ValueError as e:  # a malformed reply: this draft is lost, like a broken stream
+            err = DraftUnavailable(f"draft sent a malformed reply: {e}")
+            self.replies.put(err)  # every later recv fails the same way
+            raise err from e
 
     def q_row(self, q_ref, j: int | None = None):
         t = q_ref[1]

@@ -122,6 +122,24 @@ def test_unreachable_draft_is_a_clear_error():
         GrpcDraftLink("127.0.0.1:1", k=2, timeout=1.0)
 
 
+def test_malformed_q_rows_lose_the_draft_not_the_requests(target, draft_server, monkeypatch):
+    """A draft whose q rows do not match its tokens is dropped like a broken stream: every
+    request still finishes, on the backup."""
+    from ssd.services import convert
+
+    put = convert.put_q_rows
+
+    def short(sp, q, support, vocab_size):
+        put(sp, q, support, vocab_size)
+        sp.draft_probs = sp.draft_probs[:-4]
+
+    monkeypatch.setattr(convert, "put_q_rows", short)  # the draft server runs in this process
+    with SSDEngine(_cfg(), target, {}, (3,), link=GrpcDraftLink(draft_server[1], k=2)) as eng:
+        seqs = eng.generate(PROMPTS, SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True))
+        assert not eng.draft_alive
+    assert all(len(s.output_ids) == 20 and s.error is None for s in seqs)
+
+
 # ---- tensor channel ---------------------------------------------------------------------------
 def test_tensor_channel_carries_q_rows_exactly():
     """reply -> (response, rows) -> gloo channel -> reply: the q rows arrive bit for bit."""
