@@ -114,7 +114,8 @@ def features_from_pb(msg) -> Features | None:
 
 def round_to_pb(msg: RoundRequest) -> "pb.SpeculateRequest":
     req = pb.SpeculateRequest(round=msg.round_id, jit=[str(i) for i in msg.jit_ids], hit=[str(i) for i in msg.hit_ids],
-                              jit_k={str(i): k for i, k in msg.jit_k.items()}, fan_out_budget=msg.fan_out_budget)
+                              jit_k={str(i): k for i, k in msg.jit_k.items()}, fan_out_budget=msg.fan_out_budget,
+                              hit_k={str(i): k for i, k in msg.hit_k.items()})
     for op in msg.ops:
         if isinstance(op, AddSequence):
             req.add.append(pb.SequenceSetup(seq_id=str(op.seq_id), context_token_ids=op.context, sampling=sampling_to_pb(op.params),
@@ -136,7 +137,11 @@ def round_to_pb(msg: RoundRequest) -> "pb.SpeculateRequest":
 
 
 def round_from_pb(req, seq_key) -> RoundRequest:
-    """seq_key(str) -> the draft's own id for a sequence of this stream."""
+    """seq_key(str) -> the draft's own id for a sequence of this stream. Lengths for sequences
+    the round does not name as jit / hit, or below 1, are refused (ValueError)."""
+    if (set(req.jit_k) - set(req.jit) or set(req.hit_k) - set(req.hit) or req.fan_out_budget < 0
+            or any(k < 1 for k in (*req.jit_k.values(), *req.hit_k.values()))):
+        raise ValueError("jit_k / hit_k must name jit / hit sequences with lengths >= 1, and fan_out_budget be >= 0")
     ops: list = [AddSequence(seq_key(a.seq_id), list(a.context_token_ids), sampling_from_pb(a.sampling),
                              {k: v for k, v in (("traceparent", a.traceparent), ("request_id", a.request_id),
                                                 ("mode", a.mode)) if v},
@@ -146,11 +151,9 @@ def round_from_pb(req, seq_key) -> RoundRequest:
     aborted = set(req.aborted)
     ops += [Release(seq_key(r), "abort" if r in aborted else None) for r in req.release]
     backups = {seq_key(b.seq_id): list(b.draft_token_ids) for b in req.backup}
-    jit_k = {seq_key(i): k for i, k in req.jit_k.items()}
-    if any(k < 1 for k in jit_k.values()) or req.fan_out_budget < 0:
-        raise ValueError("jit_k values must be >= 1 and fan_out_budget >= 0")
     return RoundRequest(req.round, ops, [seq_key(i) for i in req.jit], backups, [seq_key(i) for i in req.hit],
-                        jit_k, req.fan_out_budget)
+                        {seq_key(i): k for i, k in req.jit_k.items()}, req.fan_out_budget,
+                        {seq_key(i): k for i, k in req.hit_k.items()})
 
 
 def reply_to_pb(msg: RoundReply, seq_name, vocab_size: int, support: torch.Tensor | None = None,
@@ -185,8 +188,8 @@ def reply_to_pb(msg: RoundReply, seq_name, vocab_size: int, support: torch.Tenso
             return pb.SpeculateResponse(round=msg.round_id, cache=pb.Speculations(abandoned=True), seconds=msg.seconds), None
         items = []
         for i, c in msg.entries.items():
-            for (k, t), j in c.keys.items():
-                sp = pb.Speculation(seq_id=seq_name(i), num_accepted=k, token=t, draft_token_ids=c.token_ids[j])
+            for (kk, t), j in c.keys.items():  # (kk: not k, the depth this function pads to)
+                sp = pb.Speculation(seq_id=seq_name(i), num_accepted=kk, token=t, draft_token_ids=c.token_ids[j])
                 if c.q_ref is not None:
                     attach(sp, c.q_ref[1][j])
                 items.append(sp)
@@ -202,7 +205,9 @@ def reply_to_pb(msg: RoundReply, seq_name, vocab_size: int, support: torch.Tenso
     if not rows:
         return resp, None
     resp.channel_rows = len(rows)
-    depth = k or max(r.shape[0] for r in rows)  # the channel tensor is [rows, K, S]: pad short speculations with zero rows
+    if not k:
+        raise ValueError("q rows on a tensor channel need the speculation depth k")
+    depth = k  # the channel tensor is [rows, K, S]: pad short speculations with zero rows
     rows = [r if r.shape[0] == depth else torch.cat([r, r.new_zeros(depth - r.shape[0], *r.shape[1:])]) for r in rows]
     stacked, ids = compact_columns(torch.stack(rows), support, vocab_size)  # [rows, K, S']
     if ids is not None:
@@ -211,13 +216,24 @@ def reply_to_pb(msg: RoundReply, seq_name, vocab_size: int, support: torch.Tenso
 
 
 def reply_from_pb(resp, k: int, vocab_size: int, channel_rows: torch.Tensor | None = None) -> RoundReply:
-    """Response -> the reply the SSD engine expects; q refs become ("inline", tensor [.., K, vocab]).
-    channel_rows: the [rows, K, S] tensor received on the tensor channel after resp, over
-    resp.channel_support."""
+    """Response -> the reply the SSD engine expects; q refs become ("inline", tensor [.., n, vocab]),
+    one row per draft token (n <= K). channel_rows: the [rows, K, S] tensor received on the
+    tensor channel after resp, over resp.channel_support. A reply that does not add up (longer
+    than K, rows announced but missing, ids outside the vocabulary, bytes that do not match) is
+    refused with ValueError."""
     body = resp.WhichOneof("body")
+    if body is None:
+        raise ValueError("a response with no body")
+    items = getattr(resp, body).items
+    if any(len(sp.draft_token_ids) > k for sp in items):
+        raise ValueError(f"a speculation longer than K = {k}")
+    if sum(sp.channel_probs for sp in items) != resp.channel_rows or (resp.channel_rows and channel_rows is None):
+        raise ValueError(f"{resp.channel_rows} channel rows announced for {sum(sp.channel_probs for sp in items)} "
+                         f"speculations{'' if channel_rows is not None or not resp.channel_rows else ', none received'}")
+    if any(not 0 <= i < vocab_size for i in (*resp.channel_support, *(j for sp in items for j in sp.draft_probs_support))):
+        raise ValueError("q support ids outside the vocabulary")
     if channel_rows is not None and resp.channel_support:
         channel_rows = to_vocab(channel_rows, torch.tensor(list(resp.channel_support), dtype=torch.int64), vocab_size)
-    items = getattr(resp, body).items
     taken = iter(range(resp.channel_rows))
 
     def q_of(sp):

@@ -102,9 +102,12 @@ class GrpcDraftLink:
         resp, rows = item
         try:
             return convert.reply_from_pb(resp, self.k, self.info["vocab_size"], rows)
-        except ValueError as e:  # a malformed reply: this draft is lost, like a broken stream
-            err = DraftUnavailable(f"draft sent a malformed reply: {e}")
+        except (ValueError, IndexError, TypeError, RuntimeError, StopIteration) as e:
+            # a malformed reply: this draft is lost, like a broken stream, and the stream is ended
+            # so the draft frees this target's sequences
+            err = DraftUnavailable(f"draft sent a malformed reply: {type(e).__name__}: {e}")
             self.replies.put(err)  # every later recv fails the same way
+            self.requests.put(_END)
             raise err from e
 
     def q_row(self, q_ref, j: int | None = None):

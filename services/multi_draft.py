@@ -174,7 +174,8 @@ class MultiDraftLink:
             try:
                 self.links[addr].send(RoundRequest(round_id, p_ops, p_jit, p_backups, p_hits,
                                                    {i: msg.jit_k[i] for i in p_jit if i in msg.jit_k},
-                                                   msg.fan_out_budget))
+                                                   msg.fan_out_budget,
+                                                   {i: msg.hit_k[i] for i in p_hits if i in msg.hit_k}))
             except DraftUnavailable as e:
                 self._lose(addr, e)
                 continue

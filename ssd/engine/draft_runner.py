@@ -152,6 +152,15 @@ class DraftRunner:
     def _selfh_key(self, r: DraftSeq, tokens) -> tuple:
         return (len(r.ctx), r.ctx[-1], tuple(int(t) for t in tokens))
 
+    def cut_speculation(self, seq_id: int, tokens: list[int], m: int) -> list[int]:
+        """The target verifies only tokens[:m] of a cached speculation (adaptive SSD): a feature
+        drafter's self-fed inputs for it are kept for that prefix. -> tokens[:m]"""
+        r = self.seqs[seq_id]
+        h = r.selfh.pop(self._selfh_key(r, tokens), None)
+        if h is not None:
+            r.selfh[self._selfh_key(r, tokens[:m])] = h[:m]
+        return tokens[:m]
+
     def _to_vocab(self, idx: torch.Tensor) -> torch.Tensor:
         """Head indices -> token ids."""
         return idx if self.head_ids is None else self.head_ids[idx]

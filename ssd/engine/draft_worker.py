@@ -93,8 +93,9 @@ class RoundServer:
                 if op.reason == "abort" and self.index is not None:
                     self.index.delete_many(keys)
                 self.forget(seq_id)
-        if msg.fan_out_budget:  # adaptive: the target sized this round's build (at most the buffers' room)
-            runner.planner.budget = min(msg.fan_out_budget, runner.max_branches)
+        # adaptive: the target sized this round's build (at most the buffers' room); 0: the configured
+        # budget (a draft shared by several targets must not keep another target's last choice)
+        runner.planner.budget = min(msg.fan_out_budget or runner.max_branches, runner.max_branches)
         # the replies the target waits for follow its message, whatever this draft can serve
         want_jit, want_keys = bool(jit_ids), bool(jit_ids or backups or hit_ids)
         if self.refused:  # no speculation for refused sequences: the target uses its backup for them
@@ -119,7 +120,10 @@ class RoundServer:
         for i in hit_ids:
             s = runner.seqs[i]
             entry = self.entries[i]
-            specs[i] = (entry.token_ids[entry.keys[(s.last_outcome_k, s.ctx[-1])]].tolist(), "hit")
+            tokens = entry.token_ids[entry.keys[(s.last_outcome_k, s.ctx[-1])]].tolist()
+            if msg.hit_k.get(i, len(tokens)) < len(tokens):  # adaptive: the target verifies a prefix
+                tokens = runner.cut_speculation(i, tokens, msg.hit_k[i])
+            specs[i] = (tokens, "hit")
         # a sequence served as plain SD (its request's mode) gets JIT speculations only, no cache
         specs = {i: v for i, v in specs.items() if self.meta.get(i, {}).get("mode") != "sd"}
         if want_keys and not specs:

@@ -100,6 +100,9 @@ class RoundRequest:
     # hold (K when absent), and the fan-out budget of this round's build (0: the configured one)
     jit_k: dict[int, int] = field(default_factory=dict)
     fan_out_budget: int = 0
+    # adaptive SSD (section 7d): hit sequences whose cached speculation the target verifies
+    # only in part -> the tokens it verifies (the draft builds the next cache for that prefix)
+    hit_k: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -205,7 +205,11 @@ class SSDEngine(Engine):
         try:
             jit_k = {i: self.adaptive.k_for(i) for i in jit_ids} if self.adaptive is not None else {}
             budget = self.budget if self.adaptive is not None else 0
-            self.link.send(RoundRequest(self.round_id, self.pending_ops, jit_ids, backups, hit_ids, jit_k, budget))
+            # cached speculations cut by section 7d: the draft builds the next cache for the prefix verified
+            hits = set(hit_ids)
+            hit_k = {s.seq_id: len(s.speculation.token_ids) for s in running if s.seq_id in hits
+                     and len(s.speculation.token_ids) < self.K}
+            self.link.send(RoundRequest(self.round_id, self.pending_ops, jit_ids, backups, hit_ids, jit_k, budget, hit_k))
             self.pending_ops = []
             if jit_ids:
                 t0, jit_start = time.perf_counter(), time.time_ns()

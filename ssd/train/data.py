@@ -15,6 +15,7 @@ only ever written to a directory of its own.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -130,12 +131,19 @@ def make_data(cfg: DataConfig, progress: bool = True) -> dict:
     from ssd.tokenizer import Tokenizer
 
     torch.set_num_threads(cfg.threads)
+    items = prompt_list(cfg)
+    num_shards = (len(items) + cfg.shard_prompts - 1) // cfg.shard_prompts
+    if cfg.first_shard >= num_shards:  # before anything is loaded or written
+        raise ValueError(f"first_shard {cfg.first_shard} is past the last shard ({num_shards - 1}) of this split")
     target_path = resolve_model(cfg.target)
     name = DEFAULT_TARGET if cfg.target in ("default", DEFAULT_TARGET) else target_path.name
     out = DataDir(cfg.out or default_out(name, cfg.split))
     out.path.mkdir(parents=True, exist_ok=True)
     key = {**cfg.key(), "target": str(target_path), "version": FORMAT_VERSION}
     m = out.manifest()
+    if m is not None:  # settings added since a directory was made count with their defaults
+        m["key"] = {**{k: v for k, v in dataclasses.asdict(DataConfig(split=cfg.split)).items() if k in key},
+                    **m["key"]}
     if m is not None and m["key"] != key:
         raise ValueError(f"{out.path} holds data made with other settings; pick another --out "
                          f"(differs in: {sorted(k for k in key if m['key'].get(k) != key[k])})")
@@ -148,16 +156,12 @@ def make_data(cfg: DataConfig, progress: bool = True) -> dict:
     m["feature_layers"] = list(layers)
     m["dtype"] = str(dtype).removeprefix("torch.")
     tok = Tokenizer(target_path)
-    items = prompt_list(cfg)
-    num_shards = (len(items) + cfg.shard_prompts - 1) // cfg.shard_prompts
     done = {s["index"] for s in m["shards"]}
     bar = tqdm(total=cfg.max_tokens, initial=min(m["tokens"], cfg.max_tokens), unit="tok", disable=not progress,
                desc=f"make-data {cfg.split} ({m['dtype']})", smoothing=0.05, mininterval=2.0)
     max_len = cfg.max_prompt_tokens + cfg.gen_tokens + 8
     engine = AREngine(EngineConfig(mode="ar", max_batch=cfg.gen_batch, max_model_len=max_len,
                                    target_threads=cfg.threads), target, tuple(tcfg.eos_token_ids))
-    if cfg.first_shard >= num_shards:
-        raise ValueError(f"first_shard {cfg.first_shard} is past the last shard ({num_shards - 1}) of this split")
     for shard in range(cfg.first_shard, num_shards):
         if m["tokens"] >= cfg.max_tokens:
             break

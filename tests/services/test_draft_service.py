@@ -4,7 +4,7 @@ import pytest
 from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
 from ssd.engine import AREngine, SSDEngine
 from ssd.engine.draft_link import DraftUnavailable
-from ssd.engine.protocol import CachedBranches, CacheReply, JitReply
+from ssd.engine.protocol import CachedBranches, CacheKeys, CacheReply, JitReply
 from ssd.models.loader import load_model
 
 pytest.importorskip("grpc")
@@ -60,13 +60,14 @@ def test_adaptive_over_grpc_identical_to_ar(target, small_pair, monkeypatch):
     from ssd.speculation.adaptive import AdaptiveK
 
     monkeypatch.setattr(AdaptiveK, "k_for", lambda self, seq_id: 1 + seq_id % 4)
+    monkeypatch.setattr(AdaptiveK, "k_for_cached", lambda self, seq_id: 2 + seq_id % 3)  # 2, 3 or all 4
 
-    cfg = EngineConfig(mode="ssd", max_batch=4, max_model_len=96,
-                       speculation=SpeculationConfig(num_speculative_tokens=4, fan_out_budget=2, saguaro_c=0.5,
+    cfg = EngineConfig(mode="ssd", max_batch=4, max_model_len=80,
+                       speculation=SpeculationConfig(num_speculative_tokens=4, fan_out_budget=8, saguaro_c=0.5,
                                                      adaptive=True))
     params = SamplingParams(max_tokens=60, ignore_eos=True)
     ref = [s.output_ids for s in AREngine(cfg.replace(mode="ar"), target, (3,)).generate(PROMPTS, params)]
-    servers = [serve({"path": str(small_pair[1])}, cfg.speculation, max_seqs=8, max_model_len=96) for _ in range(2)]
+    servers = [serve({"path": str(small_pair[1])}, cfg.speculation, max_seqs=8, max_model_len=80) for _ in range(2)]
     sent, got = [], []
 
     class Recording(GrpcDraftLink):
@@ -92,6 +93,12 @@ def test_adaptive_over_grpc_identical_to_ar(target, small_pair, monkeypatch):
     # each draft drafted exactly the length it was asked for (p_min is off)
     jit = {(r.round_id, i): len(sp.token_ids) for r in got if isinstance(r, JitReply) for i, sp in r.speculations.items()}
     assert all(jit[key] == k for key, k in asked.items() if key in jit) and set(asked) <= set(jit)
+    # a cut cached speculation: the draft was told, and its next cache covers only outcomes of that prefix
+    cut = {(m.round_id, i): k for m in sent if getattr(m, "hit_k", None) for i, k in m.hit_k.items()}
+    assert cut and set(cut.values()) <= {2, 3} and st.cut_draft_tokens > 0
+    keys = {(r.round_id, i): ks for r in got if isinstance(r, CacheKeys) for i, ks in r.keys.items()}
+    assert all(max(k for k, _ in keys[key]) <= m for key, m in cut.items() if keys.get(key))
+    assert any(max(k for k, _ in ks) == 4 for ks in keys.values())  # uncut ones still reach depth K
 
 
 def test_sampled_over_grpc_carries_q_rows(target, draft_server):
@@ -161,7 +168,7 @@ def test_tensor_channel_carries_q_rows_exactly():
     q = torch.rand(3, 2, 5)  # [branches, K, Vh], as the draft runner keeps it
     q[..., 2] = 0  # token 17: never proposed, left off the wire
     msg = CacheReply(5, {1: CachedBranches({(0, 4): 0, (1, 2): 1, (2, 6): 2}, [[1, 2], [3, 4], [5, 6]], ("inline", q))}, 0.01)
-    resp, rows = convert.reply_to_pb(msg, str, V, head, channel=True)
+    resp, rows = convert.reply_to_pb(msg, str, V, head, channel=True, k=2)
     assert rows.shape == (3, 2, 4) and resp.channel_rows == 3 and not resp.cache.items[0].draft_probs
     assert list(resp.channel_support) == [3, 9, 30, 31]
     sender = threading.Thread(target=draft_ch.send, args=(rows,))
@@ -259,6 +266,29 @@ def test_two_targets_share_one_draft(target, ar_reference, draft_server):
     assert out == {"a": ar_reference, "b": ar_reference}
 
 
+def test_a_shared_draft_does_not_keep_an_adaptive_targets_budget(target, ar_reference, draft_server, monkeypatch):
+    """An adaptive target shrinks the fan-out budget of its rounds; a plain target on the same
+    draft afterwards gets the draft's configured budget again (3 branches per sequence)."""
+    import ssd.engine.ssd_engine as ssd_engine
+
+    monkeypatch.setattr(ssd_engine, "next_budget", lambda budget, *a, **kw: 1)
+    with SSDEngine(_cfg(adaptive=True), target, {}, (3,), link=GrpcDraftLink(draft_server[1], k=2)) as eng:
+        eng.generate(PROMPTS, GREEDY)
+        assert eng.budget == 1
+    keys = []
+
+    class Recording(GrpcDraftLink):
+        def recv(self, timeout=None):
+            msg = super().recv(timeout)
+            if isinstance(msg, CacheKeys):
+                keys.extend(len(ks) for ks in msg.keys.values())
+            return msg
+
+    with SSDEngine(_cfg(), target, {}, (3,), link=Recording(draft_server[1], k=2)) as eng:
+        assert [s.output_ids for s in eng.generate(PROMPTS, GREEDY)] == ar_reference
+    assert keys and max(keys) == 3
+
+
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_sampled_over_gloo_with_two_drafts_matches_target_distribution(small_pair, two_drafts, adaptive):
     """Lossless sampling end to end over the services' transport: q rows on a gloo tensor
@@ -287,8 +317,8 @@ def test_sampled_over_gloo_with_two_drafts_matches_target_distribution(small_pai
             st = eng.stats
         assert all(l.tensors.received_bytes > 0 for l in link.links.values())
         assert st.cache_hit + st.cache_late > 100 and st.n_jit > 0
-        if adaptive:
-            assert st.num_drafts < st.num_draft_tokens < 2 * st.num_drafts
+        if adaptive:  # some speculations shorter than K (p_min on the drafts; how many follows timings)
+            assert st.num_draft_tokens < 2 * st.num_drafts
         assert chi_square_pvalue(samples, exact_distribution(hf, SAMPLINGS["t1"])) > ALPHA
     finally:
         for s, _ in servers:

@@ -17,17 +17,19 @@ def test_round_request_round_trips():
     msg = RoundRequest(7, [AddSequence(3, [1, 2, 3], SamplingParams(temperature=0.5, top_p=0.9, max_tokens=9, seed=4),
                                        {"request_id": "r", "traceparent": "00-ab-cd-01"}),
                            Advance(1, [4, 5]), Release(2, "abort"), Release(5, "length")],
-                       jit_ids=[3, 4], backups={1: [6, 7]}, hit_ids=[9], jit_k={3: 1}, fan_out_budget=5)
+                       jit_ids=[3, 4], backups={1: [6, 7]}, hit_ids=[9, 10], jit_k={3: 1}, fan_out_budget=5,
+                       hit_k={10: 2})
     back = round_from_pb(round_to_pb(msg), int)
     # the draft keeps only what it needs of a release: whether it was an abort
     assert back == RoundRequest(7, [msg.ops[0], msg.ops[1], Release(2, "abort"), Release(5, None)], [3, 4], {1: [6, 7]},
-                                [9], {3: 1}, 5)
+                                [9, 10], {3: 1}, 5, {10: 2})
     plain = round_from_pb(round_to_pb(RoundRequest(8, jit_ids=[3])), int)  # not adaptive: K and the draft's own budget
-    assert plain.jit_k == {} and plain.fan_out_budget == 0
-    bad = round_to_pb(msg)
-    bad.jit_k["3"] = 0
-    with pytest.raises(ValueError, match="jit_k"):
-        round_from_pb(bad, int)
+    assert plain.jit_k == {} and plain.fan_out_budget == 0 and plain.hit_k == {}
+    for field, key, value in (("jit_k", "3", 0), ("hit_k", "10", -1), ("jit_k", "9", 2), ("hit_k", "3", 1)):
+        bad = round_to_pb(msg)
+        getattr(bad, field)[key] = value  # a length below 1, or for a sequence the round does not name so
+        with pytest.raises(ValueError, match="jit_k / hit_k"):
+            round_from_pb(bad, int)
 
 
 def test_replies_round_trip_with_q_rows():
@@ -61,6 +63,27 @@ def test_short_adaptive_speculations_keep_one_q_row_per_token():
     resp.jit.items[0].draft_probs = resp.jit.items[0].draft_probs[:-4]  # a row cut short is refused, not misread
     with pytest.raises(ValueError, match="q rows"):
         reply_from_pb(resp, K, V)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r, rows: r.jit.items[1].draft_token_ids.append(7), "longer than K"),
+    (lambda r, rows: setattr(r, "channel_rows", 3), "channel rows"),
+    (lambda r, rows: r.jit.items[0].ClearField("channel_probs"), "channel rows"),
+    (lambda r, rows: r.channel_support.append(V), "outside the vocabulary"),
+])
+def test_malformed_replies_are_refused(damage, message):
+    """What a draft sends is checked before the engine reads it: the link turns the ValueError
+    into the loss of that draft (tests/services/test_draft_service.py)."""
+    q = torch.rand(K, V)
+    q[:, 3:] = 0  # columns nobody proposes: the channel support is listed
+    jit = JitReply(3, {8: Speculation([5], ("inline", q[:1])), 9: Speculation([1, 2], ("inline", q))}, 0.1)
+    resp, rows = reply_to_pb(jit, str, V, channel=True, k=K)
+    assert list(resp.channel_support) == [0, 1, 2]
+    damage(resp, rows)
+    with pytest.raises(ValueError, match=message):
+        reply_from_pb(resp, K, V, rows)
+    with pytest.raises(ValueError, match="depth"):
+        reply_to_pb(jit, str, V, channel=True)  # the padded slots need K
 
 
 def test_messages_pickle_for_the_process_pipe():

@@ -80,6 +80,11 @@ def test_make_data_resumes_and_refuses_other_settings(shards, tmp_path):
     assert [s["index"] for s in more["shards"]] == list(range(len(more["shards"])))
     with pytest.raises(ValueError, match="other settings"):
         make_data(_cfg(out, max_tokens=60, teacher_topk=8), progress=False)
+    # a directory made before a setting existed continues: the missing setting counts at its default
+    m = json.loads(DataDir(out).manifest_path.read_text())
+    del m["key"]["first_shard"]
+    DataDir(out).write_manifest(m)
+    assert len(make_data(_cfg(out, max_tokens=70), progress=False)["shards"]) > len(more["shards"])
 
 
 def test_make_data_can_start_past_the_shards_an_earlier_run_made(shards, tmp_path):
