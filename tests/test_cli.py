@@ -62,6 +62,11 @@ def test_bench_baselines_ratios_and_thread_labels():
     assert all(r["modes"][b]["vs"][b] == 1.0 for b in ("ar", "ar-all", "ar-plain"))
     assert _label("ar-all", 2, 2) == "AR (all 2 cores)" and _label("ar", 1, 2) == "AR (1 thread)"
     assert _label("ssd", 1, 2, draft_threads=1) == "SSD (1 thread + draft process 1 thread)"
+    from ssd.config import SpeculationConfig
+
+    assert _label("sd", 1, 2, spec=SpeculationConfig(adaptive=True, num_speculative_tokens=6)) == \
+        "SD (1 thread, draft in-process, adaptive K ≤ 6)"
+    assert _label("ssd", 1, 2, draft_threads=1, spec=SpeculationConfig()) == "SSD (1 thread + draft process 1 thread)"
     assert _label("hf-all", 4, 4, dtype="bfloat16") == "HF generate (bfloat16, all 4 cores)"
     assert _label("hf_assisted", 1, 4, dtype="float32") == "HF assisted (float32, 1 thread)"
 

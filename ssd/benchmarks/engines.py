@@ -235,15 +235,17 @@ def _threads(n: int) -> str:
     return f"{n} thread" + ("" if n == 1 else "s")
 
 
-def _label(name: str, threads: int, all_cores: int, dtype: str = "", draft_threads: int = 0) -> str:
-    """What a system is, with the threads it ran on (all cores named as such)."""
+def _label(name: str, threads: int, all_cores: int, dtype: str = "", draft_threads: int = 0, spec=None) -> str:
+    """What a system is, with the threads it ran on (all cores named as such) and, for SD and
+    SSD, adaptive speculation when it is on (spec: the SpeculationConfig)."""
     t = f"all {all_cores} cores" if threads == all_cores and threads > 1 else _threads(threads)
+    how = f", adaptive K ≤ {spec.num_speculative_tokens}" if spec is not None and spec.adaptive else ""
     return {
         "ar": f"AR ({t})",
         "ar-plain": f"AR, plain kernels ({t})",
         "ar-all": f"AR ({t})",
-        "sd": f"SD ({t}, draft in-process)",
-        "ssd": f"SSD ({t} + draft process {_threads(draft_threads)})",
+        "sd": f"SD ({t}, draft in-process{how})",
+        "ssd": f"SSD ({t} + draft process {_threads(draft_threads)}{how})",
         "hf": f"HF generate ({dtype}, {t})",
         "hf-all": f"HF generate ({dtype}, {t})",
         "hf_assisted": f"HF assisted ({dtype}, {t})",
@@ -288,7 +290,7 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
             first_pass[name] = total.tokens / total.wall
         total, per = _run_engine(c, pair, prompt_ids, params, name)
         runs[name] = (total, per)
-        print(f"{_label(name, c.target_threads, all_cores, draft_threads=c.draft_threads)}: "
+        print(f"{_label(name, c.target_threads, all_cores, draft_threads=c.draft_threads, spec=c.speculation)}: "
               f"{total.tokens / total.wall:7.2f} tok/s  ({total.tokens} tokens, {total.wall:.1f} s)", flush=True)
 
     for mode in modes:
@@ -324,7 +326,7 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
     for mode, (st, per) in runs.items():
         row = st.summary()
         c = cfg.replace(target_threads=all_cores) if mode == "ar-all" else cfg
-        row["label"] = _label(mode, c.target_threads, all_cores, draft_threads=cfg.draft_threads)
+        row["label"] = _label(mode, c.target_threads, all_cores, draft_threads=cfg.draft_threads, spec=cfg.speculation)
         row["threads"] = c.target_threads + (cfg.draft_threads if mode == "ssd" else 0)
         row["decode_tokens_per_s"] = decode_tps(st)
         row["load_avg_1m_at_start"] = load[mode]
