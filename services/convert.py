@@ -230,7 +230,8 @@ def reply_from_pb(resp, k: int, vocab_size: int, channel_rows: torch.Tensor | No
     if sum(sp.channel_probs for sp in items) != resp.channel_rows or (resp.channel_rows and channel_rows is None):
         raise ValueError(f"{resp.channel_rows} channel rows announced for {sum(sp.channel_probs for sp in items)} "
                          f"speculations{'' if channel_rows is not None or not resp.channel_rows else ', none received'}")
-    if any(not 0 <= i < vocab_size for i in (*resp.channel_support, *(j for sp in items for j in sp.draft_probs_support))):
+    supports = (resp.channel_support, *(sp.draft_probs_support for sp in items))  # min/max: no per-id Python loop
+    if any(ids and (min(ids) < 0 or max(ids) >= vocab_size) for ids in supports):
         raise ValueError("q support ids outside the vocabulary")
     if channel_rows is not None and resp.channel_support:
         channel_rows = to_vocab(channel_rows, torch.tensor(list(resp.channel_support), dtype=torch.int64), vocab_size)
