@@ -255,6 +255,27 @@ def test_ssd_adaptive_matches_target_distribution(models, monkeypatch):
     assert chi_square_pvalue(samples, exact_distribution(hf, params)) > ALPHA
 
 
+def test_cut_cached_speculation_keeps_its_own_q_rows():
+    """A cut cached speculation (section 7d) keeps the first n tokens and exactly their q rows.
+    The chi-square test above cannot see a shifted row: the 4-token vocabulary's q rows are too
+    alike. Here each row is distinct, so an off-by-one slice fails."""
+    from types import SimpleNamespace
+
+    from ssd.engine.ssd_engine import SSDEngine as Eng
+    from ssd.engine.base import EngineStats
+
+    for n, cut in ((2, True), (2, False), (6, True)):
+        fake = SimpleNamespace(adaptive=SimpleNamespace(k_for_cached=lambda seq_id, n=n: n),
+                               cfg=SimpleNamespace(speculation=SimpleNamespace(cut_cached=cut)),
+                               stats=EngineStats())
+        q = torch.softmax(torch.randn(4, 16, generator=torch.Generator().manual_seed(n)), -1)
+        prop = Eng._cached(fake, SimpleNamespace(seq_id=0), [5, 6, 7, 8], q, "cache")
+        keep = min(n, 4) if cut else 4
+        assert prop.token_ids.tolist() == [5, 6, 7, 8][:keep] and prop.source == "cache"
+        assert torch.equal(prop.q, q[:keep]) and fake.stats.cut_draft_tokens == 4 - keep
+        assert Eng._cached(fake, SimpleNamespace(seq_id=0), [5, 6, 7, 8], None, "index").q is None
+
+
 def test_seeded_adaptive_output_equals_ar(models):
     """Coupled verification with adaptive lengths: the same text per seed as AR."""
     from ssd.engine import AREngine
