@@ -542,7 +542,8 @@ def _plot_curves(path: Path, info: dict, log_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    plot_alpha_curves(a, [("at init (target layers)", info["acceptance_curve_init"]), ("trained", info["acceptance_curve"])],
+    init = "at init (the draft continued)" if info.get("earlier_training") else "at init (target layers)"
+    plot_alpha_curves(a, [(init, info["acceptance_curve_init"]), ("trained", info["acceptance_curve"])],
                       "trained", "n-alpha curve, held-out ShareGPT")
     log = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
     steps = [r for r in log if "eval" in r]
