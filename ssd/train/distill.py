@@ -201,12 +201,25 @@ def distill_loss(draft_logits, teacher_logits, teacher_idx, mask, ce_weight: flo
     return kl_mean + ce_weight * (ce * w).sum() / denom, kl_mean
 
 
+ANSWER_BINS = ((1, 16), (17, 64), (65, None))  # answer positions (1 = the answer's first token)
+
+
+def _answer_bin(pos: int) -> str:
+    for lo, hi in ANSWER_BINS:
+        if hi is None or pos <= hi:
+            return f"{lo}-{hi}" if hi is not None else f"{lo}+"
+    raise AssertionError(pos)
+
+
 @torch.no_grad()
 def evaluate(draft: DraftModel, examples: list[Example], batch_size: int = 8) -> dict:
     """Held-out greedy top-1 agreement with the target on its continuation positions (position
-    t predicts ids[t+1], the target's greedy token there): the per-token acceptance proxy."""
+    t predicts ids[t+1], the target's greedy token there): the per-token acceptance proxy.
+    Also by position in the answer: a bench of short answers reads only their openings, where
+    agreement is lower than over whole answers (docs/draft-training.md)."""
     draft.eval()
     agree = total = in_head = 0
+    by_pos = {}  # bin -> [agree, total]
     kl_sum = kl_n = 0.0
     head_set = set(draft.head_token_ids.tolist())
     for b0 in range(0, len(examples), batch_size):
@@ -221,12 +234,17 @@ def evaluate(draft: DraftModel, examples: list[Example], batch_size: int = 8) ->
             for t in range(e.prompt_len - 1, len(e.ids) - 1):
                 # the target's greedy token here: its argmax when recorded (sampled answers), else the next id
                 want = e.ids[t + 1] if e.target_top1 is None else int(e.target_top1[t - e.teacher_from])
-                agree += int(pred[r, t]) == want
+                hit = int(pred[r, t]) == want
+                agree += hit
                 in_head += want in head_set
                 total += 1
+                b = by_pos.setdefault(_answer_bin(t - e.prompt_len + 2), [0, 0])
+                b[0] += hit
+                b[1] += 1
     draft.train()
     return {"agreement": agree / max(total, 1), "kl": kl_sum / max(kl_n, 1), "positions": total,
-            "head_coverage": in_head / max(total, 1)}
+            "head_coverage": in_head / max(total, 1),
+            "agreement_by_answer_position": {k: {"agreement": a / n, "positions": n} for k, (a, n) in by_pos.items()}}
 
 
 @torch.no_grad()

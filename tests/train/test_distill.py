@@ -208,3 +208,33 @@ def test_bf16_autocast_really_changes_the_arithmetic(target_dir, tmp_path):
         assert torch.isfinite(heads[mode]).all()
     assert not torch.equal(heads["off"], heads["bfloat16"])
 
+
+
+def test_agreement_by_answer_position_bins():
+    """evaluate() splits agreement by position in the answer (1 = its first token). A fake draft
+    that is right exactly on answer positions 1..20 and wrong after: bin 1-16 all right, 17-64
+    right on 4 of its positions, 65+ never."""
+    from ssd.train.distill import evaluate
+
+    V, prompt_len, answer = 8, 5, 70
+    ids = [1] * prompt_len + [(i % 5) + 2 for i in range(answer)]
+
+    class Fake(torch.nn.Module):
+        head_token_ids = torch.arange(V)
+
+        def forward(self, x):
+            logits = torch.zeros(x.shape[0], x.shape[1], V)
+            for t in range(x.shape[1] - 1):
+                pos = t - prompt_len + 2  # the answer position that position t predicts
+                right = x[0, t + 1] if 1 <= pos <= 20 else (x[0, t + 1] + 1) % V
+                logits[:, t, right] = 1.0
+            return logits
+
+    n = len(ids)
+    e = Example(ids=ids, prompt_len=prompt_len, teacher_logits=torch.zeros(n, 2, dtype=torch.float16),
+                teacher_idx=torch.zeros(n, 2, dtype=torch.int32))
+    out = evaluate(Fake(), [e])
+    bins = out["agreement_by_answer_position"]
+    assert {k: v["positions"] for k, v in bins.items()} == {"1-16": 16, "17-64": 48, "65+": answer - 64}
+    assert bins["1-16"]["agreement"] == 1.0 and bins["17-64"]["agreement"] == pytest.approx(4 / 48)
+    assert bins["65+"]["agreement"] == 0.0 and out["agreement"] == pytest.approx(20 / answer)
