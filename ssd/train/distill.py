@@ -201,14 +201,11 @@ def distill_loss(draft_logits, teacher_logits, teacher_idx, mask, ce_weight: flo
     return kl_mean + ce_weight * (ce * w).sum() / denom, kl_mean
 
 
-ANSWER_BINS = ((1, 16), (17, 64), (65, None))  # answer positions (1 = the answer's first token)
+ANSWER_BINS = ((16, "1-16"), (64, "17-64"), (None, "65+"))  # (last answer position, label); 1 = its first token
 
 
 def _answer_bin(pos: int) -> str:
-    for lo, hi in ANSWER_BINS:
-        if hi is None or pos <= hi:
-            return f"{lo}-{hi}" if hi is not None else f"{lo}+"
-    raise AssertionError(pos)
+    return next(label for hi, label in ANSWER_BINS if hi is None or pos <= hi)
 
 
 @torch.no_grad()
