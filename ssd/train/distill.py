@@ -484,13 +484,17 @@ def distill_from_data(cfg: TrainDraftConfig, target_path: Path, target_ref: str,
     train_seqs = load_shards(cfg.data, cfg.data_tokens or None)
     eval_seqs = load_shards(eval_dir)
     answers = [sq["ids"][sq["prompt_len"]:].tolist() for sq in train_seqs]
-    earlier = None
+    earlier, grown_from = None, cfg.layers
     if cfg.init_from:  # more training for a draft trained before, on data this run does not hold
         from ssd.train.draft_io import load_trainable
+        from ssd.train.draft_model import grow_draft
 
         earlier = load_trainable(cfg.init_from, target_path)
-        if earlier.cfg.num_layers != cfg.layers:
-            raise ValueError(f"{cfg.init_from} has {earlier.cfg.num_layers} layers, not --layers {cfg.layers}")
+        grown_from = earlier.cfg.num_layers
+        if grown_from > cfg.layers:
+            raise ValueError(f"{cfg.init_from} has {grown_from} layers, more than --layers {cfg.layers}")
+        if grown_from < cfg.layers:  # deeper: new zero-output layers keep the draft's function at the start
+            earlier = grow_draft(earlier, target_path, cfg.layers)
         head_ids = earlier.head_token_ids.clone()
     elif cfg.head_from:  # e.g. a draft whose head was chosen on more data than this run has
         from safetensors import safe_open
@@ -520,7 +524,8 @@ def distill_from_data(cfg: TrainDraftConfig, target_path: Path, target_ref: str,
     save_draft(out, draft, target_path, target_ref, dtype=_DTYPES[cfg.save_dtype])
     info = {
         "target": target_ref, "layers": cfg.layers,
-        "init_layers": (f"the draft in `{cfg.init_from}` (continued)" if earlier is not None else
+        "init_layers": (f"the draft in `{cfg.init_from}` (continued{_grown(grown_from, cfg.layers, tcfg)})"
+                        if earlier is not None else
                         f"{cfg.init_layers} (target layers {init_layer_ids(tcfg.num_layers, cfg.layers, cfg.init_layers)})"),
         "earlier_training": _earlier_training(cfg.init_from) if earlier is not None else [],
         "first_shard": train_m["key"].get("first_shard", 0),
@@ -536,6 +541,15 @@ def distill_from_data(cfg: TrainDraftConfig, target_path: Path, target_ref: str,
     _plot_curves(out / "acceptance.png", info, state / "log.jsonl")
     (out / "README.md").write_text(data_model_card(cfg, info))
     return info
+
+
+def _grown(old_layers: int, layers: int, tcfg) -> str:
+    from ssd.train.draft_model import grown_sources
+
+    if old_layers == layers:
+        return ""
+    return (f", grown from {old_layers} to {layers} layers: target layers "
+            f"{grown_sources(tcfg.num_layers, layers - old_layers)} inserted before its last, output projections zero")
 
 
 def _earlier_training(draft_dir: str) -> list[list[str]]:

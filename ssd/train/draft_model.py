@@ -104,3 +104,48 @@ def draft_from_target(target_path: str | Path, num_layers: int, head_ids: torch.
     model.load_own_state_dict(sd)
     model.set_embedding(embed.float())
     return model
+
+
+def grown_sources(num_target_layers: int, added: int) -> list[int]:
+    """Target layers for the layers a grown draft adds: evenly spaced strictly inside the target
+    (its first and last layers already initialised the draft's ends)."""
+    return [round((j + 1) * (num_target_layers - 1) / (added + 1)) for j in range(added)]
+
+
+_OUTPUT_PROJECTIONS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+
+
+def grow_draft(earlier: DraftModel, target_path: str | Path, num_layers: int) -> DraftModel:
+    """A deeper draft that computes exactly what `earlier` computes, to continue training with
+    more layers. The earlier draft's first L-1 layers stay first and its last layer stays last
+    (it feeds the final norm and head); the new layers go between them, each a target layer
+    (evenly spaced over the target's middle) whose attention output and MLP down projections
+    are zero, so a new layer adds nothing to the residual stream until training moves those
+    projections. Embedding, norm and head (vocabulary included) are the earlier draft's."""
+    from ssd.models.loader import read_config
+
+    old = earlier.cfg.num_layers
+    if num_layers <= old:
+        raise ValueError(f"growing needs more layers than the draft's {old}, not {num_layers}")
+    tcfg = read_config(target_path)
+    added = num_layers - old
+    sources = grown_sources(tcfg.num_layers, added)
+    cfg = dataclasses.replace(earlier.cfg, num_layers=num_layers)
+    model = DraftModel(cfg, earlier.head_token_ids)
+    sd = {}
+    for name, t in earlier.own_state_dict().items():
+        if name.startswith("model.layers."):
+            i = int(name.split(".")[2])
+            j = i if i < old - 1 else i + added  # the earlier last layer moves to the end
+            name = name.replace(f"model.layers.{i}.", f"model.layers.{j}.", 1)
+        sd[name] = t.float() if name != HEAD_IDS else t
+    for k, src in enumerate(sources):
+        j = old - 1 + k
+        for name, t in read_tensors(target_path, lambda n: n.startswith(f"model.layers.{src}.")):
+            if "rotary_emb" in name:
+                continue
+            new = name.replace(f"model.layers.{src}.", f"model.layers.{j}.", 1)
+            sd[new] = torch.zeros_like(t, dtype=torch.float32) if new.endswith(_OUTPUT_PROJECTIONS) else t.float()
+    model.load_own_state_dict(sd)
+    model.set_embedding(earlier.net.embed.weight.detach().clone())
+    return model

@@ -164,8 +164,15 @@ def test_training_on_shards_writes_a_draft_with_its_curve(shards, tmp_path):
     card = (tmp_path / "more" / "README.md").read_text()
     assert "| earlier data | `ssd make-data`" in card and "| earlier training | 4 steps" in card
     assert "continued" in card
-    with pytest.raises(ValueError, match="layers"):
-        distill_from_data(dataclasses.replace(more, layers=2), default_target_path(), "default")
+    # a deeper continuation starts from exactly the earlier draft's predictions (new layers add zero)
+    grown = distill_from_data(dataclasses.replace(more, out=str(tmp_path / "grown"), layers=2),
+                              default_target_path(), "default")
+    assert json.dumps(grown["acceptance_curve_init"]) == json.dumps(info["acceptance_curve"])
+    assert grown["eval_step0"]["agreement"] == pytest.approx(info["eval"]["agreement"], abs=1e-6)
+    assert load_draft_dir(tmp_path / "grown", default_target_path()).cfg.num_layers == 2
+    assert "grown from 1 to 2 layers" in (tmp_path / "grown" / "README.md").read_text()
+    with pytest.raises(ValueError, match="more than --layers 1"):
+        distill_from_data(dataclasses.replace(more, init_from=str(tmp_path / "grown")), default_target_path(), "default")
     with pytest.raises(ValueError, match="init-from"):
         dataclasses.replace(more, head_from=str(tmp_path / "draft"))
 

@@ -238,3 +238,24 @@ def test_agreement_by_answer_position_bins():
     assert {k: v["positions"] for k, v in bins.items()} == {"1-16": 16, "17-64": 48, "65+": answer - 64}
     assert bins["1-16"]["agreement"] == 1.0 and bins["17-64"]["agreement"] == pytest.approx(4 / 48)
     assert bins["65+"]["agreement"] == 0.0 and out["agreement"] == pytest.approx(20 / answer)
+
+
+def test_grown_draft_predicts_exactly_what_it_grew_from(target_dir):
+    from ssd.train.draft_model import grow_draft, grown_sources
+
+    small = draft_from_target(target_dir, 2, torch.arange(0, VOCAB, 3))
+    with torch.no_grad():  # a draft that is not the target's layers, so a misplaced layer shows
+        for p in small.net.layers.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    big = grow_draft(small, target_dir, 4)
+    assert big.cfg.num_layers == 4 and grown_sources(4, 2) == [1, 2] and grown_sources(30, 1) == [14]
+    ids = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(big(ids), small(ids))
+    sd_small, sd_big = small.own_state_dict(), big.own_state_dict()
+    assert torch.equal(sd_big["model.layers.3.self_attn.q_proj.weight"], sd_small["model.layers.1.self_attn.q_proj.weight"])
+    assert not sd_big["model.layers.1.mlp.up_proj.weight"].eq(0).all()  # new layers: target weights ...
+    assert sd_big["model.layers.2.mlp.down_proj.weight"].eq(0).all()  # ... with zero output projections
+    assert sd_big["model.layers.1.self_attn.o_proj.weight"].eq(0).all()
+    with pytest.raises(ValueError, match="more layers"):
+        grow_draft(big, target_dir, 4)
