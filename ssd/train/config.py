@@ -43,7 +43,7 @@ class TrainDraftConfig:
     ttt_decay: float = 0.85  # feature drafter: loss weight of step j is ttt_decay**j (normalised)
     feature_init_layer: int = -1  # feature drafter: the target layer its decoder layer starts from (-1 = last)
     head_from: str = ""  # take the head vocabulary (head_token_ids) of this draft directory instead of selecting one from --data
-    init_from: str = ""  # continue training this standalone draft directory (its weights and head) on --data
+    init_from: str = ""  # continue training this standalone draft directory (its weights and head) on --data; a larger --layers grows it (new layers start as no-ops)
 
     def __post_init__(self):
         if self.layers < 1:

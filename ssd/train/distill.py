@@ -528,7 +528,7 @@ def distill_from_data(cfg: TrainDraftConfig, target_path: Path, target_ref: str,
                         if earlier is not None else
                         f"{cfg.init_layers} (target layers {init_layer_ids(tcfg.num_layers, cfg.layers, cfg.init_layers)})"),
         "earlier_training": _earlier_training(cfg.init_from) if earlier is not None else [],
-        "first_shard": train_m["key"].get("first_shard", 0),
+        "first_shard": train_m["key"].get("first_shard", 0), "answer_cap": train_m["key"].get("gen_tokens"),
         "head_vocab": int(head_ids.numel()), "data": str(cfg.data), "eval_data": str(eval_dir),
         "train_sequences": len(train_ex), "train_answer_tokens": train_tokens, "eval_sequences": len(eval_ex),
         "data_tokens_per_s": train_m.get("tokens_per_s"), "data_dtype": train_m.get("dtype"),
@@ -624,6 +624,7 @@ def data_model_card(cfg: TrainDraftConfig, info: dict) -> str:
         f"| data | `ssd make-data`: the target's own answers ({info['data_dtype']}) to ShareGPT conversations 0-14,999 "
         f"(first turns and multi-turn contexts) and generated code/math/chat prompts"
         + (f", from shard {info['first_shard']} of the fixed prompt order" if info.get("first_shard") else "")
+        + (f", answers cut at {info['answer_cap']} tokens" if info.get("answer_cap") else "")
         + f"; {info['train_sequences']} sequences, "
         f"{info['train_answer_tokens']} answer tokens, made at {info['data_tokens_per_s']} tok/s |",
         f"| held-out data | ShareGPT conversations 15,000 onward, answered the same way: {info['eval_sequences']} sequences; never trained on |",

@@ -163,7 +163,7 @@ def test_training_on_shards_writes_a_draft_with_its_curve(shards, tmp_path):
     assert torch.equal(load_draft_dir(tmp_path / "more", default_target_path()).head_ids, model.head_ids)
     card = (tmp_path / "more" / "README.md").read_text()
     assert "| earlier data | `ssd make-data`" in card and "| earlier training | 4 steps" in card
-    assert "continued" in card
+    assert "continued" in card and "answers cut at 10 tokens" in card
     # a deeper continuation starts from exactly the earlier draft's predictions (new layers add zero)
     grown = distill_from_data(dataclasses.replace(more, out=str(tmp_path / "grown"), layers=2),
                               default_target_path(), "default")
