@@ -61,6 +61,7 @@ def test_bench_baselines_ratios_and_thread_labels():
     assert r["hf"]["hf_assisted"]["vs"]["ar-all"] == pytest.approx(4 / 12)
     assert all(r["modes"][b]["vs"][b] == 1.0 for b in ("ar", "ar-all", "ar-plain"))
     assert _label("ar-all", 2, 2) == "AR (all 2 cores)" and _label("ar", 1, 2) == "AR (1 thread)"
+    assert _label("sd-all", 2, 2) == "SD (all 2 cores, draft in-process)"
     assert _label("ssd", 1, 2, draft_threads=1) == "SSD (1 thread + draft process 1 thread)"
     from ssd.config import SpeculationConfig
 

@@ -227,6 +227,7 @@ def _hf_assistant(pair: ModelPair):
 
 
 AR_SYSTEMS = ("ar", "ar-plain", "ar-all")
+ALL_CORES_SYSTEMS = ("ar-all", "sd-all")  # the target's threads raised to every core
 # the systems every other one is compared with, and their column headers
 BASELINES = {"ar": "vs AR", "ar-all": "vs AR all", "ar-plain": "vs AR plain", "hf": "vs HF", "hf-all": "vs HF all"}
 
@@ -245,6 +246,7 @@ def _label(name: str, threads: int, all_cores: int, dtype: str = "", draft_threa
         "ar-plain": f"AR, plain kernels ({t})",
         "ar-all": f"AR ({t})",
         "sd": f"SD ({t}, draft in-process{how})",
+        "sd-all": f"SD ({t}, draft in-process{how})",
         "ssd": f"SSD ({t} + draft process {_threads(draft_threads)}{how})",
         "hf": f"HF generate ({dtype}, {t})",
         "hf-all": f"HF generate ({dtype}, {t})",
@@ -304,6 +306,10 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
         # A thread count this process has not used yet: its first pass over the prompts is untimed
         # (one-off costs of the new thread count; reported as first_pass_tokens_per_s).
         run("ar-all", cfg.replace(mode="ar", target_threads=all_cores), untimed_pass=True)
+    if "sd" in modes and all_cores != cfg.target_threads:
+        # SD is sequential, so it can give every core to whichever model runs: the fair rival to
+        # SSD, whose draft process holds cores of its own
+        run("sd-all", cfg.replace(mode="sd", target_threads=all_cores), untimed_pass=True)
     torch.set_num_threads(cfg.target_threads)
     hf = {} if ns.no_hf else _hf_references(pair, prompt_ids, params, cfg.speculation.num_speculative_tokens,
                                             cfg.target_threads, all_cores)
@@ -325,7 +331,7 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
     }
     for mode, (st, per) in runs.items():
         row = st.summary()
-        c = cfg.replace(target_threads=all_cores) if mode == "ar-all" else cfg
+        c = cfg.replace(target_threads=all_cores) if mode in ALL_CORES_SYSTEMS else cfg
         row["label"] = _label(mode, c.target_threads, all_cores, draft_threads=cfg.draft_threads, spec=cfg.speculation)
         row["threads"] = c.target_threads + (cfg.draft_threads if mode == "ssd" else 0)
         row["decode_tokens_per_s"] = decode_tps(st)
@@ -346,7 +352,7 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
             if ideal:
                 ideal["measured_over_ideal"] = row["decode_tokens_per_s"] / ideal["ideal_decode_tokens_per_s"]
             row["thm7"] = ideal
-        if mode == "sd" and st.steps:
+        if mode in ("sd", "sd-all") and st.steps:
             t_v, t_d = st.t_verify / st.steps, st.t_draft / st.steps
             e = (st.tokens - st.prefill_tokens) / st.rounds if st.rounds else 0
             row["sd_model"] = {"E_SD": e, "T_SD": t_d / t_v, "ideal_decode_tokens_per_s": e / (t_v + t_d)}
@@ -432,7 +438,7 @@ def _plot(r: dict, path: Path) -> None:
     tps = [row["tokens_per_s"] for row in systems.values()]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1.6, 1]})
     ax = axes[0]
-    colors = {"ar": "#888", "sd": "#4a7", "ssd": "#d62", "ar-plain": "#bbb", "ar-all": "#555",
+    colors = {"ar": "#888", "sd": "#4a7", "sd-all": "#285", "ssd": "#d62", "ar-plain": "#bbb", "ar-all": "#555",
               "hf": "#57a", "hf_assisted": "#9ad", "hf-all": "#246"}
     bars = ax.bar(range(len(labels)), tps, color=[colors[k] for k in systems])
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
