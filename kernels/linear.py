@@ -11,7 +11,9 @@ oneDNN's matmul over a weight reordered once into its blocked layout (`_reorder_
 `_linear_pointwise`, the pair PyTorch's own CPU inductor uses for frozen linears) computes every
 row with the same kernel whatever M is; on the same machines it was bitwise row-invariant for
 M = 2..400, rows at any position, at one and two threads, in fp32 and bf16; M = 1 takes another
-kernel for some shapes, so a single row is padded to two. Its M = 5 costs ~1.05x its M = 2, where
+kernel for some shapes, so a single row is padded to two. On a Xeon with AMX the bf16 kernel
+changes again above 32 rows (some rows' bits differ from M = 33 on), so every call takes at most
+MAX_ROWS = 32 rows and longer inputs are split. Its M = 5 costs ~1.05x its M = 2, where
 MKL's fp32 `F.linear` costs ~2x its GEMV. `probe_row_invariance` re-checks that on
 the machine at hand, for the shapes of the model being served, so the engine never claims an
 exactness it did not measure.
@@ -28,6 +30,10 @@ import torch.nn.functional as F
 
 _PACK_DTYPES = (torch.float32, torch.bfloat16)
 MIN_ROWS = 2  # oneDNN's M = 1 kernel sums in another order (measured: the K = 1536 down projection)
+# On CPUs with AMX, oneDNN's bf16 matmul changes kernel above 32 rows (measured on a Xeon with AMX:
+# every model shape, 1 and 2 threads, rows bitwise equal for M = 2..32, some differ from M = 33),
+# so longer inputs go through in calls of at most MAX_ROWS rows.
+MAX_ROWS = 32
 
 
 def packing_available(weight: torch.Tensor) -> bool:
@@ -78,12 +84,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if packed is not None:
             lead = x.shape[:-1]
             x2 = x.reshape(-1, x.shape[-1])
-            m = x2.shape[0]
-            if m < MIN_ROWS:  # one row takes a GEMV-like kernel with its own summation order
-                x2 = torch.cat([x2, x2.new_zeros(MIN_ROWS - m, x2.shape[1])])
-            out = torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")
-            return out[:m].view(*lead, out.shape[-1])
+            parts = [_packed_rows(x2[s:s + MAX_ROWS], packed, bias) for s in range(0, x2.shape[0], MAX_ROWS)]
+            out = parts[0] if len(parts) == 1 else torch.cat(parts)
+            return out.view(*lead, out.shape[-1])
     return F.linear(x, weight, bias)
+
+
+def _packed_rows(x2: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One oneDNN call over MIN_ROWS..MAX_ROWS rows (a single row is padded to MIN_ROWS: it would
+    take a GEMV-like kernel with its own summation order)."""
+    m = x2.shape[0]
+    if m < MIN_ROWS:
+        x2 = torch.cat([x2, x2.new_zeros(MIN_ROWS - m, x2.shape[1])])
+    return torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")[:m]
 
 
 def probe_row_invariance(weights: list[torch.Tensor], rows: tuple[int, ...], *, invariant: bool = True,

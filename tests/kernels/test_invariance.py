@@ -124,3 +124,29 @@ def test_packed_weight_follows_in_place_edits_and_replacement():
     assert torch.allclose(linear(x, w, packs=packs, name="w"), 2 * y0, atol=1e-5)
     w2 = torch.randn(32, 16)  # a new tensor under the same name
     assert torch.allclose(linear(x, w2, packs=packs, name="w"), F.linear(x, w2), atol=1e-5)
+
+
+def test_packed_linear_calls_onednn_with_at_most_max_rows(monkeypatch):
+    # oneDNN's bf16 kernel changes above 32 rows on AMX CPUs: longer inputs must be split, and a
+    # lone tail row padded, wherever this test runs
+    import ssd.kernels.linear as Lmod
+
+    if not Lmod.packing_available(torch.zeros(2, 2)):
+        pytest.skip("no oneDNN packing on this build")
+    seen = []
+    real = Lmod._packed_rows
+
+    def record(x2, packed, bias):
+        seen.append(x2.shape[0])
+        return real(x2, packed, bias)
+
+    monkeypatch.setattr(Lmod, "_packed_rows", record)
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(48, 40, generator=g).to(torch.bfloat16)
+    packs = Lmod.LinearPacks()
+    x = torch.randn(2, 65, 40, generator=g).to(torch.bfloat16)  # 130 rows
+    y = Lmod.linear(x, w, packs=packs, name="w")
+    assert seen == [32, 32, 32, 32, 2] and y.shape == (2, 65, 48)
+    seen.clear()
+    rows = torch.cat([Lmod.linear(r[None], w, packs=packs, name="w") for r in x.reshape(-1, 40)])
+    assert torch.equal(rows.view(2, 65, 48), y) and seen == [1] * 130
