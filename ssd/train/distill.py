@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ssd.kv_cache import append_batch
 from ssd.train.config import TrainDraftConfig, config_from_args
-from ssd.train.draft_model import DraftModel
+from ssd.train.draft_model import DraftModel, grow_draft, grown_sources
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -487,7 +487,6 @@ def distill_from_data(cfg: TrainDraftConfig, target_path: Path, target_ref: str,
     earlier, grown_from = None, cfg.layers
     if cfg.init_from:  # more training for a draft trained before, on data this run does not hold
         from ssd.train.draft_io import load_trainable
-        from ssd.train.draft_model import grow_draft
 
         earlier = load_trainable(cfg.init_from, target_path)
         grown_from = earlier.cfg.num_layers
@@ -544,8 +543,6 @@ def distill_from_data(cfg: TrainDraftConfig, target_path: Path, target_ref: str,
 
 
 def _grown(old_layers: int, layers: int, tcfg) -> str:
-    from ssd.train.draft_model import grown_sources
-
     if old_layers == layers:
         return ""
     return (f", grown from {old_layers} to {layers} layers: target layers "
