@@ -142,10 +142,14 @@ def cmd_bench(ns) -> int:
     from .benchmarks.engines import run_bench
 
     cfg, params = _configs(ns)
+    if ns.repeats < 1:
+        print(f"error: --repeats must be at least 1 (got {ns.repeats})", file=sys.stderr)
+        return 2
     if ns.serve:
         from .benchmarks.serving import parse_levels, parse_samplings, run_serving
 
-        clash = [flag for flag, on in (("--numerics", ns.numerics), ("--no-hf", ns.no_hf), ("--json", ns.json)) if on]
+        clash = [flag for flag, on in (("--numerics", ns.numerics), ("--no-hf", ns.no_hf), ("--json", ns.json),
+                                       ("--repeats", ns.repeats != 1)) if on]
         try:
             if clash:
                 raise ValueError(f"{', '.join(clash)} do(es) not apply to --serve")
@@ -158,6 +162,9 @@ def cmd_bench(ns) -> int:
     if ns.numerics:
         from .benchmarks.numerics import run_numerics
 
+        if ns.repeats != 1:
+            print("error: --repeats does not apply to --numerics", file=sys.stderr)
+            return 2
         return run_numerics(cfg, params, ns)
     return run_bench(cfg, params, ns)
 
@@ -238,6 +245,9 @@ def main(argv=None) -> int:
                    help="instead: forward costs and AR tokens/s in fp32 and bf16, batch-invariant vs plain kernels, vs HF")
     b.add_argument("--json", action="store_true", help="print the result JSON to stdout")
     b.add_argument("--out", default="bench-results", help="directory for the JSON and PNG")
+    b.add_argument("--repeats", type=int, default=1,
+                   help="run every system (Hugging Face's included) this many times, in turn, and report the median "
+                        "tokens/s and the median and range of the ratios taken within each repeat")
     b.add_argument("--serve", action="store_true",
                    help="instead: start the services (as `ssd serve`) and drive the gateway with concurrent streaming "
                         "clients, every --modes as the request's mode on one SSD target: throughput, TTFT, inter-token "

@@ -1,10 +1,12 @@
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from ssd.benchmarks.engines import _add_ratios, _label, load_prompts, thm7_ideal
+from ssd.benchmarks.engines import _add_ratios, _hf_row, _label, load_prompts, thm7_ideal
+from ssd.cli import main
 from ssd.engine.base import EngineStats
 
 
@@ -104,3 +106,61 @@ def test_bad_dtype_exits_2_with_message():
     r = _ssd("generate", "--prompt", "hi", "--dtype", "float16")
     assert r.returncode == 2 and "dtype" in r.stderr
 
+
+
+def test_bench_ratios_over_repeats_pair_systems_within_a_repeat():
+    """With --repeats, a ratio is taken between two systems of the same repeat (the same stretch
+    of machine time) and the median reported; it is not the ratio of the two medians."""
+    r = {"modes": {"ar": {"tokens_per_s": 8.0, "tokens_per_s_repeats": [10.0, 5.0, 8.0]},
+                   "ssd": {"tokens_per_s": 10.0, "tokens_per_s_repeats": [15.0, 10.0, 8.0]}},
+         "hf": {"hf": _hf_row([{"tokens": 10, "wall_s": 1.0, "tokens_per_s": 10.0, "outputs": [[1]], "label": "HF",
+                                "load_avg_1m_at_start": 0.5},
+                               {"tokens": 10, "wall_s": 2.0, "tokens_per_s": 5.0, "outputs": [[1]], "label": "HF",
+                                "load_avg_1m_at_start": 0.7},
+                               {"tokens": 10, "wall_s": 0.5, "tokens_per_s": 20.0, "outputs": [[1]], "label": "HF",
+                                "load_avg_1m_at_start": 0.9}])}}
+    hf = r["hf"]["hf"]
+    assert hf["tokens_per_s"] == 10.0 and (hf["tokens"], hf["wall_s"]) == (30, 3.5) and "outputs" not in hf
+    assert hf["load_avg_1m_per_repeat"] == [0.5, 0.7, 0.9]
+    _add_ratios(r)
+    ssd = r["modes"]["ssd"]
+    assert ssd["vs"]["ar"] == pytest.approx(1.5)  # within repeats: 1.5, 2.0, 1.0 (medians' ratio: 1.25)
+    assert ssd["vs_range"]["ar"] == pytest.approx([1.0, 2.0])
+    assert r["modes"]["ar"]["vs"]["hf"] == pytest.approx(1.0)  # 1.0, 1.0, 0.4
+    assert r["hf"]["hf"]["vs_range"]["ar"] == pytest.approx([1.0, 2.5])
+    r["modes"]["ssd"]["tokens_per_s_repeats"] = [15.0, 10.0]
+    with pytest.raises(ValueError, match="2 repeats against 3"):
+        _add_ratios(r)
+
+
+def test_bench_repeats_that_cannot_apply_exit_2(capsys):
+    assert main(["bench", "--repeats", "0"]) == 2
+    assert "--repeats must be at least 1" in capsys.readouterr().err
+    assert main(["bench", "--numerics", "--repeats", "2"]) == 2
+    assert "--numerics" in capsys.readouterr().err
+    assert main(["bench", "--serve", "--repeats", "3"]) == 2
+    assert "--repeats" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_repeats_run_every_system_in_turn(tmp_path, capsys):
+    """The real bench on the default pair, two repeats: every system (SD on all cores included)
+    ran twice, greedy output equals AR's in every repeat, and the files are written."""
+    rc = main(["bench", "--num-prompts", "2", "--max-tokens", "6", "--ignore-eos", "--no-hf", "--repeats", "2",
+               "--modes", "ar,sd,ssd", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "repeat 2/2" in out and "over 2 repeats" in out
+    r = json.loads((tmp_path / "bench.json").read_text())
+    assert r["repeats"] == 2
+    expected = {"ar", "sd", "ssd", "ar-plain"} | ({"ar-all", "sd-all"} if (os.cpu_count() or 1) > 1 else set())
+    assert set(r["modes"]) == expected
+    for name, row in r["modes"].items():
+        assert len(row["tokens_per_s_repeats"]) == 2 and len(row["load_avg_1m_per_repeat"]) == 2, name
+        assert row["tokens_per_s"] == pytest.approx(sum(row["tokens_per_s_repeats"]) / 2), name
+        lo, hi = row["vs_range"]["ar"]
+        assert lo <= row["vs"]["ar"] <= hi, name
+        assert row["tokens"] == 2 * 2 * 6, name  # pooled over both repeats: 2 prompts x 6 tokens each
+        if name != "ar-plain":  # plain kernels may flip a bf16 near-tie
+            assert row["identical_to_ar"], name
+    assert (tmp_path / "bench.png").stat().st_size > 10_000

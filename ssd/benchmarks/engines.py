@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from importlib import resources
 from pathlib import Path
@@ -136,43 +137,56 @@ def _accumulate(total: EngineStats, st: EngineStats) -> None:
                 total.accepted_per_pos[i] += x
 
 
-def _hf_references(pair: ModelPair, prompt_ids, params, k: int, threads: int, all_cores: int) -> dict:
+class HFReferences:
     """transformers `generate` and assisted generation (same draft, same K) in our engines' dtype
-    on `threads` torch threads, and `generate` again on every core (`all_cores` threads)."""
-    from transformers import AutoModelForCausalLM
+    on `threads` torch threads, and `generate` again on every core (`all_cores` threads). The
+    models are loaded once; `run` makes one timed pass of each over the prompts."""
 
-    out = {}
-    dtype = getattr(torch, pair.numerics.get("dtype", "float32"))  # the same dtype as our engines
-    target = AutoModelForCausalLM.from_pretrained(pair.target_path, dtype=dtype).eval()
-    assistant = _hf_assistant(pair).to(dtype)
-    assistant.generation_config.num_assistant_tokens = k
-    assistant.generation_config.num_assistant_tokens_schedule = "constant"
-    assistant.generation_config.assistant_confidence_threshold = 0.0
-    eos = list(pair.tokenizer.eos_token_ids)
-    kw = dict(max_new_tokens=params.max_tokens, eos_token_id=eos, pad_token_id=eos[0])
-    if params.greedy:
-        kw["do_sample"] = False
-    else:
-        kw.update(do_sample=True, temperature=params.temperature, top_k=params.top_k or None, top_p=params.top_p)
-    runs = [("hf", {}, threads), ("hf_assisted", {"assistant_model": assistant}, threads)]
-    if all_cores != threads:
-        runs.append(("hf-all", {}, all_cores))
-    for label, extra, n_threads in runs:
-        torch.set_num_threads(n_threads)
-        load = os.getloadavg()[0]
-        ids0 = torch.tensor([prompt_ids[0]])
-        target.generate(ids0, attention_mask=torch.ones_like(ids0), **{**kw, "max_new_tokens": 8}, **extra)  # warm-up
-        # on a thread count not used before, one untimed pass over the prompts first (see run_bench)
-        passes = [_hf_pass(target, prompt_ids, kw, extra, label) for _ in range(1 if n_threads == threads else 2)]
-        tokens, wall, outs = passes[-1]
-        out[label] = {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "outputs": outs,
-                      "threads": torch.get_num_threads(), "load_avg_1m_at_start": load, "dtype": str(next(target.parameters()).dtype).removeprefix("torch."),
-                      "label": _label(label, torch.get_num_threads(), all_cores, str(dtype).removeprefix("torch."))}
-        if len(passes) > 1:
-            out[label]["first_pass_tokens_per_s"] = passes[0][0] / passes[0][1]
-        print(f"{out[label]['label']}: {tokens / wall:7.2f} tok/s", flush=True)
-    torch.set_num_threads(threads)
-    return out
+    def __init__(self, pair: ModelPair, prompt_ids, params, k: int, threads: int, all_cores: int):
+        from transformers import AutoModelForCausalLM
+
+        self.dtype = getattr(torch, pair.numerics.get("dtype", "float32"))  # the same dtype as our engines
+        self.target = AutoModelForCausalLM.from_pretrained(pair.target_path, dtype=self.dtype).eval()
+        assistant = _hf_assistant(pair).to(self.dtype)
+        assistant.generation_config.num_assistant_tokens = k
+        assistant.generation_config.num_assistant_tokens_schedule = "constant"
+        assistant.generation_config.assistant_confidence_threshold = 0.0
+        eos = list(pair.tokenizer.eos_token_ids)
+        self.kw = dict(max_new_tokens=params.max_tokens, eos_token_id=eos, pad_token_id=eos[0])
+        if params.greedy:
+            self.kw["do_sample"] = False
+        else:
+            self.kw.update(do_sample=True, temperature=params.temperature, top_k=params.top_k or None, top_p=params.top_p)
+        self.prompt_ids, self.threads, self.all_cores = prompt_ids, threads, all_cores
+        self.systems = [("hf", {}, threads), ("hf_assisted", {"assistant_model": assistant}, threads)]
+        if all_cores != threads:
+            self.systems.append(("hf-all", {}, all_cores))
+
+    def run(self, first: bool) -> dict:
+        """One pass of each system -> {label: result}. On the first call each system is warmed up,
+        and one on a thread count other than the target's makes one untimed pass first (see
+        run_bench)."""
+        out = {}
+        for label, extra, n_threads in self.systems:
+            torch.set_num_threads(n_threads)
+            load = os.getloadavg()[0]
+            passes = []
+            if first:
+                ids0 = torch.tensor([self.prompt_ids[0]])
+                self.target.generate(ids0, attention_mask=torch.ones_like(ids0), **{**self.kw, "max_new_tokens": 8},
+                                     **extra)  # warm-up
+                if n_threads != self.threads:
+                    passes.append(_hf_pass(self.target, self.prompt_ids, self.kw, extra, label + " (untimed)"))
+            tokens, wall, outs = _hf_pass(self.target, self.prompt_ids, self.kw, extra, label)
+            dtype = str(next(self.target.parameters()).dtype).removeprefix("torch.")
+            out[label] = {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "outputs": outs,
+                          "threads": torch.get_num_threads(), "load_avg_1m_at_start": load, "dtype": dtype,
+                          "label": _label(label, torch.get_num_threads(), self.all_cores, str(self.dtype).removeprefix("torch."))}
+            if passes:
+                out[label]["first_pass_tokens_per_s"] = passes[0][0] / passes[0][1]
+            print(f"{out[label]['label']}: {tokens / wall:7.2f} tok/s", flush=True)
+        torch.set_num_threads(self.threads)
+        return out
 
 
 def _hf_pass(target, prompt_ids, kw, extra, label) -> tuple[int, float, list]:
@@ -255,14 +269,39 @@ def _label(name: str, threads: int, all_cores: int, dtype: str = "", draft_threa
 
 
 def _add_ratios(r: dict) -> None:
-    """Every system's tokens/s over each baseline's that ran (row["vs"][baseline])."""
+    """Every system's tokens/s over each baseline's that ran (row["vs"][baseline]). With several
+    repeats the ratio is taken within each repeat (both systems ran in the same stretch of machine
+    time) and row["vs"] holds the median, row["vs_range"] the lowest and highest."""
     systems = {**r["modes"], **r["hf"]}
-    bases = {b: systems[b]["tokens_per_s"] for b in BASELINES if b in systems}
+
+    def per_repeat(row):
+        return row.get("tokens_per_s_repeats") or [row["tokens_per_s"]]
+
+    bases = {b: per_repeat(systems[b]) for b in BASELINES if b in systems}
     for row in systems.values():
-        row["vs"] = {b: row["tokens_per_s"] / t for b, t in bases.items()}
+        row["vs"], row["vs_range"] = {}, {}
+        for b, base in bases.items():
+            mine = per_repeat(row)
+            if len(mine) != len(base):
+                raise ValueError(f"{row.get('label')}: {len(mine)} repeats against {len(base)} of the baseline")
+            paired = [x / y for x, y in zip(mine, base)]
+            row["vs"][b] = statistics.median(paired)
+            row["vs_range"][b] = [min(paired), max(paired)]
         for b, key in (("ar", "speedup_vs_ar"), ("ar-all", "speedup_vs_ar_all"), ("ar-plain", "speedup_vs_plain_ar")):
             if b in bases:
                 row[key] = row["vs"][b]
+
+
+def _hf_row(reps: list[dict]) -> dict:
+    """One Hugging Face system's repeats -> its result row (median tokens/s, outputs left out)."""
+    row = {k: v for k, v in reps[0].items() if k != "outputs"}
+    row["tokens"] = sum(x["tokens"] for x in reps)
+    row["wall_s"] = sum(x["wall_s"] for x in reps)
+    row["tokens_per_s_repeats"] = [x["tokens_per_s"] for x in reps]
+    row["tokens_per_s"] = statistics.median(row["tokens_per_s_repeats"])
+    if len(reps) > 1:
+        row["load_avg_1m_per_repeat"] = [x["load_avg_1m_at_start"] for x in reps]
+    return row
 
 
 def _same_prefix(a: list[int], b: list[int]) -> bool:
@@ -279,42 +318,52 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
     torch.set_num_threads(cfg.target_threads)
     costs = forward_costs(pair, cfg.speculation.num_speculative_tokens)
     all_cores = os.cpu_count() or 1
-    runs = {}
-
-    load = {}  # the machine's 1-minute load average as each system started (others' work shares the cores)
-
-    first_pass = {}
-
-    def run(name, c, untimed_pass=False):
-        load[name] = os.getloadavg()[0]
-        if untimed_pass:
-            total, _ = _run_engine(c, pair, prompt_ids, params, name + " (untimed)")
-            first_pass[name] = total.tokens / total.wall
-        total, per = _run_engine(c, pair, prompt_ids, params, name)
-        runs[name] = (total, per)
-        print(f"{_label(name, c.target_threads, all_cores, draft_threads=c.draft_threads, spec=c.speculation)}: "
-              f"{total.tokens / total.wall:7.2f} tok/s  ({total.tokens} tokens, {total.wall:.1f} s)", flush=True)
-
-    for mode in modes:
-        run(mode, cfg.replace(mode=mode))
+    repeats = ns.repeats
+    # (name, config, whether its first pass is untimed): every system of the run, in the order
+    # each repeat runs them
+    plan = [(mode, cfg.replace(mode=mode), False) for mode in modes]
     if "ar" in modes and cfg.batch_invariant:
         # the fastest single-token kernels: AR on the plain (non-invariant) kernels
-        run("ar-plain", cfg.replace(mode="ar", batch_invariant=False))
+        plan.append(("ar-plain", cfg.replace(mode="ar", batch_invariant=False), False))
     if "ar" in modes and all_cores != cfg.target_threads:
         # the baseline a skeptic picks: SSD's draft process takes cores the target does not use,
-        # so plain decoding may have them all
-        # A thread count this process has not used yet: its first pass over the prompts is untimed
-        # (one-off costs of the new thread count; reported as first_pass_tokens_per_s).
-        run("ar-all", cfg.replace(mode="ar", target_threads=all_cores), untimed_pass=True)
+        # so plain decoding may have them all. A thread count this process has not used yet: its
+        # first pass over the prompts is untimed (one-off costs of the new thread count; reported
+        # as first_pass_tokens_per_s).
+        plan.append(("ar-all", cfg.replace(mode="ar", target_threads=all_cores), True))
     if "sd" in modes and all_cores != cfg.target_threads:
         # SD is sequential, so it can give every core to whichever model runs: the fair rival to
         # SSD, whose draft process holds cores of its own
-        run("sd-all", cfg.replace(mode="sd", target_threads=all_cores), untimed_pass=True)
-    torch.set_num_threads(cfg.target_threads)
-    hf = {} if ns.no_hf else _hf_references(pair, prompt_ids, params, cfg.speculation.num_speculative_tokens,
-                                            cfg.target_threads, all_cores)
+        plan.append(("sd-all", cfg.replace(mode="sd", target_threads=all_cores), True))
+    hf_refs = None if ns.no_hf else HFReferences(pair, prompt_ids, params, cfg.speculation.num_speculative_tokens,
+                                                 cfg.target_threads, all_cores)
 
-    base = runs.get("ar")
+    runs = {name: [] for name, _, _ in plan}  # name -> [(stats, per-prompt results)] one per repeat
+    hf_runs = {}  # label -> [result] one per repeat
+    load = {name: [] for name, _, _ in plan}  # 1-minute load average as each system started, per repeat
+    first_pass = {}
+
+    # Each repeat runs every system once, in turn, so a stretch of slow machine time (other
+    # processes on the cores) hits all systems of that repeat alike; ratios are taken within a
+    # repeat and their median reported (_add_ratios).
+    for rep in range(repeats):
+        if repeats > 1:
+            print(f"repeat {rep + 1}/{repeats}", flush=True)
+        for name, c, untimed in plan:
+            load[name].append(os.getloadavg()[0])
+            if untimed and rep == 0:
+                total, _ = _run_engine(c, pair, prompt_ids, params, name + " (untimed)")
+                first_pass[name] = total.tokens / total.wall
+            total, per = _run_engine(c, pair, prompt_ids, params, name)
+            runs[name].append((total, per))
+            print(f"{_label(name, c.target_threads, all_cores, draft_threads=c.draft_threads, spec=c.speculation)}: "
+                  f"{total.tokens / total.wall:7.2f} tok/s  ({total.tokens} tokens, {total.wall:.1f} s)", flush=True)
+        torch.set_num_threads(cfg.target_threads)
+        if hf_refs is not None:
+            for label, res in hf_refs.run(first=rep == 0).items():
+                hf_runs.setdefault(label, []).append(res)
+
+    base = runs.get("ar")  # [(stats, per-prompt results)] per repeat
     result = {
         "command": getattr(ns, "command_line", None),
         "target": pair.target_path,
@@ -326,20 +375,31 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
         "threads": {"target": cfg.target_threads, "draft_process": cfg.draft_threads, "all_cores": all_cores},
         "num_prompts": len(prompts),
         "forward_ms": costs,
+        "repeats": repeats,
         "modes": {},
-        "hf": {k: {kk: vv for kk, vv in v.items() if kk != "outputs"} for k, v in hf.items()},
+        "hf": {k: _hf_row(v) for k, v in hf_runs.items()},
     }
-    for mode, (st, per) in runs.items():
-        row = st.summary()
+    for mode, reps in runs.items():
+        st = EngineStats()
+        for total, _ in reps:
+            _accumulate(st, total)
+        per = reps[0][1]
+        row = st.summary()  # counts and rates pooled over the repeats
+        row["tokens_per_s_repeats"] = [t.tokens / t.wall for t, _ in reps]
+        row["tokens_per_s"] = statistics.median(row["tokens_per_s_repeats"])
         c = cfg.replace(target_threads=all_cores) if mode in ALL_CORES_SYSTEMS else cfg
         row["label"] = _label(mode, c.target_threads, all_cores, draft_threads=cfg.draft_threads, spec=cfg.speculation)
         row["threads"] = c.target_threads + (cfg.draft_threads if mode == "ssd" else 0)
         row["decode_tokens_per_s"] = decode_tps(st)
-        row["load_avg_1m_at_start"] = load[mode]
+        row["load_avg_1m_at_start"] = load[mode][0]
+        if repeats > 1:
+            row["load_avg_1m_per_repeat"] = load[mode]
         if mode in first_pass:
             row["first_pass_tokens_per_s"] = first_pass[mode]
         if base is not None and params.greedy:
-            row["identical_to_ar"] = all(p["output_ids"] == b["output_ids"] for p, b in zip(per, base[1]))
+            # every repeat's outputs against AR's first: greedy decoding is deterministic run to run
+            row["identical_to_ar"] = all(p["output_ids"] == b["output_ids"]
+                                         for _, pr in reps for p, b in zip(pr, base[0][1]))
         cats = {}
         for p, q in zip(prompts, per):
             c = cats.setdefault(p["category"], [0, 0])
@@ -360,7 +420,8 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
         result["modes"][mode] = row
     if base is not None and params.greedy:
         for k, v in result["hf"].items():
-            v["identical_to_our_ar"] = all(_same_prefix(o, b["output_ids"]) for o, b in zip(hf[k]["outputs"], base[1]))
+            v["identical_to_our_ar"] = all(_same_prefix(o, b["output_ids"])
+                                           for r in hf_runs[k] for o, b in zip(r["outputs"], base[0][1]))
     _add_ratios(result)
     _print_table(result)
     js, png = save_results(ns.out, "bench", result, _plot)
@@ -402,6 +463,14 @@ def _print_table(r: dict) -> None:
               + f" {_fmt(row['acceptance_rate'] if spec else None):>7} {_fmt(row['mean_accepted_length'] if spec else None):>9}"
               f" {_fmt(row['cache_hit_rate'] if spec else None):>9}"
               f" {str(row.get('identical_to_ar', row.get('identical_to_our_ar', '-'))):>11}")
+    if r.get("repeats", 1) > 1:
+        print(f"over {r['repeats']} repeats (each repeat runs every system once, in turn): tok/s is the median; each "
+              "ratio is the median of the ratios within a repeat, [lowest, highest] over the repeats:")
+        for name, row in systems.items():
+            spread = "; ".join(f"{BASELINES[b]} {row['vs'][b]:.2f} [{row['vs_range'][b][0]:.2f}, {row['vs_range'][b][1]:.2f}]"
+                               for b in bases if b in ("ar", "ar-all"))
+            reps = ", ".join(f"{x:.1f}" for x in row["tokens_per_s_repeats"])
+            print(f"  {row['label']:<{width}}  tok/s {reps}  |  {spread}")
     if "ar" in r["modes"] and r["hf"].get("hf"):
         print(f"our AR / HF generate (same threads, same dtype) = {r['modes']['ar']['vs']['hf']:.2f}")
     ssd = r["modes"].get("ssd")
@@ -440,7 +509,11 @@ def _plot(r: dict, path: Path) -> None:
     ax = axes[0]
     colors = {"ar": "#888", "sd": "#4a7", "sd-all": "#285", "ssd": "#d62", "ar-plain": "#bbb", "ar-all": "#555",
               "hf": "#57a", "hf_assisted": "#9ad", "hf-all": "#246"}
-    bars = ax.bar(range(len(labels)), tps, color=[colors[k] for k in systems])
+    # with repeats, each bar spans its lowest to highest repeat (the bar itself is the median)
+    reps = [row.get("tokens_per_s_repeats") or [row["tokens_per_s"]] for row in systems.values()]
+    err = [[t - min(x) for t, x in zip(tps, reps)], [max(x) - t for t, x in zip(tps, reps)]]
+    bars = ax.bar(range(len(labels)), tps, color=[colors[k] for k in systems],
+                  yerr=err if max(len(x) for x in reps) > 1 else None, capsize=3)
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
     # each bar's ratio over AR on the target's threads and over AR on every core
     refs = [(b, BASELINES[b].removeprefix("vs ")) for b in ("ar", "ar-all") if b in systems]
@@ -448,7 +521,7 @@ def _plot(r: dict, path: Path) -> None:
         note = "".join(f"\n{row['vs'][b]:.2f}x {name}" for b, name in refs)
         ax.text(bar.get_x() + bar.get_width() / 2, row["tokens_per_s"], f"{row['tokens_per_s']:.1f}{note}",
                 ha="center", va="bottom", fontsize=7)
-    ax.set_ylim(0, max(tps) * 1.3)
+    ax.set_ylim(0, max(max(x) for x in reps) * 1.3)
     ssd = r["modes"].get("ssd")
     if ssd and ssd.get("thm7"):
         ax.axhline(ssd["thm7"]["ideal_decode_tokens_per_s"], color="#d62", ls="--", lw=1, label="SSD Thm 7 ideal (decode)")
