@@ -517,9 +517,9 @@ def _plot(r: dict, path: Path) -> None:
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
     # each bar's ratio over AR on the target's threads and over AR on every core
     refs = [(b, BASELINES[b].removeprefix("vs ")) for b in ("ar", "ar-all") if b in systems]
-    for bar, row in zip(bars, systems.values()):
+    for bar, row, x in zip(bars, systems.values(), reps):
         note = "".join(f"\n{row['vs'][b]:.2f}x {name}" for b, name in refs)
-        ax.text(bar.get_x() + bar.get_width() / 2, row["tokens_per_s"], f"{row['tokens_per_s']:.1f}{note}",
+        ax.text(bar.get_x() + bar.get_width() / 2, max(x), f"{row['tokens_per_s']:.1f}{note}",
                 ha="center", va="bottom", fontsize=7)
     ax.set_ylim(0, max(max(x) for x in reps) * 1.3)
     ssd = r["modes"].get("ssd")
@@ -527,7 +527,9 @@ def _plot(r: dict, path: Path) -> None:
         ax.axhline(ssd["thm7"]["ideal_decode_tokens_per_s"], color="#d62", ls="--", lw=1, label="SSD Thm 7 ideal (decode)")
         ax.legend(fontsize=8)
     ax.set_ylabel("tokens / s")
-    ax.set_title("throughput, same pair, same machine, batch 1")
+    n = r.get("repeats", 1)
+    ax.set_title("throughput, same pair, same machine, batch 1"
+                 + (f"\nmedian of {n} repeats (bars: lowest to highest)" if n > 1 else ""), fontsize=10)
     ax = axes[1]
     for mode, row in r["modes"].items():
         if row["accepted_per_pos"] and row["num_drafts"]:
