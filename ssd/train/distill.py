@@ -528,6 +528,7 @@ def distill_from_data(cfg: TrainDraftConfig, target_path: Path, target_ref: str,
                         f"{cfg.init_layers} (target layers {init_layer_ids(tcfg.num_layers, cfg.layers, cfg.init_layers)})"),
         "earlier_training": _earlier_training(cfg.init_from) if earlier is not None else [],
         "first_shard": train_m["key"].get("first_shard", 0), "answer_cap": train_m["key"].get("gen_tokens"),
+        "shards": sorted(x["index"] for x in train_m["shards"]), "data_seed": train_m["key"].get("seed", 0),
         "head_vocab": int(head_ids.numel()), "data": str(cfg.data), "eval_data": str(eval_dir),
         "train_sequences": len(train_ex), "train_answer_tokens": train_tokens, "eval_sequences": len(eval_ex),
         "data_tokens_per_s": train_m.get("tokens_per_s"), "data_dtype": train_m.get("dtype"),
@@ -598,6 +599,20 @@ def plot_alpha_curves(a, curves: list[tuple[str, dict]], annotated: str, title: 
     a.set_title(title)
 
 
+def _shards_note(info: dict) -> str:
+    """Which shards of the fixed prompt order the data holds, and its seed when not the default
+    (the seed picks which answers are sampled and draws their tokens, so a second pass over the
+    same prompts with another seed is other data)."""
+    shards = info.get("shards")
+    if shards:
+        contiguous = shards == list(range(shards[0], shards[-1] + 1))
+        where = (f", shards {shards[0]}–{shards[-1]}" if contiguous and len(shards) > 1 else
+                 f", shard {shards[0]}" if len(shards) == 1 else f", {len(shards)} shards") + " of the fixed prompt order"
+    else:  # a summary written before shards were recorded
+        where = f", from shard {info['first_shard']} of the fixed prompt order" if info.get("first_shard") else ""
+    return where + (f", seed {info['data_seed']}" if info.get("data_seed") else "")
+
+
 def data_model_card(cfg: TrainDraftConfig, info: dict) -> str:
     ev, ev0, c, c0 = info["eval"], info.get("eval_step0") or {}, info["acceptance_curve"], info["acceptance_curve_init"]
     alpha = " / ".join(f"{x:.2f}" for x in c["alpha"])
@@ -620,7 +635,7 @@ def data_model_card(cfg: TrainDraftConfig, info: dict) -> str:
         *[f"| {k} | {v} |" for k, v in info.get("earlier_training", [])],
         f"| data | `ssd make-data`: the target's own answers ({info['data_dtype']}) to ShareGPT conversations 0-14,999 "
         f"(first turns and multi-turn contexts) and generated code/math/chat prompts"
-        + (f", from shard {info['first_shard']} of the fixed prompt order" if info.get("first_shard") else "")
+        + _shards_note(info)
         + (f", answers cut at {info['answer_cap']} tokens" if info.get("answer_cap") else "")
         + f"; {info['train_sequences']} sequences, "
         f"{info['train_answer_tokens']} answer tokens, made at {info['data_tokens_per_s']} tok/s |",

@@ -164,6 +164,8 @@ def test_training_on_shards_writes_a_draft_with_its_curve(shards, tmp_path):
     card = (tmp_path / "more" / "README.md").read_text()
     assert "| earlier data | `ssd make-data`" in card and "| earlier training | 4 steps" in card
     assert "continued" in card and "answers cut at 10 tokens" in card
+    last = max(x["index"] for x in shards[1]["shards"])
+    assert f"shards 0–{last} of the fixed prompt order" in card and "seed" not in card
     # a deeper continuation starts from exactly the earlier draft's predictions (new layers add zero)
     grown = distill_from_data(dataclasses.replace(more, out=str(tmp_path / "grown"), layers=2),
                               default_target_path(), "default")
