@@ -132,3 +132,27 @@ def test_adaptive_bench_runs_every_fixed_k_and_the_ablations():
             for label, tps in (("K=1", 10.0), ("K=2", 20.0), ("adaptive", 25.0), ("adaptive, whole cached", 18.0))]
     ratios(rows)
     assert [r["vs_best_fixed"] for r in rows] == [0.5, 1.0, 1.25, 0.9] and rows[0]["best_fixed"] == "K=2"
+
+
+def test_adaptive_bench_ratios_over_repeats_pair_runs_of_the_same_repeat():
+    """With --repeats, each ratio is the median of the ratios within a repeat, not the ratio of
+    the medians; the best fixed K is the one with the highest median."""
+    from ssd.benchmarks.adaptive import ratios
+
+    def row(mode, label, adaptive, per):
+        return {"mode": mode, "label": label, "adaptive": adaptive, "decode_tokens_per_s": sorted(per)[1],
+                "decode_tokens_per_s_repeats": per}
+
+    rows = [row("sd", "K=1", False, [10.0, 20.0, 12.0]), row("sd", "K=2", False, [11.0, 10.0, 16.0]),
+            row("sd", "adaptive", True, [12.0, 15.0, 16.0]), row("ssd", "K=1", False, [12.0, 15.0, 16.0]),
+            row("ssd", "adaptive", True, [24.0, 15.0, 8.0])]
+    ratios(rows)
+    sd_ad, ssd_ad = rows[2], rows[4]
+    assert sd_ad["best_fixed"] == "K=1"  # medians 12 (K=1) and 11 (K=2)
+    assert sd_ad["vs_best_fixed"] == pytest.approx(1.2)  # 1.2, 0.75, 1.33 within repeats; medians' ratio 1.25
+    assert sd_ad["vs_best_fixed_range"] == pytest.approx([0.75, 16 / 12])
+    assert ssd_ad["vs_sd"] == pytest.approx(1.0) and ssd_ad["vs_sd_range"] == pytest.approx([0.5, 2.0])
+    assert rows[0]["vs_best_fixed"] == 1.0
+    rows[1]["decode_tokens_per_s_repeats"] = [11.0, 10.0]
+    with pytest.raises(ValueError):
+        ratios(rows)
