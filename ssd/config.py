@@ -99,7 +99,9 @@ class SpeculationConfig:
     # from measured build vs verify time
     adaptive: bool = False
     p_min: float = 0.0  # stop drafting a row when the draft's top probability at the next position is below this (0 = off)
-    cut_cached: bool = True  # adaptive SSD: verify only the first m* tokens of a cached speculation (docs/algorithm.md 7d)
+    # adaptive SSD: verify only the first m* tokens of a cached speculation (docs/algorithm.md 7d);
+    # off by default: on the CPUs measured a verify's cost hardly grows with its width, and the cut lost tokens
+    cut_cached: bool = False
 
     def __post_init__(self):
         if not 1 <= self.num_speculative_tokens <= 16:

@@ -18,14 +18,26 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - a ** (k + 1)) / (1.0 - a)
 
 
-def choose_k(alpha: float, k_max: int, draft_step_s: float, verify_s) -> int:
+def expected_tokens_profile(rates, k: int) -> float:
+    """Committed tokens of a round that drafts k tokens when position j is accepted with
+    probability rates[j-1] given positions 1..j-1 were: 1 + a_1 + a_1 a_2 + ... + a_1...a_k."""
+    total, reach = 1.0, 1.0
+    for a in rates[:k]:
+        reach *= min(max(a, ALPHA_FLOOR), ALPHA_CEIL)
+        total += reach
+    return total
+
+
+def choose_k(alpha, k_max: int, draft_step_s: float, verify_s) -> int:
     """The k in 1..k_max that maximises expected committed tokens per second of a round,
     E(k) / (verify_s(k) + k * draft_step_s); verify_s(k): seconds of a verify with k drafted
-    tokens per row. Ties go to the smaller k."""
+    tokens per row. alpha: one acceptance for every position (E is the geometric sum), or the
+    conditional acceptance of each position 1..k_max. Ties go to the smaller k."""
     best_k, best_rate = 1, -1.0
     for k in range(1, k_max + 1):
         cost = verify_s(k) + k * draft_step_s
-        rate = expected_tokens(alpha, k) / max(cost, 1e-9)
+        e = expected_tokens(alpha, k) if isinstance(alpha, (int, float)) else expected_tokens_profile(alpha, k)
+        rate = e / max(cost, 1e-9)
         if rate > best_rate * (1 + 1e-9):
             best_k, best_rate = k, rate
     return best_k
@@ -119,6 +131,14 @@ class AdaptiveK:
     tried: int = 0  # engine-wide: positions observed
     accepted: int = 0
     per_seq: dict = field(default_factory=dict)  # seq_id -> acceptance estimate
+    # engine-wide, per draft position j = 1..k_max: rounds that tried position j (positions
+    # before it accepted) and rounds that accepted it
+    depth_tried: list = field(default_factory=list)
+    depth_accepted: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.depth_tried = [0] * self.k_max
+        self.depth_accepted = [0] * self.k_max
 
     def engine_acceptance(self) -> float:
         return (self.accepted + PRIOR_POSITIONS * self.init_acceptance) / (self.tried + PRIOR_POSITIONS)
@@ -131,7 +151,22 @@ class AdaptiveK:
             return
         self.tried += accepted + (accepted < drafted)
         self.accepted += accepted
+        for j in range(min(accepted + 1, drafted, self.k_max)):  # positions 1..accepted, and the rejected one
+            self.depth_tried[j] += 1
+            self.depth_accepted[j] += j < accepted
         self.per_seq[seq_id] = ewma_acceptance(self.acceptance(seq_id), drafted, accepted, self.weight)
+
+    def profile(self, seq_id: int) -> list[float]:
+        """Conditional acceptance of positions 1..k_max for this sequence. Engine-wide, position
+        j is accepted (given 1..j-1 were) at rate (accepted_j + 20 a) / (tried_j + 20), a the
+        engine-wide per-position acceptance: the geometric model until positions are measured.
+        Measured, acceptance is not geometric: a draft that got j tokens right is in an easy
+        stretch and is right at j+1 more often than at position 1. The sequence's own estimate
+        scales the profile by how it compares with the engine-wide one."""
+        a = self.engine_acceptance()
+        scale = self.acceptance(seq_id) / a
+        return [scale * (acc + PRIOR_POSITIONS * a) / (tried + PRIOR_POSITIONS)
+                for acc, tried in zip(self.depth_accepted, self.depth_tried)]
 
     def forget(self, seq_id: int) -> None:
         self.per_seq.pop(seq_id, None)
@@ -140,7 +175,7 @@ class AdaptiveK:
         """K for this sequence's next drafted round; k_max until both costs have been measured."""
         if not self.verify.known or self.draft_step.value is None:
             return self.k_max
-        return choose_k(self.acceptance(seq_id), self.k_max, self.draft_step.value, self.verify)
+        return choose_k(self.profile(seq_id), self.k_max, self.draft_step.value, self.verify)
 
     def k_for_cached(self, seq_id: int) -> int:
         """How many tokens of a cached SSD speculation (drafted at depth k_max while the previous
@@ -148,4 +183,4 @@ class AdaptiveK:
         so only the verify's cost counts. k_max until the verify cost has been measured."""
         if not self.verify.known:
             return self.k_max
-        return choose_k(self.acceptance(seq_id), self.k_max, 0.0, self.verify)
+        return choose_k(self.profile(seq_id), self.k_max, 0.0, self.verify)

@@ -246,7 +246,7 @@ def test_ssd_adaptive_matches_target_distribution(models, monkeypatch):
     monkeypatch.setattr(AdaptiveK, "k_for_cached", lambda self, seq_id: 1 + seq_id % 2)
     t_dir, d_dir, hf, target, _ = models
     params = SAMPLINGS["t0.7_topk3"]
-    cfg = _cfg(adaptive=True, p_min=0.6, saguaro_c=0.5).replace(max_batch=8)  # small batches: JIT pays too
+    cfg = _cfg(adaptive=True, p_min=0.6, saguaro_c=0.5, cut_cached=True).replace(max_batch=8)  # small batches: JIT pays too
     with SSDEngine(cfg, target, {"path": str(d_dir)}, (3,)) as eng:
         samples = run(eng, params_list(params))
         st = eng.stats

@@ -64,7 +64,7 @@ def test_adaptive_over_grpc_identical_to_ar(target, small_pair, monkeypatch):
 
     cfg = EngineConfig(mode="ssd", max_batch=4, max_model_len=80,
                        speculation=SpeculationConfig(num_speculative_tokens=4, fan_out_budget=8, saguaro_c=0.5,
-                                                     adaptive=True))
+                                                     adaptive=True, cut_cached=True))
     params = SamplingParams(max_tokens=60, ignore_eos=True)
     ref = [s.output_ids for s in AREngine(cfg.replace(mode="ar"), target, (3,)).generate(PROMPTS, params)]
     servers = [serve({"path": str(small_pair[1])}, cfg.speculation, max_seqs=8, max_model_len=80) for _ in range(2)]

@@ -2,8 +2,8 @@
 verify cost fit, JIT-or-backup and the fan-out budget, plus the draft's p_min stop."""
 import pytest
 
-from ssd.speculation.adaptive import (AdaptiveK, LinearCost, choose_k, ewma_acceptance, expected_tokens, next_budget,
-                                      prefer_jit)
+from ssd.speculation.adaptive import (AdaptiveK, LinearCost, choose_k, ewma_acceptance, expected_tokens,
+                                      expected_tokens_profile, next_budget, prefer_jit)
 
 
 def test_expected_tokens_is_the_geometric_sum():
@@ -25,6 +25,45 @@ def test_choose_k_maximises_tokens_per_second():
     # a verify whose cost grows with k pushes K down (same alpha and draft step: 4 -> 3):
     # k=2 2.44/1.6=1.525, k=3 2.952/1.9=1.554, k=4 3.362/2.2=1.528
     assert choose_k(0.8, 6, 0.2, lambda k: 1.0 + 0.1 * k) == 3
+
+
+def test_expected_tokens_from_a_profile_of_conditional_acceptance():
+    assert expected_tokens_profile([0.5, 0.5, 0.5], 3) == pytest.approx(expected_tokens(0.5, 3))
+    assert expected_tokens_profile([0.4, 0.8, 0.8], 3) == pytest.approx(1 + 0.4 + 0.32 + 0.256)
+    assert expected_tokens_profile([0.4, 0.8, 0.8], 1) == pytest.approx(1.4)
+    # deep positions accepted more often than the first make a deeper K pay (flat verify, 0.15 per
+    # draft step): geometric k=1 1.4/1.15=1.217, k=2 1.56/1.3=1.2; profile k=3 2.084/1.45=1.437,
+    # k=4 2.376/1.6=1.485
+    flat = lambda k: 1.0  # noqa: E731
+    assert choose_k(0.4, 4, 0.15, flat) == 1 and choose_k([0.4, 0.9, 0.9, 0.9], 4, 0.15, flat) == 4
+
+
+def test_depth_profile_is_measured_per_position_and_scaled_per_sequence():
+    """Position j's acceptance given 1..j-1 accepted is counted over the rounds that reached j;
+    unmeasured positions keep the engine-wide per-position estimate."""
+    ak = AdaptiveK(k_max=4, init_acceptance=0.5)
+    assert ak.profile(1) == pytest.approx([0.5] * 4)  # nothing measured: the geometric model
+    ak.record(1, drafted=4, accepted=2)  # positions 1, 2 accepted, 3 rejected, 4 not tried
+    ak.record(1, drafted=2, accepted=0)  # position 1 rejected
+    assert ak.depth_tried == [2, 1, 1, 0] and ak.depth_accepted == [1, 1, 0, 0]
+    for _ in range(100):  # a draft that, once right at position 1, is right at 2..4 as well
+        ak.record(2, drafted=4, accepted=0)
+        ak.record(2, drafted=4, accepted=0)
+        ak.record(2, drafted=4, accepted=0)
+        ak.record(3, drafted=4, accepted=4)
+    a = ak.engine_acceptance()
+    prof = ak.profile(4)  # a new sequence: the engine-wide profile
+    assert prof[0] == pytest.approx((101 + 20 * a) / (402 + 20))
+    assert prof[1] == pytest.approx((101 + 20 * a) / (101 + 20))
+    assert prof[1] > 0.9 > 0.5 > prof[0]
+    assert ak.profile(3)[1] > prof[1] > ak.profile(2)[1]  # each sequence's own acceptance scales it
+    ak.verify.observe(1, 1.0)
+    ak.verify.observe(4, 1.0)
+    ak.draft_step.observe(0.15)
+    # the geometric model with the same per-position acceptance (about 0.57) stops at 2; the
+    # measured profile (about 0.3, then 0.95 at each later position) drafts 4
+    assert choose_k(ak.acceptance(4), 4, 0.15, ak.verify) == 2
+    assert ak.k_for(4) == 4 and ak.k_for_cached(4) == 4
 
 
 def test_ewma_acceptance_counts_accepted_and_the_rejected_position():
@@ -124,12 +163,12 @@ def test_adaptive_bench_runs_every_fixed_k_and_the_ablations():
     runs = systems(["sd", "ssd"], [1, 2], 4, 0.5)
     labels = {m: [label for mode, label, _ in runs if mode == m] for m in ("sd", "ssd")}
     assert labels["sd"] == ["K=1", "K=2", "adaptive", "adaptive p_min=0.5"]  # SD has no cached speculations
-    assert labels["ssd"] == ["K=1", "K=2", "adaptive", "adaptive, whole cached", "adaptive p_min=0.5"]
+    assert labels["ssd"] == ["K=1", "K=2", "adaptive", "adaptive, cut cached", "adaptive p_min=0.5"]
     spec = {label: s for mode, label, s in runs if mode == "ssd"}
-    assert spec["adaptive"].cut_cached and not spec["adaptive, whole cached"].cut_cached
-    assert spec["adaptive, whole cached"].adaptive and spec["adaptive"].num_speculative_tokens == 4
+    assert spec["adaptive, cut cached"].cut_cached and not spec["adaptive"].cut_cached
+    assert spec["adaptive, cut cached"].adaptive and spec["adaptive"].num_speculative_tokens == 4
     rows = [{"mode": "ssd", "label": label, "adaptive": spec[label].adaptive, "decode_tokens_per_s": tps}
-            for label, tps in (("K=1", 10.0), ("K=2", 20.0), ("adaptive", 25.0), ("adaptive, whole cached", 18.0))]
+            for label, tps in (("K=1", 10.0), ("K=2", 20.0), ("adaptive", 25.0), ("adaptive, cut cached", 18.0))]
     ratios(rows)
     assert [r["vs_best_fixed"] for r in rows] == [0.5, 1.0, 1.25, 0.9] and rows[0]["best_fixed"] == "K=2"
 
