@@ -18,7 +18,24 @@ one machine and writes JSON + PNG:
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
+
+
+def paired_ratio(mine: list[float], base: list[float], what: str = "") -> tuple[float, list[float]]:
+    """A system's speed over a baseline's, repeat by repeat (both ran in the same stretch of
+    machine time): (median, [lowest, highest]) of the per-repeat ratios."""
+    if len(mine) != len(base):
+        raise ValueError(f"{what}: {len(mine)} repeats against {len(base)} of the baseline")
+    xs = [x / y for x, y in zip(mine, base)]
+    return statistics.median(xs), [min(xs), max(xs)]
+
+
+def repeat_error_bars(centers: list[float], repeats: list[list[float]]):
+    """matplotlib yerr spanning each bar's lowest to highest repeat; None with a single repeat."""
+    if max(len(x) for x in repeats) <= 1:
+        return None
+    return [[c - min(x) for c, x in zip(centers, repeats)], [max(x) - c for c, x in zip(centers, repeats)]]
 
 
 def save_results(out_dir, stem: str, result: dict, plot) -> tuple[Path, Path]:

@@ -19,7 +19,7 @@ import sys
 
 from ..config import EngineConfig, SamplingParams, SpeculationConfig
 from ..engine import ModelPair
-from . import save_results
+from . import paired_ratio, repeat_error_bars, save_results
 from ..engine.base import EngineStats
 from .engines import _accumulate, _run_engine, decode_tps, load_prompts
 
@@ -49,10 +49,8 @@ def _per_repeat(row: dict) -> list[float]:
 
 
 def _paired(row: dict, ref: dict) -> tuple[float, list[float]]:
-    """row's decode tokens/s over ref's, taken within each repeat (both ran in the same stretch of
-    machine time): (median, [lowest, highest])."""
-    xs = [a / b for a, b in zip(_per_repeat(row), _per_repeat(ref), strict=True)]
-    return statistics.median(xs), [min(xs), max(xs)]
+    """row's decode tokens/s over ref's, within each repeat: (median, [lowest, highest])."""
+    return paired_ratio(_per_repeat(row), _per_repeat(ref), f"{row['mode']} {row['label']}")
 
 
 def ratios(rows: list[dict]) -> None:
@@ -143,9 +141,7 @@ def plot(result: dict, path: str) -> None:
         colors = ["tab:orange" if r["adaptive"] else "tab:blue" for r in rows]
         tps = [r["decode_tokens_per_s"] for r in rows]
         reps = [_per_repeat(r) for r in rows]
-        err = [[t - min(x) for t, x in zip(tps, reps)], [max(x) - t for t, x in zip(tps, reps)]]
-        ax.bar([r["label"] for r in rows], tps, color=colors,
-               yerr=err if max(len(x) for x in reps) > 1 else None, capsize=3)  # lowest..highest repeat
+        ax.bar([r["label"] for r in rows], tps, color=colors, yerr=repeat_error_bars(tps, reps), capsize=3)
         ax.set_title(f"{mode.upper()}: decode tokens/s (orange: adaptive)")
         ax.tick_params(axis="x", rotation=45)
     n = result.get("repeats", 1)

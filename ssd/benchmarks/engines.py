@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import EngineConfig, SamplingParams
-from . import save_results
+from . import paired_ratio, repeat_error_bars, save_results
 from ..engine import ModelPair, build_engine
 from ..engine.base import EngineStats
 
@@ -281,12 +281,7 @@ def _add_ratios(r: dict) -> None:
     for row in systems.values():
         row["vs"], row["vs_range"] = {}, {}
         for b, base in bases.items():
-            mine = per_repeat(row)
-            if len(mine) != len(base):
-                raise ValueError(f"{row.get('label')}: {len(mine)} repeats against {len(base)} of the baseline")
-            paired = [x / y for x, y in zip(mine, base)]
-            row["vs"][b] = statistics.median(paired)
-            row["vs_range"][b] = [min(paired), max(paired)]
+            row["vs"][b], row["vs_range"][b] = paired_ratio(per_repeat(row), base, row.get("label"))
         for b, key in (("ar", "speedup_vs_ar"), ("ar-all", "speedup_vs_ar_all"), ("ar-plain", "speedup_vs_plain_ar")):
             if b in bases:
                 row[key] = row["vs"][b]
@@ -511,9 +506,8 @@ def _plot(r: dict, path: Path) -> None:
               "hf": "#57a", "hf_assisted": "#9ad", "hf-all": "#246"}
     # with repeats, each bar spans its lowest to highest repeat (the bar itself is the median)
     reps = [row.get("tokens_per_s_repeats") or [row["tokens_per_s"]] for row in systems.values()]
-    err = [[t - min(x) for t, x in zip(tps, reps)], [max(x) - t for t, x in zip(tps, reps)]]
-    bars = ax.bar(range(len(labels)), tps, color=[colors[k] for k in systems],
-                  yerr=err if max(len(x) for x in reps) > 1 else None, capsize=3)
+    bars = ax.bar(range(len(labels)), tps, color=[colors[k] for k in systems], yerr=repeat_error_bars(tps, reps),
+                  capsize=3)
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
     # each bar's ratio over AR on the target's threads and over AR on every core
     refs = [(b, BASELINES[b].removeprefix("vs ")) for b in ("ar", "ar-all") if b in systems]

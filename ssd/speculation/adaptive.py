@@ -33,11 +33,11 @@ def choose_k(alpha, k_max: int, draft_step_s: float, verify_s) -> int:
     E(k) / (verify_s(k) + k * draft_step_s); verify_s(k): seconds of a verify with k drafted
     tokens per row. alpha: one acceptance for every position (E is the geometric sum), or the
     conditional acceptance of each position 1..k_max. Ties go to the smaller k."""
+    rates = [alpha] * k_max if isinstance(alpha, (int, float)) else alpha
     best_k, best_rate = 1, -1.0
     for k in range(1, k_max + 1):
         cost = verify_s(k) + k * draft_step_s
-        e = expected_tokens(alpha, k) if isinstance(alpha, (int, float)) else expected_tokens_profile(alpha, k)
-        rate = e / max(cost, 1e-9)
+        rate = expected_tokens_profile(rates, k) / max(cost, 1e-9)
         if rate > best_rate * (1 + 1e-9):
             best_k, best_rate = k, rate
     return best_k
