@@ -73,6 +73,9 @@ class TrainDraftConfig:
             raise ValueError("--init-from continues a standalone draft on --data shards (its head is kept, so no --head-from)")
 
 
+ANSWER_SOURCES = ("target", "dataset")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     target: str = "default"  # target model dir or "default"
@@ -93,6 +96,9 @@ class DataConfig:
     threads: int = 2
     seed: int = 0
     first_shard: int = 0  # start at this shard of the fixed prompt order (e.g. past the shards an earlier draft was trained on)
+    # target: the target writes every answer (greedy or sampled); dataset: each ShareGPT prompt keeps
+    # the conversation's own reply and the target only scores it (one forward per batch, no decoding)
+    answers: str = "target"
 
     def __post_init__(self):
         from ssd.train.sharegpt import SPLITS
@@ -109,6 +115,11 @@ class DataConfig:
             raise ValueError("first_shard must be >= 0")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be > 0 and top_p in (0, 1]")
+        if self.answers not in ANSWER_SOURCES:
+            raise ValueError(f"answers must be one of {ANSWER_SOURCES}")
+        if self.answers == "dataset" and (self.generated_share > 0 or self.sampled_share > 0):
+            raise ValueError("--answers dataset keeps ShareGPT's own replies: generated prompts have none and "
+                             "nothing is sampled; pass --generated-share 0 --sampled-share 0")
 
     def key(self) -> dict:
         """What must match for a directory to be continued (max_tokens may change)."""

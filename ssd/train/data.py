@@ -7,6 +7,11 @@ over each finished sequence then records, for every position that predicts an an
 the target's top-k next-token distribution (token ids and logits), and, with --features, the
 residual stream entering layers {2, L/2, L-3} at every position (what a feature drafter reads).
 
+With --answers dataset nothing is decoded: each ShareGPT prompt keeps the conversation's own
+reply (ending with the target's end-of-turn token, cut at gen_tokens), and the same forward
+scores it. That is off-policy text (not what the target would write) but costs one batched
+forward per shard instead of gen_tokens decode steps, so far more positions per hour.
+
 Output: shards of `shard_prompts` prompts (shard-00000.pt, ...) and manifest.json (settings,
 shards done, tokens, seconds) in the cache directory, never in git. A run is resumable: the
 shards already written are kept, and a larger --max-tokens continues where the last run stopped.
@@ -41,11 +46,13 @@ def default_out(target_name: str, split: str) -> Path:
 
 
 def prompt_list(cfg: DataConfig) -> list[dict]:
-    """Every prompt of the run in its fixed order: {"messages", "source", "kind"}."""
+    """Every prompt of the run in its fixed order: {"messages", "source", "kind", "answer"} (answer:
+    the ShareGPT conversation's own reply, None for generated prompts)."""
     from ssd.train.prompts import build_prompts
     from ssd.train.sharegpt import prompts as sharegpt_prompts
 
-    items = [{"messages": p["messages"], "source": f"sharegpt:{p['conversation']}", "kind": p["kind"]}
+    items = [{"messages": p["messages"], "source": f"sharegpt:{p['conversation']}", "kind": p["kind"],
+              "answer": p["answer"]}
              for p in sharegpt_prompts(cfg.split, seed=cfg.seed)]
     if cfg.split == "train" and cfg.generated_share > 0:
         n = int(len(items) * cfg.generated_share / (1 - cfg.generated_share))
@@ -123,6 +130,23 @@ def _teacher(target, seqs: list[dict], topk: int, layers: tuple[int, ...], batch
                 s["features"] = torch.stack([f[r, :m] for f in feats], 0).to(torch.bfloat16)  # [3, m, H]
 
 
+def dataset_answer(tok, messages: list[dict], reply: str, prompt_ids: list[int], eos: tuple[int, ...],
+                   cap: int) -> list[int]:
+    """The token ids the target would have to write to give `reply` to `messages`: the chat template
+    rendered with the reply, after the prompt's own ids, up to and including the first
+    end-of-sequence token (what the target emits to end its turn), cut at `cap` tokens. Where the
+    template's rendering does not extend the prompt's ids token for token, the reply's own ids
+    plus the first end-of-sequence id."""
+    full = tok.apply_chat_template(messages + [{"role": "assistant", "content": reply}], add_generation_prompt=False)
+    if full[:len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
+        rest = full[len(prompt_ids):]
+        end = next((i for i, t in enumerate(rest) if t in eos), None)
+        answer = rest if end is None else rest[:end + 1]
+    else:
+        answer = tok.encode(reply) + list(eos[:1])
+    return answer[:cap]
+
+
 def make_data(cfg: DataConfig, progress: bool = True) -> dict:
     from ssd.config import EngineConfig, SamplingParams
     from ssd.engine import AREngine
@@ -156,12 +180,13 @@ def make_data(cfg: DataConfig, progress: bool = True) -> dict:
     m["feature_layers"] = list(layers)
     m["dtype"] = str(dtype).removeprefix("torch.")
     tok = Tokenizer(target_path)
+    eos = tuple(tcfg.eos_token_ids)
     done = {s["index"] for s in m["shards"]}
     bar = tqdm(total=cfg.max_tokens, initial=min(m["tokens"], cfg.max_tokens), unit="tok", disable=not progress,
                desc=f"make-data {cfg.split} ({m['dtype']})", smoothing=0.05, mininterval=2.0)
     max_len = cfg.max_prompt_tokens + cfg.gen_tokens + 8
     engine = AREngine(EngineConfig(mode="ar", max_batch=cfg.gen_batch, max_model_len=max_len,
-                                   target_threads=cfg.threads), target, tuple(tcfg.eos_token_ids))
+                                   target_threads=cfg.threads), target, eos)
     for shard in range(cfg.first_shard, num_shards):
         if m["tokens"] >= cfg.max_tokens:
             break
@@ -170,25 +195,36 @@ def make_data(cfg: DataConfig, progress: bool = True) -> dict:
         t0 = time.perf_counter()
         rng = random.Random(cfg.seed * 1_000_003 + shard)
         chunk = items[shard * cfg.shard_prompts:(shard + 1) * cfg.shard_prompts]
-        seqs, reqs, skipped = [], [], 0
+        seqs, reqs, skipped, unanswered = [], [], 0, 0
+        produced = 0
         for j, item in enumerate(chunk):
             ids = tok.apply_chat_template(item["messages"])
             if len(ids) > cfg.max_prompt_tokens:
                 skipped += 1
+                continue
+            if cfg.answers == "dataset":  # the conversation's own reply, scored by the target below
+                if item.get("answer") is None:
+                    unanswered += 1
+                    continue
+                answer = dataset_answer(tok, item["messages"], item["answer"], ids, eos, cfg.gen_tokens)
+                seqs.append({"prompt_len": len(ids), "sampled": False, "answer_from": "dataset",
+                             "source": item["source"], "kind": item["kind"],
+                             "ids": torch.tensor(ids + answer, dtype=torch.int32)})
+                produced += len(answer)
+                bar.update(len(answer))
                 continue
             sampled = rng.random() < cfg.sampled_share
             params = (SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.gen_tokens,
                                      seed=shard * 100_000 + j) if sampled else SamplingParams(max_tokens=cfg.gen_tokens))
             reqs.append(engine.add_request(ids, params))
             seqs.append({"prompt_len": len(ids), "sampled": sampled, "source": item["source"], "kind": item["kind"]})
-        produced = 0
         while engine.has_unfinished():
             for _, kept in engine.step():
                 produced += len(kept)
                 bar.update(len(kept))
             bar.set_postfix_str(f"shard {shard + 1}/{num_shards}, "
                                 f"{(m['tokens'] + produced) / max(m['seconds'] + time.perf_counter() - t0, 1e-9):.0f} tok/s")
-        for s, r in zip(seqs, reqs):
+        for s, r in zip(seqs, reqs):  # the target's own answers (none with --answers dataset)
             s["ids"] = torch.tensor(list(r.prompt_ids) + list(r.output_ids), dtype=torch.int32)
         seqs = [s for s in seqs if len(s["ids"]) > s["prompt_len"]]
         _teacher(target, seqs, cfg.teacher_topk, layers)
@@ -201,6 +237,7 @@ def make_data(cfg: DataConfig, progress: bool = True) -> dict:
         m["tokens"] += tokens
         m["prompts"] += len(chunk)
         m["skipped_long"] += skipped
+        m["unanswered"] = m.get("unanswered", 0) + unanswered
         m["seconds"] = round(m["seconds"] + spent, 2)
         m["tokens_per_s"] = round(m["tokens"] / max(m["seconds"], 1e-9), 1)
         out.write_manifest(m)

@@ -162,7 +162,8 @@ def examples_from_shards(seqs: list[dict], head_ids: torch.Tensor, vocab_size: i
             feats = f.permute(1, 0, 2).reshape(n, -1).contiguous()
         out.append(Example(ids[:n].tolist(), p, logits.half(), hidx.clamp(min=0).int(), teacher_from=p - 1,
                            teacher_valid=inside.any(-1), target_top1=sq["teacher_idx"][:m, 0].long(),
-                           greedy=not sq.get("sampled", False), features=feats))
+                           greedy=not sq.get("sampled", False) and sq.get("answer_from", "target") == "target",
+                           features=feats))
     return out
 
 
@@ -529,6 +530,7 @@ def distill_from_data(cfg: TrainDraftConfig, target_path: Path, target_ref: str,
         "earlier_training": _earlier_training(cfg.init_from) if earlier is not None else [],
         "first_shard": train_m["key"].get("first_shard", 0), "answer_cap": train_m["key"].get("gen_tokens"),
         "shards": sorted(x["index"] for x in train_m["shards"]), "data_seed": train_m["key"].get("seed", 0),
+        "answers": train_m["key"].get("answers", "target"),
         "head_vocab": int(head_ids.numel()), "data": str(cfg.data), "eval_data": str(eval_dir),
         "train_sequences": len(train_ex), "train_answer_tokens": train_tokens, "eval_sequences": len(eval_ex),
         "data_tokens_per_s": train_m.get("tokens_per_s"), "data_dtype": train_m.get("dtype"),
@@ -633,8 +635,11 @@ def data_model_card(cfg: TrainDraftConfig, info: dict) -> str:
         f"| head vocabulary | {info['head_vocab']} tokens; covers {ev['head_coverage']:.3f} of the held-out target tokens |",
         f"| layers | {cfg.layers}, initialised from {info['init_layers']} |",
         *[f"| {k} | {v} |" for k, v in info.get("earlier_training", [])],
-        f"| data | `ssd make-data`: the target's own answers ({info['data_dtype']}) to ShareGPT conversations 0-14,999 "
-        f"(first turns and multi-turn contexts) and generated code/math/chat prompts"
+        (f"| data | `ssd make-data --answers dataset`: ShareGPT's own replies in conversations 0-14,999 (first turns "
+         f"and multi-turn contexts), scored by the target ({info['data_dtype']}) position by position"
+         if info.get("answers") == "dataset" else
+         f"| data | `ssd make-data`: the target's own answers ({info['data_dtype']}) to ShareGPT conversations 0-14,999 "
+         f"(first turns and multi-turn contexts) and generated code/math/chat prompts")
         + _shards_note(info)
         + (f", answers cut at {info['answer_cap']} tokens" if info.get("answer_cap") else "")
         + f"; {info['train_sequences']} sequences, "

@@ -60,10 +60,11 @@ def split(name: str) -> list[dict]:
 
 
 def prompts(name: str, multi_turn_share: float = 0.3, max_chars: int = 2000, seed: int = 0) -> list[dict]:
-    """Chat prompts of a split: {"messages", "conversation", "kind": "first" | "multi"}. Each
-    conversation gives its first user turn; a share of those with a later user turn also give
-    the context up to it. Prompts over max_chars characters (long pastes) are left out, and so are
-    empty ones. Deterministic for a seed."""
+    """Chat prompts of a split: {"messages", "conversation", "kind": "first" | "multi", "answer"}.
+    Each conversation gives its first user turn; a share of those with a later user turn also give
+    the context up to it. "answer" is the conversation's own reply to that turn (the assistant
+    message that follows it, or None when there is none). Prompts over max_chars characters (long
+    pastes) are left out, and so are empty ones. Deterministic for a seed."""
     rng = random.Random(seed)
     out = []
     for conv in split(name):
@@ -72,15 +73,23 @@ def prompts(name: str, multi_turn_share: float = 0.3, max_chars: int = 2000, see
         if not users or users[0] != 0:
             continue
         if len(msgs[0]["content"]) <= max_chars:
-            out.append({"messages": msgs[:1], "conversation": conv["index"], "kind": "first"})
+            out.append({"messages": msgs[:1], "conversation": conv["index"], "kind": "first", "answer": _reply(msgs, 0)})
         later = [i for i in users[1:] if _alternates(msgs[:i + 1])]
         if later and rng.random() < multi_turn_share:
             i = rng.choice(later)
             if sum(len(m["content"]) for m in msgs[:i + 1]) <= max_chars:
-                out.append({"messages": msgs[:i + 1], "conversation": conv["index"], "kind": "multi"})
+                out.append({"messages": msgs[:i + 1], "conversation": conv["index"], "kind": "multi",
+                            "answer": _reply(msgs, i)})
     return out
 
 
 def _alternates(msgs: list[dict]) -> bool:
     # user, assistant, user, ... ending on a user turn, nothing empty
     return all(m["role"] == ("user" if j % 2 == 0 else "assistant") and m["content"].strip() for j, m in enumerate(msgs))
+
+
+def _reply(msgs: list[dict], i: int) -> str | None:
+    # the assistant message answering user turn i, if the conversation has a non-empty one
+    if i + 1 < len(msgs) and msgs[i + 1]["role"] == "assistant" and msgs[i + 1]["content"].strip():
+        return msgs[i + 1]["content"]
+    return None

@@ -23,6 +23,11 @@ def test_sharegpt_split_is_fixed_and_disjoint():
     multi = next(p for p in train if p["kind"] == "multi")
     assert [m["role"] for m in multi["messages"]][-3:] == ["user", "assistant", "user"]
     assert sharegpt.prompts("train") == train  # deterministic
+    for kind in ("first", "multi"):
+        p = next(p for p in train if p["kind"] == kind and p["answer"] is not None)
+        conv = [m for m in convs[p["conversation"]]["messages"] if m["role"] != "system"]
+        n = len(p["messages"])  # the reply is the conversation's next message, after the prompt's last user turn
+        assert conv[:n] == p["messages"] and conv[n] == {"role": "assistant", "content": p["answer"]}
     with pytest.raises(ValueError):
         sharegpt.split("test")
 
@@ -103,6 +108,64 @@ def test_make_data_can_start_past_the_shards_an_earlier_run_made(shards, tmp_pat
         make_data(_cfg(tmp_path / "later", max_tokens=40), progress=False)
     with pytest.raises(ValueError, match="past the last shard"):
         make_data(_cfg(tmp_path / "none", first_shard=10**6), progress=False)
+
+
+def test_dataset_answers_are_the_conversations_own_replies_scored_by_the_target(tmp_path):
+    from ssd.models.loader import load_model
+    from ssd.tokenizer import Tokenizer
+    from ssd.train.data import prompt_list
+    from ssd.train.distill import examples_from_shards
+
+    with pytest.raises(ValueError, match="generated-share 0"):  # generated prompts have no reply to keep
+        _cfg(tmp_path / "x", answers="dataset", sampled_share=0)
+    with pytest.raises(ValueError, match="answers must be"):
+        _cfg(tmp_path / "x", answers="teacher")
+    cfg = _cfg(tmp_path / "ds", answers="dataset", generated_share=0, sampled_share=0, max_tokens=40, gen_tokens=12)
+    m = make_data(cfg, progress=False)
+    assert m["tokens"] >= 40 and m["key"]["answers"] == "dataset"
+    items = {it["source"]: it for it in prompt_list(cfg)}
+    tok = Tokenizer(default_target_path())
+    target, tcfg = load_model(default_target_path(), dtype=torch.float32)
+    seqs = load_shards(tmp_path / "ds")
+    for sq in seqs:
+        item, p = items[sq["source"]], sq["prompt_len"]
+        ids = sq["ids"].long()
+        assert ids[:p].tolist() == tok.apply_chat_template(item["messages"])
+        answer = ids[p:].tolist()
+        assert 1 <= len(answer) <= 12
+        # the reply itself, in the target's tokens, ended by its end-of-turn token when it fits
+        text = tok.decode([t for t in answer if t not in tcfg.eos_token_ids])
+        assert item["answer"].startswith(text.rstrip()) and text.strip()
+        if len(answer) < 12:
+            assert answer[-1] in tcfg.eos_token_ids
+        # the teacher is the target's own distribution at every answer position
+        with torch.no_grad():
+            logits = target.forward_full(ids[None])[0, p - 1:len(ids) - 1]
+        assert torch.equal(sq["teacher_idx"][:, 0].long(), logits.argmax(-1))
+    # not the target's greedy text: kept out of the greedy n-alpha curve, still trained on
+    ex = examples_from_shards(seqs, torch.arange(tcfg.vocab_size), tcfg.vocab_size, 64)
+    assert ex and not any(e.greedy for e in ex)
+
+
+def test_dataset_answer_falls_back_to_the_replys_own_ids():
+    from ssd.train.data import dataset_answer
+
+    class Tok:  # a template that does not extend the prompt's ids token for token
+        def apply_chat_template(self, messages, add_generation_prompt=True):
+            return [9, 9] + [len(m["content"]) for m in messages]
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    msgs = [{"role": "user", "content": "hi"}]
+    assert dataset_answer(Tok(), msgs, "abc", [1, 2], (0, 5), cap=10) == [97, 98, 99, 0]
+    assert dataset_answer(Tok(), msgs, "abc", [1, 2], (0, 5), cap=2) == [97, 98]
+
+    class Extends(Tok):  # the usual case: the reply's ids, its end-of-turn token, nothing after it
+        def apply_chat_template(self, messages, add_generation_prompt=True):
+            return [1, 2] + ([7, 8, 5, 6] if len(messages) > 1 else [])
+
+    assert dataset_answer(Extends(), msgs, "abc", [1, 2], (0, 5), cap=10) == [7, 8, 5]
 
 
 def test_examples_keep_only_head_tokens_of_the_teacher():
