@@ -644,7 +644,9 @@ def data_model_card(cfg: TrainDraftConfig, info: dict) -> str:
         + (f", answers cut at {info['answer_cap']} tokens" if info.get("answer_cap") else "")
         + f"; {info['train_sequences']} sequences, "
         f"{info['train_answer_tokens']} answer tokens, made at {info['data_tokens_per_s']} tok/s |",
-        f"| held-out data | ShareGPT conversations 15,000 onward, answered the same way: {info['eval_sequences']} sequences; never trained on |",
+        f"| held-out data | ShareGPT conversations 15,000 onward, answered by the target itself"
+        f"{'' if info.get('answers') == 'dataset' else ' (as the training data)'}: {info['eval_sequences']} sequences; "
+        "never trained on |",
         f"| training | {info['steps']} steps of {cfg.batch_size} sequences x <= {cfg.seq_len} tokens, AdamW lr {cfg.lr} "
         f"(warmup, cosine), {info['matmuls']} matmuls, loss KL(top-k target over head || draft) + {cfg.ce_weight} x CE(target top-1)"
         + (", stopped early by the time budget" if info["stopped_early"] else "") + " |",
