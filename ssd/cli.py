@@ -29,7 +29,7 @@ _HELP = {
     "min_tokens": "no end-of-sequence token before this many new tokens",
     "answers": "make-data: target (the target writes every answer) | dataset (ShareGPT's own replies, scored by "
                "the target in one forward per batch: no decoding, far faster; with --generated-share 0 "
-               "--sampled-share 0)",
+               "--sampled-share 0; --gen-batch, --temperature and --top-p do not apply)",
 }
 
 

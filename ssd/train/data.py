@@ -185,8 +185,9 @@ def make_data(cfg: DataConfig, progress: bool = True) -> dict:
     bar = tqdm(total=cfg.max_tokens, initial=min(m["tokens"], cfg.max_tokens), unit="tok", disable=not progress,
                desc=f"make-data {cfg.split} ({m['dtype']})", smoothing=0.05, mininterval=2.0)
     max_len = cfg.max_prompt_tokens + cfg.gen_tokens + 8
-    engine = AREngine(EngineConfig(mode="ar", max_batch=cfg.gen_batch, max_model_len=max_len,
-                                   target_threads=cfg.threads), target, eos)
+    engine = None if cfg.answers == "dataset" else AREngine(  # dataset replies are scored, never decoded
+        EngineConfig(mode="ar", max_batch=cfg.gen_batch, max_model_len=max_len, target_threads=cfg.threads),
+        target, eos)
     for shard in range(cfg.first_shard, num_shards):
         if m["tokens"] >= cfg.max_tokens:
             break
@@ -218,7 +219,7 @@ def make_data(cfg: DataConfig, progress: bool = True) -> dict:
                                      seed=shard * 100_000 + j) if sampled else SamplingParams(max_tokens=cfg.gen_tokens))
             reqs.append(engine.add_request(ids, params))
             seqs.append({"prompt_len": len(ids), "sampled": sampled, "source": item["source"], "kind": item["kind"]})
-        while engine.has_unfinished():
+        while engine is not None and engine.has_unfinished():
             for _, kept in engine.step():
                 produced += len(kept)
                 bar.update(len(kept))
