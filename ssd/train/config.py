@@ -34,9 +34,9 @@ class TrainDraftConfig:
     time_budget_min: float = 0.0  # stop training cleanly (and save) after this many minutes; 0 = none
     save_dtype: str = "float16"  # dtype of the shipped weights (float16 | bfloat16 | float32)
     autocast: str = "auto"  # bf16 autocast of the training matmuls: auto (where the CPU has native bf16) | bfloat16 | off
-    data: str = ""  # `ssd make-data` shard directory to train on (instead of generated prompts)
+    data: str = ""  # `ssd make-data` shard directories to train on, comma-separated (instead of generated prompts)
     eval_data: str = ""  # held-out shard directory (default: sharegpt-heldout beside --data)
-    data_tokens: int = 0  # train on the first N answer tokens of --data (0 = all): the data-size curve
+    data_tokens: int = 0  # train on the first N answer tokens of --data, directories in order (0 = all): the data-size curve
     curve_positions: int = 256  # held-out positions of the n-alpha acceptance curve
     kind: str = "standalone"  # standalone: a small Llama | feature: one layer over the target's features (needs --data made with --features)
     ttt_steps: int = 8  # feature drafter: unrolled training-time-test steps (self-fed depth 0..N-1)
@@ -69,8 +69,19 @@ class TrainDraftConfig:
             raise ValueError("--kind feature trains on `ssd make-data --features` shards: pass --data")
         if self.autocast not in ("auto", "bfloat16", "off"):
             raise ValueError("autocast must be auto, bfloat16 or off")
+        dirs = self.data_dirs
+        if len(set(dirs)) != len(dirs):
+            raise ValueError(f"--data names a directory twice: {self.data}")
+        if self.kind == "feature" and len(dirs) > 1:
+            raise ValueError("--kind feature trains on one `ssd make-data --features` directory")
         if self.init_from and (not self.data or self.kind != "standalone" or self.head_from):
             raise ValueError("--init-from continues a standalone draft on --data shards (its head is kept, so no --head-from)")
+
+    @property
+    def data_dirs(self) -> tuple[str, ...]:
+        """--data as a list: one or more shard directories, comma-separated, trained on as one
+        shuffled set (e.g. dataset replies mixed with the target's own answer openings)."""
+        return tuple(d.strip() for d in self.data.split(",") if d.strip())
 
 
 ANSWER_SOURCES = ("target", "dataset")

@@ -475,14 +475,30 @@ def distill_from_data(cfg: TrainDraftConfig, target_path: Path, target_ref: str,
     out = Path(cfg.out)
     state = out / "train_state"
     state.mkdir(parents=True, exist_ok=True)
-    eval_dir = Path(cfg.eval_data) if cfg.eval_data else Path(cfg.data).parent / "sharegpt-heldout"
-    train_m, eval_m = DataDir(cfg.data).manifest(), DataDir(eval_dir).manifest()
-    if train_m is None or eval_m is None:
-        raise FileNotFoundError(f"no `ssd make-data` output in {cfg.data if train_m is None else eval_dir}")
-    if train_m["key"]["split"] != "train" or eval_m["key"]["split"] != "heldout":
+    dirs = cfg.data_dirs
+    eval_dir = Path(cfg.eval_data) if cfg.eval_data else Path(dirs[0]).parent / "sharegpt-heldout"
+    for d in (*dirs, eval_dir):
+        if DataDir(d).manifest() is None:
+            raise FileNotFoundError(f"no `ssd make-data` output in {d}")
+    train_ms, eval_m = [DataDir(d).manifest() for d in dirs], DataDir(eval_dir).manifest()
+    if any(m["key"]["split"] != "train" for m in train_ms) or eval_m["key"]["split"] != "heldout":
         raise ValueError("--data must hold the train split and --eval-data the held-out split")
+    targets = {Path(m["key"]["target"]).name for m in (*train_ms, eval_m)}
+    if len(targets) > 1:  # another target's distributions would teach the draft the wrong model
+        raise ValueError(f"--data and --eval-data were made with different targets: {sorted(targets)}")
+    train_m = train_ms[0]
     tcfg = read_config(target_path)
-    train_seqs = load_shards(cfg.data, cfg.data_tokens or None)
+    train_seqs, sources, left = [], [], cfg.data_tokens or None
+    for d, m in zip(dirs, train_ms):  # --data-tokens counts across the directories, in order
+        seqs = load_shards(d, left) if left is None or left > 0 else []
+        n_tok = sum(len(sq["ids"]) - sq["prompt_len"] for sq in seqs)
+        left = None if left is None else left - n_tok
+        train_seqs += seqs
+        sources.append({
+            "data": str(d), "answers": m["key"].get("answers", "target"), "first_shard": m["key"].get("first_shard", 0),
+            "answer_cap": m["key"].get("gen_tokens"), "shards": sorted(x["index"] for x in m["shards"]),
+            "data_seed": m["key"].get("seed", 0), "train_sequences": len(seqs), "train_answer_tokens": n_tok,
+            "data_tokens_per_s": m.get("tokens_per_s"), "data_dtype": m.get("dtype")})
     eval_seqs = load_shards(eval_dir)
     answers = [sq["ids"][sq["prompt_len"]:].tolist() for sq in train_seqs]
     earlier, grown_from = None, cfg.layers
@@ -528,12 +544,9 @@ def distill_from_data(cfg: TrainDraftConfig, target_path: Path, target_ref: str,
                         if earlier is not None else
                         f"{cfg.init_layers} (target layers {init_layer_ids(tcfg.num_layers, cfg.layers, cfg.init_layers)})"),
         "earlier_training": _earlier_training(cfg.init_from) if earlier is not None else [],
-        "first_shard": train_m["key"].get("first_shard", 0), "answer_cap": train_m["key"].get("gen_tokens"),
-        "shards": sorted(x["index"] for x in train_m["shards"]), "data_seed": train_m["key"].get("seed", 0),
-        "answers": train_m["key"].get("answers", "target"),
+        "sources": sources,
         "head_vocab": int(head_ids.numel()), "data": str(cfg.data), "eval_data": str(eval_dir),
         "train_sequences": len(train_ex), "train_answer_tokens": train_tokens, "eval_sequences": len(eval_ex),
-        "data_tokens_per_s": train_m.get("tokens_per_s"), "data_dtype": train_m.get("dtype"),
         "acceptance_curve": curve, "acceptance_curve_init": curve0,
         "file_bytes": (out / "model.safetensors").stat().st_size, "save_dtype": cfg.save_dtype,
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -615,8 +628,23 @@ def _shards_note(info: dict) -> str:
     return where + (f", seed {info['data_seed']}" if info.get("data_seed") else "")
 
 
+def _data_row(src: dict, mixed: bool) -> str:
+    """One model-card row per --data directory (a summary from before several directories were
+    allowed keeps its one source's keys at the top level, as `src` here)."""
+    return ((f"| data | `ssd make-data --answers dataset`: ShareGPT's own replies in conversations 0-14,999 (first "
+             f"turns and multi-turn contexts), scored by the target ({src['data_dtype']}) position by position"
+             if src.get("answers") == "dataset" else
+             f"| data | `ssd make-data`: the target's own answers ({src['data_dtype']}) to ShareGPT conversations "
+             f"0-14,999 (first turns and multi-turn contexts) and generated code/math/chat prompts")
+            + _shards_note(src)
+            + (f", answers cut at {src['answer_cap']} tokens" if src.get("answer_cap") else "")
+            + f"; {src['train_sequences']} sequences, {src['train_answer_tokens']} answer tokens, made at "
+            f"{src['data_tokens_per_s']} tok/s" + ("; mixed and shuffled with the other data rows" if mixed else "") + " |")
+
+
 def data_model_card(cfg: TrainDraftConfig, info: dict) -> str:
     ev, ev0, c, c0 = info["eval"], info.get("eval_step0") or {}, info["acceptance_curve"], info["acceptance_curve_init"]
+    sources = info.get("sources") or [info]
     alpha = " / ".join(f"{x:.2f}" for x in c["alpha"])
     lines = [
         f"# Draft for {info['target']} (distilled by `ssd train-draft --data`)",
@@ -635,18 +663,10 @@ def data_model_card(cfg: TrainDraftConfig, info: dict) -> str:
         f"| head vocabulary | {info['head_vocab']} tokens; covers {ev['head_coverage']:.3f} of the held-out target tokens |",
         f"| layers | {cfg.layers}, initialised from {info['init_layers']} |",
         *[f"| {k} | {v} |" for k, v in info.get("earlier_training", [])],
-        (f"| data | `ssd make-data --answers dataset`: ShareGPT's own replies in conversations 0-14,999 (first turns "
-         f"and multi-turn contexts), scored by the target ({info['data_dtype']}) position by position"
-         if info.get("answers") == "dataset" else
-         f"| data | `ssd make-data`: the target's own answers ({info['data_dtype']}) to ShareGPT conversations 0-14,999 "
-         f"(first turns and multi-turn contexts) and generated code/math/chat prompts")
-        + _shards_note(info)
-        + (f", answers cut at {info['answer_cap']} tokens" if info.get("answer_cap") else "")
-        + f"; {info['train_sequences']} sequences, "
-        f"{info['train_answer_tokens']} answer tokens, made at {info['data_tokens_per_s']} tok/s |",
+        *[_data_row(src, mixed=len(sources) > 1) for src in sources],
         f"| held-out data | ShareGPT conversations 15,000 onward, answered by the target itself"
-        f"{'' if info.get('answers') == 'dataset' else ' (as the training data)'}: {info['eval_sequences']} sequences; "
-        "never trained on |",
+        f"{' (as the training data)' if all(x['answers'] == 'target' for x in sources) else ''}: "
+        f"{info['eval_sequences']} sequences; never trained on |",
         f"| training | {info['steps']} steps of {cfg.batch_size} sequences x <= {cfg.seq_len} tokens, AdamW lr {cfg.lr} "
         f"(warmup, cosine), {info['matmuls']} matmuls, loss KL(top-k target over head || draft) + {cfg.ce_weight} x CE(target top-1)"
         + (", stopped early by the time budget" if info["stopped_early"] else "") + " |",

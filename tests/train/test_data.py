@@ -242,6 +242,50 @@ def test_training_on_shards_writes_a_draft_with_its_curve(shards, tmp_path):
         dataclasses.replace(more, head_from=str(tmp_path / "draft"))
 
 
+def test_training_mixes_several_data_directories(shards, tmp_path):
+    import shutil
+
+    from ssd.train.distill import distill_from_data
+
+    root, m, _ = shards
+    ds = tmp_path / "sharegpt-train-ds"
+    dm = make_data(_cfg(ds, answers="dataset", generated_share=0, sampled_share=0, max_tokens=20, gen_tokens=8),
+                   progress=False)
+    cfg = TrainDraftConfig(out=str(tmp_path / "mixed"), data=f"{root / 'sharegpt-train'}, {ds}",
+                           eval_data=str(root / "sharegpt-heldout"), layers=1, head_vocab=256, steps=2, batch_size=2,
+                           seq_len=128, eval_every=2, threads=1, curve_positions=4, save_dtype="float32")
+    assert cfg.data_dirs == (str(root / "sharegpt-train"), str(ds))
+    info = distill_from_data(cfg, default_target_path(), "default")
+    own, replies = info["sources"]
+    assert (own["answers"], replies["answers"]) == ("target", "dataset")
+    assert (own["train_answer_tokens"], replies["train_answer_tokens"]) == (m["tokens"], dm["tokens"])
+    assert info["train_answer_tokens"] == m["tokens"] + dm["tokens"]
+    assert info["train_sequences"] == own["train_sequences"] + replies["train_sequences"]
+    card = (tmp_path / "mixed" / "README.md").read_text()
+    rows = [line for line in card.splitlines() if line.startswith("| data |")]
+    assert len(rows) == 2 and "the target's own answers" in rows[0] and "ShareGPT's own replies" in rows[1]
+    assert all("mixed and shuffled" in r for r in rows) and "(as the training data)" not in card
+    # a continuation carries both rows into its own card
+    more = dataclasses.replace(cfg, out=str(tmp_path / "more"), init_from=str(tmp_path / "mixed"), data=str(ds))
+    distill_from_data(more, default_target_path(), "default")
+    assert sum(line.startswith("| earlier data |") for line in (tmp_path / "more" / "README.md").read_text().splitlines()) == 2
+    # --data-tokens counts across the directories in order: a cap inside the first leaves out the second
+    capped = distill_from_data(dataclasses.replace(cfg, out=str(tmp_path / "capped"), data_tokens=1),
+                               default_target_path(), "default")
+    assert capped["sources"][0]["train_sequences"] == 1 and capped["sources"][1]["train_sequences"] == 0
+    with pytest.raises(ValueError, match="twice"):
+        dataclasses.replace(cfg, data=f"{ds},{ds}")
+    other = tmp_path / "other-target"
+    shutil.copytree(ds, other)
+    om = json.loads((other / "manifest.json").read_text())
+    om["key"]["target"] = "/models/another-model"
+    (other / "manifest.json").write_text(json.dumps(om))
+    with pytest.raises(ValueError, match="different targets"):
+        distill_from_data(dataclasses.replace(cfg, data=f"{ds},{other}"), default_target_path(), "default")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        distill_from_data(dataclasses.replace(cfg, data=f"{ds},{tmp_path / 'missing'}"), default_target_path(), "default")
+
+
 def test_bench_can_run_on_held_out_sharegpt_prompts():
     from ssd.benchmarks.engines import SHAREGPT_HELDOUT, load_prompts
 
