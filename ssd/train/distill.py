@@ -665,7 +665,7 @@ def data_model_card(cfg: TrainDraftConfig, info: dict) -> str:
         *[f"| {k} | {v} |" for k, v in info.get("earlier_training", [])],
         *[_data_row(src, mixed=len(sources) > 1) for src in sources],
         f"| held-out data | ShareGPT conversations 15,000 onward, answered by the target itself"
-        f"{' (as the training data)' if all(x['answers'] == 'target' for x in sources) else ''}: "
+        f"{' (as the training data)' if all(x.get('answers', 'target') == 'target' for x in sources) else ''}: "
         f"{info['eval_sequences']} sequences; never trained on |",
         f"| training | {info['steps']} steps of {cfg.batch_size} sequences x <= {cfg.seq_len} tokens, AdamW lr {cfg.lr} "
         f"(warmup, cosine), {info['matmuls']} matmuls, loss KL(top-k target over head || draft) + {cfg.ce_weight} x CE(target top-1)"
