@@ -477,10 +477,10 @@ def distill_from_data(cfg: TrainDraftConfig, target_path: Path, target_ref: str,
     state.mkdir(parents=True, exist_ok=True)
     dirs = cfg.data_dirs
     eval_dir = Path(cfg.eval_data) if cfg.eval_data else Path(dirs[0]).parent / "sharegpt-heldout"
-    for d in (*dirs, eval_dir):
-        if DataDir(d).manifest() is None:
-            raise FileNotFoundError(f"no `ssd make-data` output in {d}")
     train_ms, eval_m = [DataDir(d).manifest() for d in dirs], DataDir(eval_dir).manifest()
+    for d, m in zip((*dirs, eval_dir), (*train_ms, eval_m)):
+        if m is None:
+            raise FileNotFoundError(f"no `ssd make-data` output in {d}")
     if any(m["key"]["split"] != "train" for m in train_ms) or eval_m["key"]["split"] != "heldout":
         raise ValueError("--data must hold the train split and --eval-data the held-out split")
     targets = {Path(m["key"]["target"]).name for m in (*train_ms, eval_m)}
