@@ -71,7 +71,7 @@ def test_ssd_with_backups_greedy_identical_to_ar(setup):
 
 @pytest.mark.parametrize("mode", ["sd", "ssd"])
 def test_sampled_matches_target_distribution(small_pair, setup, mode):
-    from tests.engine.test_sampling_lossless import ALPHA, PROMPT, chi_square_pvalue, exact_distribution, params_list
+    from sampling_support import ALPHA, PROMPT, chi_square_pvalue, exact_distribution, params_list
 
     target, desc, _ = setup
     base = SamplingParams(temperature=1.0)

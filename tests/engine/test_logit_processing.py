@@ -14,7 +14,7 @@ from ssd.engine import AREngine, SDEngine, SSDEngine
 from ssd.models.loader import load_model
 from ssd.sampling import adjust_logits, process_logits
 
-from test_sampling_lossless import ALPHA, N_OUT, PROMPT, chi_square_pvalue
+from sampling_support import ALPHA, N_OUT, PROMPT, chi_square_pvalue
 
 EOS = (3,)
 PENALISED = dict(presence_penalty=0.5, frequency_penalty=0.7, repetition_penalty=1.4, logit_bias={1: 0.8, 2: -0.6})
