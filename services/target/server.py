@@ -146,7 +146,7 @@ class EngineLoop:
             if self.metrics is not None:
                 self.metrics.set_running(self._load[0])
                 self.metrics.set_waiting(self._load[1])
-            for (seq, tokens), start in zip(events, _output_positions(events)):
+            for seq, tokens, start in merge_step_events(events):
                 q = self.streams.get(seq.seq_id)
                 if q is None:
                     continue
@@ -182,15 +182,17 @@ class EngineLoop:
         self.engine.close()
 
 
-def _output_positions(events) -> list[int]:
-    """Where each event's tokens start in its sequence's output: a step may commit twice for
-    one sequence (its prefill token, then a round), and both events are read after the step."""
-    starts, later = [], {}
-    for seq, tokens in reversed(events):
-        n = later.get(seq.seq_id, 0)
-        starts.append(len(seq.output_ids) - n - len(tokens))
-        later[seq.seq_id] = n + len(tokens)
-    return starts[::-1]
+def merge_step_events(events) -> list[tuple]:
+    """One (seq, tokens, start) per sequence from a step's events, in the order each sequence first
+    appears; start is where its tokens begin in its output. A step may commit twice for one
+    sequence (its prefill token, then a round): both are read after the step, when the sequence
+    may already be finished, so they are sent as one message that carries the finish reason; two
+    messages would put the finish on the first and drop the second."""
+    merged: dict[int, list] = {}
+    for seq, tokens in events:
+        entry = merged.setdefault(seq.seq_id, [seq, []])
+        entry[1].extend(tokens)
+    return [(seq, tokens, len(seq.output_ids) - len(tokens)) for seq, tokens in merged.values()]
 
 
 class QueueFull(Exception):
