@@ -44,8 +44,83 @@ def client_options(*extra: tuple) -> list[tuple]:
 
 
 def make_server(max_workers: int = 32, interceptors=()) -> grpc.Server:
+    """A server of the project's options whose rpcs refuse undecodable requests with
+    INVALID_ARGUMENT (DecodeGuard, outermost) before any other interceptor sees them."""
     return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS + keepalive_server_options(),
-                       interceptors=list(interceptors))
+                       interceptors=[DecodeGuard(), *interceptors])
+
+
+# ---- requests that do not decode ------------------------------------------------------------------
+class _Undecodable:
+    """Stands in for a request message whose bytes did not parse; the rpc is refused with `why`."""
+
+    __slots__ = ("why",)
+
+    def __init__(self, why: str):
+        self.why = why
+
+
+def _lenient(deserialize):
+    """deserialize(bytes), returning an _Undecodable instead of raising (gRPC would answer a
+    raising deserializer with INTERNAL and log a traceback: a server fault for a client's bytes)."""
+    owner = getattr(deserialize, "__self__", None)
+    name = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "request message")
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as e:  # noqa: BLE001 - DecodeError, invalid UTF-8, truncated varints, ...
+            return _Undecodable(f"the request is not a valid {name}: {e or type(e).__name__}")
+
+    return parse
+
+
+class DecodeGuard(grpc.ServerInterceptor):
+    """Every rpc's request bytes that do not decode (garbage, invalid UTF-8 in a string field, an
+    over-long varint) get INVALID_ARGUMENT naming the message type, and nothing is logged."""
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        kind = ("stream" if handler.request_streaming else "unary") + "_" + ("stream" if handler.response_streaming else "unary")
+        behavior = getattr(handler, kind)
+        if handler.request_streaming:  # the requests may be read on another thread: end them there, refuse here
+            def guarded(requests, context):
+                bad: list[str] = []
+                result = behavior(_until_undecodable(requests, bad), context)
+                if handler.response_streaming:
+                    return _refused_after(result, bad, context)
+                if bad:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad[0])
+                return result
+        else:
+            def guarded(request, context):
+                if isinstance(request, _Undecodable):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.why)
+                return behavior(request, context)
+        return handler._replace(request_deserializer=_lenient(handler.request_deserializer), **{kind: guarded})
+
+
+def _until_undecodable(requests, bad: list):
+    """The request stream, ended at the first message that did not decode (its reason into bad),
+    as if the client had closed its side there."""
+    for r in requests:
+        if isinstance(r, _Undecodable):
+            bad.append(r.why)
+            return
+        yield r
+
+
+def _refused_after(responses, bad: list, context):
+    """The handler's responses until the request stream turned out undecodable; then the rpc
+    ends with INVALID_ARGUMENT (raised on the thread that serves the rpc, where abort works)."""
+    for r in responses:
+        if bad:
+            break
+        yield r
+    if bad:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad[0])
 
 
 # ---- who may call ---------------------------------------------------------------------------------
@@ -163,6 +238,7 @@ def _add_reflection_v1(server: grpc.Server, names: list[str]) -> None:
     and v1alpha messages are the same on the wire, so the v1alpha servicer answers both."""
     from grpc_reflection.v1alpha import reflection_pb2
 
+    _register_reflection_v1_descriptor()
     servicer = reflection.ReflectionServicer(names)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {
         "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
@@ -170,6 +246,43 @@ def _add_reflection_v1(server: grpc.Server, names: list[str]) -> None:
             request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
             response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString),
     }),))
+
+
+REFLECTION_V1_FILE = "grpc/reflection/v1/reflection.proto"
+
+
+def _register_reflection_v1_descriptor() -> None:
+    """Put the v1 reflection service's file into the default descriptor pool, so reflection can
+    describe grpc.reflection.v1.ServerReflection like every other service it lists (a client that
+    describes each listed service, as `grpcurl describe` does, would fail on it otherwise).
+    grpcio-reflection ships only the v1alpha file; v1 has the same messages and method under
+    another package, so the file is the v1alpha one with its package renamed."""
+    from google.protobuf import descriptor_pb2, descriptor_pool
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName(REFLECTION_V1_FILE)
+        return
+    except KeyError:
+        pass
+    old, new = reflection_pb2.DESCRIPTOR.package, "grpc.reflection.v1"
+    f = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(f)
+    f.name, f.package = REFLECTION_V1_FILE, new
+    f.ClearField("options")  # language packages of the v1alpha file
+    rename = lambda t: t.replace(f".{old}.", f".{new}.", 1)  # noqa: E731
+    messages = list(f.message_type)
+    while messages:
+        message = messages.pop()
+        messages += message.nested_type
+        for field in message.field:
+            if field.type_name:
+                field.type_name = rename(field.type_name)
+    for service in f.service:
+        for method in service.method:
+            method.input_type, method.output_type = rename(method.input_type), rename(method.output_type)
+    pool.AddSerializedFile(f.SerializeToString())
 
 
 def drain(server: grpc.Server, hs: health.HealthServicer, grace_s: float, on_drain=None, on_stop=None,

@@ -3,6 +3,7 @@ sockets and the gateway's HTTP server; shared by the service tests."""
 import contextlib
 
 import grpc
+import pytest
 
 from ssd.models.draft import describe
 from ssd.services.common import CHANNEL_OPTIONS, add_health_and_reflection, make_server
@@ -60,3 +61,14 @@ class Stack:
         for s in reversed(self.servers):
             s.stop(0)
         self.loop.stop()
+
+
+def stack_fixture(cfg, max_len):
+    """A module-scoped `stack` fixture: the three services over the shared `pair`, with cfg."""
+    @pytest.fixture(scope="module")
+    def stack(pair):
+        st = Stack(pair, cfg, max_len)
+        yield st
+        st.close()
+
+    return stack

@@ -15,6 +15,7 @@ and metrics probes.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import threading
 import time
@@ -38,7 +39,12 @@ from .server import MAX_TOKENS_LIMIT, Gateway, GenerateError
 
 MAX_BODY_BYTES = 4 << 20
 BODY_TIMEOUT_S = 30.0
+# request headers: beyond any of these the answer is 431 (Request Header Fields Too Large)
+MAX_HEADER_COUNT = 100
+MAX_HEADER_LINE_BYTES = 8 << 10  # one field, name and value
+MAX_HEADERS_BYTES = 32 << 10  # all fields together
 INT64 = (-(1 << 63), (1 << 63) - 1)
+INT32_MAX = (1 << 31) - 1  # the largest value of the proto's int32 fields (top_k, ...)
 
 _STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -296,6 +302,91 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
 
+class _HeaderLimits:
+    """ASGI middleware: 431 for a request with more than max_count header fields, a field (name
+    and value) over max_line bytes, or over max_total bytes of fields in all."""
+
+    def __init__(self, app, max_count: int, max_line: int, max_total: int):
+        self.app, self.max_count, self.max_line, self.max_total = app, max_count, max_line, max_total
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = scope.get("headers") or []
+            sizes = [len(k) + len(v) for k, v in headers]
+            why = (f"{len(headers)} header fields; at most {self.max_count}" if len(headers) > self.max_count
+                   else f"a header field of {max(sizes)} bytes; at most {self.max_line}" if sizes and max(sizes) > self.max_line
+                   else f"{sum(sizes)} bytes of header fields; at most {self.max_total}" if sum(sizes) > self.max_total
+                   else None)
+            if why:
+                return await _error(431, f"request header fields too large: {why}", None,
+                                    "request_header_fields_too_large")(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class _ServerSpans:
+    """ASGI middleware: the request's one SERVER span, a child of the caller's W3C trace context
+    (traceparent header), with the HTTP conventions' attributes and the response's status code;
+    it stays open until the last byte of the response (a stream's too). The gateway's
+    `ssd.request` span is made inside it (scope["ssd.trace_context"])."""
+
+    ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
+              "/healthz", "/metrics")
+
+    def __init__(self, app, tracer):
+        self.app, self.tracer = app, tracer
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from opentelemetry import trace as otel_trace
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers") or []}
+        path, method = scope.get("path", ""), scope.get("method", "")
+        route = path if path in self.ROUTES else "/v1/models/{model_id}" if path.startswith("/v1/models/") else None
+        attrs = {tm.HTTP_METHOD: method, "url.path": path, "url.scheme": scope.get("scheme", "http"),
+                 "network.protocol.version": scope.get("http_version", "")}
+        if route:
+            attrs[tm.HTTP_ROUTE] = route
+        if scope.get("query_string"):
+            attrs["url.query"] = scope["query_string"].decode("latin-1")
+        if scope.get("server"):
+            attrs[tm.SERVER_ADDRESS], attrs[tm.SERVER_PORT] = scope["server"][0], scope["server"][1]
+        if scope.get("client"):
+            attrs["client.address"] = scope["client"][0]
+        if "user-agent" in headers:
+            attrs["user_agent.original"] = headers["user-agent"]
+        span = self.tracer.start_span(f"{method} {route}" if route else method, context=tm.extract_headers(headers),
+                                      kind=SpanKind.SERVER, attributes=attrs)
+        scope["ssd.trace_context"] = otel_trace.set_span_in_context(span)
+        ended = []
+
+        def end():
+            if not ended:
+                ended.append(True)
+                span.end()
+
+        async def traced_send(message):
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
+                    span.set_attribute("error.type", str(status))
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                end()
+
+        try:
+            await self.app(scope, receive, traced_send)
+        except BaseException as e:
+            span.set_status(Status(StatusCode.ERROR, type(e).__name__))
+            span.set_attribute("error.type", type(e).__qualname__)
+            raise
+        finally:
+            end()  # when no response (or not all of it) was sent
+
+
 class _Auth:
     """ASGI middleware: 401 unless "Authorization: Bearer <key>" names one of keys (when there
     are any); open_paths (probes) and CORS preflights pass."""
@@ -315,7 +406,11 @@ class _Auth:
 
 def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_origins: list[str] | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
-    app = FastAPI(title="ssd", docs_url=None, redoc_url=None, openapi_url=None)
+    # FastAPI's own telemetry (newer releases) would add a second SERVER span per request and
+    # spans per dependency: _ServerSpans makes the one SERVER span instead
+    native = {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}} \
+        if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {}
+    app = FastAPI(title="ssd", docs_url=None, redoc_url=None, openapi_url=None, **native)
     created = int(time.time())
     keys = frozenset(api_keys)
     open_paths = {"/health", "/healthz", "/metrics"}
@@ -430,6 +525,9 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
         if isinstance(p, list):
             if not p:
                 raise ApiError(400, "prompt is empty", "prompt")
+            bad = [t for t in p if not 0 <= t < gw.tokenizer.vocab_size]
+            if bad:
+                raise ApiError(400, f"prompt token id {bad[0]} outside the vocabulary [0, {gw.tokenizer.vocab_size})", "prompt")
             g = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=p))
         else:
             g = pb.GenerateRequest(prompt=_utf8(p, "prompt"))
@@ -445,7 +543,7 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
         s.top_p = 1.0 if req.top_p is None else _number(req.top_p, "top_p")
         if req.top_p is not None and not 0 < req.top_p <= 1:
             raise ApiError(400, "top_p must be in (0, 1]", "top_p")
-        s.top_k = req.top_k or 0
+        s.top_k = 0 if req.top_k is None else _in_range(req.top_k, 0, INT32_MAX, "top_k")  # >= the vocabulary: off
         s.ignore_eos = req.ignore_eos
         _set_adjustments(req, s, gw.tokenizer.vocab_size)
         alternatives = req.alternatives()
@@ -462,7 +560,7 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
             s.max_tokens = default_max or 0  # 0: the gateway fills in "the rest of the context"
         if s.max_tokens and s.min_tokens > s.max_tokens:
             raise ApiError(400, f"min_tokens ({s.min_tokens}) is over max_tokens ({s.max_tokens})", "min_tokens")
-        gen = gw.generate(g, parent_ctx=tm.extract_headers(dict(request.headers.items())), fill_max_tokens=True,
+        gen = gw.generate(g, parent_ctx=request.scope.get("ssd.trace_context"), fill_max_tokens=True,
                           http_route=request.url.path)
         first = await run_in_threadpool(_first, gen)  # validation errors surface here, before any response
         rid = ("chatcmpl-" if chat else "cmpl-") + first.request_id
@@ -574,7 +672,9 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
                            allow_headers=["Authorization", "Content-Type", "traceparent"], allow_credentials=False)
     # pure ASGI wrappers (not @app.middleware: that wrapper hides a client's disconnect from the
     # endpoint, and a request nobody reads any more would go on generating)
-    return _Auth(_BodyLimit(app, max_body_bytes, body_timeout_s), keys, open_paths)
+    limited = _HeaderLimits(_Auth(_BodyLimit(app, max_body_bytes, body_timeout_s), keys, open_paths),
+                            MAX_HEADER_COUNT, MAX_HEADER_LINE_BYTES, MAX_HEADERS_BYTES)
+    return _ServerSpans(limited, gw.tracer)
 
 
 def _utf8(text: str, param: str) -> str:
@@ -608,7 +708,7 @@ def _set_adjustments(req: "_Common", s, vocab_size: int) -> None:
         if len(req.logit_bias) > MAX_LOGIT_BIAS:
             raise ApiError(400, f"logit_bias has more than {MAX_LOGIT_BIAS} entries", "logit_bias")
         for key, bias in req.logit_bias.items():
-            if not key.isdigit() or int(key) >= vocab_size:
+            if not (key.isascii() and key.isdigit()) or int(key) >= vocab_size:
                 raise ApiError(400, f"logit_bias key {key!r} is not a token id in [0, {vocab_size})", "logit_bias")
             s.logit_bias[int(key)] = _in_range(_number(bias, "logit_bias"), -100.0, 100.0, "logit_bias")
     if req.min_tokens is not None:

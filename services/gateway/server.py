@@ -150,20 +150,26 @@ class Gateway:
             ids = list(req.prompt_token_ids.ids)
             if not ids:
                 raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty")
+            bad = [t for t in ids if not 0 <= t < self.tokenizer.vocab_size]
+            if bad:
+                raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"prompt_token_ids: token id {bad[0]} outside "
+                                                                      f"the vocabulary [0, {self.tokenizer.vocab_size})")
             return ids
         raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, "one of prompt, messages, prompt_token_ids is required")
 
     def generate(self, req, deadline_s: float | None = None, parent_ctx=None, owner=None, fill_max_tokens: bool = False,
                  rpc_method: str | None = None, http_route: str | None = None):
         """Yields GenerateResponse messages; raises GenerateError on bad input or target errors.
-        The request's root span (`ssd.request`) covers it all; a CLIENT span for the target
-        call carries its context to the target. fill_max_tokens: sampling.max_tokens 0 means
-        "the rest of the context" (OpenAI chat). rpc_method: the gRPC method being served (its
-        rpc.* attributes go on the span); http_route: the HTTP route being served (http.*)."""
+        The request's span (`ssd.request`) covers it all; a CLIENT span for the target call
+        carries its context to the target. fill_max_tokens: sampling.max_tokens 0 means "the
+        rest of the context" (OpenAI chat). rpc_method: the gRPC method being served
+        (`ssd.request` is its SERVER span, with the rpc.* attributes); http_route: the HTTP route
+        being served (`ssd.request` is an INTERNAL child of the HTTP SERVER span, parent_ctx)."""
         attrs = tm.rpc_attributes(rpc_method) if rpc_method else {}
         if http_route:
-            attrs.update({tm.HTTP_METHOD: "POST", tm.HTTP_ROUTE: http_route})
-        span = self.tracer.start_span(tm.SPAN_REQUEST, context=parent_ctx, kind=SpanKind.SERVER, attributes=attrs or None)
+            attrs[tm.HTTP_ROUTE] = http_route
+        kind = SpanKind.INTERNAL if http_route else SpanKind.SERVER
+        span = self.tracer.start_span(tm.SPAN_REQUEST, context=parent_ctx, kind=kind, attributes=attrs or None)
         code = grpc.StatusCode.OK
         try:  # not made current: the generator resumes on whichever thread the server picks
             yield from self._generate(req, deadline_s, span, owner, fill_max_tokens)
@@ -187,7 +193,8 @@ class Gateway:
         if req.mode not in ("", "ssd", "sd", "ar"):
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown mode {req.mode!r}")
         if req.sampling.max_tokens > MAX_TOKENS_LIMIT:
-            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"max_tokens {req.sampling.max_tokens} is absurd")
+            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"max_tokens must be in [1, {MAX_TOKENS_LIMIT}], got {req.sampling.max_tokens}")
         fill = fill_max_tokens and req.sampling.max_tokens == 0
         if fill:
             req.sampling.max_tokens = 1  # validated below; set to the rest of the context once the prompt is known

@@ -561,3 +561,52 @@ def test_gateway_auth_tls_and_cors_values(sets):
     assert secrets == {"api-keys": "ssd-api-keys", "tls": "ssd-gateway-tls"}
     plain = ssd_container(sets["cpu-default"], "gateway")
     assert arg(plain, "--api-key-file") is None and "grpc" in plain["readinessProbe"]
+
+
+# ---- one set of defaults --------------------------------------------------------------------------
+def _differences(got, want, prefix="") -> dict:
+    """{field: (got, want)} over an EngineConfig and its SpeculationConfig."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(want):
+        g, w = getattr(got, f.name), getattr(want, f.name)
+        if dataclasses.is_dataclass(w):
+            out.update(_differences(g, w, f"{f.name}."))
+        elif g != w:
+            out[prefix + f.name] = (g, w)
+    return out
+
+
+def test_config_cli_services_and_chart_share_one_set_of_defaults(render, monkeypatch):
+    """ssd/config.py is the one place a default is set: `ssd generate`, `ssd bench`, `ssd serve`
+    (and the `ssd service` children it starts with _config_args) and every role of the chart's
+    default render all run EngineConfig() exactly."""
+    import ssd.cli
+    import ssd.services.run as run
+    from ssd.config import EngineConfig
+
+    want = EngineConfig()
+    seen = {}
+    record = lambda name: (lambda ns, *rest: seen.__setitem__(name, ssd.cli._configs(ns)[0]) or 0)  # noqa: E731
+    for name in ("cmd_generate", "cmd_bench", "cmd_serve"):
+        monkeypatch.setattr(ssd.cli, name, record(name))
+    monkeypatch.setattr(run, "run_role", lambda ns, cfg: seen.__setitem__(f"service {ns.role}", cfg) or 0)
+    assert ssd.cli.main(["generate", "--prompt", "hi"]) == 0
+    assert ssd.cli.main(["bench"]) == 0
+    assert ssd.cli.main(["serve"]) == 0
+    assert ssd.cli.main(["service", "target", *ssd.cli._config_args(seen["cmd_serve"])]) == 0  # what serve starts
+    seen["serve's target"] = seen.pop("service target")
+    docs = render()
+    for role in ROLES:
+        assert ssd.cli.main(_substitute(ssd_container(docs, role)["args"])) == 0
+    assert {f"service {r}" for r in ROLES} <= set(seen)
+    # threads are the one deliberate difference: a pod's match its CPU request (values
+    # target.threads / draft.threads), where the CLI's share one machine between two processes
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    per_pod = {"target_threads": values["target"]["threads"], "draft_threads": values["draft"]["threads"]}
+    for who, cfg in seen.items():
+        diff = _differences(cfg, want)
+        if who.startswith("service "):
+            diff = {k: v for k, v in diff.items() if not (k in per_pod and v[0] == per_pod[k])}
+        assert diff == {}, who

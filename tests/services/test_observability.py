@@ -78,11 +78,15 @@ def test_one_trace_per_request_across_gateway_target_and_draft(traced_stack):
         trace = traces[root["trace_id"]]
         assert {s["service"] for s in trace} == {"ssd-gateway", "ssd-target", "ssd-draft"}
         assert sum(s["name"] == "ssd.request" for s in trace) == 1
-        # the HTTP request joined the client's trace
+        # the HTTP request joined the client's trace: one SERVER span, ssd.request inside it
         if root["trace_id"] == traced_stack["client"][0]:
-            assert root["parent_span_id"] == traced_stack["client"][1]
-            assert root["attributes"]["http.route"] == "/v1/completions"
-            assert root["attributes"]["http.request.method"] == "POST" and "rpc.system" not in root["attributes"]
+            servers = [s for s in trace if s["kind"] == "SERVER" and s["service"] == "ssd-gateway"]
+            assert [s["name"] for s in servers] == ["POST /v1/completions"]
+            assert servers[0]["parent_span_id"] == traced_stack["client"][1]
+            assert servers[0]["attributes"]["http.request.method"] == "POST"
+            assert servers[0]["attributes"]["http.response.status_code"] == 200
+            assert root["parent_span_id"] == servers[0]["span_id"] and root["kind"] == "INTERNAL"
+            assert root["attributes"]["http.route"] == "/v1/completions" and "rpc.system" not in root["attributes"]
         else:
             assert root["parent_span_id"] == ""
             assert root["attributes"]["rpc.method"] == "Generate" and "http.route" not in root["attributes"]
@@ -171,7 +175,8 @@ def test_span_kinds_and_semantic_convention_attributes(traced_stack):
         by_name.setdefault(s["name"], []).append(s)
     for root in by_name["ssd.request"]:
         a = root["attributes"]
-        assert root["kind"] == "SERVER" and a["gen_ai.system"] == a["gen_ai.provider.name"] == "ssd"
+        http = root["trace_id"] == traced_stack["client"][0]  # under the HTTP request's SERVER span
+        assert root["kind"] == ("INTERNAL" if http else "SERVER") and a["gen_ai.system"] == a["gen_ai.provider.name"] == "ssd"
         assert a["gen_ai.request.model"] == "smollm2-135m-instruct" and a["gen_ai.usage.input_tokens"] > 0
         assert a["gen_ai.usage.output_tokens"] == a["ssd.completion_tokens"]
         assert list(a["gen_ai.response.finish_reasons"]) == [a["ssd.finish_reason"]]

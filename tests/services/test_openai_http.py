@@ -9,10 +9,10 @@ import openai
 import pytest
 
 from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
-from ssd.engine import AREngine, ModelPair
+from ssd.engine import AREngine
 from ssd.services.gateway.http import HttpServer, StopScanner, create_app
 
-from stack_support import Stack
+from stack_support import stack_fixture
 
 pytestmark = pytest.mark.slow
 
@@ -23,16 +23,7 @@ MODEL = "smollm2-135m-instruct"
 Q = "Name three colours and say one thing about each."
 
 
-@pytest.fixture(scope="module")
-def pair():
-    return ModelPair.load(EngineConfig(mode="ar"))
-
-
-@pytest.fixture(scope="module")
-def stack(pair):
-    st = Stack(pair, CFG, MAX_LEN)
-    yield st
-    st.close()
+stack = stack_fixture(CFG, MAX_LEN)
 
 
 @pytest.fixture(scope="module")

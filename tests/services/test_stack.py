@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
-from ssd.engine import AREngine, ModelPair
+from ssd.engine import AREngine
 from ssd.services.protos import pb, pb_grpc
 
 from stack_support import Stack as _Stack
@@ -21,12 +21,6 @@ pytestmark = pytest.mark.slow
 MAX_LEN = 512
 CFG = EngineConfig(mode="ssd", max_batch=16, max_model_len=MAX_LEN, speculation=SpeculationConfig(num_speculative_tokens=3, fan_out_budget=6))
 PROMPTS = ["Name three colours.", "What is the capital of France?", "Count from one to five.", "Say something kind."]
-
-
-@pytest.fixture(scope="module")
-def pair():
-    p = ModelPair.load(EngineConfig(mode="ar"))
-    return p
 
 
 def Stack(pair):
