@@ -69,7 +69,8 @@ def test_bench_baselines_ratios_and_thread_labels():
 
     assert _label("sd", 1, 2, spec=SpeculationConfig(adaptive=True, num_speculative_tokens=6)) == \
         "SD (1 thread, draft in-process, adaptive K ≤ 6)"
-    assert _label("ssd", 1, 2, draft_threads=1, spec=SpeculationConfig()) == "SSD (1 thread + draft process 1 thread)"
+    assert _label("ssd", 1, 2, draft_threads=1, spec=SpeculationConfig(adaptive=False)) == "SSD (1 thread + draft process 1 thread)"
+    assert _label("ssd", 1, 2, draft_threads=1, spec=SpeculationConfig()) == "SSD (1 thread + draft process 1 thread, adaptive K ≤ 4)"
     assert _label("hf-all", 4, 4, dtype="bfloat16") == "HF generate (bfloat16, all 4 cores)"
     assert _label("hf_assisted", 1, 4, dtype="float32") == "HF assisted (float32, 1 thread)"
 

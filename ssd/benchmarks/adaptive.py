@@ -27,7 +27,7 @@ from .engines import _accumulate, _run_engine, decode_tps, load_prompts
 def configs(ks: list[int], k_max: int, p_min: float) -> list[tuple[str, SpeculationConfig]]:
     """(label, speculation settings) of every system, fixed K first."""
     base = SpeculationConfig()
-    out = [(f"K={k}", dataclasses.replace(base, num_speculative_tokens=k)) for k in ks]
+    out = [(f"K={k}", dataclasses.replace(base, num_speculative_tokens=k, adaptive=False)) for k in ks]
     out.append(("adaptive", dataclasses.replace(base, num_speculative_tokens=k_max, adaptive=True, cut_cached=False)))
     # the same with section 7d (cached speculations cut to m* tokens): what the cut buys (SSD only)
     out.append(("adaptive, cut cached", dataclasses.replace(base, num_speculative_tokens=k_max, adaptive=True,
