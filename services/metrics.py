@@ -66,6 +66,11 @@ class Metrics:
         self.step_duration = Histogram(
             "ssd_step_duration_seconds", "One engine step: target verify step, or draft speculation-cache build",
             ["role"], buckets=STEP_BUCKETS, registry=r)
+        # the speculation length the target chose per sequence and round (adaptive K; 0: a plain
+        # decode row), one bucket per length
+        self.speculation_length = Histogram(
+            "ssd_speculation_length", "Draft tokens verified per sequence and round: the speculation length "
+            "chosen (0 = a plain decode row)", buckets=tuple(range(max(num_speculative_tokens, 16) + 1)), registry=r)
         self.fan_out_duration = Histogram(
             "ssd_fan_out_duration_seconds", "Draft fork and tree build of one round (fan-out)", buckets=STEP_BUCKETS, registry=r)
         self.jit_draft_duration = Histogram(
@@ -124,6 +129,10 @@ class Metrics:
 
     def observe_step(self, seconds: float) -> None:
         self._step.observe(seconds)
+
+    def observe_length(self, drafted: int) -> None:
+        """One sequence's round verified `drafted` speculated tokens (0: decoded plainly)."""
+        self.speculation_length.observe(drafted)
 
     def observe_fan_out(self, seconds: float) -> None:
         self.fan_out_duration.observe(seconds)

@@ -42,6 +42,7 @@ class TargetObserver:
             if rec.jit_ns is not None:
                 m.observe_jit((rec.jit_ns[1] - rec.jit_ns[0]) / 1e9)
             for row in rec.rows:
+                m.observe_length(row.drafted)
                 if row.drafted:
                     m.record_round(row.drafted, row.accepted)
                 if row.cache_result is not None:

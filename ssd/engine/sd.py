@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from ..config import EngineConfig
 from .base import Engine
 from .draft_runner import DraftRunner
@@ -20,8 +22,9 @@ class SDEngine(Engine):
         self.draft = DraftRunner(draft_model, cfg.speculation, cfg.max_batch, cfg.max_model_len)
         self.target.capture = self.draft.feature_layers  # a feature drafter reads these target layers
         spec = cfg.speculation
-        # adaptive K per sequence and round (docs/algorithm.md section 7a); None: always K
-        self.adaptive = AdaptiveK(self.K, spec.init_acceptance) if spec.adaptive else None
+        # adaptive K per sequence and round (docs/algorithm.md section 7a), 0 included: a row whose
+        # speculation would not pay decodes plainly; None: always K
+        self.adaptive = AdaptiveK(self.K, spec.init_acceptance, allow_zero=True) if spec.adaptive else None
 
     def step(self):
         new = self.scheduler.admit()
@@ -29,15 +32,20 @@ class SDEngine(Engine):
         for s in new:
             if not s.finished:
                 self.draft.add(s.seq_id, s.context, s.params, self._new_features(s))
+                if self.adaptive is not None:
+                    self.adaptive.register(s.seq_id, s.params)
         old = [s for s in self.scheduler.running if s not in new and not s.finished]
         if old:
             t0 = time.perf_counter()
             lengths = {s.seq_id: self.adaptive.k_for(s.seq_id) for s in old} if self.adaptive else None
-            drafted = self.draft.jit([s.seq_id for s in old], after="miss", lengths=lengths)
+            # rows given K = 0 draft nothing this round (the draft catches up on their context later)
+            drafted = self.draft.jit([s.seq_id for s in old if lengths is None or lengths[s.seq_id] > 0], after="miss",
+                                     lengths=lengths)
             t1 = time.perf_counter()
             d = self.draft
-            specs = [Proposal(tokens, to_vocab(q, d.head_ids, d.vocab_size), "jit")
-                     for tokens, q in (drafted[s.seq_id] for s in old)]
+            specs = [Proposal(tokens, to_vocab(q, d.head_ids, d.vocab_size), "jit") if s.seq_id in drafted
+                     else Proposal(torch.empty(0, dtype=torch.int64), None, "none")
+                     for s, (tokens, q) in ((s, drafted.get(s.seq_id, (None, None))) for s in old)]
             logits = self.target.forward(old, [sp.token_ids.tolist() for sp in specs], self.K + 1)
             t2 = time.perf_counter()
             self.stats.t_draft += t1 - t0
@@ -45,7 +53,8 @@ class SDEngine(Engine):
             self.stats.steps += 1
             if self.adaptive is not None:  # measured costs: one draft step, a verify vs its width
                 longest = max(sp.token_ids.numel() for sp in specs)
-                self.adaptive.draft_step.observe((t1 - t0) / max(longest, 1))
+                if longest:  # nothing drafted: no draft step was timed
+                    self.adaptive.draft_step.observe((t1 - t0) / longest)
                 self.adaptive.verify.observe(longest, t2 - t1)
             for b, (s, sp, outcome) in enumerate(zip(old, specs, self._verify_rows(old, logits, specs))):
                 if outcome is None:  # failed alone

@@ -19,7 +19,7 @@ class Proposal(NamedTuple):
     """A speculation waiting to be verified."""
     token_ids: torch.Tensor  # [K]
     q: torch.Tensor | None   # [K, V]: the exact distributions the draft sampled from (sampling); None when greedy
-    source: str              # cache | index | jit | backup
+    source: str              # cache | index | jit | backup | none (a plain decode row: nothing speculated)
 
 
 @dataclass

@@ -145,6 +145,8 @@ class SSDEngine(Engine):
                 self.pending_ops.append(AddSequence(s.seq_id, list(s.context), s.params, dict(s.meta),
                                                     self._all_features(s)))
                 s.speculation = None
+                if self.adaptive is not None:  # its rounds feed and read its temperature class's acceptance
+                    self.adaptive.register(s.seq_id, s.params)
         self._retire()
         return events
 

@@ -28,14 +28,15 @@ def expected_tokens_profile(rates, k: int) -> float:
     return total
 
 
-def choose_k(alpha, k_max: int, draft_step_s: float, verify_s) -> int:
-    """The k in 1..k_max that maximises expected committed tokens per second of a round,
+def choose_k(alpha, k_max: int, draft_step_s: float, verify_s, k_min: int = 1) -> int:
+    """The k in k_min..k_max that maximises expected committed tokens per second of a round,
     E(k) / (verify_s(k) + k * draft_step_s); verify_s(k): seconds of a verify with k drafted
     tokens per row. alpha: one acceptance for every position (E is the geometric sum), or the
-    conditional acceptance of each position 1..k_max. Ties go to the smaller k."""
+    conditional acceptance of each position 1..k_max. k_min 0 admits a plain decode row (E(0) = 1,
+    no drafting): speculation that does not pay is not made. Ties go to the smaller k."""
     rates = [alpha] * k_max if isinstance(alpha, (int, float)) else alpha
-    best_k, best_rate = 1, -1.0
-    for k in range(1, k_max + 1):
+    best_k, best_rate = k_min, -1.0
+    for k in range(k_min, k_max + 1):
         cost = verify_s(k) + k * draft_step_s
         rate = expected_tokens_profile(rates, k) / max(cost, 1e-9)
         if rate > best_rate * (1 + 1e-9):
@@ -118,64 +119,123 @@ def next_budget(budget: int, build_s: float, verify_s: float, lo: int, hi: int, 
     return min(max(budget, lo), hi)
 
 
+def temperature_class(params) -> int:
+    """Which acceptance statistics a request's rounds feed and read: 0 greedy, then sampled at
+    T <= 0.5, T <= 1 and T > 1. A draft agrees with a sampled target far less often than with
+    its argmax, and less the hotter the sampling: one engine-wide estimate would give greedy
+    rows too short a K and sampled rows too long a one."""
+    if params is None or params.greedy:
+        return 0
+    t = params.temperature
+    return 1 if t <= 0.5 else 2 if t <= 1.0 else 3
+
+
 @dataclass
-class AdaptiveK:
-    """Per-sequence K from its measured acceptance (an EWMA of per-position acceptance that
-    starts from the engine-wide estimate) and measured draft-step and verify costs."""
+class AcceptanceCounts:
+    """Engine-wide acceptance of one temperature class: positions observed and accepted, and per
+    draft position j = 1..k_max the rounds that tried j (positions before it accepted) and the
+    rounds that accepted it."""
 
     k_max: int
-    init_acceptance: float = 0.6
-    weight: float = 0.3  # EWMA weight of one observed position
-    verify: LinearCost = field(default_factory=LinearCost)  # seconds of a verify step vs drafted tokens per row
-    draft_step: Ewma = field(default_factory=Ewma)  # seconds of one draft step (batched over the rows)
-    tried: int = 0  # engine-wide: positions observed
+    tried: int = 0
     accepted: int = 0
-    per_seq: dict = field(default_factory=dict)  # seq_id -> acceptance estimate
-    # engine-wide, per draft position j = 1..k_max: rounds that tried position j (positions
-    # before it accepted) and rounds that accepted it
     depth_tried: list = field(default_factory=list)
     depth_accepted: list = field(default_factory=list)
 
     def __post_init__(self):
-        self.depth_tried = [0] * self.k_max
-        self.depth_accepted = [0] * self.k_max
+        self.depth_tried = self.depth_tried or [0] * self.k_max
+        self.depth_accepted = self.depth_accepted or [0] * self.k_max
 
-    def engine_acceptance(self) -> float:
-        return (self.accepted + PRIOR_POSITIONS * self.init_acceptance) / (self.tried + PRIOR_POSITIONS)
-
-    def acceptance(self, seq_id: int) -> float:
-        return self.per_seq.get(seq_id, self.engine_acceptance())
-
-    def record(self, seq_id: int, drafted: int, accepted: int) -> None:
-        if drafted == 0:
-            return
+    def record(self, drafted: int, accepted: int) -> None:
         self.tried += accepted + (accepted < drafted)
         self.accepted += accepted
         for j in range(min(accepted + 1, drafted, self.k_max)):  # positions 1..accepted, and the rejected one
             self.depth_tried[j] += 1
             self.depth_accepted[j] += j < accepted
+
+
+PROBE_EVERY = 8  # a sequence left without speculation drafts one token every this many rounds
+
+
+@dataclass
+class AdaptiveK:
+    """Per-sequence K from its measured acceptance (an EWMA of per-position acceptance that
+    starts from the engine-wide estimate of its temperature class) and measured draft-step and
+    verify costs. With allow_zero, K may be 0: the row decodes plainly this round, because at the
+    measured costs and acceptance speculating would commit fewer tokens per second than not; such
+    a sequence still drafts one token every PROBE_EVERY rounds, so its estimate keeps up with it."""
+
+    k_max: int
+    init_acceptance: float = 0.6
+    weight: float = 0.3  # EWMA weight of one observed position
+    allow_zero: bool = False
+    verify: LinearCost = field(default_factory=LinearCost)  # seconds of a verify step vs drafted tokens per row
+    draft_step: Ewma = field(default_factory=Ewma)  # seconds of one draft step (batched over the rows)
+    per_seq: dict = field(default_factory=dict)  # seq_id -> acceptance estimate
+    classes: dict = field(default_factory=dict)  # temperature class -> AcceptanceCounts
+    class_of: dict = field(default_factory=dict)  # seq_id -> its temperature class (0 when not registered)
+    idle_rounds: dict = field(default_factory=dict)  # seq_id -> rounds in a row it was given K = 0
+    chosen: list = field(default_factory=list)  # how often each K in 0..k_max was chosen (k_for)
+
+    def __post_init__(self):
+        self.chosen = [0] * (self.k_max + 1)
+
+    def register(self, seq_id: int, params) -> None:
+        """A new sequence: its rounds feed and read its temperature class's statistics."""
+        self.class_of[seq_id] = temperature_class(params)
+
+    def counts(self, cls: int = 0) -> AcceptanceCounts:
+        c = self.classes.get(cls)
+        if c is None:
+            c = self.classes[cls] = AcceptanceCounts(self.k_max)
+        return c
+
+    def engine_acceptance(self, cls: int = 0) -> float:
+        c = self.counts(cls)
+        return (c.accepted + PRIOR_POSITIONS * self.init_acceptance) / (c.tried + PRIOR_POSITIONS)
+
+    def acceptance(self, seq_id: int) -> float:
+        return self.per_seq.get(seq_id, self.engine_acceptance(self.class_of.get(seq_id, 0)))
+
+    def record(self, seq_id: int, drafted: int, accepted: int) -> None:
+        if drafted == 0:
+            return
+        self.counts(self.class_of.get(seq_id, 0)).record(drafted, accepted)
         self.per_seq[seq_id] = ewma_acceptance(self.acceptance(seq_id), drafted, accepted, self.weight)
 
     def profile(self, seq_id: int) -> list[float]:
-        """Conditional acceptance of positions 1..k_max for this sequence. Engine-wide, position
-        j is accepted (given 1..j-1 were) at rate (accepted_j + 20 a) / (tried_j + 20), a the
-        engine-wide per-position acceptance: the geometric model until positions are measured.
-        Measured, acceptance is not geometric: a draft that got j tokens right is in an easy
-        stretch and is right at j+1 more often than at position 1. The sequence's own estimate
-        scales the profile by how it compares with the engine-wide one."""
-        a = self.engine_acceptance()
+        """Conditional acceptance of positions 1..k_max for this sequence. Over its temperature
+        class, position j is accepted (given 1..j-1 were) at rate (accepted_j + 20 a) /
+        (tried_j + 20), a the class's per-position acceptance: the geometric model until positions
+        are measured. Measured, acceptance is not geometric: a draft that got j tokens right is in
+        an easy stretch and is right at j+1 more often than at position 1. The sequence's own
+        estimate scales the profile by how it compares with its class's."""
+        cls = self.class_of.get(seq_id, 0)
+        c, a = self.counts(cls), self.engine_acceptance(cls)
         scale = self.acceptance(seq_id) / a
         return [scale * (acc + PRIOR_POSITIONS * a) / (tried + PRIOR_POSITIONS)
-                for acc, tried in zip(self.depth_accepted, self.depth_tried)]
+                for acc, tried in zip(c.depth_accepted, c.depth_tried)]
 
     def forget(self, seq_id: int) -> None:
-        self.per_seq.pop(seq_id, None)
+        for d in (self.per_seq, self.class_of, self.idle_rounds):
+            d.pop(seq_id, None)
 
     def k_for(self, seq_id: int) -> int:
-        """K for this sequence's next drafted round; k_max until both costs have been measured."""
+        """K for this sequence's next round; k_max until both costs have been measured."""
         if not self.verify.known or self.draft_step.value is None:
-            return self.k_max
-        return choose_k(self.profile(seq_id), self.k_max, self.draft_step.value, self.verify)
+            k = self.k_max
+        else:
+            k = choose_k(self.profile(seq_id), self.k_max, self.draft_step.value, self.verify,
+                         k_min=0 if self.allow_zero else 1)
+        if k == 0:
+            idle = self.idle_rounds.get(seq_id, 0) + 1
+            self.idle_rounds[seq_id] = idle
+            if idle % PROBE_EVERY == 0:
+                k = 1
+        else:
+            self.idle_rounds.pop(seq_id, None)
+        self.chosen[k] += 1
+        return k
 
     def k_for_cached(self, seq_id: int) -> int:
         """How many tokens of a cached SSD speculation (drafted at depth k_max while the previous

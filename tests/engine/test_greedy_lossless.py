@@ -103,6 +103,20 @@ def test_adaptive_greedy_identical_to_ar(pair, prompts, reference, mode, cut, mo
         assert (st.cut_draft_tokens > 0) is cut
 
 
+def test_sd_rows_left_without_speculation_stay_identical_to_ar(pair, prompts, reference, monkeypatch):
+    """Adaptive SD may give a row K = 0 (a plain decode row beside drafted ones in one verify);
+    its draft then catches up on the context it skipped. Pinned here to cycle 0, 1, 2, 0, ... by
+    sequence and round, as the policy's choice depends on the machine's costs."""
+    from ssd.speculation.adaptive import AdaptiveK
+
+    calls = iter(range(10**6))
+    monkeypatch.setattr(AdaptiveK, "k_for", lambda self, seq_id: (seq_id + next(calls)) % 3)
+    spec = SpeculationConfig(num_speculative_tokens=4, adaptive=True)
+    out, st = _run(pair, prompts, EngineConfig(mode="sd", max_batch=4, speculation=spec))
+    assert out == reference
+    assert st.rounds > st.num_drafts > 0  # some rounds drafted nothing, others drafted
+
+
 @pytest.mark.parametrize("mode", ["ar", "sd", "ssd"])
 def test_a_vanishing_temperature_decodes_greedily_beside_others(pair, prompts, reference, mode):
     # logits / 1e-40 overflows to inf and NaN: such a request used to fail the whole step, and

@@ -16,7 +16,7 @@ NAMES = [
     "ssd_request_success_total", "ssd_num_requests_running", "ssd_num_requests_waiting", "ssd_draft_queue_depth",
     "ssd_step_duration_seconds_bucket", "ssd_fan_out_duration_seconds_bucket", "ssd_jit_draft_duration_seconds_bucket",
     "ssd_time_to_first_token_seconds_bucket", "ssd_inter_token_latency_seconds_bucket",
-    "ssd_request_latency_seconds_bucket",
+    "ssd_request_latency_seconds_bucket", "ssd_speculation_length_bucket",
 ]
 
 
@@ -35,6 +35,7 @@ def test_counters_consistent_over_http(target):
     rounds = [(k, rng.randint(0, k)) for _ in range(200)] + [(2, 2), (6, 5)]  # k may vary per round
     results = [rng.choice(CACHE_RESULTS) for _ in rounds]
     for (n, a), res in zip(rounds, results):
+        m.observe_length(n)
         m.record_round(n, a)
         m.cache_result(res)
         m.observe_step(0.004)
@@ -74,6 +75,10 @@ def test_counters_consistent_over_http(target):
     assert sample(got, "ssd_inter_token_latency_seconds_count") == 5
     assert sample(got, "ssd_time_to_first_token_seconds_count") == 1
     assert sample(got, "ssd_num_requests_running") == 3 and sample(got, "ssd_num_requests_waiting") == 1
+    # the chosen speculation lengths, one bucket per length
+    for le in range(8):
+        assert sample(got, "ssd_speculation_length_bucket", le=f"{le:.1f}") == sum(n <= le for n, _ in rounds)
+    assert sample(got, "ssd_speculation_length_sum") == sum(n for n, _ in rounds)
 
     # derived quantities as the docs' PromQL computes them
     assert 0 < accepted / sample(got, "ssd_spec_decode_num_draft_tokens_total") < 1

@@ -2,8 +2,9 @@
 verify cost fit, JIT-or-backup and the fan-out budget, plus the draft's p_min stop."""
 import pytest
 
-from ssd.speculation.adaptive import (AdaptiveK, LinearCost, choose_k, ewma_acceptance, expected_tokens,
-                                      expected_tokens_profile, next_budget, prefer_jit)
+from ssd.config import SamplingParams
+from ssd.speculation.adaptive import (PROBE_EVERY, AdaptiveK, LinearCost, choose_k, ewma_acceptance, expected_tokens,
+                                      expected_tokens_profile, next_budget, prefer_jit, temperature_class)
 
 
 def test_expected_tokens_is_the_geometric_sum():
@@ -45,7 +46,7 @@ def test_depth_profile_is_measured_per_position_and_scaled_per_sequence():
     assert ak.profile(1) == pytest.approx([0.5] * 4)  # nothing measured: the geometric model
     ak.record(1, drafted=4, accepted=2)  # positions 1, 2 accepted, 3 rejected, 4 not tried
     ak.record(1, drafted=2, accepted=0)  # position 1 rejected
-    assert ak.depth_tried == [2, 1, 1, 0] and ak.depth_accepted == [1, 1, 0, 0]
+    assert ak.counts().depth_tried == [2, 1, 1, 0] and ak.counts().depth_accepted == [1, 1, 0, 0]
     for _ in range(100):  # a draft that, once right at position 1, is right at 2..4 as well
         ak.record(2, drafted=4, accepted=0)
         ak.record(2, drafted=4, accepted=0)
@@ -195,3 +196,46 @@ def test_adaptive_bench_ratios_over_repeats_pair_runs_of_the_same_repeat():
     rows[1]["decode_tokens_per_s_repeats"] = [11.0, 10.0]
     with pytest.raises(ValueError):
         ratios(rows)
+
+
+def test_no_speculation_when_it_does_not_pay():
+    """k_min 0 admits a plain decode row: chosen when the first position is accepted too rarely
+    to pay for its draft step and the wider verify, never when it pays."""
+    verify = lambda k: 1.0 + 0.05 * k  # noqa: E731
+    # alpha 0.1, draft step 0.1: k=1 1.1/1.15 = 0.957 < k=0 1/1 -> 0
+    assert choose_k(0.1, 4, 0.1, verify, k_min=0) == 0
+    assert choose_k(0.1, 4, 0.1, verify) == 1  # without k_min 0 the old floor holds
+    # alpha 0.4: k=1 1.4/1.15 = 1.217 > 1 -> speculate
+    assert choose_k(0.4, 4, 0.1, verify, k_min=0) >= 1
+
+
+def test_temperature_classes_keep_their_own_acceptance():
+    """Sampled rounds, accepted far less often, do not shorten greedy rows' K, nor do greedy
+    rounds lengthen sampled rows'."""
+    assert temperature_class(SamplingParams()) == 0
+    assert [temperature_class(SamplingParams(temperature=t)) for t in (0.3, 0.8, 1.5)] == [1, 2, 3]
+    ak = AdaptiveK(k_max=4, init_acceptance=0.5, allow_zero=True)
+    ak.register(1, SamplingParams())
+    ak.register(2, SamplingParams(temperature=0.8))
+    for _ in range(200):
+        ak.record(1, drafted=4, accepted=3)
+        ak.record(2, drafted=4, accepted=0)
+    assert ak.engine_acceptance(0) > 0.7 and ak.engine_acceptance(2) < 0.1
+    ak.register(3, SamplingParams(temperature=0.9))  # a new sampled sequence starts from its class
+    assert ak.acceptance(3) == ak.engine_acceptance(2)
+    ak.verify.observe(0, 1.0)
+    ak.verify.observe(4, 1.2)
+    ak.draft_step.observe(0.1)
+    assert ak.k_for(1) >= 3 and ak.k_for(3) == 0
+    ak.forget(3)
+    assert 3 not in ak.class_of and 3 not in ak.idle_rounds
+
+
+def test_a_sequence_without_speculation_still_probes():
+    ak = AdaptiveK(k_max=4, init_acceptance=0.05, allow_zero=True)
+    ak.verify.observe(0, 1.0)
+    ak.verify.observe(4, 1.4)
+    ak.draft_step.observe(0.2)
+    ks = [ak.k_for(7) for _ in range(3 * PROBE_EVERY)]
+    assert ks.count(1) == 3 and ks.count(0) == 3 * PROBE_EVERY - 3  # one drafted token every PROBE_EVERY rounds
+    assert ak.chosen[0] == ks.count(0) and ak.chosen[1] == 3
