@@ -220,13 +220,26 @@ class AdaptiveK:
         for d in (self.per_seq, self.class_of, self.idle_rounds):
             d.pop(seq_id, None)
 
+    def class_profile(self, cls: int) -> list[float]:
+        """Conditional acceptance of positions 1..k_max over a temperature class (no sequence's
+        own estimate in it)."""
+        c, a = self.counts(cls), self.engine_acceptance(cls)
+        return [(acc + PRIOR_POSITIONS * a) / (tried + PRIOR_POSITIONS) for acc, tried in zip(c.depth_accepted, c.depth_tried)]
+
     def k_for(self, seq_id: int) -> int:
-        """K for this sequence's next round; k_max until both costs have been measured."""
+        """K for this sequence's next round; k_max until both costs have been measured. K = 0 only
+        where speculation does not pay for the sequence's temperature class as a whole and not
+        for the sequence itself: one sequence's short run of rejections (its EWMA is quick to
+        fall) must not switch it off."""
         if not self.verify.known or self.draft_step.value is None:
             k = self.k_max
         else:
-            k = choose_k(self.profile(seq_id), self.k_max, self.draft_step.value, self.verify,
-                         k_min=0 if self.allow_zero else 1)
+            d = self.draft_step.value
+            k = choose_k(self.profile(seq_id), self.k_max, d, self.verify)
+            if (self.allow_zero and choose_k(self.class_profile(self.class_of.get(seq_id, 0)), self.k_max, d, self.verify,
+                                             k_min=0) == 0
+                    and choose_k(self.profile(seq_id), self.k_max, d, self.verify, k_min=0) == 0):
+                k = 0
         if k == 0:
             idle = self.idle_rounds.get(seq_id, 0) + 1
             self.idle_rounds[seq_id] = idle

@@ -239,3 +239,19 @@ def test_a_sequence_without_speculation_still_probes():
     ks = [ak.k_for(7) for _ in range(3 * PROBE_EVERY)]
     assert ks.count(1) == 3 and ks.count(0) == 3 * PROBE_EVERY - 3  # one drafted token every PROBE_EVERY rounds
     assert ak.chosen[0] == ks.count(0) and ak.chosen[1] == 3
+
+
+def test_one_sequences_run_of_rejections_does_not_switch_it_off():
+    """K = 0 needs the temperature class as a whole not to pay: a sequence whose own quick EWMA
+    collapsed after a few rejections keeps speculating while its class pays."""
+    ak = AdaptiveK(k_max=4, init_acceptance=0.5, allow_zero=True)
+    ak.register(1, SamplingParams())
+    ak.register(2, SamplingParams())
+    for _ in range(200):
+        ak.record(1, drafted=4, accepted=3)
+    for _ in range(8):
+        ak.record(2, drafted=4, accepted=0)
+    ak.verify.observe(0, 1.0)
+    ak.verify.observe(4, 1.2)
+    ak.draft_step.observe(0.1)
+    assert ak.acceptance(2) < 0.05 and ak.k_for(2) >= 1
