@@ -96,8 +96,8 @@ class SpeculationConfig:
     # adaptive speculation (docs/algorithm.md section 7): K per round and sequence (at most
     # num_speculative_tokens) from measured acceptance and costs, the miss fallback (JIT or backup)
     # from measured tokens per second instead of b*, the fan-out budget (at most fan_out_budget)
-    # from measured build vs verify time. On by default: the fastest setting measured (SSD 1.98x AR
-    # against 1.34x at fixed K, docs/benchmarks.md); --no-adaptive keeps K, b* and the budget fixed
+    # from measured build vs verify time. On by default: the fastest setting measured for SSD (1.07x
+    # greedy, 1.14x sampled its fixed K = 4, docs/benchmarks.md); --no-adaptive keeps them fixed
     adaptive: bool = True
     p_min: float = 0.0  # stop drafting a row when the draft's top probability at the next position is below this (0 = off)
     # adaptive SSD: verify only the first m* tokens of a cached speculation (docs/algorithm.md 7d);

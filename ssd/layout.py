@@ -14,18 +14,18 @@ import os
 import sys
 
 
-def defer_to_installed(name: str, init_file: str) -> bool:
-    """Called as defer_to_installed(__name__, __file__) by a folder's __init__.py. Returns False
-    when the folder was imported under `ssd` (nothing to do); otherwise replaces the module being
-    imported with the installed package `name` found on sys.path without the repository root,
-    and returns True (the caller's __init__ must then stop)."""
+def defer_to_installed(name: str, init_file: str) -> None:
+    """Called as defer_to_installed(__name__, __file__) by a folder's __init__.py. Does nothing
+    when the folder was imported under `ssd`; otherwise replaces the module being imported with
+    the installed package `name` found on sys.path without the repository root."""
     if name.startswith("ssd."):
-        return False
+        return
     folder = os.path.dirname(os.path.realpath(init_file))
     root = os.path.dirname(folder)
     path = [p for p in sys.path if os.path.realpath(p or os.curdir) != root]
     spec = importlib.machinery.PathFinder.find_spec(name, path)
-    if spec is None or os.path.realpath(spec.origin or '') == os.path.realpath(init_file) or not (spec.loader or spec.submodule_search_locations):
+    if spec is None or os.path.realpath(spec.origin or "") == folder + os.sep + "__init__.py" \
+            or not (spec.loader or spec.submodule_search_locations):
         del sys.modules[name]
         raise ModuleNotFoundError(f"No module named {name!r} (the folder {folder} of this checkout is "
                                   f"ssd.{os.path.basename(folder)}, not a top-level package)", name=name)
@@ -33,4 +33,3 @@ def defer_to_installed(name: str, init_file: str) -> bool:
     sys.modules[name] = module  # the import system returns whatever sys.modules holds after this
     if spec.loader is not None:
         spec.loader.exec_module(module)
-    return True

@@ -29,7 +29,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
 from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Match
 
 from ssd.config import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_REPETITION_PENALTY
 
@@ -329,21 +331,15 @@ class _ServerSpans:
     it stays open until the last byte of the response (a stream's too). The gateway's
     `ssd.request` span is made inside it (scope["ssd.trace_context"])."""
 
-    ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
-              "/healthz", "/metrics")
-
-    def __init__(self, app, tracer):
-        self.app, self.tracer = app, tracer
+    def __init__(self, app, tracer, routes):
+        self.app, self.tracer, self.routes = app, tracer, routes  # routes: the app's, for http.route
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        from opentelemetry import trace as otel_trace
-        from opentelemetry.trace import SpanKind, Status, StatusCode
-
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers") or []}
         path, method = scope.get("path", ""), scope.get("method", "")
-        route = path if path in self.ROUTES else "/v1/models/{model_id}" if path.startswith("/v1/models/") else None
+        route = next((r.path for r in self.routes if r.matches(scope)[0] == Match.FULL), None)
         attrs = {tm.HTTP_METHOD: method, "url.path": path, "url.scheme": scope.get("scheme", "http"),
                  "network.protocol.version": scope.get("http_version", "")}
         if route:
@@ -358,7 +354,7 @@ class _ServerSpans:
             attrs["user_agent.original"] = headers["user-agent"]
         span = self.tracer.start_span(f"{method} {route}" if route else method, context=tm.extract_headers(headers),
                                       kind=SpanKind.SERVER, attributes=attrs)
-        scope["ssd.trace_context"] = otel_trace.set_span_in_context(span)
+        scope["ssd.trace_context"] = set_span_in_context(span)
         ended = []
 
         def end():
@@ -674,7 +670,7 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
     # endpoint, and a request nobody reads any more would go on generating)
     limited = _HeaderLimits(_Auth(_BodyLimit(app, max_body_bytes, body_timeout_s), keys, open_paths),
                             MAX_HEADER_COUNT, MAX_HEADER_LINE_BYTES, MAX_HEADERS_BYTES)
-    return _ServerSpans(limited, gw.tracer)
+    return _ServerSpans(limited, gw.tracer, app.routes)
 
 
 def _utf8(text: str, param: str) -> str:

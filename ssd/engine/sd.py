@@ -43,9 +43,9 @@ class SDEngine(Engine):
                                      lengths=lengths)
             t1 = time.perf_counter()
             d = self.draft
-            specs = [Proposal(tokens, to_vocab(q, d.head_ids, d.vocab_size), "jit") if s.seq_id in drafted
-                     else Proposal(torch.empty(0, dtype=torch.int64), None, "none")
-                     for s, (tokens, q) in ((s, drafted.get(s.seq_id, (None, None))) for s in old)]
+            plain = Proposal(torch.empty(0, dtype=torch.int64), None, "none")
+            specs = [Proposal(drafted[s.seq_id][0], to_vocab(drafted[s.seq_id][1], d.head_ids, d.vocab_size), "jit")
+                     if s.seq_id in drafted else plain for s in old]
             logits = self.target.forward(old, [sp.token_ids.tolist() for sp in specs], self.K + 1)
             t2 = time.perf_counter()
             self.stats.t_draft += t1 - t0

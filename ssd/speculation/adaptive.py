@@ -211,10 +211,8 @@ class AdaptiveK:
         an easy stretch and is right at j+1 more often than at position 1. The sequence's own
         estimate scales the profile by how it compares with its class's."""
         cls = self.class_of.get(seq_id, 0)
-        c, a = self.counts(cls), self.engine_acceptance(cls)
-        scale = self.acceptance(seq_id) / a
-        return [scale * (acc + PRIOR_POSITIONS * a) / (tried + PRIOR_POSITIONS)
-                for acc, tried in zip(c.depth_accepted, c.depth_tried)]
+        scale = self.acceptance(seq_id) / self.engine_acceptance(cls)
+        return [scale * c for c in self.class_profile(cls)]
 
     def forget(self, seq_id: int) -> None:
         for d in (self.per_seq, self.class_of, self.idle_rounds):
@@ -234,12 +232,11 @@ class AdaptiveK:
         if not self.verify.known or self.draft_step.value is None:
             k = self.k_max
         else:
-            d = self.draft_step.value
-            k = choose_k(self.profile(seq_id), self.k_max, d, self.verify)
-            if (self.allow_zero and choose_k(self.class_profile(self.class_of.get(seq_id, 0)), self.k_max, d, self.verify,
-                                             k_min=0) == 0
-                    and choose_k(self.profile(seq_id), self.k_max, d, self.verify, k_min=0) == 0):
-                k = 0
+            d, profile = self.draft_step.value, self.profile(seq_id)
+            k = choose_k(profile, self.k_max, d, self.verify, k_min=0 if self.allow_zero else 1)
+            if k == 0 and choose_k(self.class_profile(self.class_of.get(seq_id, 0)), self.k_max, d, self.verify,
+                                   k_min=0) > 0:
+                k = choose_k(profile, self.k_max, d, self.verify)  # the class pays: at least one token
         if k == 0:
             idle = self.idle_rounds.get(seq_id, 0) + 1
             self.idle_rounds[seq_id] = idle
