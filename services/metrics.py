@@ -29,6 +29,7 @@ FINISH_REASONS = ("stop", "length")  # pre-created; any other reason (abort, err
 # Buckets in seconds, from sub-millisecond GPU steps to multi-second CPU requests.
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
                 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+RATE_BUCKETS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 350, 500, 1000, 2000, 5000)  # committed tokens per second
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25,
                0.5, 1.0, 2.5, 5.0)
@@ -71,6 +72,17 @@ class Metrics:
         self.speculation_length = Histogram(
             "ssd_speculation_length", "Draft tokens verified per sequence and round: the speculation length "
             "chosen (0 = a plain decode row)", buckets=tuple(range(max(num_speculative_tokens, 16) + 1)), registry=r)
+        # adaptive speculation: what each step's plan expected (committed tokens per second) and what
+        # the step realised, and whether the gate let the step speculate at all
+        self.predicted_rate = Histogram(
+            "ssd_speculation_predicted_tokens_per_second", "Committed tokens per second an adaptive step's plan "
+            "expected (its speculation lengths maximise it)", buckets=RATE_BUCKETS, registry=r)
+        self.realised_rate = Histogram(
+            "ssd_speculation_realised_tokens_per_second", "Committed tokens per second an adaptive step realised "
+            "(draft wait, verify and cache wait included)", buckets=RATE_BUCKETS, registry=r)
+        self.gate_steps = Counter(
+            "ssd_speculation_gate_steps", "Adaptive steps by the gate's arm: spec (speculation planned) or plain "
+            "(every row decoded plainly: speculation measured not to pay at this load)", ["arm"], registry=r)
         self.fan_out_duration = Histogram(
             "ssd_fan_out_duration_seconds", "Draft fork and tree build of one round (fan-out)", buckets=STEP_BUCKETS, registry=r)
         self.jit_draft_duration = Histogram(
@@ -133,6 +145,16 @@ class Metrics:
     def observe_length(self, drafted: int) -> None:
         """One sequence's round verified `drafted` speculated tokens (0: decoded plainly)."""
         self.speculation_length.observe(drafted)
+
+    def observe_rates(self, predicted: float | None, realised: float | None) -> None:
+        """An adaptive step: its plan's expected and its realised committed tokens per second;
+        predicted None: the gate kept the step plain."""
+        if realised is None:
+            return
+        self.gate_steps.labels(arm="plain" if predicted is None else "spec").inc()
+        self.realised_rate.observe(realised)
+        if predicted is not None:
+            self.predicted_rate.observe(predicted)
 
     def observe_fan_out(self, seconds: float) -> None:
         self.fan_out_duration.observe(seconds)

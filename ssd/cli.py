@@ -20,6 +20,8 @@ _HELP = {
     "saguaro_c": "Saguaro sampling C in [0, 1] (1 = off); sampled decoding only",
     "critical_batch_size": "b*: misses use the JIT draft below it, the n-gram backup at or above it",
     "temperature": "0 = greedy",
+    "gate": "adaptive: per load and temperature mix, measure tokens/s with and without speculation and speculate "
+            "only where it pays (--no-gate: always speculate, lengths still planned)",
     "dtype": "auto | bfloat16 | float32 for target and draft; auto = bf16 where the hardware has it natively",
     "batch_invariant": "kernels whose results do not depend on the batch shape, so speculative greedy output is "
                        "bit-identical to AR (--no-batch-invariant: the fast non-invariant kernels)",

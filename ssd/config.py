@@ -99,6 +99,10 @@ class SpeculationConfig:
     # from measured build vs verify time. On by default: the fastest setting measured for SSD (1.07x
     # greedy, 1.14x sampled its fixed K = 4, docs/benchmarks.md); --no-adaptive keeps them fixed
     adaptive: bool = True
+    # adaptive: per load class and temperature mix, measure realised tokens per second with and
+    # without speculation and speculate only where it pays (ssd/speculation/adaptive.py,
+    # SpeculationGate); --no-gate: always speculate (the lengths are still planned)
+    gate: bool = True
     p_min: float = 0.0  # stop drafting a row when the draft's top probability at the next position is below this (0 = off)
     # adaptive SSD: verify only the first m* tokens of a cached speculation (docs/algorithm.md 7d);
     # off by default: on the CPUs measured a verify's cost hardly grows with its width, and the cut lost tokens

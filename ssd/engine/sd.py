@@ -9,7 +9,7 @@ import torch
 from ..config import EngineConfig
 from .base import Engine
 from .draft_runner import DraftRunner
-from ..speculation.adaptive import AdaptiveK
+from ..speculation.adaptive import AdaptiveK, SpeculationGate
 from ..speculation.qrows import to_vocab
 from .sequence import Proposal
 
@@ -24,7 +24,8 @@ class SDEngine(Engine):
         spec = cfg.speculation
         # adaptive K per sequence and round (docs/algorithm.md section 7a), 0 included: a row whose
         # speculation would not pay decodes plainly; None: always K
-        self.adaptive = AdaptiveK(self.K, spec.init_acceptance, allow_zero=True) if spec.adaptive else None
+        self.adaptive = AdaptiveK(self.K, spec.init_acceptance, allow_zero=True,
+                                  gate=SpeculationGate() if spec.gate else None) if spec.adaptive else None
 
     def step(self):
         new = self.scheduler.admit()
@@ -37,7 +38,14 @@ class SDEngine(Engine):
         old = [s for s in self.scheduler.running if s not in new and not s.finished]
         if old:
             t0 = time.perf_counter()
-            lengths = {s.seq_id: self.adaptive.k_for(s.seq_id) for s in old} if self.adaptive else None
+            lengths, arm = None, None
+            if self.adaptive is not None:  # the gate: speculate at all this step; then K per row, planned together
+                arm = self.adaptive.speculate([s.seq_id for s in old])
+                if arm[0] == "spec":
+                    self.adaptive.plan([s.seq_id for s in old])
+                    lengths = {s.seq_id: self.adaptive.k_for(s.seq_id) for s in old}
+                else:
+                    lengths = {s.seq_id: 0 for s in old}
             # rows given K = 0 draft nothing this round (the draft catches up on their context later)
             drafted = self.draft.jit([s.seq_id for s in old if lengths is None or lengths[s.seq_id] > 0], after="miss",
                                      lengths=lengths)
@@ -55,7 +63,8 @@ class SDEngine(Engine):
                 longest = max(sp.token_ids.numel() for sp in specs)
                 if longest:  # nothing drafted: no draft step was timed
                     self.adaptive.draft_step.observe((t1 - t0) / longest)
-                self.adaptive.verify.observe(longest, t2 - t1)
+                self.adaptive.verify.observe(sum(sp.token_ids.numel() + 1 for sp in specs), t2 - t1)
+            committed = 0
             for b, (s, sp, outcome) in enumerate(zip(old, specs, self._verify_rows(old, logits, specs))):
                 if outcome is None:  # failed alone
                     events.append((s, []))
@@ -66,8 +75,11 @@ class SDEngine(Engine):
                 self.stats.tokens_after_miss += len(kept)
                 self.stats.rounds_after_miss += 1
                 events.append((s, kept))
+                committed += len(kept)
                 if not s.finished:
                     self.draft.on_outcome(s.seq_id, kept, self._new_features(s))
+            if arm is not None:
+                self.adaptive.step_done(arm, committed, time.perf_counter() - t0)
         self._retire()
         return events
 

@@ -15,7 +15,7 @@ import torch
 from ..config import EngineConfig
 from ..models.draft import DraftDescription
 from ..speculation import ngram
-from ..speculation.adaptive import AdaptiveK, Ewma, next_budget, prefer_jit
+from ..speculation.adaptive import AdaptiveK, Ewma, SpeculationGate, next_budget, prefer_jit
 from ..speculation.index import GREEDY, LocalIndex, branch_items, context_key, draft_fingerprint
 from .base import Engine, RoundRow, StepRecord
 from .draft_link import DraftUnavailable, ProcessDraftLink
@@ -53,7 +53,8 @@ class SSDEngine(Engine):
         self.target.capture = tuple(self.link.info.get("feature_layers") or ())  # a feature drafter's layers
         spec = cfg.speculation
         # adaptive speculation (docs/algorithm.md section 7); None: K, b* and the budget stay fixed
-        self.adaptive = AdaptiveK(self.K, spec.init_acceptance) if spec.adaptive else None
+        self.adaptive = AdaptiveK(self.K, spec.init_acceptance, gate=SpeculationGate() if spec.gate else None) \
+            if spec.adaptive else None
         if self.adaptive is not None and not getattr(self.link, "carries_adaptive", False):
             raise ValueError(f"adaptive speculation needs a draft link that carries per-round K and budgets; "
                              f"{type(self.link).__name__} does not")
@@ -62,6 +63,7 @@ class SSDEngine(Engine):
         self.verify_wait = Ewma()  # seconds of one verify step
         self.fallback_decisions = 0  # measured JIT-or-backup decisions taken (section 7b)
         self.last_fallback_was_backup = False
+        self.arm, self.jit_k, self.realised = None, {}, None  # this step's gate arm, JIT lengths, realised tokens/s
         if self.link.info["vocab_size"] != self.vocab_size:
             raise ValueError(f"draft vocabulary {self.link.info['vocab_size']} != target vocabulary {self.vocab_size}")
 
@@ -119,6 +121,7 @@ class SSDEngine(Engine):
         if not running:
             self._flush_ops()
             return events
+        t_step = time.perf_counter()
         need, jit_ids, backups, hit_ids = self._plan(running)
         jit_ns = self._dispatch(running, need, jit_ids, backups, hit_ids)
         round_id = self.round_id
@@ -131,8 +134,11 @@ class SSDEngine(Engine):
         self._publish(running, specs, base_len, entries)
         self._take_next(running, outcomes, entries, on_time)
         jit_served = tuple(s.seq_id for s, sp in zip(running, specs) if sp.source == "jit")  # not those left to the backup
+        if self.arm is not None:  # the gate learns what this step realised
+            self.realised = sum(r.kept for r in rows) / max(time.perf_counter() - t_step, 1e-9)
+            self.adaptive.step_done(self.arm, sum(r.kept for r in rows), time.perf_counter() - t_step)
         self._report(StepRecord(round_id, verify_start, verify_end, rows, jit_ns, (lookup_start, time.time_ns()),
-                                jit_served))
+                                jit_served, *self._rates()))
         self._retire()
         return events
 
@@ -152,25 +158,71 @@ class SSDEngine(Engine):
 
     def _plan(self, running):
         """Which sequences lack a speculation, and where theirs comes from: the JIT draft below
-        the critical batch size b*, the fast backup at or above it (or without a draft)."""
+        the critical batch size b*, the fast backup at or above it (or without a draft).
+        Adaptive: first the gate (does speculating pay at this load at all: if not, every row
+        decodes plainly and the draft builds nothing), then every row's length planned together
+        (AdaptiveK.plan): cached and backup speculations cut, JIT rows given 0..K tokens."""
+        none = Proposal(torch.empty(0, dtype=torch.int64), None, "none")
         for s in running:  # requests served as AR: verified with no speculation (a plain decode step)
             if _mode(s) == "ar":
-                s.speculation = Proposal(torch.empty(0, dtype=torch.int64), None, "none")
+                s.speculation = none
+        self.arm, self.jit_k = None, {}
+        ad = self.adaptive
+        if ad is not None:
+            spec_rows = [s for s in running if _mode(s) != "ar"]
+            self.arm = ad.speculate([s.seq_id for s in spec_rows], plain=len(running) - len(spec_rows))
+            if self.arm[0] == "plain":
+                for s in spec_rows:
+                    s.speculation = none
         need = [s for s in running if s.speculation is None]
         jit_ids, backups = [], {}
         use_jit = len(running) < self.cfg.speculation.critical_batch_size
-        if self.adaptive is not None and need:
+        if ad is not None and need:
             use_jit = self._measured_prefers_jit(len(running) - len(need), len(need), use_jit)
         for s in need:  # SD requests always draft just in time (the draft sequentially, then verify)
             if self.draft_alive and (use_jit or _mode(s) == "sd"):
                 jit_ids.append(s.seq_id)
             else:
                 backups[s.seq_id] = self._backup(s)
+        if ad is not None and self.arm[0] == "spec":
+            drafted = {s.seq_id: len(s.speculation.token_ids) for s in running
+                       if s.speculation is not None and s.speculation.source != "none"}
+            plain = sum(1 for s in running if s.speculation is not None and s.speculation.source == "none")
+            ad.plan(jit_ids, drafted, plain)
+            self.jit_k = {i: ad.k_for(i) for i in jit_ids}
+            for s in running:  # a zero-length JIT row decodes plainly; drafted speculations cut to their plan
+                if s.seq_id in self.jit_k and self.jit_k[s.seq_id] == 0:
+                    s.speculation = none
+                elif s.seq_id in drafted and (self.cfg.speculation.cut_cached or s.seq_id in backups):
+                    self._cut(s, ad.k_for_cached(s.seq_id, drafted[s.seq_id]))
+            jit_ids = [i for i in jit_ids if self.jit_k[i] > 0]
+            backups = {i: s.speculation.token_ids.tolist() for i, s in ((s.seq_id, s) for s in need)
+                       if i in backups and s.speculation.source == "backup"}
         hit_ids = [s.seq_id for s in running if s.speculation is not None and s.speculation.source == "cache"]
         for s in running:  # an index hit is, for the draft, a speculation handed to it
             if s.speculation is not None and s.speculation.source == "index":
                 backups[s.seq_id] = s.speculation.token_ids.tolist()
         return need, jit_ids, backups, hit_ids
+
+    def _cut(self, s, n: int) -> None:
+        """Verify only the first n tokens of a drafted speculation (a prefix of a draft is still a
+        draft: exact); 0 leaves the row a plain decode."""
+        sp = s.speculation
+        if n >= len(sp.token_ids):
+            return
+        if sp.source in ("cache", "index"):
+            self.stats.cut_draft_tokens += len(sp.token_ids) - n
+        if n == 0:
+            s.speculation = Proposal(torch.empty(0, dtype=torch.int64), None, "none")
+        else:
+            s.speculation = Proposal(sp.token_ids[:n], None if sp.q is None else sp.q[:n], sp.source)
+
+    def _rates(self) -> tuple:
+        """(predicted, realised) committed tokens per second of the step just taken: what the
+        adaptive plan expected and what happened (None when not adaptive or nothing was planned)."""
+        if self.arm is None:
+            return None, None
+        return (self.adaptive.predicted if self.arm[0] == "spec" else None), self.realised
 
     def _measured_prefers_jit(self, hits: int, misses: int, constant_rule: bool) -> bool:
         """Section 7b: JIT or fast backup for this step's misses, from measured tokens per round
@@ -205,7 +257,7 @@ class SSDEngine(Engine):
         # cache keys back, only the (empty) cache reply, which _receive_cache then skips
         self.round_wants_cache = bool(jit_ids or backups or hit_ids)
         try:
-            jit_k = {i: self.adaptive.k_for(i) for i in jit_ids} if self.adaptive is not None else {}
+            jit_k = self.jit_k
             budget = self.budget if self.adaptive is not None else 0
             # cached speculations cut by section 7d: the draft builds the next cache for the prefix verified
             hits = set(hit_ids)
@@ -254,7 +306,7 @@ class SSDEngine(Engine):
         self.stats.t_verify += seconds
         self.verify_wait.observe(seconds)
         if self.adaptive is not None:  # the verify's cost against its widest speculation
-            self.adaptive.verify.observe(max(sp.token_ids.numel() for sp in specs), seconds)
+            self.adaptive.verify.observe(sum(sp.token_ids.numel() + 1 for sp in specs), seconds)
         self.stats.steps += 1
         return specs, outcomes, logits, (verify_start, time.time_ns())
 
@@ -344,14 +396,8 @@ class SSDEngine(Engine):
                     s.speculation = self._cached(s, tokens, None, "index")
 
     def _cached(self, s, tokens: list[int], q, source: str) -> Proposal:
-        """A speculation from the cache or the index. Adaptive: only its first k_for_cached
-        tokens are verified (section 7d); a prefix of a draft is still a draft, so the output
-        stays exact, and on a CPU, where each verified token costs, the cut ones rarely pay."""
-        if self.adaptive is not None and self.cfg.speculation.cut_cached:
-            n = self.adaptive.k_for_cached(s.seq_id)
-            if n < len(tokens):
-                self.stats.cut_draft_tokens += len(tokens) - n
-                tokens, q = tokens[:n], (None if q is None else q[:n])
+        """A speculation from the cache or the index; adaptive, the next step's plan decides how
+        much of it is verified (_plan)."""
         return Proposal(torch.tensor(tokens), q, source)
 
     # ---- speculation index -----------------------------------------------------------------------

@@ -157,25 +157,164 @@ class AcceptanceCounts:
 PROBE_EVERY = 8  # a sequence left without speculation drafts one token every this many rounds
 
 
+def plan_lengths(rows, verify_s, draft_step_s: float, plain: int = 0):
+    """Speculation lengths for one batched step, chosen together to maximise the step's
+    committed tokens per second: sum over rows of E_i(k_i) / (verify_s(R) + draft_step_s * m),
+    R = plain + sum (k_i + 1) the rows of the verify forward and m the deepest length among the
+    rows the draft serves just in time (its steps run batched over them). rows: (seq_id,
+    profile, cap, jit): conditional acceptance of positions 1..cap, the most it may verify (a
+    cached speculation's length, or K), whether its tokens must be drafted now. plain: rows that
+    speculate nothing anyway (AR requests). Every row commits at least one token; a row's next
+    position adds its probability of being reached and accepted, which only falls with depth.
+    For each m in 0..max cap the positions are added in order of that gain (JIT rows at most m
+    deep) and the best prefix kept: with a verify cost linear in R this is the optimum over all
+    lengths; ties go to fewer tokens. Returns ({seq_id: k}, predicted committed tokens per second)."""
+    import heapq
+
+    n_rows = plain + len(rows)
+    best = ({seq_id: 0 for seq_id, *_ in rows}, n_rows / max(verify_s(n_rows), 1e-9))
+    deepest = max([min(cap, len(profile)) for _, profile, cap, jit in rows if jit] or [0])
+    for m in range(deepest + 1):  # the JIT draft runs m steps
+        draft_s = draft_step_s * m
+        heap = []  # (-gain of the row's next position, row, reach so far, how deep it may go)
+        for i, (seq_id, profile, cap, jit) in enumerate(rows):
+            depth = min(cap, len(profile), m if jit else cap)
+            if depth > 0:
+                a = min(max(profile[0], ALPHA_FLOOR), ALPHA_CEIL)
+                heapq.heappush(heap, (-a, i, a, depth))
+        tokens, width, order, got = float(n_rows), n_rows, [], [0] * len(rows)
+        best_here, best_n = -1.0, 0
+        while heap:
+            neg_gain, i, reach, depth = heapq.heappop(heap)
+            order.append(i)
+            got[i] += 1
+            tokens, width = tokens - neg_gain, width + 1
+            rate = tokens / max(verify_s(width) + draft_s, 1e-9)
+            if rate > best_here * (1 + 1e-9):
+                best_here, best_n = rate, len(order)
+            if got[i] < depth:
+                nxt = reach * min(max(rows[i][1][got[i]], ALPHA_FLOOR), ALPHA_CEIL)
+                heapq.heappush(heap, (-nxt, i, nxt, depth))
+        if best_here > best[1] * (1 + 1e-9):
+            ks = {seq_id: 0 for seq_id, *_ in rows}
+            for i in order[:best_n]:
+                ks[rows[i][0]] += 1
+            best = (ks, best_here)
+    return best
+
+
+def load_bucket(n: int) -> int:
+    """Rows of a step -> its load class: 1, 2-3, 4-7, 8-15, ... (speculation pays differently at
+    each: the verify's cost per row and the draft's share of the machine grow with the batch)."""
+    return max(int(n), 1).bit_length()
+
+
+@dataclass
+class ArmRate:
+    """Decayed committed tokens and seconds of the steps taken with one arm (a step's tokens vary
+    from 1 to K + 1 per row: about the last 50 steps make the rate)."""
+
+    decay: float = 0.98
+    tokens: float = 0.0
+    seconds: float = 0.0
+    steps: int = 0
+
+    def observe(self, tokens: float, seconds: float) -> None:
+        self.tokens = self.decay * self.tokens + tokens
+        self.seconds = self.decay * self.seconds + seconds
+        self.steps += 1
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class SpeculationGate:
+    """Whether to speculate at all in a step, from realised tokens per second. The length model
+    sees the verify's and the JIT draft's cost, not what the draft's background work (cache
+    builds, q rows, a second process on the same cores) does to the rest of the step; this
+    measures the whole: per load class (load_bucket of the step's rows) and temperature mix, the
+    committed tokens per second of steps that speculated and of steps that decoded every row
+    plainly. Each arm is tried for MIN_STEPS steps first; then the faster one is taken, and the
+    other re-measured for EXPLORE_STEPS steps every EXPLORE_EVERY steps of that class (so a
+    change in load or acceptance is seen). Speculation pays less the larger the batch, so a
+    class that a smaller load class of the same mix has already found not to pay starts plain
+    and measures speculation on the exploration schedule only. A step in which speculation was
+    off costs what plain decoding costs: at worst the exploration's share of steps runs at the
+    slower arm's speed."""
+
+    MIN_STEPS = 6
+    EXPLORE_EVERY = 96
+    EXPLORE_STEPS = 6
+
+    def __init__(self):
+        self.arms: dict = {}  # (bucket, mix) -> {"spec": ArmRate, "plain": ArmRate}
+        self.seen: dict = {}  # (bucket, mix) -> steps decided
+        self.decisions = {"spec": 0, "plain": 0}
+
+    def key(self, n_rows: int, classes) -> tuple:
+        return load_bucket(n_rows), tuple(sorted(set(classes)))
+
+    def winner(self, key) -> str | None:
+        """The faster arm of a class once both are measured, else None."""
+        arms = self.arms.get(key)
+        if arms is None or min(a.steps for a in arms.values()) < self.MIN_STEPS:
+            return None
+        return "spec" if arms["spec"].rate >= arms["plain"].rate else "plain"
+
+    def _smaller_found_plain(self, key) -> bool:
+        bucket, mix = key
+        known = [b for (b, m) in self.arms if m == mix and b < bucket and self.winner((b, m)) is not None]
+        return bool(known) and self.winner((max(known), mix)) == "plain"
+
+    def choose(self, key) -> str:
+        arms = self.arms.setdefault(key, {"spec": ArmRate(), "plain": ArmRate()})
+        t = self.seen.get(key, 0)
+        self.seen[key] = t + 1
+        best = self.winner(key)
+        if best is None and self._smaller_found_plain(key):
+            best = "plain"
+        if best is None:
+            arm = "spec" if arms["spec"].steps < self.MIN_STEPS else "plain"
+        else:
+            other = "plain" if best == "spec" else "spec"
+            arm = other if t % self.EXPLORE_EVERY >= self.EXPLORE_EVERY - self.EXPLORE_STEPS else best
+        self.decisions[arm] += 1
+        return arm
+
+    def observe(self, key, arm: str, tokens: int, seconds: float) -> None:
+        self.arms.setdefault(key, {"spec": ArmRate(), "plain": ArmRate()})[arm].observe(tokens, seconds)
+
+    def rates(self) -> dict:
+        return {f"{b}:{','.join(map(str, mix))}": {a: round(r.rate, 2) for a, r in arms.items()}
+                for (b, mix), arms in self.arms.items()}
+
+
 @dataclass
 class AdaptiveK:
     """Per-sequence K from its measured acceptance (an EWMA of per-position acceptance that
     starts from the engine-wide estimate of its temperature class) and measured draft-step and
-    verify costs. With allow_zero, K may be 0: the row decodes plainly this round, because at the
-    measured costs and acceptance speculating would commit fewer tokens per second than not; such
-    a sequence still drafts one token every PROBE_EVERY rounds, so its estimate keeps up with it."""
+    verify costs, planned for the whole step (plan_lengths: the verify's cost grows with the rows
+    of the batch, so at a large batch each drafted token must be likelier to pay). With
+    allow_zero, K may be 0: the row decodes plainly this round, because at the measured costs
+    and acceptance speculating would commit fewer tokens per second than not; such a sequence
+    still drafts one token every PROBE_EVERY rounds, so its estimate keeps up with it. The gate
+    (SpeculationGate) turns speculation off for a whole step where it measurably does not pay."""
 
     k_max: int
     init_acceptance: float = 0.6
     weight: float = 0.3  # EWMA weight of one observed position
     allow_zero: bool = False
-    verify: LinearCost = field(default_factory=LinearCost)  # seconds of a verify step vs drafted tokens per row
+    verify: LinearCost = field(default_factory=LinearCost)  # seconds of a verify step vs the rows it verifies
     draft_step: Ewma = field(default_factory=Ewma)  # seconds of one draft step (batched over the rows)
     per_seq: dict = field(default_factory=dict)  # seq_id -> acceptance estimate
     classes: dict = field(default_factory=dict)  # temperature class -> AcceptanceCounts
     class_of: dict = field(default_factory=dict)  # seq_id -> its temperature class (0 when not registered)
     idle_rounds: dict = field(default_factory=dict)  # seq_id -> rounds in a row it was given K = 0
     chosen: list = field(default_factory=list)  # how often each K in 0..k_max was chosen (k_for)
+    planned: dict = field(default_factory=dict)  # seq_id -> K of this step's plan (plan())
+    predicted: float | None = None  # committed tokens per second the last plan expected
+    gate: SpeculationGate | None = field(default_factory=SpeculationGate)  # None: every step speculates
 
     def __post_init__(self):
         self.chosen = [0] * (self.k_max + 1)
@@ -215,7 +354,7 @@ class AdaptiveK:
         return [scale * c for c in self.class_profile(cls)]
 
     def forget(self, seq_id: int) -> None:
-        for d in (self.per_seq, self.class_of, self.idle_rounds):
+        for d in (self.per_seq, self.class_of, self.idle_rounds, self.planned):
             d.pop(seq_id, None)
 
     def class_profile(self, cls: int) -> list[float]:
@@ -224,19 +363,60 @@ class AdaptiveK:
         c, a = self.counts(cls), self.engine_acceptance(cls)
         return [(acc + PRIOR_POSITIONS * a) / (tried + PRIOR_POSITIONS) for acc, tried in zip(c.depth_accepted, c.depth_tried)]
 
+    @property
+    def measured(self) -> bool:
+        return self.verify.known and self.draft_step.value is not None
+
+    def speculate(self, seq_ids, plain: int = 0) -> tuple:
+        """Whether this step speculates at all (the gate, per load class and temperature mix of
+        its rows); returns (arm, gate key) for step_done."""
+        if self.gate is None:
+            return "spec", None
+        key = self.gate.key(len(seq_ids) + plain, (self.class_of.get(i, 0) for i in seq_ids))
+        return self.gate.choose(key), key
+
+    def step_done(self, arm_key: tuple, tokens: int, seconds: float) -> None:
+        """A step taken with arm_key (from speculate) committed `tokens` in `seconds`."""
+        arm, key = arm_key
+        if self.gate is not None:
+            self.gate.observe(key, arm, tokens, seconds)
+
+    def plan(self, jit_ids, cached: dict | None = None, plain: int = 0) -> None:
+        """Lengths for this step's rows, chosen together (plan_lengths): jit_ids are drafted now
+        (their draft steps count), cached maps seq_id -> tokens of a speculation already drafted
+        (cache, index or n-gram backup: only the verify counts), plain the rows verified with no
+        speculation. k_for / k_for_cached read the plan; until both costs are measured there is
+        none and they give k_max. With allow_zero a JIT row may get 0; a row whose temperature
+        class pays at the plan's margin keeps at least one token (one sequence's short run of
+        rejections, which its EWMA follows quickly, must not switch it off)."""
+        self.planned, self.predicted = {}, None
+        if self.measured:
+            self.planned, self.predicted = self._lengths(jit_ids, cached or {}, plain)
+
+    def _lengths(self, jit_ids, cached: dict, plain: int) -> tuple[dict, float]:
+        rows = [(i, self.profile(i), self.k_max, True) for i in jit_ids]
+        rows += [(i, self.profile(i), n, False) for i, n in cached.items()]
+        ks, rate = plan_lengths(rows, self.verify, self.draft_step.value or 0.0, plain)
+        c1 = self.verify.coefficients()[1]
+        jit_drafting = any(ks[i] for i in jit_ids)
+        for i in jit_ids:
+            if ks[i] == 0:  # the floor: would the class's first position pay at this plan's rate?
+                extra = c1 + (0.0 if jit_drafting else self.draft_step.value)
+                first = self.class_profile(self.class_of.get(i, 0))[0]
+                if not self.allow_zero or first > rate * extra:
+                    ks[i] = 1
+        return ks, rate
+
     def k_for(self, seq_id: int) -> int:
-        """K for this sequence's next round; k_max until both costs have been measured. K = 0 only
-        where speculation does not pay for the sequence's temperature class as a whole and not
-        for the sequence itself: one sequence's short run of rejections (its EWMA is quick to
-        fall) must not switch it off."""
-        if not self.verify.known or self.draft_step.value is None:
+        """K for this sequence's next JIT round: its share of this step's plan (k_max before
+        costs are measured; a row the plan did not cover is planned alone). A row given 0 drafts one token
+        every PROBE_EVERY rounds all the same."""
+        if not self.measured:
             k = self.k_max
-        else:
-            d, profile = self.draft_step.value, self.profile(seq_id)
-            k = choose_k(profile, self.k_max, d, self.verify, k_min=0 if self.allow_zero else 1)
-            if k == 0 and choose_k(self.class_profile(self.class_of.get(seq_id, 0)), self.k_max, d, self.verify,
-                                   k_min=0) > 0:
-                k = choose_k(profile, self.k_max, d, self.verify)  # the class pays: at least one token
+        elif seq_id in self.planned:
+            k = self.planned[seq_id]
+        else:  # not planned with a batch: planned alone
+            k = self._lengths([seq_id], {}, 0)[0][seq_id]
         if k == 0:
             idle = self.idle_rounds.get(seq_id, 0) + 1
             self.idle_rounds[seq_id] = idle
@@ -247,10 +427,15 @@ class AdaptiveK:
         self.chosen[k] += 1
         return k
 
-    def k_for_cached(self, seq_id: int) -> int:
-        """How many tokens of a cached SSD speculation (drafted at depth k_max while the previous
-        round was verified) to verify: its draft steps are already paid, off the critical path,
-        so only the verify's cost counts. k_max until the verify cost has been measured."""
+    def k_for_cached(self, seq_id: int, length: int | None = None) -> int:
+        """How many tokens of a cached SSD speculation (drafted while the previous round was
+        verified) to verify: its draft steps are already paid, off the critical path, so only the
+        verify's cost counts (the plan gave it no draft cost). The whole speculation (length, or
+        k_max) until the verify cost has been measured; a row the plan did not cover is planned
+        alone and keeps at least one token."""
+        full = self.k_max if length is None else length
         if not self.verify.known:
-            return self.k_max
-        return choose_k(self.profile(seq_id), self.k_max, 0.0, self.verify)
+            return full
+        if seq_id not in self.planned:  # not planned with a batch: planned alone, at least one token
+            return max(self._lengths([], {seq_id: full}, 0)[0][seq_id], 1)
+        return min(self.planned[seq_id], full)

@@ -91,8 +91,9 @@ def test_adaptive_greedy_identical_to_ar(pair, prompts, reference, mode, cut, mo
     policy's choice depends on the machine's verify costs)."""
     from ssd.speculation.adaptive import AdaptiveK
 
-    monkeypatch.setattr(AdaptiveK, "k_for_cached", lambda self, seq_id: 2 + seq_id % 5)
-    spec = SpeculationConfig(num_speculative_tokens=6, fan_out_budget=6, adaptive=True, p_min=0.5, cut_cached=cut)
+    monkeypatch.setattr(AdaptiveK, "k_for_cached", lambda self, seq_id, length=None: 2 + seq_id % 5)
+    spec = SpeculationConfig(num_speculative_tokens=6, fan_out_budget=6, adaptive=True, gate=False, p_min=0.5,
+                             cut_cached=cut)
     out, st = _run(pair, prompts, EngineConfig(mode=mode, max_batch=4, speculation=spec))
     assert out == reference
     # lengths below K happened (how often follows measured timings: a loaded machine may keep K = 1)
@@ -111,10 +112,33 @@ def test_sd_rows_left_without_speculation_stay_identical_to_ar(pair, prompts, re
 
     calls = iter(range(10**6))
     monkeypatch.setattr(AdaptiveK, "k_for", lambda self, seq_id: (seq_id + next(calls)) % 3)
-    spec = SpeculationConfig(num_speculative_tokens=4, adaptive=True)
+    spec = SpeculationConfig(num_speculative_tokens=4, adaptive=True, gate=False)
     out, st = _run(pair, prompts, EngineConfig(mode="sd", max_batch=4, speculation=spec))
     assert out == reference
     assert st.rounds > st.num_drafts > 0  # some rounds drafted nothing, others drafted
+
+
+@pytest.mark.parametrize("mode", ["sd", "ssd"])
+def test_steps_the_gate_keeps_plain_stay_identical_to_ar(pair, prompts, reference, mode, monkeypatch):
+    """The speculation gate (ssd/speculation/adaptive.py) may decode a whole step plainly: every
+    row, cached SSD speculations dropped, the draft building nothing; the next speculating step
+    starts from a miss. Pinned here to two steps speculating, one plain, as the gate's choice
+    follows the machine's measured rates."""
+    from ssd.speculation.adaptive import SpeculationGate
+
+    arms = iter(["spec", "spec", "plain"] * 10**5)
+    monkeypatch.setattr(SpeculationGate, "choose", lambda self, key: next(arms))
+    spec = SpeculationConfig(num_speculative_tokens=4, adaptive=True)
+    with build_engine(EngineConfig(mode=mode, max_batch=4, speculation=spec), pair) as eng:
+        seqs = eng.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS))
+        out, st, gate = [s.output_ids for s in seqs], eng.stats, eng.adaptive.gate
+    assert out == reference
+    assert st.rounds > st.num_drafts > 0  # plain rounds and drafted ones
+    spec_steps = sum(a["spec"].steps for a in gate.arms.values())
+    plain_steps = sum(a["plain"].steps for a in gate.arms.values())
+    assert spec_steps > plain_steps > 0  # the gate heard of every step it decided
+    if mode == "ssd":
+        assert st.cache_hit + st.cache_late > 0 and st.n_jit > 0
 
 
 @pytest.mark.parametrize("mode", ["ar", "sd", "ssd"])

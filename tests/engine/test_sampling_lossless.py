@@ -52,6 +52,7 @@ def _cfg(**spec):
     """Fixed K, b* and budget unless a test asks for adaptive speculation: each test pins the path
     it checks (JIT vs backup, cache hits) where the adaptive policy would choose by timing."""
     spec.setdefault("adaptive", False)
+    spec.setdefault("gate", False)  # adaptive: every step speculates (the gate is pinned where tested)
     return EngineConfig(mode="ssd", max_batch=64, max_model_len=32, target_threads=1, draft_threads=1,
                         speculation=SpeculationConfig(num_speculative_tokens=2, fan_out_budget=4, **spec))
 
@@ -215,7 +216,7 @@ def test_ssd_adaptive_matches_target_distribution(models, monkeypatch):
     as this pair's acceptance keeps the policy at full depth; the policy is tested on its own)."""
     from ssd.speculation.adaptive import AdaptiveK
 
-    monkeypatch.setattr(AdaptiveK, "k_for_cached", lambda self, seq_id: 1 + seq_id % 2)
+    monkeypatch.setattr(AdaptiveK, "k_for_cached", lambda self, seq_id, length=None: 1 + seq_id % 2)
     t_dir, d_dir, hf, target, _ = models
     params = SAMPLINGS["t0.7_topk3"]
     cfg = _cfg(adaptive=True, p_min=0.6, saguaro_c=0.5, cut_cached=True).replace(max_batch=8)  # small batches: JIT pays too
@@ -228,24 +229,51 @@ def test_ssd_adaptive_matches_target_distribution(models, monkeypatch):
 
 
 def test_cut_cached_speculation_keeps_its_own_q_rows():
-    """A cut cached speculation (section 7d) keeps the first n tokens and exactly their q rows.
-    The chi-square test above cannot see a shifted row: the 4-token vocabulary's q rows are too
-    alike. Here each row is distinct, so an off-by-one slice fails."""
+    """A cut cached speculation (section 7d) keeps the first n tokens and exactly their q rows;
+    cut to 0 the row decodes plainly. The chi-square test above cannot see a shifted row: the
+    4-token vocabulary's q rows are too alike. Here each row is distinct, so an off-by-one slice
+    fails."""
     from types import SimpleNamespace
 
-    from ssd.engine.ssd_engine import SSDEngine as Eng
     from ssd.engine.base import EngineStats
+    from ssd.engine.sequence import Proposal
+    from ssd.engine.ssd_engine import SSDEngine as Eng
 
-    for n, cut in ((2, True), (2, False), (6, True)):
-        fake = SimpleNamespace(adaptive=SimpleNamespace(k_for_cached=lambda seq_id, n=n: n),
-                               cfg=SimpleNamespace(speculation=SimpleNamespace(cut_cached=cut)),
-                               stats=EngineStats())
+    for n in (0, 1, 2, 4, 6):
+        fake = SimpleNamespace(stats=EngineStats())
         q = torch.softmax(torch.randn(4, 16, generator=torch.Generator().manual_seed(n)), -1)
-        prop = Eng._cached(fake, SimpleNamespace(seq_id=0), [5, 6, 7, 8], q, "cache")
-        keep = min(n, 4) if cut else 4
-        assert prop.token_ids.tolist() == [5, 6, 7, 8][:keep] and prop.source == "cache"
-        assert torch.equal(prop.q, q[:keep]) and fake.stats.cut_draft_tokens == 4 - keep
-        assert Eng._cached(fake, SimpleNamespace(seq_id=0), [5, 6, 7, 8], None, "index").q is None
+        s = SimpleNamespace(seq_id=0, speculation=Proposal(torch.tensor([5, 6, 7, 8]), q, "cache"))
+        Eng._cut(fake, s, n)
+        keep = min(n, 4)
+        assert s.speculation.token_ids.tolist() == [5, 6, 7, 8][:keep] and fake.stats.cut_draft_tokens == 4 - keep
+        if keep:
+            assert s.speculation.source == "cache" and torch.equal(s.speculation.q, q[:keep])
+        else:
+            assert s.speculation.source == "none" and s.speculation.q is None
+        s = SimpleNamespace(seq_id=0, speculation=Proposal(torch.tensor([5, 6, 7, 8]), None, "index"))
+        Eng._cut(fake, s, max(n, 1))
+        assert s.speculation.q is None
+
+
+def test_seeded_output_with_gated_steps_equals_ar(models, monkeypatch):
+    """Steps the gate keeps plain, between speculating ones: the same text per seed as AR, and
+    unseeded sampling still the target's distribution."""
+    from ssd.engine import AREngine
+    from ssd.speculation.adaptive import SpeculationGate
+
+    arms = iter(["spec", "plain", "spec", "spec", "plain"] * 10**6)
+    monkeypatch.setattr(SpeculationGate, "choose", lambda self, key: next(arms))
+    t_dir, d_dir, hf, target, draft = models
+    plist = params_list(SAMPLINGS["t0.7_topk3"], seeded=True)[:300]
+    ar = run(AREngine(_cfg().replace(mode="ar"), target, eos_token_ids=(3,)), plist)
+    gated = _cfg(adaptive=True, gate=True).replace(max_batch=8)
+    assert run(SDEngine(gated.replace(mode="sd"), target, draft, eos_token_ids=(3,)), plist) == ar
+    with SSDEngine(gated, target, {"path": str(d_dir)}, (3,)) as eng:
+        assert run(eng, plist) == ar
+        params = SAMPLINGS["t1"]
+        samples = run(eng, params_list(params))
+        assert eng.stats.cache_hit + eng.stats.cache_late > 0
+    assert chi_square_pvalue(samples, exact_distribution(hf, params)) > ALPHA
 
 
 def test_seeded_adaptive_output_equals_ar(models):

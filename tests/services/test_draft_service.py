@@ -60,7 +60,7 @@ def test_adaptive_over_grpc_identical_to_ar(target, small_pair, monkeypatch):
     from ssd.speculation.adaptive import AdaptiveK
 
     monkeypatch.setattr(AdaptiveK, "k_for", lambda self, seq_id: 1 + seq_id % 4)
-    monkeypatch.setattr(AdaptiveK, "k_for_cached", lambda self, seq_id: 2 + seq_id % 3)  # 2, 3 or all 4
+    monkeypatch.setattr(AdaptiveK, "k_for_cached", lambda self, seq_id, length=None: 2 + seq_id % 3)  # 2, 3 or all 4
 
     cfg = EngineConfig(mode="ssd", max_batch=4, max_model_len=80,
                        speculation=SpeculationConfig(num_speculative_tokens=4, fan_out_budget=8, saguaro_c=0.5,

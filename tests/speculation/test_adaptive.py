@@ -255,3 +255,90 @@ def test_one_sequences_run_of_rejections_does_not_switch_it_off():
     ak.verify.observe(4, 1.2)
     ak.draft_step.observe(0.1)
     assert ak.acceptance(2) < 0.05 and ak.k_for(2) >= 1
+
+
+def _brute_force(rows, verify, draft_step, plain=0):
+    """Every combination of lengths: the best committed tokens per second of a step."""
+    import itertools
+
+    best = 0.0
+    for ks in itertools.product(*[range(min(cap, len(p)) + 1) for _, p, cap, _ in rows]):
+        tokens = plain + sum(expected_tokens_profile(p, k) for (_, p, _, _), k in zip(rows, ks))
+        width = plain + sum(k + 1 for k in ks)
+        deepest = max([k for (_, _, _, jit), k in zip(rows, ks) if jit] or [0])
+        best = max(best, tokens / (verify(width) + draft_step * deepest))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_planned_lengths_are_the_best_of_every_combination(seed):
+    """plan_lengths against brute force over all lengths of a small batch: random acceptance
+    profiles (falling, rising with depth), caps, JIT and cached rows, verify and draft costs."""
+    import random
+
+    from ssd.speculation.adaptive import plan_lengths
+
+    rng = random.Random(seed)
+    rows = [(i, [rng.uniform(0.02, 0.98) for _ in range(4)], rng.choice([1, 2, 3, 4]), rng.random() < 0.5)
+            for i in range(rng.choice([1, 2, 3, 4]))]
+    c0, c1, d = rng.uniform(0.005, 0.05), rng.uniform(0.0, 0.01), rng.uniform(0.0, 0.02)
+    verify = lambda n: c0 + c1 * n  # noqa: E731
+    plain = rng.choice([0, 0, 2])
+    ks, rate = plan_lengths(rows, verify, d, plain)
+    assert rate == pytest.approx(_brute_force(rows, verify, d, plain), rel=1e-9)
+    # the lengths it returns realise the rate it predicts, each within its row's cap
+    tokens = plain + sum(expected_tokens_profile(p, ks[i]) for i, p, _, _ in rows)
+    width = plain + sum(ks[i] + 1 for i, *_ in rows)
+    deepest = max([ks[i] for i, _, _, jit in rows if jit] or [0])
+    assert rate == pytest.approx(tokens / (verify(width) + d * deepest))
+    assert all(0 <= ks[i] <= cap for i, _, cap, _ in rows)
+
+
+def test_a_loaded_batch_speculates_less_than_a_lone_sequence():
+    """A verify whose cost grows with its rows: one sequence drafts deep, eight sequences with the
+    same acceptance draft little or nothing (each drafted token must pay its share of the wider
+    verify), and a flat verify lets every row draft its all."""
+    from ssd.speculation.adaptive import plan_lengths
+
+    profile = [0.45, 0.5, 0.5, 0.5]
+    verify = lambda n: 0.030 + 0.004 * n  # noqa: E731 - CPU-like: each verified row costs
+    alone, _ = plan_lengths([(0, profile, 4, True)], verify, 0.002)
+    loaded, _ = plan_lengths([(i, profile, 4, True) for i in range(8)], verify, 0.002)
+    assert alone[0] >= 2 and sum(loaded.values()) < 8
+    flat, _ = plan_lengths([(i, profile, 4, False) for i in range(8)], lambda n: 0.05, 0.0)
+    assert set(flat.values()) == {4}
+    # a costly draft step and a JIT row it seldom pays for: no JIT drafting, the cached row verified whole
+    mixed, rate = plan_lengths([(0, [0.1] * 4, 4, True), (1, [0.9] * 4, 4, False)], lambda n: 0.03 + 0.001 * n, 0.02)
+    assert mixed == {0: 0, 1: 4} and rate == pytest.approx((2 + 0.9 + 0.81 + 0.729 + 0.6561) / 0.036)  # no draft step paid
+
+
+def test_gate_takes_the_faster_arm_per_load_and_keeps_measuring_the_other():
+    """SpeculationGate: each arm measured first, then the faster one by realised tokens per
+    second, separately per load class; the slower one re-measured for EXPLORE_STEPS steps of
+    every EXPLORE_EVERY."""
+    from ssd.speculation.adaptive import SpeculationGate, load_bucket
+
+    assert [load_bucket(n) for n in (1, 2, 3, 4, 7, 8, 16)] == [1, 2, 2, 3, 3, 4, 5]
+    g = SpeculationGate()
+    speed = {(1, "spec"): 30.0, (1, "plain"): 20.0, (8, "spec"): 15.0, (8, "plain"): 40.0}
+    taken = {1: [], 8: []}
+    for _ in range(3 * g.EXPLORE_EVERY):
+        for n in (1, 8):
+            key = g.key(n, [0] * n)
+            arm = g.choose(key)
+            taken[n].append(arm)
+            g.observe(key, arm, tokens=speed[(n, arm)], seconds=1.0)
+    assert taken[1][: g.MIN_STEPS] == ["spec"] * g.MIN_STEPS  # speculation is tried first
+    assert taken[8][g.MIN_STEPS: 2 * g.MIN_STEPS] == ["plain"] * g.MIN_STEPS  # then plain decoding
+    explored = 3 * g.EXPLORE_STEPS
+    assert g.MIN_STEPS + 2 * g.EXPLORE_STEPS <= taken[1].count("plain") <= g.MIN_STEPS + explored
+    assert taken[8].count("spec") <= g.MIN_STEPS + explored and taken[8].count("plain") >= 3 * g.EXPLORE_EVERY - g.MIN_STEPS - explored
+    assert taken[1].count("spec") >= 3 * g.EXPLORE_EVERY - g.MIN_STEPS - explored
+    assert g.rates()["4:0"]["plain"] == pytest.approx(40.0) and g.rates()["1:0"]["spec"] == pytest.approx(30.0)
+    # a different temperature mix at the same load is its own class: measured afresh
+    assert g.choose(g.key(8, [0, 2])) == "spec"
+    # a larger load than one found not to pay starts plain; speculation measured on the schedule only
+    big = g.key(16, [0] * 16)
+    taken = [g.choose(big) for _ in range(g.EXPLORE_EVERY)]
+    assert taken.count("spec") == g.EXPLORE_STEPS and taken[0] == "plain"
+    assert g.choose(g.key(2, [0, 0])) == "spec"  # a smaller one does not
