@@ -153,8 +153,7 @@ def cmd_bench(ns) -> int:
     if ns.serve:
         from .benchmarks.serving import parse_levels, parse_samplings, run_serving
 
-        clash = [flag for flag, on in (("--numerics", ns.numerics), ("--no-hf", ns.no_hf), ("--json", ns.json),
-                                       ("--repeats", ns.repeats != 1)) if on]
+        clash = [flag for flag, on in (("--numerics", ns.numerics), ("--no-hf", ns.no_hf), ("--json", ns.json)) if on]
         try:
             if clash:
                 raise ValueError(f"{', '.join(clash)} do(es) not apply to --serve")
@@ -251,16 +250,17 @@ def main(argv=None) -> int:
     b.add_argument("--json", action="store_true", help="print the result JSON to stdout")
     b.add_argument("--out", default="bench-results", help="directory for the JSON and PNG")
     b.add_argument("--repeats", type=int, default=1,
-                   help="run every system (Hugging Face's included) this many times, in turn, and report the median "
-                        "tokens/s and the median and range of the ratios taken within each repeat")
+                   help="run every system (Hugging Face's included; with --serve every cell) this many times, in turn, "
+                        "and report the median tokens/s and the median and range of the ratios taken within each repeat")
     b.add_argument("--serve", action="store_true",
                    help="instead: start the services (as `ssd serve`) and drive the gateway with concurrent streaming "
                         "clients, every --modes as the request's mode on one SSD target: throughput, TTFT, inter-token "
                         "latency, cache hit rate, backup use per concurrency level (serve.json, serve.png)")
     b.add_argument("--concurrency", default="1,2,4,8,16", help="--serve: concurrent clients per level, comma-separated")
-    b.add_argument("--sampling", default="greedy,sampled",
-                   help="--serve: greedy (temperature 0) and/or sampled (--temperature, 1.0 when it is 0; --top-k, "
-                        "--top-p; request i gets seed --seed + i)")
+    b.add_argument("--sampling", default="greedy,sampled,seeded",
+                   help="--serve: greedy (temperature 0), sampled (--temperature, 1.0 when it is 0; --top-k, --top-p; "
+                        "no seed, as chat clients send) and/or seeded (the same, request i with seed --seed + i: "
+                        "reproducible, checked identical across modes)")
     _add_fields(b, EngineConfig, skip=("mode",))
     _add_fields(b, SpeculationConfig)
     _add_fields(b, SamplingParams)

@@ -32,7 +32,8 @@ import time
 from . import save_results
 from .engines import load_prompts
 
-SAMPLINGS = ("greedy", "sampled")
+SAMPLINGS = ("greedy", "sampled", "seeded")
+IN_PROCESS = "ssd-engine"  # the row of the same SSD engine driven in process (one client), no services
 
 
 def parse_levels(text: str) -> list[int]:
@@ -51,11 +52,17 @@ def parse_samplings(text: str) -> list[str]:
 
 
 def sampling_params(kind: str, params):
-    """greedy: temperature 0; sampled: the bench's --temperature (1.0 when it is 0), --top-k and
-    --top-p. Each request gets its own seed (its prompt's index + --seed) in run_cell."""
+    """greedy: temperature 0; sampled and seeded: the bench's --temperature (1.0 when it is 0),
+    --top-k and --top-p. A seeded request gets its own seed (its prompt's index + --seed, in
+    run_cell); a sampled one none, as most chat clients send (the target draws its own)."""
     if kind == "greedy":
         return dataclasses.replace(params, temperature=0.0, top_k=0, top_p=1.0)
-    return dataclasses.replace(params, temperature=params.temperature or 1.0)
+    return dataclasses.replace(params, temperature=params.temperature or 1.0, seed=None)
+
+
+def request_params(kind: str, params, seed: int, i: int):
+    """The parameters of the kind's i-th request: seeded requests carry seed + i."""
+    return dataclasses.replace(params, seed=seed + i) if kind == "seeded" else params
 
 
 def percentile(xs: list[float], q: float) -> float | None:
@@ -118,7 +125,7 @@ class Metrics:
 
 
 def run_cell(stub, metrics: Metrics, prompts: list[list[dict]], mode: str, concurrency: int, params,
-             seed: int) -> dict:
+             seed: int, kind: str = "seeded") -> dict:
     """All prompts through the gateway, `concurrency` clients at a time; the cell's report."""
     from ssd.services.convert import sampling_to_pb
     from ssd.services.gateway.server import inter_token_gaps
@@ -136,8 +143,7 @@ def run_cell(stub, metrics: Metrics, prompts: list[list[dict]], mode: str, concu
                 i = next(todo, None)
             if i is None:
                 return
-            p = params if params.greedy else dataclasses.replace(params, seed=seed + i)
-            results[i] = _one_request(stub, pb, sampling_to_pb, prompts[i], mode, p)
+            results[i] = _one_request(stub, pb, sampling_to_pb, prompts[i], mode, request_params(kind, params, seed, i))
 
     t0 = time.perf_counter()
     clients = [threading.Thread(target=client) for _ in range(min(concurrency, len(prompts)))]
@@ -228,24 +234,66 @@ class _Stack:
         self.procs = []
 
 
+def run_engine_cell(cfg, pair, prompts: list[list[dict]], params, seed: int, kind: str) -> dict:
+    """The SSD engine the target service runs, driven in this process one request at a time (the
+    services' one-client case with no gateway, no gRPC and no streaming): a fresh engine and draft
+    process, warmed up like the stack, so its row at one client is what the services cost on top
+    of the engine. Measured as the services' cells are, from the first request sent to the last
+    token; TTFT and inter-token latency are not observed (generate() returns whole answers)."""
+    from ssd.engine import build_engine
+
+    cfg = cfg.replace(mode="ssd")
+    with build_engine(cfg, pair) as eng:
+        eng.generate([pair.tokenizer.apply_chat_template(WARMUP)], dataclasses.replace(params, max_tokens=4, seed=0))
+        eng.stats = type(eng.stats)()
+        outputs, per_req = [], []
+        t0 = time.perf_counter()
+        for i, messages in enumerate(prompts):
+            t = time.perf_counter()
+            seq = eng.generate([pair.tokenizer.apply_chat_template(messages)], request_params(kind, params, seed, i))[0]
+            outputs.append(list(seq.output_ids))
+            per_req.append(len(seq.output_ids) / (time.perf_counter() - t))
+        wall = time.perf_counter() - t0
+        st = eng.stats
+    tokens = sum(map(len, outputs))
+    lookups = st.cache_hit + st.cache_late + st.cache_miss
+    return {
+        "mode": IN_PROCESS, "concurrency": 1, "requests": len(prompts), "errors": [], "tokens": tokens, "wall_s": wall,
+        "load_avg_1m_at_start": None, "aggregate_tokens_per_s": tokens / wall, "requests_per_s": len(prompts) / wall,
+        "per_request_tokens_per_s": {"mean": sum(per_req) / len(per_req), "p50": percentile(per_req, 50)},
+        "ttft_s": {"p50": None, "p99": None}, "itl_s": {"p50": None, "p99": None, "count": None},
+        "acceptance_rate": st.num_accepted_tokens / st.num_draft_tokens if st.num_draft_tokens else None,
+        "mean_accepted_length": None,
+        "cache_hit_rate": (st.cache_hit + st.cache_late) / lookups if lookups else None,
+        "request_stats": {}, "speculation_sources": {}, "backup_share": None, "server_counters": {},
+        "tokens_match_usage": True, "finish_reasons": [], "tokens_per_request": list(map(len, outputs)),
+        "outputs": outputs,
+    }
+
+
 def run_serving(cfg, params, ns) -> int:
+    from ssd.engine import ModelPair
     from ssd.models.loader import default_target_path, resolve_model
 
     levels = parse_levels(ns.concurrency)
     kinds = parse_samplings(ns.sampling)
     modes = [m.strip() for m in ns.modes.split(",") if m.strip()]
+    repeats = ns.repeats
     rows = load_prompts(ns.prompts, ns.num_prompts)
     prompts = [[{"role": "user", "content": r["prompt"]}] for r in rows]
     settings = {k: sampling_params(k, params) for k in kinds}
     if cfg.target in ("default", "smollm2-135m-instruct"):
         default_target_path()  # convert once here, not in three processes at once
-    cells_total = len(kinds) * len(levels) * len(modes)
-    print(f"serving bench: {len(prompts)} prompts x {params.max_tokens} tokens, modes {','.join(modes)}, "
-          f"concurrency {','.join(map(str, levels))}, {', '.join(kinds)} ({cells_total} cells); "
-          f"target {cfg.target_threads} thread(s), draft {cfg.draft_threads}, max batch {cfg.max_batch}, "
-          f"b* {cfg.speculation.critical_batch_size}", flush=True)
+    in_process = 1 in levels and "ssd" in modes  # the same engine without the services, at one client
+    cells_total = len(kinds) * repeats * (len(levels) * len(modes) + in_process)
+    print(f"serving bench: {len(prompts)} prompts x {params.max_tokens} tokens, modes {','.join(modes)}"
+          f"{' (+ ' + IN_PROCESS + ' at c=1)' if in_process else ''}, concurrency {','.join(map(str, levels))}, "
+          f"{', '.join(kinds)}, {repeats} repeat(s) ({cells_total} cells); target {cfg.target_threads} thread(s), "
+          f"draft {cfg.draft_threads}, max batch {cfg.max_batch}, b* {cfg.speculation.critical_batch_size}", flush=True)
     for k, p in settings.items():
-        print(f"  {k}: temperature {p.temperature}, top_k {p.top_k}, top_p {p.top_p}, ignore_eos {p.ignore_eos}", flush=True)
+        print(f"  {k}: temperature {p.temperature}, top_k {p.top_k}, top_p {p.top_p}, ignore_eos {p.ignore_eos}"
+              f"{', seed ' + str(ns.seed or 0) + ' + request index' if k == 'seeded' else ''}", flush=True)
+    pair = ModelPair.load(cfg) if in_process else None
     stack, cells = _Stack(cfg, modes, params), []
     t_start = time.perf_counter()
     try:
@@ -253,17 +301,23 @@ def run_serving(cfg, params, ns) -> int:
         published = False  # greedy SD/SSD requests have left entries in the target's speculation index
         for kind in kinds:
             for c in levels:
-                for mode in modes:  # modes side by side at each level, so drift in machine load hits all
-                    if kind == "greedy" and mode == "ssd" and published:
-                        # greedy SD and SSD requests publish their speculations in the target's index
-                        # (kept 60 s, for retries), and a greedy SSD request reads it: the same prompts
-                        # again would hit what an earlier cell drafted. A fresh stack: a fresh index.
-                        stack.start()
-                    cell = run_cell(stack.stub, stack.metrics, prompts, mode, c, settings[kind], ns.seed or 0)
-                    published |= kind == "greedy" and mode != "ar"
-                    cell["sampling"] = kind
-                    cells.append(cell)
-                    _progress(cell, len(cells), cells_total, time.perf_counter() - t_start)
+                for rep in range(repeats):  # repeats interleaved: drift in machine load hits every mode
+                    for mode in modes + ([IN_PROCESS] if in_process and c == 1 else []):
+                        if mode == IN_PROCESS:
+                            cell = run_engine_cell(cfg, pair, prompts, settings[kind], ns.seed or 0, kind)
+                        else:
+                            if kind == "greedy" and mode == "ssd" and published:
+                                # greedy SD and SSD requests publish their speculations in the target's
+                                # index (kept 60 s, for retries), and a greedy SSD request reads it: the
+                                # same prompts again would hit what an earlier cell drafted. A fresh
+                                # stack: a fresh index (and an SSD engine that learns its costs afresh).
+                                stack.start()
+                            cell = run_cell(stack.stub, stack.metrics, prompts, mode, c, settings[kind], ns.seed or 0,
+                                            kind)
+                            published |= kind == "greedy" and mode != "ar"
+                        cell["sampling"], cell["repeat"] = kind, rep
+                        cells.append(cell)
+                        _progress(cell, len(cells), cells_total, time.perf_counter() - t_start)
     finally:
         stack.stop()
     result = {
@@ -274,7 +328,7 @@ def run_serving(cfg, params, ns) -> int:
         "engine": {k: v for k, v in vars(cfg).items() if k != "speculation"},
         "speculation": vars(cfg.speculation),
         "prompts": ns.prompts or "built-in", "num_prompts": len(prompts), "max_tokens": params.max_tokens,
-        "concurrency": levels, "modes": modes,
+        "concurrency": levels, "modes": modes + ([IN_PROCESS] if in_process else []), "repeats": repeats,
         "sampling": {k: vars(p) for k, p in settings.items()},
         "cells": cells,
     }
@@ -290,30 +344,41 @@ def run_serving(cfg, params, ns) -> int:
 
 
 def check_identity(result: dict) -> None:
-    """Each sampling setting's cells: outputs equal to its first cell's, in every mode and at every
-    concurrency. Greedy: speculation is lossless and the kernels batch-invariant. Sampled: every
-    request is seeded, and a seeded request's output is a function of its seed and prompt alone
-    (coupled verification, docs/algorithm.md section 5b)."""
+    """Each reproducible sampling setting's cells: outputs equal to its first cell's, in every mode
+    (the in-process engine too), at every concurrency and in every repeat. Greedy: speculation is
+    lossless and the kernels batch-invariant. Seeded: a seeded request's output is a function of
+    its seed and prompt alone (coupled verification, docs/algorithm.md section 5b). Unseeded
+    sampled requests draw their own seeds: no reference (identical_to_reference None)."""
     result["identity_reference"] = {}
     for kind in dict.fromkeys(c["sampling"] for c in result["cells"]):
         cells = [c for c in result["cells"] if c["sampling"] == kind]
+        if kind == "sampled":
+            for c in cells:
+                c["identical_to_reference"] = None
+            continue
         ref = cells[0]
         result["identity_reference"][kind] = f"{ref['mode']} at concurrency {ref['concurrency']}"
         for c in cells:
             c["identical_to_reference"] = c["outputs"] == ref["outputs"] and None not in c["outputs"]
 
 
+RATIOS = (("ssd", "sd"), ("ssd", "ar"), ("sd", "ar"), ("ssd", IN_PROCESS))
+
+
 def mode_ratios(cells: list[dict]) -> list[dict]:
-    """Per (sampling, concurrency): each mode's aggregate tokens/s over each other's."""
-    out = []
-    groups = {}
+    """Per (sampling, concurrency): each mode's aggregate tokens/s over another's, taken within
+    each repeat (modes ran side by side); the median over repeats, and their range."""
+    out, groups = [], {}
     for c in cells:
-        groups.setdefault((c["sampling"], c["concurrency"]), {})[c["mode"]] = c["aggregate_tokens_per_s"]
-    for (kind, level), tps in groups.items():
+        groups.setdefault((c["sampling"], c["concurrency"]), {}).setdefault(c.get("repeat", 0), {})[c["mode"]] = \
+            c["aggregate_tokens_per_s"]
+    for (kind, level), reps in groups.items():
         row = {"sampling": kind, "concurrency": level}
-        for a, b in (("ssd", "sd"), ("ssd", "ar"), ("sd", "ar")):
-            if a in tps and b in tps:
-                row[f"{a}/{b}"] = tps[a] / tps[b]
+        for a, b in RATIOS:
+            rs = sorted(t[a] / t[b] for t in reps.values() if a in t and b in t)
+            if rs:
+                row[f"{a}/{b}"] = percentile(rs, 50)
+                row[f"{a}/{b} range"] = [rs[0], rs[-1]]
         out.append(row)
     return out
 
@@ -327,7 +392,7 @@ def _pct(x) -> str:
 
 
 def _progress(c: dict, i: int, n: int, elapsed: float) -> None:
-    print(f"[{i}/{n} {elapsed:5.0f}s] {c['sampling']:<7} {c['mode']:>3} c={c['concurrency']:<3} "
+    print(f"[{i}/{n} {elapsed:5.0f}s] {c['sampling']:<7} {c['mode']:>10} c={c['concurrency']:<3} "
           f"{c['aggregate_tokens_per_s']:7.2f} tok/s, {c['per_request_tokens_per_s']['p50'] or 0:6.2f} tok/s/req, "
           f"TTFT p50 {_ms(c['ttft_s']['p50'])} ms, ITL p50 {_ms(c['itl_s']['p50'])} ms, "
           f"hit {_pct(c['cache_hit_rate'])}, backup {_pct(c['backup_share'])}"
@@ -336,18 +401,19 @@ def _progress(c: dict, i: int, n: int, elapsed: float) -> None:
 
 def _print_summary(r: dict) -> None:
     print("\n(TTFT and ITL in ms; hit: speculation-cache hit rate; backup: share of speculations from the n-gram backup)")
-    print(f"{'sampling':<8} {'c':>3} {'mode':>4} {'tok/s':>8} {'req/s':>6} {'tok/s/req':>9} {'TTFT p50':>9} {'p99':>6} "
+    print(f"{'sampling':<8} {'c':>3} {'mode':>10} {'tok/s':>8} {'req/s':>6} {'tok/s/req':>9} {'TTFT p50':>9} {'p99':>6} "
           f"{'ITL p50':>8} {'p99':>6} {'accept':>7} {'hit':>5} {'backup':>6} {'same':>5}")
     for c in r["cells"]:
-        print(f"{c['sampling']:<8} {c['concurrency']:>3} {c['mode']:>4} {c['aggregate_tokens_per_s']:>8.2f} "
+        print(f"{c['sampling']:<8} {c['concurrency']:>3} {c['mode']:>10} {c['aggregate_tokens_per_s']:>8.2f} "
               f"{c['requests_per_s']:>6.2f} {c['per_request_tokens_per_s']['p50'] or 0:>9.2f} "
               f"{_ms(c['ttft_s']['p50']):>9} {_ms(c['ttft_s']['p99']):>6} {_ms(c['itl_s']['p50']):>8} {_ms(c['itl_s']['p99']):>6} "
               f"{_pct(c['acceptance_rate']):>7} {_pct(c['cache_hit_rate']):>5} {_pct(c['backup_share']):>6} "
               f"{str(c.get('identical_to_reference', '-')):>5}")
-    print("aggregate tokens/s, one mode over another:")
+    print("aggregate tokens/s, one mode over another (median over repeats [range]):")
     for row in r["ratios"]:
         print(f"  {row['sampling']:<8} c={row['concurrency']:<3} "
-              + "  ".join(f"{k} {v:.2f}" for k, v in row.items() if "/" in k))
+              + "  ".join(f"{k} {v:.2f} [{row[k + ' range'][0]:.2f}, {row[k + ' range'][1]:.2f}]"
+                          for k, v in row.items() if "/" in k and not k.endswith("range")))
 
 
 def plot(r: dict, path: str) -> None:
@@ -357,19 +423,29 @@ def plot(r: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     kinds = list(r["sampling"])
-    colors = {"ar": "#777", "sd": "#4a7", "ssd": "#d62"}
+    colors = {"ar": "#777", "sd": "#4a7", "ssd": "#d62", IN_PROCESS: "#26b"}
     fig, axes = plt.subplots(len(kinds), 3, figsize=(15, 4.2 * len(kinds)), squeeze=False)
+
+    def median(cs, get):
+        vals = [get(c) for c in cs if get(c) is not None]
+        return percentile(vals, 50) if vals else 0.0
+
     for row, kind in zip(axes, kinds):
         for mode in r["modes"]:
-            cs = [c for c in r["cells"] if c["sampling"] == kind and c["mode"] == mode]
-            agg = [c["aggregate_tokens_per_s"] for c in cs]
-            xs = ([1000 * (c["itl_s"]["p50"] or 0) for c in cs], [c["per_request_tokens_per_s"]["p50"] or 0 for c in cs],
-                  [c["concurrency"] for c in cs])
+            by_level = {}
+            for c in r["cells"]:  # each level's median over repeats
+                if c["sampling"] == kind and c["mode"] == mode:
+                    by_level.setdefault(c["concurrency"], []).append(c)
+            cs = [{"concurrency": lv, "agg": median(g, lambda c: c["aggregate_tokens_per_s"]),
+                   "itl": median(g, lambda c: c["itl_s"]["p50"]),
+                   "per_req": median(g, lambda c: c["per_request_tokens_per_s"]["p50"])} for lv, g in by_level.items()]
+            agg = [c["agg"] for c in cs]
+            xs = ([1000 * c["itl"] for c in cs], [c["per_req"] for c in cs], [c["concurrency"] for c in cs])
             for ax, x in zip(row, xs):
                 ax.plot(x, agg, marker="o", color=colors.get(mode), label=mode)
                 for xi, yi, c in zip(x, agg, cs):
                     ax.annotate(str(c["concurrency"]), (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7)
-        row[0].set_xlabel("inter-token latency p50 (ms)")
+        row[0].set_xlabel(f"inter-token latency p50 (ms; {IN_PROCESS}: not observed, at 0)")
         row[1].set_xlabel("per-request tokens/s (p50)")
         row[2].set_xlabel("concurrent clients")
         row[2].set_xscale("log", base=2)
@@ -380,7 +456,8 @@ def plot(r: dict, path: str) -> None:
         row[0].set_title(f"{kind}: throughput vs latency (labels: concurrency)", fontsize=9)
         row[1].set_title(f"{kind}: throughput vs per-request speed", fontsize=9)
         row[2].set_title(f"{kind}: throughput vs concurrency", fontsize=9)
-    fig.suptitle(f"ssd bench --serve: {r['num_prompts']} prompts x {r['max_tokens']} tokens; draft {r['draft'][:70]}",
+    fig.suptitle(f"ssd bench --serve: {r['num_prompts']} prompts x {r['max_tokens']} tokens, median of "
+                 f"{r.get('repeats', 1)} repeat(s); draft {r['draft'][:70]}",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=72)

@@ -235,7 +235,8 @@ class SpeculationGate:
     builds, q rows, a second process on the same cores) does to the rest of the step; this
     measures the whole: per load class (load_bucket of the step's rows) and temperature mix, the
     committed tokens per second of steps that speculated and of steps that decoded every row
-    plainly. Each arm is tried for MIN_STEPS steps first; then the faster one is taken, and the
+    plainly (the first step after a change of arm left out). Each arm is tried for MIN_STEPS
+    steps first; then the faster one is taken, and the
     other re-measured for EXPLORE_STEPS steps every EXPLORE_EVERY steps of that class (so a
     change in load or acceptance is seen). Speculation pays less the larger the batch, so a
     class that a smaller load class of the same mix has already found not to pay starts plain
@@ -243,13 +244,15 @@ class SpeculationGate:
     off costs what plain decoding costs: at worst the exploration's share of steps runs at the
     slower arm's speed."""
 
-    MIN_STEPS = 6
-    EXPLORE_EVERY = 96
-    EXPLORE_STEPS = 6
+    MIN_STEPS = 8
+    EXPLORE_EVERY = 128
+    EXPLORE_STEPS = 8
 
     def __init__(self):
         self.arms: dict = {}  # (bucket, mix) -> {"spec": ArmRate, "plain": ArmRate}
         self.seen: dict = {}  # (bucket, mix) -> steps decided
+        self.last: dict = {}  # (bucket, mix) -> the arm its previous step took
+        self.switched: dict = {}  # (bucket, mix) -> its current step is the first after a change of arm
         self.decisions = {"spec": 0, "plain": 0}
 
     def key(self, n_rows: int, classes) -> tuple:
@@ -279,10 +282,17 @@ class SpeculationGate:
         else:
             other = "plain" if best == "spec" else "spec"
             arm = other if t % self.EXPLORE_EVERY >= self.EXPLORE_EVERY - self.EXPLORE_STEPS else best
+        self.switched[key] = self.last.get(key, arm) != arm
+        self.last[key] = arm
         self.decisions[arm] += 1
         return arm
 
     def observe(self, key, arm: str, tokens: int, seconds: float) -> None:
+        """A step of this class took `arm`. The first step after a change of arm is not counted:
+        speculation resumed after plain steps starts from a miss (no cache was built), which says
+        nothing of what speculating costs while it goes on."""
+        if self.switched.pop(key, False):
+            return
         self.arms.setdefault(key, {"spec": ArmRate(), "plain": ArmRate()})[arm].observe(tokens, seconds)
 
     def rates(self) -> dict:
