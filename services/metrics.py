@@ -146,13 +146,14 @@ class Metrics:
         """One sequence's round verified `drafted` speculated tokens (0: decoded plainly)."""
         self.speculation_length.observe(drafted)
 
-    def observe_rates(self, predicted: float | None, realised: float | None) -> None:
-        """An adaptive step: its plan's expected and its realised committed tokens per second;
-        predicted None: the gate kept the step plain."""
-        if realised is None:
+    def observe_rates(self, arm: str | None, predicted: float | None, realised: float | None) -> None:
+        """An adaptive step: the gate's arm, its plan's expected (None: no plan) and its realised
+        committed tokens per second. arm None: not an adaptive step, nothing to record."""
+        if arm is None:
             return
-        self.gate_steps.labels(arm="plain" if predicted is None else "spec").inc()
-        self.realised_rate.observe(realised)
+        self.gate_steps.labels(arm=arm).inc()
+        if realised is not None:
+            self.realised_rate.observe(realised)
         if predicted is not None:
             self.predicted_rate.observe(predicted)
 

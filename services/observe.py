@@ -41,7 +41,7 @@ class TargetObserver:
             m.observe_step(seconds)
             if rec.jit_ns is not None:
                 m.observe_jit((rec.jit_ns[1] - rec.jit_ns[0]) / 1e9)
-            m.observe_rates(rec.predicted_tps, rec.realised_tps)
+            m.observe_rates(rec.gate_arm, rec.predicted_tps, rec.realised_tps)
             for row in rec.rows:
                 m.observe_length(row.drafted)
                 if row.drafted:
@@ -66,9 +66,10 @@ class TargetObserver:
                 tm.ATTR_VERIFY_MS: seconds * 1e3, tm.ATTR_SEQ_ID: row.seq.seq_id,
                 tm.ATTR_REQUEST_ID: row.seq.meta.get("request_id"),
             }
-            if rec.realised_tps is not None:  # adaptive: the step's plan and what it realised
-                attrs["ssd.speculating"] = rec.predicted_tps is not None
-                attrs["ssd.realised_tokens_per_s"] = round(rec.realised_tps, 3)
+            if rec.gate_arm is not None:  # adaptive: the gate's choice, the step's plan and what it realised
+                attrs["ssd.speculating"] = rec.gate_arm == "spec"
+                if rec.realised_tps is not None:
+                    attrs["ssd.realised_tokens_per_s"] = round(rec.realised_tps, 3)
                 if rec.predicted_tps is not None:
                     attrs["ssd.predicted_tokens_per_s"] = round(rec.predicted_tps, 3)
             tm.round_span(self.tracer, tm.SPAN_VERIFY, parent, rec.start_ns, rec.end_ns, attrs)

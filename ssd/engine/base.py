@@ -315,7 +315,8 @@ class StepRecord:
     jit_ns: tuple[int, int] | None = None      # just-in-time draft before the verify
     lookup_ns: tuple[int, int] | None = None   # wait for the speculation cache + index lookup after it
     jit_seq_ids: tuple = ()
-    predicted_tps: float | None = None  # adaptive: committed tokens per second the step's plan expected
+    gate_arm: str | None = None         # adaptive: "spec" (speculation planned) or "plain" (the gate kept every row plain)
+    predicted_tps: float | None = None  # committed tokens per second the step's plan expected (None: no plan)
     realised_tps: float | None = None   # and what the whole step (draft wait, verify, cache wait) realised
 
 

@@ -135,8 +135,9 @@ class SSDEngine(Engine):
         self._take_next(running, outcomes, entries, on_time)
         jit_served = tuple(s.seq_id for s, sp in zip(running, specs) if sp.source == "jit")  # not those left to the backup
         if self.arm is not None:  # the gate learns what this step realised
-            self.realised = sum(r.kept for r in rows) / max(time.perf_counter() - t_step, 1e-9)
-            self.adaptive.step_done(self.arm, sum(r.kept for r in rows), time.perf_counter() - t_step)
+            committed, seconds = sum(r.kept for r in rows), time.perf_counter() - t_step
+            self.realised = committed / max(seconds, 1e-9)
+            self.adaptive.step_done(self.arm, committed, seconds)
         self._report(StepRecord(round_id, verify_start, verify_end, rows, jit_ns, (lookup_start, time.time_ns()),
                                 jit_served, *self._rates()))
         self._retire()
@@ -218,11 +219,12 @@ class SSDEngine(Engine):
             s.speculation = Proposal(sp.token_ids[:n], None if sp.q is None else sp.q[:n], sp.source)
 
     def _rates(self) -> tuple:
-        """(predicted, realised) committed tokens per second of the step just taken: what the
-        adaptive plan expected and what happened (None when not adaptive or nothing was planned)."""
+        """(gate arm, predicted, realised committed tokens per second) of the step just taken: the
+        gate's choice, what the adaptive plan expected and what happened (None when not adaptive;
+        predicted None when nothing was planned: a plain step, or costs not measured yet)."""
         if self.arm is None:
-            return None, None
-        return (self.adaptive.predicted if self.arm[0] == "spec" else None), self.realised
+            return None, None, None
+        return self.arm[0], (self.adaptive.predicted if self.arm[0] == "spec" else None), self.realised
 
     def _measured_prefers_jit(self, hits: int, misses: int, constant_rule: bool) -> bool:
         """Section 7b: JIT or fast backup for this step's misses, from measured tokens per round

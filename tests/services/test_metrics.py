@@ -142,3 +142,25 @@ def test_inter_token_gaps_spread_a_round_over_its_tokens():
     rounds = [(1, 0.5), (3, 0.09), (1, 0.04), (5, 0.1)]
     gaps = [g for i, (n, dt) in enumerate(rounds) for g in inter_token_gaps(n, dt, i == 0)]
     assert len(gaps) == 9 and abs(sum(gaps) - 0.23) < 1e-12
+
+
+def test_adaptive_steps_export_the_gates_arm_and_predicted_vs_realised_rates(target):
+    """TargetObserver.on_step with adaptive StepRecords: the gate's arm counted per step, the
+    plan's predicted and the realised committed tokens/s as histograms (a plain step has no plan;
+    a non-adaptive step records nothing of either)."""
+    from ssd.engine.base import StepRecord
+    from ssd.services.observe import TargetObserver
+    from opentelemetry.trace import NoOpTracer
+
+    m, url = target
+    obs = TargetObserver(NoOpTracer(), m)
+    steps = [("spec", 40.0, 31.0), ("spec", 55.0, 60.0), ("plain", None, 18.0), ("spec", None, 20.0), (None, None, None)]
+    for i, (arm, predicted, realised) in enumerate(steps):
+        obs.on_step(StepRecord(i, 0, 1_000_000, [], gate_arm=arm, predicted_tps=predicted, realised_tps=realised))
+    got = parse(urllib.request.urlopen(url).read().decode())
+    assert sample(got, "ssd_speculation_gate_steps_total", arm="spec") == 3
+    assert sample(got, "ssd_speculation_gate_steps_total", arm="plain") == 1
+    assert sample(got, "ssd_speculation_predicted_tokens_per_second_count") == 2
+    assert sample(got, "ssd_speculation_predicted_tokens_per_second_sum") == pytest.approx(95.0)
+    assert sample(got, "ssd_speculation_realised_tokens_per_second_count") == 4
+    assert sample(got, "ssd_speculation_realised_tokens_per_second_sum") == pytest.approx(129.0)

@@ -16,7 +16,9 @@ from ssd.services.run import start_stack, stop_stack
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["--max-batch", "4", "--max-model-len", "512", "--metrics-port", "0"]
+# every step speculates (--no-gate): these tests follow each round through the draft; a step the
+# gate keeps plain involves no draft (its spans are checked in test_gated_steps_say_so_on_their_spans)
+COMMON = ["--max-batch", "4", "--max-model-len", "512", "--metrics-port", "0", "--no-gate"]
 PROMPTS = ["Name three colours.", "Count from one to five."]
 MAX_TOKENS = 40
 
@@ -195,6 +197,11 @@ def test_span_kinds_and_semantic_convention_attributes(traced_stack):
     for run in by_name["ssd.target.run"]:
         a = run["attributes"]
         assert run["kind"] == "SERVER" and (a["rpc.service"], a["rpc.method"], a["rpc.grpc.status_code"]) == ("ssd.v1.Target", "Run", 0)
+    # adaptive (the default): each round says whether its step speculated, what it realised, and
+    # (once costs are measured) what the step's plan expected
+    verify = [s["attributes"] for s in by_name["ssd.verify"]]
+    assert all(a["ssd.speculating"] is True and a["ssd.realised_tokens_per_s"] > 0 for a in verify)
+    assert sum("ssd.predicted_tokens_per_s" in a for a in verify) > len(verify) / 2
 
 
 def test_span_attributes_agree_with_the_tokens_produced(traced_stack):
