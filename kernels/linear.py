@@ -36,9 +36,28 @@ MIN_ROWS = 2  # oneDNN's M = 1 kernel sums in another order (measured: the K = 1
 MAX_ROWS = 32
 
 
+_BF16_PACKING: list = []  # probed once: [bool]
+
+
+def bf16_packing_supported() -> bool:
+    """oneDNN packs bf16 weights only on CPUs with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; on
+    others (an AVX2-only CPU) the reorder raises. Probed once with a tiny weight."""
+    if not _BF16_PACKING:
+        try:
+            torch.ops.mkldnn._reorder_linear_weight(torch.zeros(2, 2, dtype=torch.bfloat16))
+            _BF16_PACKING.append(True)
+        except (RuntimeError, AttributeError):
+            _BF16_PACKING.append(False)
+    return _BF16_PACKING[0]
+
+
 def packing_available(weight: torch.Tensor) -> bool:
+    """The row-invariant oneDNN path takes this weight: a 2-D CPU fp32 weight, or bf16 where the
+    CPU can pack bf16 (elsewhere bf16 goes through F.linear, and the start-up invariance probe
+    says the kernels are not invariant)."""
     return (weight.device.type == "cpu" and weight.dtype in _PACK_DTYPES and weight.dim() == 2
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and (weight.dtype != torch.bfloat16 or bf16_packing_supported()))
 
 
 class PackedWeight:

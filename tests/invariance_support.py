@@ -1,5 +1,16 @@
-"""Shared by the batch-invariance tests (kernels and the real model): a negative control."""
+"""Shared by the batch-invariance tests (kernels and the real model): a negative control, and the
+mark for tests of bf16's row-invariant kernels."""
+import pytest
 import torch
+
+from ssd.kernels.linear import bf16_packing_supported
+
+# bf16's row-invariant matmul is oneDNN's packed kernel, which needs AVX-512 (BW, VL, DQ) or
+# AVX-NE-CONVERT: on other CPUs bf16 runs through F.linear and the start-up probe reports the
+# kernels not invariant (tests/kernels/test_invariance.py checks that fallback)
+needs_bf16_packing = pytest.mark.skipif(
+    not bf16_packing_supported(), reason="this CPU cannot pack bf16 weights for oneDNN (no AVX-512 BW/VL/DQ or "
+    "AVX-NE-CONVERT): bf16 is not row-invariant here")
 
 
 def shape_dependent_attention(q, k, v, mask):

@@ -174,7 +174,7 @@ class SSDEngine(Engine):
             self.arm = ad.speculate([s.seq_id for s in spec_rows], plain=len(running) - len(spec_rows))
             if self.arm[0] == "plain":
                 for s in spec_rows:
-                    s.speculation = none
+                    self._plain(s)
         need = [s for s in running if s.speculation is None]
         jit_ids, backups = [], {}
         use_jit = len(running) < self.cfg.speculation.critical_batch_size
@@ -193,7 +193,7 @@ class SSDEngine(Engine):
             self.jit_k = {i: ad.k_for(i) for i in jit_ids}
             for s in running:  # a zero-length JIT row decodes plainly; drafted speculations cut to their plan
                 if s.seq_id in self.jit_k and self.jit_k[s.seq_id] == 0:
-                    s.speculation = none
+                    self._plain(s)
                 elif s.seq_id in drafted and (self.cfg.speculation.cut_cached or s.seq_id in backups):
                     self._cut(s, ad.k_for_cached(s.seq_id, drafted[s.seq_id]))
             jit_ids = [i for i in jit_ids if self.jit_k[i] > 0]
@@ -214,7 +214,7 @@ class SSDEngine(Engine):
         if sp.source in ("cache", "index"):
             self.stats.cut_draft_tokens += len(sp.token_ids) - n
         if n == 0:
-            s.speculation = Proposal(torch.empty(0, dtype=torch.int64), None, "none")
+            self._plain(s)
         else:
             s.speculation = Proposal(sp.token_ids[:n], None if sp.q is None else sp.q[:n], sp.source)
 
@@ -427,6 +427,19 @@ class SSDEngine(Engine):
         s.spec_result = result[len("cache_"):]  # travels with the speculation to the next round's record
         setattr(self.stats, result, getattr(self.stats, result) + 1)
         setattr(s.spec_stats, result, getattr(s.spec_stats, result) + 1)
+
+    def _plain(self, s) -> None:
+        """This round the row decodes plainly (the gate's plain step, or a plan that gives it no
+        tokens). A lookup made for it is undone (_count): the cache statistics, the request's and
+        the engine's alike, count only the rounds that verified a speculation."""
+        if s.spec_result is not None:
+            result = "cache_" + s.spec_result
+            setattr(self.stats, result, getattr(self.stats, result) - 1)
+            setattr(s.spec_stats, result, getattr(s.spec_stats, result) - 1)
+            if s.speculation is not None and s.speculation.source == "index":
+                self.stats.index_hit -= 1
+            s.spec_result = None
+        s.speculation = Proposal(torch.empty(0, dtype=torch.int64), None, "none")
 
     def _backup(self, s) -> tuple:
         t0 = time.perf_counter()

@@ -10,7 +10,9 @@ from ssd.services.protos import pb
 
 from stack_support import Stack
 
-pytestmark = pytest.mark.slow
+from invariance_support import needs_bf16_packing
+
+pytestmark = [pytest.mark.slow, needs_bf16_packing]
 
 PROMPTS = [
     "Write a Python function that checks whether a number is prime, then explain it.",

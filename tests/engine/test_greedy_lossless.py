@@ -129,7 +129,9 @@ def test_steps_the_gate_keeps_plain_stay_identical_to_ar(pair, prompts, referenc
     arms = iter(["spec", "spec", "plain"] * 10**5)
     monkeypatch.setattr(SpeculationGate, "choose", lambda self, key: next(arms))
     spec = SpeculationConfig(num_speculative_tokens=4, adaptive=True)
+    records = []
     with build_engine(EngineConfig(mode=mode, max_batch=4, speculation=spec), pair) as eng:
+        eng.on_step = records.append
         seqs = eng.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS))
         out, st, gate = [s.output_ids for s in seqs], eng.stats, eng.adaptive.gate
     assert out == reference
@@ -139,6 +141,15 @@ def test_steps_the_gate_keeps_plain_stay_identical_to_ar(pair, prompts, referenc
     assert spec_steps > plain_steps > 0  # the gate heard of every step it decided
     if mode == "ssd":
         assert st.cache_hit + st.cache_late > 0 and st.n_jit > 0
+        # a speculation looked up and then dropped by a plain step is not counted as a lookup:
+        # no plain round reports one (the metrics count rounds' results), and the requests'
+        # counts add up to the engine's
+        rows = [r for rec in records for r in rec.rows]
+        assert any(r.source == "none" for r in rows) and all(r.cache_result is None for r in rows if r.source == "none")
+        assert {rec.gate_arm for rec in records} == {"spec", "plain"}
+        assert sum(r.cache_result is not None for r in rows) == st.cache_hit + st.cache_late + st.cache_miss
+        for res in ("cache_hit", "cache_late", "cache_miss"):
+            assert sum(getattr(s.spec_stats, res) for s in seqs) == getattr(st, res)
 
 
 @pytest.mark.parametrize("mode", ["ar", "sd", "ssd"])

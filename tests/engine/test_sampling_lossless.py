@@ -241,8 +241,9 @@ def test_cut_cached_speculation_keeps_its_own_q_rows():
 
     for n in (0, 1, 2, 4, 6):
         fake = SimpleNamespace(stats=EngineStats())
+        fake._plain = lambda s, fake=fake: Eng._plain(fake, s)
         q = torch.softmax(torch.randn(4, 16, generator=torch.Generator().manual_seed(n)), -1)
-        s = SimpleNamespace(seq_id=0, speculation=Proposal(torch.tensor([5, 6, 7, 8]), q, "cache"))
+        s = SimpleNamespace(seq_id=0, speculation=Proposal(torch.tensor([5, 6, 7, 8]), q, "cache"), spec_result=None)
         Eng._cut(fake, s, n)
         keep = min(n, 4)
         assert s.speculation.token_ids.tolist() == [5, 6, 7, 8][:keep] and fake.stats.cut_draft_tokens == 4 - keep
@@ -250,7 +251,7 @@ def test_cut_cached_speculation_keeps_its_own_q_rows():
             assert s.speculation.source == "cache" and torch.equal(s.speculation.q, q[:keep])
         else:
             assert s.speculation.source == "none" and s.speculation.q is None
-        s = SimpleNamespace(seq_id=0, speculation=Proposal(torch.tensor([5, 6, 7, 8]), None, "index"))
+        s = SimpleNamespace(seq_id=0, speculation=Proposal(torch.tensor([5, 6, 7, 8]), None, "index"), spec_result=None)
         Eng._cut(fake, s, max(n, 1))
         assert s.speculation.q is None
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ssd.kernels.attention import attention_invariant
 from ssd.kernels.linear import LinearPacks, envelope_rows, linear, probe_row_invariance
 
-from invariance_support import shape_dependent_attention
+from invariance_support import needs_bf16_packing, shape_dependent_attention
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -93,7 +93,7 @@ def test_invariant_attention_prefill_chunks_rows(monkeypatch):
     assert torch.equal(A.attention_invariant(q, k, v, mask), whole)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16_packing)])
 def test_packed_linear_is_row_invariant(dtype, threads):
     g = torch.Generator().manual_seed(1)
     weights = [(torch.randn(o, i, generator=g) * 0.05).to(dtype) for o, i in [(960, 576), (576, 1536), (8192, 576)]]
@@ -126,6 +126,7 @@ def test_packed_weight_follows_in_place_edits_and_replacement():
     assert torch.allclose(linear(x, w2, packs=packs, name="w"), F.linear(x, w2), atol=1e-5)
 
 
+@needs_bf16_packing
 def test_packed_linear_calls_onednn_with_at_most_max_rows(monkeypatch):
     # oneDNN's bf16 kernel changes above 32 rows on AMX CPUs: longer inputs must be split, and a
     # lone tail row padded, wherever this test runs
@@ -150,3 +151,18 @@ def test_packed_linear_calls_onednn_with_at_most_max_rows(monkeypatch):
     seen.clear()
     rows = torch.cat([Lmod.linear(r[None], w, packs=packs, name="w") for r in x.reshape(-1, 40)])
     assert torch.equal(rows.view(2, 65, 48), y) and seen == [1] * 130
+
+
+def test_bf16_without_packing_falls_back_to_f_linear(monkeypatch):
+    """A CPU that cannot pack bf16 (no AVX-512 BW/VL/DQ or AVX-NE-CONVERT: oneDNN's reorder
+    raises there) runs bf16 through F.linear instead of failing; fp32 keeps the packed path."""
+    import ssd.kernels.linear as L
+
+    monkeypatch.setattr(L, "_BF16_PACKING", [False])
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(8, 16, generator=g)
+    assert not L.packing_available(w.to(torch.bfloat16)) and L.packing_available(w) == L.packing_available(w.clone())
+    x = torch.randn(3, 16, generator=g).to(torch.bfloat16)
+    packs = L.LinearPacks()
+    assert torch.equal(L.linear(x, w.to(torch.bfloat16), packs=packs, name="w"),
+                       torch.nn.functional.linear(x, w.to(torch.bfloat16)))

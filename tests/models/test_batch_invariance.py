@@ -9,14 +9,15 @@ import ssd.models.llama as llama
 from ssd.models.invariance import check_forward_invariance, self_check
 from ssd.models.loader import default_target_path, load_model
 
-from invariance_support import shape_dependent_attention
+from invariance_support import needs_bf16_packing, shape_dependent_attention
 
 pytestmark = pytest.mark.slow
 
 SMALL = dict(prompt_len=24, steps=14, trials=7, max_block=9, max_batch=4)
 
 
-@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.fixture(scope="module", params=[torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16_packing)],
+                ids=["fp32", "bf16"])
 def target(request):
     model, _ = load_model(default_target_path(), dtype=request.param)
     return model

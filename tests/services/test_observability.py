@@ -112,10 +112,13 @@ def test_every_round_has_verify_and_speculate_spans_with_correct_parents(traced_
         exchanges = [s for s in trace if s["name"] == "ssd.v1.Draft/Speculate"]
         assert all(s["parent_span_id"] == run_id for s in verify + speculate + exchanges)
         assert all(s["service"] == "ssd-draft" for s in speculate)
-        # one verify span per round; the draft built a speculation cache during every one of them
+        # one verify span per round; the draft built a speculation cache during every one that
+        # verified a speculation (the step's plan may leave a row plain: an n-gram backup that
+        # does not pay is cut to nothing, docs/algorithm.md 7e)
         assert len(verify) == final.stats.num_rounds
         spec_rounds = {s["attributes"]["ssd.round"] for s in speculate}
-        assert {s["attributes"]["ssd.round"] for s in verify} <= spec_rounds
+        drafted = {s["attributes"]["ssd.round"] for s in verify if s["attributes"]["ssd.speculation_source"] != "none"}
+        assert drafted <= spec_rounds and len(drafted) > len(verify) / 2
         for s in verify:  # the verify window sits inside the request
             assert root["start_ns"] <= s["start_ns"] <= s["end_ns"] <= root["end_ns"]
         # children: JIT drafts and index lookups hang off their round's exchange with the draft

@@ -20,7 +20,8 @@ PROMPT = [0, 1, 2, 1]
 
 def _cfg():
     return EngineConfig(mode="ssd", max_batch=4, max_model_len=64,
-                        speculation=SpeculationConfig(num_speculative_tokens=2, fan_out_budget=2, critical_batch_size=100))
+                        speculation=SpeculationConfig(num_speculative_tokens=2, fan_out_budget=2, critical_batch_size=100,
+                                                      gate=False))  # every step speculates (and publishes)
 
 
 def _free_port():
