@@ -16,8 +16,9 @@ GREEDY = SamplingParams(max_tokens=30, ignore_eos=True)
 
 
 def _cfg(mode, **spec):
+    # gate=False: every step speculates (the paths tested here; the gate is tested in test_greedy_lossless.py)
     return EngineConfig(mode=mode, max_batch=4, max_model_len=64, target_threads=1, draft_threads=1,
-                        speculation=SpeculationConfig(num_speculative_tokens=3, fan_out_budget=4, **spec))
+                        speculation=SpeculationConfig(gate=False, num_speculative_tokens=3, fan_out_budget=4, **spec))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def test_sampled_matches_target_distribution(small_pair, setup, mode):
     target, desc, _ = setup
     base = SamplingParams(temperature=1.0)
     cfg = EngineConfig(mode=mode, max_batch=64, max_model_len=32, target_threads=1, draft_threads=1,
-                       speculation=SpeculationConfig(num_speculative_tokens=2, fan_out_budget=4))
+                       speculation=SpeculationConfig(gate=False, num_speculative_tokens=2, fan_out_budget=4))
     eng = SDEngine(cfg, target, load_draft(desc), (3,)) if mode == "sd" else SSDEngine(cfg, target, desc, (3,))
     with eng:
         seqs = eng.generate([PROMPT] * 4000, params_list(base))
@@ -88,7 +89,7 @@ def test_sampled_matches_target_distribution(small_pair, setup, mode):
 def test_runner_takes_true_features_and_refeeds_selffed_positions(setup):
     target, desc, _ = setup
     draft = load_draft(desc)
-    spec = SpeculationConfig(num_speculative_tokens=3, fan_out_budget=4)
+    spec = SpeculationConfig(gate=False, num_speculative_tokens=3, fan_out_budget=4)
     r = DraftRunner(draft, spec, max_seqs=2, max_model_len=64)
     F = draft.feature_size
     feats = torch.randn(3, F)
@@ -149,7 +150,7 @@ def test_cache_branches_are_what_the_drafter_proposes_on_selffed_features(setup)
     _, desc, _ = setup
     draft = load_draft(desc)
     K = 3
-    r = DraftRunner(draft, SpeculationConfig(num_speculative_tokens=K, fan_out_budget=6), max_seqs=2, max_model_len=64)
+    r = DraftRunner(draft, SpeculationConfig(gate=False, num_speculative_tokens=K, fan_out_budget=6), max_seqs=2, max_model_len=64)
     ctx = [0, 1, 2, 1, 3, 0]
     feats = torch.randn(len(ctx) - 1, draft.feature_size, generator=torch.Generator().manual_seed(5))
     r.add(7, ctx, SamplingParams(), Features.of(feats))

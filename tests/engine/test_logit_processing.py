@@ -60,8 +60,9 @@ def test_sampling_params_refuse_bad_values():
 
 
 def _cfg(mode):
+    # gate=False: every step speculates (the paths tested here; the gate is tested in test_greedy_lossless.py)
     return EngineConfig(mode=mode, max_batch=8, max_model_len=48, target_threads=1, draft_threads=1,
-                        speculation=SpeculationConfig(num_speculative_tokens=3, fan_out_budget=4, critical_batch_size=100))
+                        speculation=SpeculationConfig(gate=False, num_speculative_tokens=3, fan_out_budget=4, critical_batch_size=100))
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,9 @@ PROMPTS = [[0, 1, 2], [2, 2, 1, 0], [1], [3, 0, 1]]
 
 
 def _cfg(mode="ssd", **spec):
+    # gate=False: every step speculates (the paths tested here; the gate is tested in test_greedy_lossless.py)
     return EngineConfig(mode=mode, max_batch=8, max_model_len=64, target_threads=1, draft_threads=1,
-                        speculation=SpeculationConfig(num_speculative_tokens=3, fan_out_budget=4,
+                        speculation=SpeculationConfig(gate=False, num_speculative_tokens=3, fan_out_budget=4,
                                                       critical_batch_size=100, **spec))
 
 

@@ -10,8 +10,9 @@ PROMPTS = [[0, 1, 2], [2, 2, 1, 0], [1]]
 
 
 def _cfg():
+    # gate=False: every step speculates (the paths tested here; the gate is tested in test_greedy_lossless.py)
     return EngineConfig(mode="ssd", max_batch=4, max_model_len=64,
-                        speculation=SpeculationConfig(num_speculative_tokens=2, fan_out_budget=3, critical_batch_size=100))
+                        speculation=SpeculationConfig(gate=False, num_speculative_tokens=2, fan_out_budget=3, critical_batch_size=100))
 
 
 def test_draft_killed_mid_generation_output_unchanged(small_pair):
