@@ -51,7 +51,7 @@ class SDEngine(Engine):
                                      lengths=lengths)
             t1 = time.perf_counter()
             d = self.draft
-            plain = Proposal(torch.empty(0, dtype=torch.int64), None, "none")
+            plain = Proposal.plain()
             specs = [Proposal(drafted[s.seq_id][0], to_vocab(drafted[s.seq_id][1], d.head_ids, d.vocab_size), "jit")
                      if s.seq_id in drafted else plain for s in old]
             logits = self.target.forward(old, [sp.token_ids.tolist() for sp in specs], self.K + 1)

@@ -21,6 +21,11 @@ class Proposal(NamedTuple):
     q: torch.Tensor | None   # [K, V]: the exact distributions the draft sampled from (sampling); None when greedy
     source: str              # cache | index | jit | backup | none (a plain decode row: nothing speculated)
 
+    @classmethod
+    def plain(cls) -> "Proposal":
+        """No speculation: the row decodes plainly in the verify."""
+        return cls(torch.empty(0, dtype=torch.int64), None, "none")
+
 
 @dataclass
 class SeqSpecStats:

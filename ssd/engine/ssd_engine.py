@@ -63,7 +63,7 @@ class SSDEngine(Engine):
         self.verify_wait = Ewma()  # seconds of one verify step
         self.fallback_decisions = 0  # measured JIT-or-backup decisions taken (section 7b)
         self.last_fallback_was_backup = False
-        self.arm, self.jit_k, self.realised = None, {}, None  # this step's gate arm, JIT lengths, realised tokens/s
+        self.arm, self.jit_k = None, {}  # this step's gate arm and key, and its JIT lengths
         if self.link.info["vocab_size"] != self.vocab_size:
             raise ValueError(f"draft vocabulary {self.link.info['vocab_size']} != target vocabulary {self.vocab_size}")
 
@@ -134,12 +134,14 @@ class SSDEngine(Engine):
         self._publish(running, specs, base_len, entries)
         self._take_next(running, outcomes, entries, on_time)
         jit_served = tuple(s.seq_id for s, sp in zip(running, specs) if sp.source == "jit")  # not those left to the backup
+        rates = (None, None, None)  # adaptive: the gate's arm, the plan's predicted and the realised tokens/s
         if self.arm is not None:  # the gate learns what this step realised
             committed, seconds = sum(r.kept for r in rows), time.perf_counter() - t_step
-            self.realised = committed / max(seconds, 1e-9)
             self.adaptive.step_done(self.arm, committed, seconds)
+            arm = self.arm[0]
+            rates = (arm, self.adaptive.predicted if arm == "spec" else None, committed / max(seconds, 1e-9))
         self._report(StepRecord(round_id, verify_start, verify_end, rows, jit_ns, (lookup_start, time.time_ns()),
-                                jit_served, *self._rates()))
+                                jit_served, *rates))
         self._retire()
         return events
 
@@ -163,10 +165,9 @@ class SSDEngine(Engine):
         Adaptive: first the gate (does speculating pay at this load at all: if not, every row
         decodes plainly and the draft builds nothing), then every row's length planned together
         (AdaptiveK.plan): cached and backup speculations cut, JIT rows given 0..K tokens."""
-        none = Proposal(torch.empty(0, dtype=torch.int64), None, "none")
         for s in running:  # requests served as AR: verified with no speculation (a plain decode step)
             if _mode(s) == "ar":
-                s.speculation = none
+                s.speculation = Proposal.plain()
         self.arm, self.jit_k = None, {}
         ad = self.adaptive
         if ad is not None:
@@ -217,14 +218,6 @@ class SSDEngine(Engine):
             self._plain(s)
         else:
             s.speculation = Proposal(sp.token_ids[:n], None if sp.q is None else sp.q[:n], sp.source)
-
-    def _rates(self) -> tuple:
-        """(gate arm, predicted, realised committed tokens per second) of the step just taken: the
-        gate's choice, what the adaptive plan expected and what happened (None when not adaptive;
-        predicted None when nothing was planned: a plain step, or costs not measured yet)."""
-        if self.arm is None:
-            return None, None, None
-        return self.arm[0], (self.adaptive.predicted if self.arm[0] == "spec" else None), self.realised
 
     def _measured_prefers_jit(self, hits: int, misses: int, constant_rule: bool) -> bool:
         """Section 7b: JIT or fast backup for this step's misses, from measured tokens per round
@@ -439,7 +432,7 @@ class SSDEngine(Engine):
             if s.speculation is not None and s.speculation.source == "index":
                 self.stats.index_hit -= 1
             s.spec_result = None
-        s.speculation = Proposal(torch.empty(0, dtype=torch.int64), None, "none")
+        s.speculation = Proposal.plain()
 
     def _backup(self, s) -> tuple:
         t0 = time.perf_counter()
