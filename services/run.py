@@ -52,7 +52,7 @@ def run_role(ns, cfg) -> int:
 
         torch.set_num_threads(cfg.draft_threads)
         draft_desc = draft_description(cfg.draft, target_path, cfg.standin_layers, dtype, cfg.batch_invariant)
-        service = DraftService(draft_desc, cfg.speculation, cfg.max_batch * 4, cfg.max_model_len, index=_index(ns.redis_url),
+        service = DraftService(draft_desc, cfg.speculation, cfg.max_batch * 4, cfg.max_model_len, index=_index(ns.redis_url, cfg.index_ttl_s),
                                node=os.environ.get("NODE_NAME", ""), channel_host=ns.host,
                                advertise_host=os.environ.get("POD_IP", ""), tracer=tracer, metrics=metrics)
         pb_grpc.add_DraftServicer_to_server(service, server)
@@ -65,7 +65,7 @@ def run_role(ns, cfg) -> int:
 
         torch.set_num_threads(cfg.target_threads)
         model, _ = load_target(cfg, target_path)
-        engine = build_target_engine(cfg, model, Tokenizer(target_path).eos_token_ids, ns.draft_address, _index(ns.redis_url),
+        engine = build_target_engine(cfg, model, Tokenizer(target_path).eos_token_ids, ns.draft_address, _index(ns.redis_url, cfg.index_ttl_s),
                               tensor_channel=ns.tensor_channel, device=str(next(model.parameters()).device),
                               draft_wait_s=ns.draft_wait_s)
         loop = EngineLoop(engine, tracer, metrics)
@@ -120,12 +120,12 @@ def run_role(ns, cfg) -> int:
     return 0
 
 
-def _index(redis_url: str):
+def _index(redis_url: str, ttl_s: float):
     if not redis_url:
         return None
     from .index_redis import RedisIndex
 
-    return RedisIndex(redis_url)
+    return RedisIndex(redis_url, ttl_s=ttl_s)
 
 
 def _spawn(role: str, args: list[str], env=None):

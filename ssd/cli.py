@@ -25,6 +25,8 @@ _HELP = {
     "dtype": "auto | bfloat16 | float32 for target and draft; auto = bf16 where the hardware has it natively",
     "batch_invariant": "kernels whose results do not depend on the batch shape, so speculative greedy output is "
                        "bit-identical to AR (--no-batch-invariant: the fast non-invariant kernels)",
+    "index_ttl_s": "SSD: seconds a published speculation stays in the speculation index (in-process or Redis), "
+                   "for retried and repeated requests",
     "max_tokens": "new tokens to generate",
     "logit_bias": "ID:VALUE,...: added to those tokens' target logits (-100 bans a token)",
     "logprobs": "report each token's target log-probability and this many alternatives (--json)",

@@ -140,6 +140,9 @@ class EngineConfig:
     draft_threads: int = 1  # torch intra-op threads of the draft process (SSD) / in-process draft (SD)
     dtype: str = "auto"  # auto | bfloat16 | float32, for target and draft (auto: bf16 where native)
     batch_invariant: bool = True  # kernels whose results do not depend on the batch shape (exact greedy)
+    # SSD: seconds a published speculation stays in the speculation index (in-process map or Redis),
+    # where a retried or repeated request continues from it
+    index_ttl_s: float = 60.0
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
 
     def __post_init__(self):
@@ -157,6 +160,8 @@ class EngineConfig:
             raise ValueError("standin_layers must be >= 1")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not self.index_ttl_s > 0:
+            raise ValueError(f"index_ttl_s must be > 0, got {self.index_ttl_s}")
 
     def replace(self, **kw) -> "EngineConfig":
         return dataclasses.replace(self, **kw)

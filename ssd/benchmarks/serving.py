@@ -5,10 +5,13 @@ starts) is driven through the gateway's streaming gRPC Generate by `c` concurren
 sending its next prompt as soon as its previous answer ends (closed loop), for every
 concurrency level, every sampling setting (greedy, sampled) and every mode. The mode is the
 request's own `mode` field: one SSD target serves all three, so AR, SD and SSD share the same
-processes, weights, threads and machine. Greedy SD and SSD requests leave their speculations in
-the target's speculation index (kept for retries), and greedy SSD requests read it: before a
-greedy SSD cell that could meet what an earlier cell published, the stack is started afresh, so
-SSD never replays another cell's drafts (the report's `speculation_sources` shows index use).
+processes, weights, threads and machine. One stack serves the whole run, as a server that has
+been up for a while: the engine's measured costs and the speculation gate's per-load
+measurements carry from cell to cell. Greedy SD and SSD requests leave their speculations in the
+target's speculation index (kept for retries), and greedy SSD requests read it: the bench's stack
+keeps them INDEX_TTL_S seconds (`--index-ttl-s`), and a greedy SSD cell that could meet what an
+earlier cell published waits until those entries have expired, so SSD never replays another
+cell's drafts (the report's `speculation_sources` shows index use).
 
 Per cell (sampling, concurrency, mode), from what the client saw: aggregate tokens/s, requests/s,
 per-request tokens/s, time to first token and inter-token latency (p50/p99; a response of n
@@ -194,6 +197,7 @@ def run_cell(stub, metrics: Metrics, prompts: list[list[dict]], mode: str, concu
 
 
 WARMUP = [{"role": "user", "content": "Warm-up: say hello."}]  # not a bench prompt (see _Stack.start)
+INDEX_TTL_S = 8.0  # the bench stack's speculation index TTL: what a greedy SSD cell waits out (see run_serving)
 
 
 class _Stack:
@@ -294,11 +298,11 @@ def run_serving(cfg, params, ns) -> int:
         print(f"  {k}: temperature {p.temperature}, top_k {p.top_k}, top_p {p.top_p}, ignore_eos {p.ignore_eos}"
               f"{', seed ' + str(ns.seed or 0) + ' + request index' if k == 'seeded' else ''}", flush=True)
     pair = ModelPair.load(cfg) if in_process else None
-    stack, cells = _Stack(cfg, modes, params), []
+    stack, cells = _Stack(cfg.replace(index_ttl_s=INDEX_TTL_S), modes, params), []
     t_start = time.perf_counter()
     try:
         stack.start()
-        published = False  # greedy SD/SSD requests have left entries in the target's speculation index
+        published = None  # when greedy SD/SSD requests last left entries in the target's speculation index
         for kind in kinds:
             for c in levels:
                 for rep in range(repeats):  # repeats interleaved: drift in machine load hits every mode
@@ -306,15 +310,15 @@ def run_serving(cfg, params, ns) -> int:
                         if mode == IN_PROCESS:
                             cell = run_engine_cell(cfg, pair, prompts, settings[kind], ns.seed or 0, kind)
                         else:
-                            if kind == "greedy" and mode == "ssd" and published:
+                            if kind == "greedy" and mode == "ssd" and published is not None:
                                 # greedy SD and SSD requests publish their speculations in the target's
-                                # index (kept 60 s, for retries), and a greedy SSD request reads it: the
-                                # same prompts again would hit what an earlier cell drafted. A fresh
-                                # stack: a fresh index (and an SSD engine that learns its costs afresh).
-                                stack.start()
+                                # index, and a greedy SSD request reads it: the same prompts again would
+                                # hit what an earlier cell drafted. Wait until those entries expired.
+                                time.sleep(max(0.0, published + INDEX_TTL_S + 1.0 - time.perf_counter()))
                             cell = run_cell(stack.stub, stack.metrics, prompts, mode, c, settings[kind], ns.seed or 0,
                                             kind)
-                            published |= kind == "greedy" and mode != "ar"
+                            if kind == "greedy" and mode != "ar":
+                                published = time.perf_counter()
                         cell["sampling"], cell["repeat"] = kind, rep
                         cells.append(cell)
                         _progress(cell, len(cells), cells_total, time.perf_counter() - t_start)
@@ -325,6 +329,7 @@ def run_serving(cfg, params, ns) -> int:
         "target": str(resolve_model(cfg.target)),
         "draft": stack.draft,
         "stack_starts": stack.starts,
+        "index_ttl_s": INDEX_TTL_S,
         "engine": {k: v for k, v in vars(cfg).items() if k != "speculation"},
         "speculation": vars(cfg.speculation),
         "prompts": ns.prompts or "built-in", "num_prompts": len(prompts), "max_tokens": params.max_tokens,

@@ -32,7 +32,7 @@ class SSDEngine(Engine):
     def __init__(self, cfg: EngineConfig, target_model, draft_desc, eos_token_ids, seed: int = 0,
                  start_timeout: float = 300.0, link=None, index=None):
         super().__init__(cfg, target_model, eos_token_ids)
-        self.index = index if index is not None else LocalIndex()
+        self.index = index if index is not None else LocalIndex(ttl_s=cfg.index_ttl_s)
         self.published: dict[int, list[str]] = {}  # seq_id -> index keys it stored
         self.link = link or ProcessDraftLink(draft_desc, cfg.speculation, cfg.max_batch, cfg.max_model_len, cfg.draft_threads,
                                              seed, start_timeout)

@@ -238,9 +238,12 @@ class SpeculationGate:
     plainly (the first step after a change of arm left out). Each arm is tried for MIN_STEPS
     steps first; then the faster one is taken, and the
     other re-measured for EXPLORE_STEPS steps every EXPLORE_EVERY steps of that class (so a
-    change in load or acceptance is seen). Speculation pays less the larger the batch, so a
-    class that a smaller load class of the same mix has already found not to pay starts plain
-    and measures speculation on the exploration schedule only. A step in which speculation was
+    change in load or acceptance is seen). Speculation pays less the larger the batch, so a new
+    class starts from what its neighbours of the same mix found where that settles it: plain
+    when the nearest smaller measured class found speculation not to pay, speculating when the
+    nearest larger one found it to pay; it then measures the other arm on the exploration
+    schedule only (a batch that fills up or drains passes through every class, and measuring
+    both arms in each would spend most of a short burst on the slower one). A step in which speculation was
     off costs what plain decoding costs: at worst the exploration's share of steps runs at the
     slower arm's speed."""
 
@@ -265,18 +268,25 @@ class SpeculationGate:
             return None
         return "spec" if arms["spec"].rate >= arms["plain"].rate else "plain"
 
-    def _smaller_found_plain(self, key) -> bool:
+    def inherited(self, key) -> str | None:
+        """The arm a class not yet measured takes from its neighbours of the same temperature mix:
+        "plain" if the nearest smaller measured class found plain faster, "spec" if the nearest
+        larger one found speculation faster, else (or if both hold: noise) None."""
         bucket, mix = key
-        known = [b for (b, m) in self.arms if m == mix and b < bucket and self.winner((b, m)) is not None]
-        return bool(known) and self.winner((max(known), mix)) == "plain"
+        known = {b: w for (b, m) in self.arms if m == mix and (w := self.winner((b, m))) is not None}
+        below = [b for b in known if b < bucket]
+        above = [b for b in known if b > bucket]
+        plain = bool(below) and known[max(below)] == "plain"
+        spec = bool(above) and known[min(above)] == "spec"
+        return None if plain == spec else "plain" if plain else "spec"
 
     def choose(self, key) -> str:
         arms = self.arms.setdefault(key, {"spec": ArmRate(), "plain": ArmRate()})
         t = self.seen.get(key, 0)
         self.seen[key] = t + 1
         best = self.winner(key)
-        if best is None and self._smaller_found_plain(key):
-            best = "plain"
+        if best is None:
+            best = self.inherited(key)
         if best is None:
             arm = "spec" if arms["spec"].steps < self.MIN_STEPS else "plain"
         else:

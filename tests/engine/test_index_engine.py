@@ -40,3 +40,19 @@ def test_abort_frees_index_entries(small_pair):
         assert len(index) > 0
         eng.abort(seq)
         assert len(index) == 0
+
+
+def test_the_engines_own_index_keeps_entries_index_ttl_s(small_pair):
+    """No index passed: the engine's in-process map keeps a speculation --index-ttl-s seconds; a
+    retry after that finds nothing of the first request's (output unchanged all the same)."""
+    import time
+
+    t_dir, d_dir, _ = small_pair
+    target, _ = load_model(t_dir)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    with SSDEngine(_cfg().replace(index_ttl_s=0.5), target, {"path": str(d_dir)}, (3,)) as eng:
+        assert eng.index.ttl_s == 0.5
+        first = eng.generate([PROMPT], params)[0].output_ids
+        time.sleep(0.6)
+        assert eng.generate([PROMPT], params)[0].output_ids == first
+        assert eng.stats.index_hit == 0

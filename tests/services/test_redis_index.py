@@ -59,6 +59,9 @@ def test_redis_index_round_trip_and_ttl(redis_server):
     time.sleep(0.4)
     assert idx.get_many(["ssd:spec:a"]) == [None]
     assert idx.counters.hit == 2 and idx.counters.miss == 2
+    # the services build it with the engine's --index-ttl-s
+    from ssd.services.run import _index
+    assert _index(url, 7.5).ttl_ms == 7500 and _index("", 7.5) is None
 
 
 def test_two_target_replicas_share_speculations_through_redis(small_pair, redis_server):

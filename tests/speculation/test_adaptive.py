@@ -346,4 +346,23 @@ def test_gate_takes_the_faster_arm_per_load_and_keeps_measuring_the_other():
     big = g.key(16, [0] * 16)
     taken = [g.choose(big) for _ in range(g.EXPLORE_EVERY)]
     assert taken.count("spec") == g.EXPLORE_STEPS and taken[0] == "plain"
-    assert g.choose(g.key(2, [0, 0])) == "spec"  # a smaller one does not
+    # a smaller one does not: it lies between a class found to pay and one found not to, so it measures both
+    mid, taken = g.key(2, [0, 0]), []
+    for _ in range(2 * g.MIN_STEPS + 1):
+        taken.append(g.choose(mid))
+        g.observe(mid, taken[-1], tokens=25.0, seconds=1.0)
+    assert taken == ["spec"] * g.MIN_STEPS + ["plain"] * (g.MIN_STEPS + 1)  # the first plain step is not counted
+    # a smaller load than one found to pay speculates from its first step, plain measured on the schedule only
+    for _ in range(2 * g.MIN_STEPS + 2):
+        key = g.key(4, [1] * 4)
+        arm = g.choose(key)
+        g.observe(key, arm, tokens={"spec": 30.0, "plain": 20.0}[arm], seconds=1.0)
+    assert g.winner(g.key(4, [1] * 4)) == "spec" and g.inherited(g.key(2, [1, 1])) == "spec"
+    taken = [g.choose(g.key(2, [1, 1])) for _ in range(g.EXPLORE_EVERY)]
+    assert taken.count("plain") == g.EXPLORE_STEPS and taken[: g.MIN_STEPS * 2] == ["spec"] * 2 * g.MIN_STEPS
+    # neighbours that disagree with the order of loads (a smaller class plain, a larger one speculating) settle nothing
+    for n, fast in ((1, "plain"), (16, "spec")):
+        key = g.key(n, [2] * n)
+        for arm in ["spec", "plain"] * g.MIN_STEPS:  # measured as they would be (each inherits from the other)
+            g.observe(key, arm, tokens=30.0 if arm == fast else 20.0, seconds=1.0)
+    assert g.inherited(g.key(4, [2] * 4)) is None and g.choose(g.key(4, [2] * 4)) == "spec"
