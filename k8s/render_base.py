@@ -4,7 +4,7 @@ to `helm install ssd ./helm/ssd` (release "ssd", namespace "ssd"):
     python k8s/render_base.py            # needs helm (scripts/install_deploy_tools.sh)
 
 Helm-only metadata (helm.sh/chart, managed-by Helm, the `helm test` pod) is dropped.
-tests/deploy/test_kustomize.py checks that base is what this script writes.
+tests/deploy/test_kustomize_overlays.py checks that base is what this script writes.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from .protos import pb
 
 # One message limit for every server and channel of the project. A sampled speculation cache
-# carries compact q rows (only the draft head's support: services/convert.put_q_rows), about
+# carries compact q rows (only the draft head's support: `put_q_rows` in services/convert.py), about
 # 1.6 MB per sequence for the default draft, so max batch fits with room; a larger request gets
 # RESOURCE_EXHAUSTED, and a draft reply that would not fit is refused by the draft (logged) and
 # the target falls back instead of losing the stream.
