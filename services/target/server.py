@@ -288,7 +288,7 @@ def build_target_engine(cfg, target_model, eos, draft_addresses, index=None, ten
     """The target service's engine (ssd.engine.build_engine builds the in-process ones): SSD over
     every reachable draft (MultiDraftLink: sequences spread over replicas, more
     drafts joined on demand when the gateway names them, lost ones retried); target-only (AR)
-    when none answers within draft_wait_s: a missing draft never blocks serving (invariant 2)."""
+    when none answers within draft_wait_s: a missing draft never blocks serving."""
     if isinstance(draft_addresses, str):
         draft_addresses = [a for a in draft_addresses.split(",") if a]
     if draft_addresses:

@@ -71,7 +71,7 @@ class SSDEngine(Engine):
     def _recv_kind(self, kind: type, round_id: int):
         """The next reply of this kind for this round, skipping the replies of abandoned rounds."""
         while True:
-            msg = self.link.recv(timeout=self.draft_timeout_s)  # a hung draft counts as lost (invariant 2)
+            msg = self.link.recv(timeout=self.draft_timeout_s)  # a hung draft counts as lost
             if isinstance(msg, kind) and msg.round_id == round_id:
                 return msg
             if isinstance(msg, (CacheKeys, CacheReply)) and (msg.round_id in self.stale_rounds or msg.round_id < round_id):
@@ -82,7 +82,7 @@ class SSDEngine(Engine):
                                    f"got {type(msg).__name__} for {getattr(msg, 'round_id', None)}")
 
     def _draft_lost(self, err: Exception) -> None:
-        """Invariant 2: a dead draft never changes the output nor stalls a sequence; from now on
+        """A dead draft never changes the output nor stalls a sequence; from now on
         every speculation comes from the fast backup."""
         log.warning("draft lost, continuing with the fast backup: %s", err)
         self.draft_error = str(err)

@@ -1,5 +1,5 @@
 """Greedy SD and SSD output must equal greedy AR token for token on the real SmolLM2 target
-(DESIGN invariant 1), for several prompts batched together (continuous batching), at least 128
+for several prompts batched together (continuous batching), at least 128
 new tokens, with EOS and max-length stops."""
 import pytest
 

@@ -1,4 +1,4 @@
-"""Sampled SD and SSD output must be distributed exactly as the target's (DESIGN invariant 1).
+"""Sampled SD and SSD output must be distributed exactly as the target's.
 
 Small-vocabulary random models make the exact target distribution of the first N output tokens
 enumerable; thousands of seeded generations are compared with it by a chi-square test at

@@ -1,4 +1,4 @@
-"""Invariant 2: a dead draft never changes the output and never stalls a sequence."""
+"""A dead draft never changes the output and never stalls a sequence."""
 import torch
 
 from ssd.config import EngineConfig, SamplingParams, SpeculationConfig

@@ -1,4 +1,4 @@
-"""Issue 5 end to end: the three real services, as separate processes configured only by the
+"""Tracing and metrics end to end: the three real services, as separate processes configured only by the
 standard OTEL_* environment, export spans to an in-process OTLP receiver over gRPC; their
 Prometheus /metrics are scraped over HTTP. Checked against the tokens actually produced."""
 import json
