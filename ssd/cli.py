@@ -155,7 +155,8 @@ def cmd_bench(ns) -> int:
     if ns.serve:
         from .benchmarks.serving import parse_levels, parse_samplings, run_serving
 
-        clash = [flag for flag, on in (("--numerics", ns.numerics), ("--no-hf", ns.no_hf), ("--json", ns.json)) if on]
+        clash = [flag for flag, on in (("--numerics", ns.numerics), ("--no-hf", ns.no_hf), ("--no-llama-cpp", ns.no_llama_cpp),
+                                              ("--json", ns.json)) if on]
         try:
             if clash:
                 raise ValueError(f"{', '.join(clash)} do(es) not apply to --serve")
@@ -247,6 +248,8 @@ def main(argv=None) -> int:
     b.add_argument("--num-prompts", type=int, default=0, help="use only the first N prompts (0 = all)")
     b.add_argument("--modes", default="ar,sd,ssd")
     b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers references")
+    b.add_argument("--no-llama-cpp", action="store_true",
+                   help="skip llama.cpp on the target's GGUF file (run where llama-cpp-python is installed)")
     b.add_argument("--numerics", action="store_true",
                    help="instead: forward costs and AR tokens/s in fp32 and bf16, batch-invariant vs plain kernels, vs HF")
     b.add_argument("--json", action="store_true", help="print the result JSON to stdout")

