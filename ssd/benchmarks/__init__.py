@@ -2,7 +2,8 @@
 one machine and writes JSON + PNG:
 
 - `engines`  (`ssd bench`): AR vs SD vs SSD on one pair, plus AR on plain kernels and on every
-  core, and Hugging Face `generate` / assisted generation in the same dtype;
+  core, Hugging Face `generate` / assisted generation in the same dtype, and llama.cpp on the
+  target's own GGUF file (`llamacpp`, where llama-cpp-python is installed);
 - `serving`  (`ssd bench --serve`): AR, SD and SSD through the running services under 1..N
   concurrent streaming clients: throughput, TTFT, inter-token latency, cache hits, backup use;
 - `numerics` (`ssd bench --numerics`): fp32 vs bf16, batch-invariant vs plain kernels;

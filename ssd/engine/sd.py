@@ -28,6 +28,8 @@ class SDEngine(Engine):
                                   gate=SpeculationGate() if spec.gate else None) if spec.adaptive else None
 
     def step(self):
+        if self.adaptive is not None:  # the previous step's period ends here (the gate measures it)
+            self.adaptive.step_begins(time.perf_counter())
         new = self.scheduler.admit()
         events = self._prefill(new)
         for s in new:
@@ -79,7 +81,8 @@ class SDEngine(Engine):
                 if not s.finished:
                     self.draft.on_outcome(s.seq_id, kept, self._new_features(s))
             if arm is not None:
-                self.adaptive.step_done(arm, committed, time.perf_counter() - t0)
+                self.adaptive.step_done(arm, committed, t0, time.perf_counter(),
+                                        more=any(not s.finished for s in self.scheduler.running))
         self._retire()
         return events
 

@@ -115,6 +115,8 @@ class SSDEngine(Engine):
         """One batched round for every running sequence: admit, make sure every sequence has a
         speculation (cache, index, JIT draft or fast backup), verify them all in one target
         forward, commit the outcomes, then take the next speculations from the draft's cache."""
+        if self.adaptive is not None:  # the previous step's period ends here (the gate measures it)
+            self.adaptive.step_begins(time.perf_counter())
         self._maybe_revive()
         events = self._admit()
         running = list(self.scheduler.running)
@@ -135,9 +137,10 @@ class SSDEngine(Engine):
         self._take_next(running, outcomes, entries, on_time)
         jit_served = tuple(s.seq_id for s, sp in zip(running, specs) if sp.source == "jit")  # not those left to the backup
         rates = (None, None, None)  # adaptive: the gate's arm, the plan's predicted and the realised tokens/s
-        if self.arm is not None:  # the gate learns what this step realised
-            committed, seconds = sum(r.kept for r in rows), time.perf_counter() - t_step
-            self.adaptive.step_done(self.arm, committed, seconds)
+        if self.arm is not None:  # the gate learns what this step realised (ssd/speculation/adaptive.py: step_done)
+            committed, now = sum(r.kept for r in rows), time.perf_counter()
+            seconds = now - t_step
+            self.adaptive.step_done(self.arm, committed, t_step, now, more=any(not s.finished for s in running))
             arm = self.arm[0]
             rates = (arm, self.adaptive.predicted if arm == "spec" else None, committed / max(seconds, 1e-9))
         self._report(StepRecord(round_id, verify_start, verify_end, rows, jit_ns, (lookup_start, time.time_ns()),
@@ -172,8 +175,9 @@ class SSDEngine(Engine):
         ad = self.adaptive
         if ad is not None:
             spec_rows = [s for s in running if _mode(s) != "ar"]
-            self.arm = ad.speculate([s.seq_id for s in spec_rows], plain=len(running) - len(spec_rows))
-            if self.arm[0] == "plain":
+            # a step of AR-mode requests only has nothing to gate
+            self.arm = ad.speculate([s.seq_id for s in spec_rows], plain=len(running) - len(spec_rows)) if spec_rows else None
+            if self.arm is not None and self.arm[0] == "plain":
                 for s in spec_rows:
                     self._plain(s)
         need = [s for s in running if s.speculation is None]
@@ -186,7 +190,7 @@ class SSDEngine(Engine):
                 jit_ids.append(s.seq_id)
             else:
                 backups[s.seq_id] = self._backup(s)
-        if ad is not None and self.arm[0] == "spec":
+        if self.arm is not None and self.arm[0] == "spec":
             drafted = {s.seq_id: len(s.speculation.token_ids) for s in running
                        if s.speculation is not None and s.speculation.source != "none"}
             plain = sum(1 for s in running if s.speculation is not None and s.speculation.source == "none")

@@ -335,6 +335,7 @@ class AdaptiveK:
     planned: dict = field(default_factory=dict)  # seq_id -> K of this step's plan (plan())
     predicted: float | None = None  # committed tokens per second the last plan expected
     gate: SpeculationGate | None = field(default_factory=SpeculationGate)  # None: every step speculates
+    pending: tuple | None = None  # the last step (arm_key, tokens, started), measured when the next one begins
 
     def __post_init__(self):
         self.chosen = [0] * (self.k_max + 1)
@@ -395,8 +396,29 @@ class AdaptiveK:
         key = self.gate.key(len(seq_ids) + plain, (self.class_of.get(i, 0) for i in seq_ids))
         return self.gate.choose(key), key
 
-    def step_done(self, arm_key: tuple, tokens: int, seconds: float) -> None:
-        """A step taken with arm_key (from speculate) committed `tokens` in `seconds`."""
+    def step_begins(self, now: float) -> None:
+        """The engine starts a step (before admitting new requests): the previous one, if the
+        engine ran on, is measured from its start to now. So the gate sees the loop's whole
+        period: what happens between steps (the service handing the tokens to their streams; the
+        draft process's background work slowing that down on shared cores) counts against the
+        arm that caused it, as the clients feel it."""
+        if self.pending is not None:
+            arm_key, tokens, started = self.pending
+            self.pending = None
+            self._observe(arm_key, tokens, now - started)
+
+    def step_done(self, arm_key: tuple, tokens: int, started: float, now: float, more: bool) -> None:
+        """A step taken with arm_key (from speculate) that started at `started` committed
+        `tokens`. With more sequences running it is measured when the next step begins
+        (step_begins); the last step before the engine goes idle is measured to `now`, so idle
+        time between requests never counts."""
+        if more:
+            self.pending = (arm_key, tokens, started)
+        else:
+            self.pending = None
+            self._observe(arm_key, tokens, now - started)
+
+    def _observe(self, arm_key: tuple, tokens: int, seconds: float) -> None:
         arm, key = arm_key
         if self.gate is not None:
             self.gate.observe(key, arm, tokens, seconds)

@@ -366,3 +366,25 @@ def test_gate_takes_the_faster_arm_per_load_and_keeps_measuring_the_other():
         for arm in ["spec", "plain"] * g.MIN_STEPS:  # measured as they would be (each inherits from the other)
             g.observe(key, arm, tokens=30.0 if arm == fast else 20.0, seconds=1.0)
     assert g.inherited(g.key(4, [2] * 4)) is None and g.choose(g.key(4, [2] * 4)) == "spec"
+
+
+def test_the_gate_measures_a_step_to_the_start_of_the_next_and_never_idle_time():
+    """AdaptiveK.step_done / step_begins: a step is timed from its start to the next step's start
+    (what happens between steps, e.g. streaming tokens out, counts against its arm); the last
+    step before the engine idles is timed to its own end, so a pause between requests is never
+    charged to either arm."""
+    from ssd.speculation.adaptive import AdaptiveK
+
+    ad = AdaptiveK(4)
+    key = ad.gate.key(1, [0])
+    spec = ("spec", key)
+    ad.step_begins(0.0)  # nothing pending: nothing measured
+    ad.step_done(spec, tokens=3, started=0.0, now=0.1, more=True)
+    assert key not in ad.gate.arms  # not yet: the period runs to the next step
+    ad.step_begins(0.15)
+    arm = ad.gate.arms[key]["spec"]
+    assert arm.steps == 1 and arm.seconds == pytest.approx(0.15) and arm.tokens == 3
+    ad.step_done(spec, tokens=2, started=0.2, now=0.3, more=False)  # the engine goes idle
+    assert arm.steps == 2 and arm.seconds == pytest.approx(0.98 * 0.15 + 0.1)
+    ad.step_begins(60.0)  # a minute later: the idle time is not charged
+    assert arm.steps == 2 and arm.seconds == pytest.approx(0.98 * 0.15 + 0.1)
