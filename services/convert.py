@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import torch
 
-from ssd.config import SamplingParams
+from ssd.config import RequestOptions, SamplingParams
 from ssd.speculation.qrows import support_of, to_vocab
 from ssd.engine.protocol import (AddSequence, Advance, CachedBranches, CacheKeys, CacheReply, Features, JitReply, Release,
                                  RoundReply, RoundRequest, Speculation)
@@ -119,8 +119,8 @@ def round_to_pb(msg: RoundRequest) -> "pb.SpeculateRequest":
     for op in msg.ops:
         if isinstance(op, AddSequence):
             req.add.append(pb.SequenceSetup(seq_id=str(op.seq_id), context_token_ids=op.context, sampling=sampling_to_pb(op.params),
-                                            traceparent=op.meta.get("traceparent", ""), request_id=op.meta.get("request_id", ""),
-                                            mode=op.meta.get("mode", ""),
+                                            traceparent=op.options.traceparent, request_id=op.options.request_id,
+                                            mode=op.options.mode.value if op.options.mode else "",
                                             features=features_to_pb(op.features)))
         elif isinstance(op, Advance):
             req.outcomes.append(pb.Outcome(seq_id=str(op.seq_id), committed_token_ids=op.tokens,
@@ -143,8 +143,7 @@ def round_from_pb(req, seq_key) -> RoundRequest:
             or any(k < 1 for k in (*req.jit_k.values(), *req.hit_k.values()))):
         raise ValueError("jit_k / hit_k must name jit / hit sequences with lengths >= 1, and fan_out_budget be >= 0")
     ops: list = [AddSequence(seq_key(a.seq_id), list(a.context_token_ids), sampling_from_pb(a.sampling),
-                             {k: v for k, v in (("traceparent", a.traceparent), ("request_id", a.request_id),
-                                                ("mode", a.mode)) if v},
+                             RequestOptions(mode=a.mode or None, traceparent=a.traceparent, request_id=a.request_id),
                              features_from_pb(a))
                  for a in req.add]
     ops += [Advance(seq_key(o.seq_id), list(o.committed_token_ids), features_from_pb(o)) for o in req.outcomes]

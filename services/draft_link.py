@@ -8,7 +8,7 @@ import threading
 import grpc
 
 from ssd.engine.draft_link import DraftUnavailable
-from ssd.engine.protocol import Stop
+from ssd.engine.protocol import DraftInfo, Stop
 from .tensor_channel import TensorChannel
 
 from . import convert
@@ -40,9 +40,8 @@ class GrpcDraftLink:
             load = stub.Load(pb.LoadRequest(), timeout=timeout)
         except grpc.RpcError as e:
             raise DraftUnavailable(f"draft at {address} unreachable: {e.code().name}") from e
-        self.info = {"vocab_size": load.vocab_size, "model": load.model, "node": load.node,
-                     "fingerprint": load.fingerprint, "publishes": load.publishes,
-                     "feature_layers": list(load.feature_layers)}
+        self.info = DraftInfo(load.vocab_size, feature_layers=tuple(load.feature_layers), model=load.model,
+                              node=load.node, fingerprint=load.fingerprint, publishes=load.publishes)
         self.tensors: TensorChannel | None = None
         metadata = ()
         if tensor_channel == "auto" and not str(device).startswith("cuda"):
@@ -54,7 +53,7 @@ class GrpcDraftLink:
                 if tensor_channel != "auto":
                     raise DraftUnavailable(f"tensor channel to {address} failed: {e}") from e
                 log.warning("tensor channel to %s unavailable (%s): q rows go inline", address, e)
-        self.info["tensor_channel"] = self.tensors.backend if self.tensors else "inline"
+        self.info.tensor_channel = self.tensors.backend if self.tensors else "inline"
         self.requests: queue.Queue = queue.Queue()
         self.replies: queue.Queue = queue.Queue()
         self.call = stub.Speculate(iter(self.requests.get, _END), metadata=metadata)
@@ -73,7 +72,7 @@ class GrpcDraftLink:
             for resp in self.call:
                 rows = None
                 if resp.channel_rows:  # [rows, K, S] follows on the tensor channel
-                    width = len(resp.channel_support) or self.info["vocab_size"]
+                    width = len(resp.channel_support) or self.info.vocab_size
                     rows = self.tensors.recv((resp.channel_rows, self.k, width))
                 self.replies.put((resp, rows))
             self.replies.put(DraftUnavailable("draft stream ended"))
@@ -101,7 +100,7 @@ class GrpcDraftLink:
             raise item
         resp, rows = item
         try:
-            return convert.reply_from_pb(resp, self.k, self.info["vocab_size"], rows)
+            return convert.reply_from_pb(resp, self.k, self.info.vocab_size, rows)
         except (ValueError, IndexError, TypeError, RuntimeError, StopIteration) as e:
             # a malformed reply: this draft is lost, like a broken stream, and the stream is ended
             # so the draft frees this target's sequences

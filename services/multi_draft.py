@@ -4,7 +4,7 @@ The SSD engine speaks one round protocol (draft_worker.py) to one link. MultiDra
 that seam: each round message is split by the draft that owns each sequence, every draft gets
 its part, and the replies of one kind and round are merged before the engine sees them.
 
-- Placement: a sequence goes to the draft named in its meta["draft"] (the gateway's node-local
+- Placement: a sequence goes to the draft named in its options.draft (the gateway's node-local
   pick) when this target is connected to it, else to the draft with the fewest sequences while
   the named one is joined in the background for the sequences that follow.
 - Loss of one draft: its sequences move to a surviving draft, which is told their current
@@ -52,10 +52,9 @@ class MultiDraftLink:
         if not self.links:
             raise DraftUnavailable(f"no draft reachable among {addresses}")
         first = next(iter(self.links.values()))
-        self.info = dict(first.info)
-        self.info["drafts"] = list(self.links)
+        self.info = replace(first.info, drafts=tuple(self.links))
         self.owner: dict[int, str] = {}        # seq_id -> draft address
-        self.state: dict[int, list] = {}       # seq_id -> [context, params, meta, feature rows (feature drafters)]
+        self.state: dict[int, list] = {}       # seq_id -> [context, params, options, feature rows (feature drafters)]
         self.inject: dict[str, list] = {}      # address -> ops to prepend to its next round
         self.expect: deque = deque()           # (kind, round_id, [addresses]) replies still to merge
 
@@ -76,8 +75,7 @@ class MultiDraftLink:
     def _admit(self, addr: str, link):
         ref = getattr(self, "info", None) or (next(iter(self.links.values())).info if self.links else None)
         if ref is not None:  # the first draft's identity binds every later one (index keys, vocabulary)
-            ident = lambda info: (info.get("fingerprint"), info["vocab_size"], bool(info.get("publishes")))  # noqa: E731
-            if ident(link.info) != ident(ref):
+            if link.info.identity() != ref.identity():
                 log.warning("draft %s differs from this target's drafts (model, vocabulary or index publishing); "
                             "not used", addr)
                 link.close()
@@ -89,10 +87,9 @@ class MultiDraftLink:
             self.known.append(addr)
         return link
 
-    def _place(self, meta: dict) -> str:
+    def _place(self, want: str = "") -> str:
         """The gateway's pick when already connected; otherwise the least loaded draft now, and
         the named one is joined in the background (a step never waits on a connect)."""
-        want = meta.get("draft")
         if want in self.links:
             return want
         if want and want not in self._joining and time.monotonic() - self.failed.get(want, -1e9) >= self.retry_s:
@@ -121,11 +118,11 @@ class MultiDraftLink:
         for seq_id, a in list(self.owner.items()):
             if a != addr:
                 continue
-            ctx, params, meta, feats = self.state[seq_id]
-            new = self._place({})
+            ctx, params, options, feats = self.state[seq_id]
+            new = self._place()
             self.owner[seq_id] = new
             rows = Features.of(torch.cat([f.tensor() for f in feats])) if feats else None
-            self.inject.setdefault(new, []).append(AddSequence(seq_id, list(ctx), params, dict(meta), rows))
+            self.inject.setdefault(new, []).append(AddSequence(seq_id, list(ctx), params, options, rows))
 
     # ---- the DraftLink protocol ------------------------------------------------------------------
     carries_adaptive = True  # each draft gets its sequences' JIT lengths and the round's budget
@@ -139,9 +136,9 @@ class MultiDraftLink:
         self._harvest_joins()
         for op in msg.ops:
             if isinstance(op, AddSequence):
-                addr = self._place(op.meta)  # may join a draft named by the gateway
+                addr = self._place(op.options.draft)  # may join a draft named by the gateway
                 self.owner[op.seq_id] = addr
-                self.state[op.seq_id] = [list(op.context), op.params, dict(op.meta),
+                self.state[op.seq_id] = [list(op.context), op.params, op.options,
                                          [op.features] if op.features is not None else []]
         parts = {a: ([], [], {}, []) for a in self.links}
         for op in msg.ops:
@@ -264,7 +261,7 @@ class MultiDraftLink:
             return False
         else:
             return False
-        self.info["drafts"] = list(self.links)
+        self.info.drafts = tuple(self.links)
         self.owner.clear()
         self.state.clear()
         self.inject.clear()

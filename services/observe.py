@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from opentelemetry.trace import SpanKind
 
+from ssd.config import RequestOptions
+from ssd.engine.sequence import Source
+
 from . import telemetry as tm
+
+NO_OPTIONS = RequestOptions()  # a sequence the draft no longer knows
 
 # the target's rounds travel to the draft over this long-lived bidirectional stream: each
 # sequence's round on it is traced as one client call
@@ -48,13 +53,13 @@ class TargetObserver:
                     m.record_round(row.drafted, row.accepted)
                 if row.cache_result is not None:
                     m.cache_result(row.cache_result)
-                if row.source != "none":
-                    m.speculation_from(row.source)
+                if row.source != Source.NONE:
+                    m.speculation_from(str(row.source))
         if not self.tracing:
             return
         jit = set(rec.jit_seq_ids)
         for row in rec.rows:
-            parent = row.seq.meta.get("traceparent")
+            parent = row.seq.options.traceparent
             if not parent or not tm.sampled(parent):
                 continue
             seq_round = row.seq.spec_stats.num_rounds  # counted at this round's commit: 1, 2, ...
@@ -62,9 +67,9 @@ class TargetObserver:
                 tm.ATTR_ROUND: seq_round, tm.ATTR_STEP: rec.round, tm.ATTR_ACCEPTED_TOKENS: row.accepted,
                 "ssd.committed_tokens": row.kept,
                 tm.ATTR_NUM_SPECULATIVE_TOKENS: row.drafted, tm.ATTR_BATCH_SIZE: len(rec.rows),
-                tm.ATTR_CACHE_RESULT: row.cache_result or "miss", "ssd.speculation_source": row.source,
+                tm.ATTR_CACHE_RESULT: row.cache_result or "miss", "ssd.speculation_source": str(row.source),
                 tm.ATTR_VERIFY_MS: seconds * 1e3, tm.ATTR_SEQ_ID: row.seq.seq_id,
-                tm.ATTR_REQUEST_ID: row.seq.meta.get("request_id"),
+                tm.ATTR_REQUEST_ID: row.seq.options.request_id or None,
             }
             if rec.gate_arm is not None:  # adaptive: the gate's choice, the step's plan and what it realised
                 attrs["ssd.speculating"] = rec.gate_arm == "spec"
@@ -73,7 +78,7 @@ class TargetObserver:
                 if rec.predicted_tps is not None:
                     attrs["ssd.predicted_tokens_per_s"] = round(rec.predicted_tps, 3)
             tm.round_span(self.tracer, tm.SPAN_VERIFY, parent, rec.start_ns, rec.end_ns, attrs)
-            if rec.lookup_ns is not None and row.source != "none":  # a draft took part in this round
+            if rec.lookup_ns is not None and row.source != Source.NONE:  # a draft took part in this round
                 self._draft_exchange(rec, row, parent, row.seq.seq_id in jit, seq_round)
 
     def _draft_exchange(self, rec, row, parent, jit: bool, seq_round: int) -> None:
@@ -101,7 +106,7 @@ class DraftObserver:
     def __init__(self, tracer, metrics, server):
         self.tracer = tracer
         self.metrics = metrics
-        self.server = server  # RoundServer: its meta holds each sequence's traceparent
+        self.server = server  # RoundServer: its options hold each sequence's traceparent
         self.tracing = tm.tracing_enabled(tracer)
 
     def on_round(self, rec: dict) -> None:
@@ -116,15 +121,15 @@ class DraftObserver:
             return
         jit = set(rec["jit"])
         for seq_id, info in rec["seqs"].items():
-            meta = self.server.meta.get(seq_id, {})
-            parent = meta.get("traceparent")
+            options = self.server.options.get(seq_id, NO_OPTIONS)
+            parent = options.traceparent
             if not parent or not tm.sampled(parent):
                 continue
             ids = {tm.ATTR_ROUND: info["round"], tm.ATTR_STEP: rec["round"]}
             attrs = {
                 **ids, tm.ATTR_FAN_OUT: info["fan_out"], tm.ATTR_BATCH_SIZE: len(rec["seqs"]),
                 tm.ATTR_CACHE_RESULT: info["after"], tm.ATTR_SPECULATE_MS: build_s * 1e3,
-                "ssd.abandoned": rec["abandoned"], tm.ATTR_REQUEST_ID: meta.get("request_id"),
+                "ssd.abandoned": rec["abandoned"], tm.ATTR_REQUEST_ID: options.request_id or None,
                 "ssd.draft_seq_id": seq_id,  # the draft's own id for the sequence
             }
             span = tm.round_span(self.tracer, tm.SPAN_SPECULATE, parent, rec["start_ns"], rec["end_ns"], attrs)

@@ -7,8 +7,22 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from enum import Enum
 
-MODES = ("ar", "sd", "ssd")
+
+class Mode(str, Enum):
+    """How a request is decoded: plain autoregressive, speculative (draft then verify), or
+    speculative speculative (Saguaro). A str, so "ar" == Mode.AR and JSON/proto carry the value."""
+
+    AR = "ar"
+    SD = "sd"
+    SSD = "ssd"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+MODES = tuple(m.value for m in Mode)
 FANOUT_KINDS = ("geometric", "uniform")
 DTYPES = ("auto", "bfloat16", "float32")
 
@@ -78,6 +92,27 @@ class SamplingParams:
     def greedy(self) -> bool:
         # the limit of sampling as T -> 0; a tiny T would turn logits / T into inf and NaN
         return self.temperature < GREEDY_BELOW
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """What travels with one request besides its sampling settings: the mode it asked for (None:
+    the engine's own), the draft the gateway picked for it (its node-local draft; "" = any), its
+    W3C trace context and its id (for the draft's spans). The target fills it in; it reaches the
+    draft with the sequence (in process, through the draft process's pipe, as gRPC
+    SequenceSetup fields)."""
+
+    mode: Mode | None = None
+    draft: str = ""
+    traceparent: str = ""
+    request_id: str = ""
+
+    def __post_init__(self):
+        if self.mode is not None:
+            try:
+                object.__setattr__(self, "mode", Mode(self.mode))
+            except ValueError:
+                raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}") from None
 
 
 @dataclass(frozen=True)

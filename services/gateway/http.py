@@ -33,7 +33,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_contex
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Match
 
-from ssd.config import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_REPETITION_PENALTY
+from ssd.config import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_REPETITION_PENALTY, Mode
 
 from ..protos import pb
 from .. import telemetry as tm
@@ -129,7 +129,7 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     n: StrictInt | None = None
     ignore_eos: StrictBool = False  # extension (vLLM)
-    mode: Literal["ar", "sd", "ssd"] | None = None  # extension: how this request is decoded
+    mode: Mode | None = None  # extension: how this request is decoded
     user: str | None = None  # an end-user id for the caller's own bookkeeping: accepted, not used (README)
     metadata: Any = None
     store: Any = None
@@ -532,7 +532,7 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
     async def _run(req: _Common, g, request: Request, chat: bool, max_tokens: int | None, default_max: int | None):
         check_model(req.model)
         g.model = req.model or ""
-        g.mode = req.mode or ""
+        g.mode = req.mode.value if req.mode else ""
         g.request_id = uuid.uuid4().hex
         s = g.sampling
         s.temperature = 1.0 if req.temperature is None else _number(req.temperature, "temperature")

@@ -12,6 +12,8 @@ import uuid
 import grpc
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from ssd.config import MODES
+
 from .. import convert
 from .. import telemetry as tm
 from ..common import client_options
@@ -190,8 +192,8 @@ class Gateway:
             raise GenerateError(grpc.StatusCode.UNAVAILABLE, DRAINING)
         if req.model and req.model != self.model_name:
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown model {req.model!r}; served: {self.model_name!r}")
-        if req.mode not in ("", "ssd", "sd", "ar"):
-            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown mode {req.mode!r}")
+        if req.mode and req.mode not in MODES:
+            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown mode {req.mode!r}; one of {', '.join(MODES)}")
         if req.sampling.max_tokens > MAX_TOKENS_LIMIT:
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"max_tokens must be in [1, {MAX_TOKENS_LIMIT}], got {req.sampling.max_tokens}")

@@ -11,6 +11,7 @@ from concurrent.futures import Future
 import grpc
 from opentelemetry.trace import SpanKind
 
+from ssd.config import MODES, RequestOptions
 from ssd.engine import AREngine, SSDEngine
 from ssd.engine.draft_link import DraftUnavailable
 from ssd.errors import ContextTooLong
@@ -36,7 +37,7 @@ class EngineLoop:
         self.metrics = metrics
         engine.on_step = TargetObserver(tracer or tm.get_tracer(), metrics, draft_of=self._draft_of).on_step
         self.cv = threading.Condition()
-        self.inbox: list[tuple] = []  # ("add", prompt_ids, params, meta, Future) | ("abort", seq)
+        self.inbox: list[tuple] = []  # ("add", prompt_ids, params, options, Future) | ("abort", seq)
         self.streams: dict[int, queue.Queue] = {}  # engine thread only
         # (running, waiting, free KV slots) as the engine thread last saw them: other threads read
         # this snapshot (one tuple, replaced whole) instead of the engine's own state
@@ -57,7 +58,7 @@ class EngineLoop:
             self.inbox.append(item)
             self.cv.notify()
 
-    def submit(self, prompt_ids, params, meta=None, timeout: float = 60.0) -> tuple[object, queue.Queue]:
+    def submit(self, prompt_ids, params, options=None, timeout: float = 60.0) -> tuple[object, queue.Queue]:
         """Blocks until the engine thread admitted the request (at most one step); raises
         ValueError for bad input, QueueFull when max_queue requests already wait for a slot."""
         fut: Future = Future()
@@ -69,7 +70,7 @@ class EngineLoop:
             if limit and waiting >= limit:
                 raise QueueFull(f"the target's queue is full ({waiting} requests waiting for "
                                 f"{self.engine.cfg.max_batch} slots); retry later")
-            self.inbox.append(("add", prompt_ids, params, meta, fut))
+            self.inbox.append(("add", prompt_ids, params, options, fut))
             self.cv.notify()
         try:
             return fut.result(timeout=timeout)
@@ -102,11 +103,11 @@ class EngineLoop:
     def _apply(self, items) -> None:
         for item in items:
             if item[0] == "add":
-                _, prompt_ids, params, meta, fut = item
+                _, prompt_ids, params, options, fut = item
                 if not fut.set_running_or_notify_cancel():  # the caller gave up waiting
                     continue
                 try:
-                    seq = self.engine.add_request(prompt_ids, params, meta)
+                    seq = self.engine.add_request(prompt_ids, params, options)
                 except ValueError as e:
                     fut.set_exception(e)
                     continue
@@ -230,15 +231,12 @@ class TargetService(pb_grpc.TargetServicer):
             params = convert.sampling_from_pb(request.sampling)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if request.mode not in ("", "ar", "sd", "ssd"):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown mode {request.mode!r}")
-        meta = {"request_id": request.seq_id, "mode": request.mode}
-        if request.draft_address:
-            meta["draft"] = request.draft_address
-        if span.get_span_context().is_valid:
-            meta["traceparent"] = tm.traceparent_of(span)
+        if request.mode and request.mode not in MODES:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown mode {request.mode!r}; one of {', '.join(MODES)}")
+        options = RequestOptions(mode=request.mode or None, draft=request.draft_address, request_id=request.seq_id,
+                                 traceparent=tm.traceparent_of(span) if span.get_span_context().is_valid else "")
         try:
-            seq, q = self.loop.submit(list(request.prompt_token_ids), params, meta)
+            seq, q = self.loop.submit(list(request.prompt_token_ids), params, options)
         except ContextTooLong as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except QueueFull as e:  # admission control: the client should come back later
@@ -303,7 +301,7 @@ def build_target_engine(cfg, target_model, eos, draft_addresses, index=None, ten
         while True:  # pods start together: give the drafts a moment to come up
             try:
                 link = MultiDraftLink(connect, draft_addresses)
-                return SSDEngine(cfg.replace(mode="ssd"), target_model, {}, eos, link=link, index=index)
+                return SSDEngine(cfg.replace(mode="ssd"), target_model, None, eos, link=link, index=index)
             except DraftUnavailable as e:
                 if time.monotonic() >= deadline:
                     log.warning("no draft available among %s (%s): serving target-only", draft_addresses, e)

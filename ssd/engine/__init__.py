@@ -23,7 +23,7 @@ class ModelPair:
     target_path: str
     target: object
     tokenizer: object
-    draft_desc: object  # ssd.models.draft.DraftDescription
+    draft_desc: "DraftDescription"
     draft: object | None = None  # in-process draft model (SD), loaded on first use
     numerics: dict = dataclasses.field(default_factory=dict)  # dtype choice + batch-invariance probe
 
@@ -88,5 +88,5 @@ def build_engine(cfg: EngineConfig, pair: ModelPair | None = None, seed: int = 0
         return SDEngine(sd_cfg, pair.target, draft, eos)
     from ..models.draft import DraftDescription
 
-    desc = DraftDescription.of(pair.draft_desc).with_numerics(batch_invariant=cfg.batch_invariant)
+    desc = pair.draft_desc.with_numerics(batch_invariant=cfg.batch_invariant)
     return SSDEngine(cfg, pair.target, desc, eos, seed=seed)

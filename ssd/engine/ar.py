@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 from .base import Engine, RoundRow, StepRecord
+from .sequence import Source
 
 
 class AREngine(Engine):
@@ -30,7 +31,7 @@ class AREngine(Engine):
                 self.stats.rounds += 1
                 s.spec_stats.record(0, 0)
                 events.append((s, kept))
-                rows.append(RoundRow(s, drafted=0, accepted=0, kept=len(kept), source="none", cache_result=None))
+                rows.append(RoundRow(s, drafted=0, accepted=0, kept=len(kept), source=Source.NONE, cache_result=None))
             self._report(StepRecord(self.step_count, start_ns, time.time_ns(), rows))
             self.step_count += 1
         self._retire()

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import EngineConfig, SamplingParams
+from ..config import EngineConfig, RequestOptions, SamplingParams
 from ..errors import ContextTooLong, RequestError
 from ..kernels.rejection import greedy_verify, rejection_sample
 from ..sampling import adjust_logits, coupled_scores, process_logits, sample, token_logprobs
-from .sequence import Scheduler, Sequence, count_accepted_per_pos
+from .sequence import Proposal, Scheduler, Sequence, Source, count_accepted_per_pos
 from .target_runner import TargetRunner
 
 
@@ -105,7 +105,7 @@ class Engine:
         self.step_count = 0
 
     # ---- requests ------------------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, meta: dict | None = None) -> Sequence:
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, options: RequestOptions | None = None) -> Sequence:
         if not prompt_ids:
             raise RequestError("prompt is empty")
         if len(prompt_ids) + 1 > self.cfg.max_model_len:
@@ -118,7 +118,7 @@ class Engine:
         bad = [t for t, _ in params.logit_bias if t >= self.vocab_size]
         if bad:
             raise RequestError(f"logit_bias token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
-        seq = Sequence(list(prompt_ids), params, self.eos_token_ids, meta=dict(meta or {}))
+        seq = Sequence(list(prompt_ids), params, self.eos_token_ids, options=options or RequestOptions())
         self.scheduler.add(seq)
         self.stats.requests += 1
         return seq
@@ -209,7 +209,7 @@ class Engine:
             s.logprobs.extend(token_logprobs(logits, kept, s.params.logprobs))
         return kept
 
-    def _verify_rows(self, seqs: list[Sequence], logits: torch.Tensor, specs: list[tuple]) -> list[tuple[int, int]]:
+    def _verify_rows(self, seqs: list[Sequence], logits: torch.Tensor, specs: list[Proposal]) -> list[tuple[int, int]]:
         """Outcome (k, t*) per row. logits [B, K+1, V]; specs[b]: the row's Proposal.
         Rows are verified in batches of one kind and speculation length: greedy; seeded sampled
         (coupled: the target's token at each position is fixed by the seed, ssd/sampling.py
@@ -301,7 +301,7 @@ class RoundRow:
     drafted: int          # speculated tokens verified (K; 0 for target-only decoding)
     accepted: int         # of which accepted
     kept: int             # tokens committed (accepted + recovery/bonus, cut at a stop)
-    source: str           # where the verified speculation came from: cache | index | jit | backup | none
+    source: Source        # where the verified speculation came from (Source.NONE: a plain decode row)
     cache_result: str | None  # hit | late | miss as counted for that speculation; None: no lookup (first round)
 
 

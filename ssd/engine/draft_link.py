@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from ..speculation.qrows import to_vocab
 from .draft_worker import worker_main
-from .protocol import DraftFailed, DraftReady, RoundReply, RoundRequest, Stop
+from .protocol import DraftFailed, DraftInfo, DraftReady, RoundReply, RoundRequest, Stop
 
 
 class DraftUnavailable(RuntimeError):
@@ -25,7 +25,8 @@ class DraftUnavailable(RuntimeError):
 class DraftLink(Protocol):
     """What the SSD engine needs from a draft, wherever it runs. Messages: protocol.py."""
 
-    info: dict  # vocab_size, model, fingerprint, publishes, ... as the draft reports them
+    info: DraftInfo  # what the draft reported about itself
+    carries_adaptive: bool  # RoundRequest.jit_k, hit_k and fan_out_budget reach the draft (adaptive speculation needs it)
 
     def send(self, msg: RoundRequest | Stop) -> None:
         """One target -> draft message."""
@@ -65,7 +66,7 @@ class ProcessDraftLink:
         msg = self.recv(timeout=start_timeout)
         if not isinstance(msg, DraftReady):
             raise DraftUnavailable(f"draft process failed to start: {getattr(msg, 'message', msg)}")
-        self.info = dict(msg.info)
+        self.info = msg.info
         self.head_ids = msg.head_ids
         self.cache_q, self.jit_q = msg.q_buffers
 
@@ -101,7 +102,7 @@ class ProcessDraftLink:
         else:
             parity, slot = q_ref
             q = self.cache_q[parity, slot, j]
-        return q.clone() if self.head_ids is None else to_vocab(q, self.head_ids, self.info["vocab_size"])
+        return q.clone() if self.head_ids is None else to_vocab(q, self.head_ids, self.info.vocab_size)
 
     def revive(self) -> bool:
         return False  # a dead local draft process is not restarted

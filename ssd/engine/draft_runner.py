@@ -16,6 +16,7 @@ were fed self-fed, their KV is recomputed (draft_len is cut back to them).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -25,6 +26,16 @@ from ..sampling import position_noise, process_logits, sample, saguaro_reshape
 from ..speculation.fanout import FanOutPlanner
 
 RANKED_CANDIDATES = 16  # candidates per depth kept for the power-law fit (tokens only)
+
+
+class Verifying(NamedTuple):
+    """A speculation the target is verifying this round, as the draft builds the next ones on it:
+    its tokens (K, or fewer from an adaptive JIT draft) and how it was found, "hit" (from this
+    draft's cache) or "miss" (drafted just in time, the backup or the index): the fan-out
+    schedule follows it."""
+
+    tokens: list[int]
+    after: str
 
 
 @dataclass
@@ -292,9 +303,9 @@ class DraftRunner:
 
     # ---- speculation cache construction (SSD) ----------------------------------------------
     @torch.inference_mode()
-    def build(self, specs: dict[int, tuple[list[int], str]], on_keys=None, should_abort=None) -> dict[int, CacheEntry] | None:
-        """specs: {seq_id: (the speculated tokens now being verified (K, or fewer from an
-        adaptive JIT draft), "hit" | "miss")}. Every branch drafts K tokens whatever the length.
+    def build(self, specs: dict[int, Verifying], on_keys=None, should_abort=None) -> dict[int, CacheEntry] | None:
+        """specs: {seq_id: the speculation now being verified}. Every branch drafts K tokens
+        whatever its length.
         Predicts the round's outcomes and drafts the next speculation for each (Saguaro).
         on_keys({seq_id: [(k, token), ...]}) is called as soon as the fork is known, before the
         tree decode; should_abort() is polled between tree steps: True abandons the build
@@ -308,23 +319,23 @@ class DraftRunner:
         #    giving draft logits G_0..G_K at every possible rejection depth
         selfh = None
         if self.feature:  # the speculated positions read the outputs they were drafted from
-            selfh = [r.selfh.get(self._selfh_key(r, specs[i][0])) for r, i in zip(rows, seq_ids)]
+            selfh = [r.selfh.get(self._selfh_key(r, specs[i].tokens)) for r, i in zip(rows, seq_ids)]
             missing = [b for b, h in enumerate(selfh) if h is None]
-            for m in sorted({len(specs[seq_ids[b]][0]) for b in missing}):  # one chain per length
-                group = [b for b in missing if len(specs[seq_ids[b]][0]) == m]
+            for m in sorted({len(specs[seq_ids[b]].tokens) for b in missing}):  # one chain per length
+                group = [b for b in missing if len(specs[seq_ids[b]].tokens) == m]
                 for b, h in zip(group, self._selffed_chain([rows[b] for b in group],
-                                                           [list(specs[seq_ids[b]][0]) for b in group])):
+                                                           [list(specs[seq_ids[b]].tokens) for b in group])):
                     selfh[b] = h
         feeds, starts = [], []
         for r, i in zip(rows, seq_ids):
             start = min(r.draft_len, len(r.ctx) - 1)
             starts.append(start)
-            feeds.append(r.ctx[start:] + list(specs[i][0]))
+            feeds.append(r.ctx[start:] + list(specs[i].tokens))
         n = [len(f) for f in feeds]
         width = max(n)
         ids = torch.tensor([f + [0] * (width - len(f)) for f in feeds], dtype=torch.int64)
         batch = append_batch([r.slot for r in rows], starts, n, device=ids.device)
-        m = [len(specs[i][0]) for i in seq_ids]  # speculated tokens per row (<= K)
+        m = [len(specs[i].tokens) for i in seq_ids]  # speculated tokens per row (<= K)
         # row b's G_0..G_{m_b} (repeating its last one up to K+1 columns)
         glue_rows = torch.tensor([[x - mb - 1 + min(j, mb) for j in range(K + 1)] for x, mb in zip(n, m)], dtype=torch.int64)
         glue_logits, glue_h = self._forward(ids, self._gprev(rows, starts, n, width, selfh), batch,
@@ -333,7 +344,7 @@ class DraftRunner:
         # 2. fork: top-F_k candidates per depth, the drafted token excluded below depth K
         branch_tok, branch_depth, fans = [], [], []
         for b, (r, i) in enumerate(zip(rows, seq_ids)):
-            spec_tokens, after = specs[i]
+            spec_tokens, after = specs[i].tokens, specs[i].after
             mb = m[b]
             r.draft_len = len(r.ctx) + mb  # context + speculated tokens now hold valid KV
             r.spec_after = after

@@ -11,10 +11,12 @@ import traceback
 
 import torch
 
+from ..config import Mode, RequestOptions
 from ..speculation.index import GREEDY, branch_items, context_key
-from .protocol import (AddSequence, Advance, CachedBranches, CacheKeys, CacheReply, DraftFailed, DraftReady, JitReply,
-                       Release, RoundRequest, Speculation, Stop)
+from .draft_runner import Verifying
+from .protocol import (AddSequence, Advance, CacheKeys, CacheReply, CachedBranches, DraftFailed, DraftInfo, DraftReady, JitReply, Release, RoundRequest, Speculation, Stop)
 
+NO_OPTIONS = RequestOptions()
 log = logging.getLogger(__name__)
 
 def allocate_q_buffers(max_seqs: int, max_branches: int, k: int, width: int):
@@ -38,7 +40,7 @@ class RoundServer:
         self.index = index
         self.fingerprint = fingerprint
         self.published: dict[int, list[str]] = {}  # seq_id -> keys it stored (deleted on abort)
-        self.meta: dict[int, dict] = {}  # seq_id -> its "add" meta (traceparent, ...)
+        self.options: dict[int, RequestOptions] = {}  # seq_id -> what its AddSequence carried (traceparent, mode, ...)
         self.refused: set[int] = set()  # sequences this draft had no room for
         self.rounds: dict[int, int] = {}  # seq_id -> rounds of it the target committed (its Advances)
         # on_round(record): after every round, what it built (the draft service turns it into
@@ -52,7 +54,7 @@ class RoundServer:
         if seq_id in self.runner.seqs:
             self.runner.release(seq_id)
         self.entries.pop(seq_id, None)
-        self.meta.pop(seq_id, None)
+        self.options.pop(seq_id, None)
         self.published.pop(seq_id, None)
         self.refused.discard(seq_id)
         self.rounds.pop(seq_id, None)
@@ -75,7 +77,7 @@ class RoundServer:
                     log.warning("draft refuses sequence %s: %s", seq_id, e)
                     self.refused.add(seq_id)
                     continue
-                self.meta[seq_id] = dict(op.meta)
+                self.options[seq_id] = op.options
                 self.rounds[seq_id] = 0
             elif seq_id in self.refused:
                 if isinstance(op, Release):
@@ -109,23 +111,23 @@ class RoundServer:
             for i, (tokens, q) in (runner.jit(jit_ids, after="miss", lengths=msg.jit_k) if jit_ids else {}).items():
                 q_ref = put_q("jit", round_id, runner.seqs[i].slot, q) if q is not None else None
                 reply[i] = Speculation(tokens.tolist(), q_ref)
-                specs[i] = (tokens.tolist(), "miss")
+                specs[i] = Verifying(tokens.tolist(), "miss")
             send(JitReply(round_id, reply, time.perf_counter() - t0))
             jit_ns = (jit_start, time.time_ns())
             if self.index is not None:
                 for i, sp in reply.items():
                     self._publish(i, {context_key(runner.seqs[i].ctx, self.fingerprint, GREEDY, runner.K): sp.token_ids})
         for i, tokens in backups.items():
-            specs[i] = (list(tokens), "miss")
+            specs[i] = Verifying(list(tokens), "miss")
         for i in hit_ids:
             s = runner.seqs[i]
             entry = self.entries[i]
             tokens = entry.token_ids[entry.keys[(s.last_outcome_k, s.ctx[-1])]].tolist()
             if msg.hit_k.get(i, len(tokens)) < len(tokens):  # adaptive: the target verifies a prefix
                 tokens = runner.cut_speculation(i, tokens, msg.hit_k[i])
-            specs[i] = (tokens, "hit")
+            specs[i] = Verifying(tokens, "hit")
         # a sequence served as plain SD (its request's mode) gets JIT speculations only, no cache
-        specs = {i: v for i, v in specs.items() if self.meta.get(i, {}).get("mode") != "sd"}
+        specs = {i: v for i, v in specs.items() if self.options.get(i, NO_OPTIONS).mode != Mode.SD}
         if want_keys and not specs:
             send(CacheKeys(round_id, {}))
         prefixes = {i: list(runner.seqs[i].ctx) for i in specs} if self.index is not None else {}
@@ -145,7 +147,7 @@ class RoundServer:
         seconds = time.perf_counter() - t0
         if self.index is not None:  # before the reply: a target that misses its own cache may look these up
             for i, c in reply.items():
-                self._publish(i, branch_items(prefixes[i], specs[i][0], c.keys, c.token_ids, self.fingerprint, runner.K))
+                self._publish(i, branch_items(prefixes[i], specs[i].tokens, c.keys, c.token_ids, self.fingerprint, runner.K))
         send(CacheReply(round_id, reply, seconds))
         self._report(round_id, (round_start, build_start), jit_ns, jit_ids, specs, built)
 
@@ -155,7 +157,7 @@ class RoundServer:
         self.on_round({
             "round": round_id, "start_ns": starts[0], "build_start_ns": starts[1], "end_ns": time.time_ns(),
             "abandoned": built is None, "jit_ns": jit_ns, "jit": list(jit_ids),
-            "seqs": {i: {"after": specs[i][1], "fan_out": len(built[i].keys) if built and i in built else 0,
+            "seqs": {i: {"after": specs[i].after, "fan_out": len(built[i].keys) if built and i in built else 0,
                          "round": self.rounds.get(i, 0) + 1} for i in specs},  # the round being verified
         })
 
@@ -174,8 +176,7 @@ def worker_main(conn, draft_desc, speculation, max_seqs: int, max_model_len: int
         head = runner.head_ids
         width = model.cfg.vocab_size if head is None else head.numel()
         cache_q, jit_q = allocate_q_buffers(max_seqs, speculation.fan_out_budget, speculation.num_speculative_tokens, width)
-        conn.send(DraftReady({"vocab_size": model.cfg.vocab_size, "num_layers": model.cfg.num_layers, "q_width": width,
-                              "feature_layers": list(runner.feature_layers)},
+        conn.send(DraftReady(DraftInfo(model.cfg.vocab_size, model.cfg.num_layers, width, tuple(runner.feature_layers)),
                              head, (cache_q, jit_q)))
     except Exception:
         conn.send(DraftFailed(traceback.format_exc()))

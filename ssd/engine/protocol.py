@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from ..config import SamplingParams
+from ..config import RequestOptions, SamplingParams
 
 
 # ---- target -> draft ------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ class AddSequence:
     seq_id: int
     context: list[int]
     params: SamplingParams
-    meta: dict = field(default_factory=dict)  # request_id, traceparent, the gateway's draft pick
+    options: RequestOptions = RequestOptions()  # mode, request_id, traceparent, the gateway's draft pick
     features: "Features | None" = None  # feature drafters: [len(context) - 1, F] the target's fused features of every position but the last
 
 
@@ -146,9 +146,29 @@ class CacheReply:
     seconds: float
 
 
+@dataclass
+class DraftInfo:
+    """What a draft says about itself when a link reaches it (DraftLink.info)."""
+
+    vocab_size: int  # the target's vocabulary, which its q rows are mapped into
+    num_layers: int = 0
+    q_width: int = 0  # columns of its q rows: its head's vocabulary (0: not reported)
+    feature_layers: tuple[int, ...] = ()  # a feature drafter: the target layers whose inputs it reads
+    model: str = ""  # a draft service's model description
+    node: str = ""  # the node a draft service runs on
+    fingerprint: str = ""  # a draft service's speculation-index fingerprint ("" = the target computes it)
+    publishes: bool = False  # the draft writes its speculations to the shared index itself
+    tensor_channel: str = "inline"  # how its q rows travel: inline bytes, gloo or nccl
+    drafts: tuple[str, ...] = ()  # a link over several drafts: their addresses
+
+    def identity(self) -> tuple:
+        """What every draft of one target must share: index keys, vocabulary, who publishes."""
+        return self.fingerprint, self.vocab_size, self.publishes
+
+
 @dataclass(frozen=True)
 class DraftReady:
-    info: dict  # vocab_size, num_layers, q_width, ...
+    info: DraftInfo
     head_ids: Any = None  # int64 [Vh]: the token ids of the draft head's columns (None: the whole vocabulary)
     q_buffers: Any = None  # the local draft process's shared-memory q rows (cache [2, seqs, branches, K, Vh], jit)
 

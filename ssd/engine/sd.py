@@ -11,7 +11,7 @@ from .base import Engine
 from .draft_runner import DraftRunner
 from ..speculation.adaptive import AdaptiveK, SpeculationGate
 from ..speculation.qrows import to_vocab
-from .sequence import Proposal
+from .sequence import Proposal, Source
 
 
 class SDEngine(Engine):
@@ -54,7 +54,7 @@ class SDEngine(Engine):
             t1 = time.perf_counter()
             d = self.draft
             plain = Proposal.plain()
-            specs = [Proposal(drafted[s.seq_id][0], to_vocab(drafted[s.seq_id][1], d.head_ids, d.vocab_size), "jit")
+            specs = [Proposal(drafted[s.seq_id][0], to_vocab(drafted[s.seq_id][1], d.head_ids, d.vocab_size), Source.JIT)
                      if s.seq_id in drafted else plain for s in old]
             logits = self.target.forward(old, [sp.token_ids.tolist() for sp in specs], self.K + 1)
             t2 = time.perf_counter()

@@ -6,25 +6,41 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import NamedTuple
 
 import torch
 
-from ..config import SamplingParams
+from ..config import RequestOptions, SamplingParams
 
 _ids = itertools.count()
+
+
+class Source(str, Enum):
+    """Where a speculation came from: the draft's speculation cache (SSD), the shared speculation
+    index, the draft just in time, the n-gram backup; NONE: nothing speculated (a plain decode
+    row). A str, so it reads as its value in metrics labels, spans and JSON."""
+
+    CACHE = "cache"
+    INDEX = "index"
+    JIT = "jit"
+    BACKUP = "backup"
+    NONE = "none"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class Proposal(NamedTuple):
     """A speculation waiting to be verified."""
     token_ids: torch.Tensor  # [K]
     q: torch.Tensor | None   # [K, V]: the exact distributions the draft sampled from (sampling); None when greedy
-    source: str              # cache | index | jit | backup | none (a plain decode row: nothing speculated)
+    source: Source
 
     @classmethod
     def plain(cls) -> "Proposal":
         """No speculation: the row decodes plainly in the verify."""
-        return cls(torch.empty(0, dtype=torch.int64), None, "none")
+        return cls(torch.empty(0, dtype=torch.int64), None, Source.NONE)
 
 
 @dataclass
@@ -80,9 +96,7 @@ class Sequence:
     speculation: "Proposal | None" = None  # the speculation waiting to be verified
     spec_result: str | None = None  # hit | late | miss: how that speculation was found (None: not looked up)
     spec_stats: SeqSpecStats = field(default_factory=SeqSpecStats)
-    # routing and tracing hints that travel with the sequence to its draft: "draft" (preferred
-    # draft address), "traceparent" (W3C context of the request)
-    meta: dict = field(default_factory=dict)
+    options: RequestOptions = RequestOptions()  # mode, the gateway's draft pick, trace context: travel to the draft
     # feature drafters only: the target's fused features of every committed position but the
     # last (bf16 rows, appended per round), and those of the last forward until it is committed
     features: list = field(default_factory=list)

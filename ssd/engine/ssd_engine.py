@@ -12,14 +12,14 @@ import time
 
 import torch
 
-from ..config import EngineConfig
+from ..config import EngineConfig, Mode
 from ..models.draft import DraftDescription
 from ..speculation import ngram
 from ..speculation.adaptive import AdaptiveK, Ewma, SpeculationGate, next_budget, prefer_jit
 from ..speculation.index import GREEDY, LocalIndex, branch_items, context_key, draft_fingerprint
 from .base import Engine, RoundRow, StepRecord
 from .draft_link import DraftUnavailable, ProcessDraftLink
-from .sequence import Proposal
+from .sequence import Proposal, Source
 from .protocol import AddSequence, Advance, CacheKeys, CacheReply, JitReply, Release, RoundRequest, SequenceOp
 
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class SSDEngine(Engine):
     mode = "ssd"
 
-    def __init__(self, cfg: EngineConfig, target_model, draft_desc, eos_token_ids, seed: int = 0,
+    def __init__(self, cfg: EngineConfig, target_model, draft_desc: DraftDescription | None, eos_token_ids, seed: int = 0,
                  start_timeout: float = 300.0, link=None, index=None):
         super().__init__(cfg, target_model, eos_token_ids)
         self.index = index if index is not None else LocalIndex(ttl_s=cfg.index_ttl_s)
@@ -45,17 +45,17 @@ class SSDEngine(Engine):
         self.round_wants_cache = False  # the last round sent asked the draft for some speculation
         # speculations of different drafts (or draft settings) must never meet in the index; a
         # draft service names its own fingerprint (and publishes itself when it has the index)
-        self.draft_fingerprint = self.link.info.get("fingerprint") or draft_fingerprint(
-            self.link.info.get("model") or (DraftDescription.of(draft_desc).path if draft_desc else None), cfg.speculation)
+        self.draft_fingerprint = self.link.info.fingerprint or draft_fingerprint(
+            self.link.info.model or (draft_desc.path if draft_desc is not None else None), cfg.speculation)
         # the draft's own publishing helps only when both sides share the index (Redis); with the
         # in-process map the target stores what it receives itself
-        self.draft_publishes = bool(self.link.info.get("publishes")) and not isinstance(self.index, LocalIndex)
-        self.target.capture = tuple(self.link.info.get("feature_layers") or ())  # a feature drafter's layers
+        self.draft_publishes = self.link.info.publishes and not isinstance(self.index, LocalIndex)
+        self.target.capture = tuple(self.link.info.feature_layers)  # a feature drafter's layers
         spec = cfg.speculation
         # adaptive speculation (docs/algorithm.md section 7); None: K, b* and the budget stay fixed
         self.adaptive = AdaptiveK(self.K, spec.init_acceptance, gate=SpeculationGate() if spec.gate else None) \
             if spec.adaptive else None
-        if self.adaptive is not None and not getattr(self.link, "carries_adaptive", False):
+        if self.adaptive is not None and not self.link.carries_adaptive:
             raise ValueError(f"adaptive speculation needs a draft link that carries per-round K and budgets; "
                              f"{type(self.link).__name__} does not")
         self.budget = spec.fan_out_budget  # this round's fan-out budget (adaptive: moves within [1, fan_out_budget])
@@ -64,8 +64,8 @@ class SSDEngine(Engine):
         self.fallback_decisions = 0  # measured JIT-or-backup decisions taken (section 7b)
         self.last_fallback_was_backup = False
         self.arm, self.jit_k = None, {}  # this step's gate arm and key, and its JIT lengths
-        if self.link.info["vocab_size"] != self.vocab_size:
-            raise ValueError(f"draft vocabulary {self.link.info['vocab_size']} != target vocabulary {self.vocab_size}")
+        if self.link.info.vocab_size != self.vocab_size:
+            raise ValueError(f"draft vocabulary {self.link.info.vocab_size} != target vocabulary {self.vocab_size}")
 
     # ---- transport -----------------------------------------------------------------------------
     def _recv_kind(self, kind: type, round_id: int):
@@ -88,7 +88,7 @@ class SSDEngine(Engine):
         self.draft_error = str(err)
         self.draft_alive = False
         for s in self.scheduler.running:
-            if s.speculation is not None and s.speculation.source != "backup":
+            if s.speculation is not None and s.speculation.source != Source.BACKUP:
                 s.speculation = None
 
     def _maybe_revive(self) -> None:
@@ -96,11 +96,11 @@ class SSDEngine(Engine):
         every running sequence's context and builds caches from the next round on."""
         if self.draft_alive or not self.link.revive():  # revive() never blocks
             return
-        log.info("draft back (%s): speculating again", self.link.info.get("drafts"))
+        log.info("draft back (%s): speculating again", ", ".join(self.link.info.drafts) or "its own draft")
         self.draft_alive, self.draft_error = True, None
         self.stale_rounds.clear()
-        self.pending_ops = [AddSequence(s.seq_id, list(s.context), s.params, dict(s.meta), self._all_features(s))
-                            for s in self.scheduler.running if not s.finished and _mode(s) != "ar"]
+        self.pending_ops = [AddSequence(s.seq_id, list(s.context), s.params, s.options, self._all_features(s))
+                            for s in self.scheduler.running if not s.finished and _mode(s) != Mode.AR]
 
     def close(self) -> None:
         self.link.close()
@@ -135,7 +135,7 @@ class SSDEngine(Engine):
         entries, on_time = self._receive_cache(running, outcomes, round_id)
         self._publish(running, specs, base_len, entries)
         self._take_next(running, outcomes, entries, on_time)
-        jit_served = tuple(s.seq_id for s, sp in zip(running, specs) if sp.source == "jit")  # not those left to the backup
+        jit_served = tuple(s.seq_id for s, sp in zip(running, specs) if sp.source == Source.JIT)  # not those left to the backup
         rates = (None, None, None)  # adaptive: the gate's arm, the plan's predicted and the realised tokens/s
         if self.arm is not None:  # the gate learns what this step realised (ssd/speculation/adaptive.py: step_done)
             committed, now = sum(r.kept for r in rows), time.perf_counter()
@@ -153,8 +153,8 @@ class SSDEngine(Engine):
         new = self.scheduler.admit()
         events = self._prefill(new)
         for s in new:
-            if not s.finished and _mode(s) != "ar":  # a request served as AR never reaches the draft
-                self.pending_ops.append(AddSequence(s.seq_id, list(s.context), s.params, dict(s.meta),
+            if not s.finished and _mode(s) != Mode.AR:  # a request served as AR never reaches the draft
+                self.pending_ops.append(AddSequence(s.seq_id, list(s.context), s.params, s.options,
                                                     self._all_features(s)))
                 s.speculation = None
                 if self.adaptive is not None:  # its rounds feed and read its temperature class's acceptance
@@ -169,12 +169,12 @@ class SSDEngine(Engine):
         decodes plainly and the draft builds nothing), then every row's length planned together
         (AdaptiveK.plan): cached and backup speculations cut, JIT rows given 0..K tokens."""
         for s in running:  # requests served as AR: verified with no speculation (a plain decode step)
-            if _mode(s) == "ar":
+            if _mode(s) == Mode.AR:
                 s.speculation = Proposal.plain()
         self.arm, self.jit_k = None, {}
         ad = self.adaptive
         if ad is not None:
-            spec_rows = [s for s in running if _mode(s) != "ar"]
+            spec_rows = [s for s in running if _mode(s) != Mode.AR]
             # a step of AR-mode requests only has nothing to gate
             self.arm = ad.speculate([s.seq_id for s in spec_rows], plain=len(running) - len(spec_rows)) if spec_rows else None
             if self.arm is not None and self.arm[0] == "plain":
@@ -186,14 +186,14 @@ class SSDEngine(Engine):
         if ad is not None and need:
             use_jit = self._measured_prefers_jit(len(running) - len(need), len(need), use_jit)
         for s in need:  # SD requests always draft just in time (the draft sequentially, then verify)
-            if self.draft_alive and (use_jit or _mode(s) == "sd"):
+            if self.draft_alive and (use_jit or _mode(s) == Mode.SD):
                 jit_ids.append(s.seq_id)
             else:
                 backups[s.seq_id] = self._backup(s)
         if self.arm is not None and self.arm[0] == "spec":
             drafted = {s.seq_id: len(s.speculation.token_ids) for s in running
-                       if s.speculation is not None and s.speculation.source != "none"}
-            plain = sum(1 for s in running if s.speculation is not None and s.speculation.source == "none")
+                       if s.speculation is not None and s.speculation.source != Source.NONE}
+            plain = sum(1 for s in running if s.speculation is not None and s.speculation.source == Source.NONE)
             ad.plan(jit_ids, drafted, plain)
             self.jit_k = {i: ad.k_for(i) for i in jit_ids}
             for s in running:  # a zero-length JIT row decodes plainly; drafted speculations cut to their plan
@@ -203,10 +203,10 @@ class SSDEngine(Engine):
                     self._cut(s, ad.k_for_cached(s.seq_id, drafted[s.seq_id]))
             jit_ids = [i for i in jit_ids if self.jit_k[i] > 0]
             backups = {i: s.speculation.token_ids.tolist() for i, s in ((s.seq_id, s) for s in need)
-                       if i in backups and s.speculation.source == "backup"}
-        hit_ids = [s.seq_id for s in running if s.speculation is not None and s.speculation.source == "cache"]
+                       if i in backups and s.speculation.source == Source.BACKUP}
+        hit_ids = [s.seq_id for s in running if s.speculation is not None and s.speculation.source == Source.CACHE]
         for s in running:  # an index hit is, for the draft, a speculation handed to it
-            if s.speculation is not None and s.speculation.source == "index":
+            if s.speculation is not None and s.speculation.source == Source.INDEX:
                 backups[s.seq_id] = s.speculation.token_ids.tolist()
         return need, jit_ids, backups, hit_ids
 
@@ -216,7 +216,7 @@ class SSDEngine(Engine):
         sp = s.speculation
         if n >= len(sp.token_ids):
             return
-        if sp.source in ("cache", "index"):
+        if sp.source in (Source.CACHE, Source.INDEX):
             self.stats.cut_draft_tokens += len(sp.token_ids) - n
         if n == 0:
             self._plain(s)
@@ -274,7 +274,7 @@ class SSDEngine(Engine):
                         continue
                     tokens, q_ref = reply[s.seq_id].token_ids, reply[s.seq_id].q_ref
                     q = self.link.q_row(q_ref) if q_ref is not None else None
-                    s.speculation = Proposal(torch.tensor(tokens), q, "jit")
+                    s.speculation = Proposal(torch.tensor(tokens), q, Source.JIT)
                     if s.params.greedy and not self.draft_publishes:  # a retry reaching this context will not wait
                         key = self._key(s.context)
                         jit_items[key] = tokens
@@ -318,13 +318,13 @@ class SSDEngine(Engine):
                 continue
             k, t = outcome
             kept = self._commit_outcome(s, sp.token_ids.tolist(), k, t, logits[b])
-            if sp.source in ("cache", "index"):
+            if sp.source in (Source.CACHE, Source.INDEX):
                 self.stats.tokens_after_hit += len(kept)
                 self.stats.rounds_after_hit += 1
-            elif sp.source != "none":
+            elif sp.source != Source.NONE:
                 self.stats.tokens_after_miss += len(kept)
                 self.stats.rounds_after_miss += 1
-                src = "jit" if sp.source == "jit" else "backup"
+                src = Source.JIT if sp.source == Source.JIT else Source.BACKUP
                 setattr(self.stats, f"tokens_after_{src}", getattr(self.stats, f"tokens_after_{src}") + len(kept))
                 setattr(self.stats, f"rounds_after_{src}", getattr(self.stats, f"rounds_after_{src}") + 1)
             if self.adaptive is not None:
@@ -332,7 +332,7 @@ class SSDEngine(Engine):
             events.append((s, kept))
             rows.append(RoundRow(s, len(sp.token_ids), k, len(kept), sp.source, s.spec_result))
             s.speculation, s.spec_result = None, None
-            if not s.finished and _mode(s) != "ar":
+            if not s.finished and _mode(s) != Mode.AR:
                 self.pending_ops.append(Advance(s.seq_id, list(kept), self._new_features(s)))
         return rows
 
@@ -383,7 +383,7 @@ class SSDEngine(Engine):
                 continue
             self._count(s, "cache_hit" if on_time else "cache_late")
             q = self.link.q_row(entry.q_ref, j) if entry.q_ref is not None else None
-            s.speculation = self._cached(s, entry.token_ids[j], q, "cache")
+            s.speculation = self._cached(s, entry.token_ids[j], q, Source.CACHE)
         if index_rows:
             found = self.index.get_many([self._key(s.context) for s in index_rows])
             for s, tokens in zip(index_rows, found):
@@ -392,7 +392,7 @@ class SSDEngine(Engine):
                 else:
                     self._count(s, "cache_hit")
                     self.stats.index_hit += 1
-                    s.speculation = self._cached(s, tokens, None, "index")
+                    s.speculation = self._cached(s, tokens, None, Source.INDEX)
 
     def _cached(self, s, tokens: list[int], q, source: str) -> Proposal:
         """A speculation from the cache or the index; adaptive, the next step's plan decides how
@@ -433,7 +433,7 @@ class SSDEngine(Engine):
             result = "cache_" + s.spec_result
             setattr(self.stats, result, getattr(self.stats, result) - 1)
             setattr(s.spec_stats, result, getattr(s.spec_stats, result) - 1)
-            if s.speculation is not None and s.speculation.source == "index":
+            if s.speculation is not None and s.speculation.source == Source.INDEX:
                 self.stats.index_hit -= 1
             s.spec_result = None
         s.speculation = Proposal.plain()
@@ -442,7 +442,7 @@ class SSDEngine(Engine):
         t0 = time.perf_counter()
         tokens = ngram.propose(s.context, self.K, self.cfg.speculation.ngram_max)
         q = None if s.params.greedy else ngram.point_mass_probs(tokens, self.vocab_size)
-        s.speculation = Proposal(torch.tensor(tokens), q, "backup")
+        s.speculation = Proposal(torch.tensor(tokens), q, Source.BACKUP)
         self.stats.t_backup += time.perf_counter() - t0
         self.stats.n_backup += 1
         return tokens
@@ -454,7 +454,7 @@ class SSDEngine(Engine):
         if s.finish_reason == "abort":  # cancelled or expired: free its index entries (finished ones age out by TTL)
             self.index.delete_many(keys)
         # a sequence the draft never heard of (its "add" still pending) has nothing to release
-        unknown_to_draft = _mode(s) == "ar" or any(isinstance(op, AddSequence) and op.seq_id == s.seq_id
+        unknown_to_draft = _mode(s) == Mode.AR or any(isinstance(op, AddSequence) and op.seq_id == s.seq_id
                                                    for op in self.pending_ops)
         self.pending_ops = [op for op in self.pending_ops if op.seq_id != s.seq_id]
         if not unknown_to_draft:
@@ -481,4 +481,4 @@ EXPLORE_EVERY = 16  # every so many measured decisions take the other source, ke
 
 def _mode(s) -> str:
     """How a request is decoded (its "mode": ar | sd | ssd); empty = ssd."""
-    return s.meta.get("mode") or "ssd"
+    return s.options.mode or Mode.SSD

@@ -45,11 +45,6 @@ class DraftDescription:
     dtype: str = "float32"  # bfloat16 | float32, resolved (never "auto")
     batch_invariant: bool = True
 
-    @classmethod
-    def of(cls, d: "DraftDescription | dict") -> "DraftDescription":
-        """A description, also from a plain {"path": ...} mapping (tests, scripts)."""
-        return d if isinstance(d, cls) else cls(**d)
-
     def with_numerics(self, dtype: str | None = None, batch_invariant: bool | None = None) -> "DraftDescription":
         return dataclasses.replace(self, dtype=dtype or self.dtype,
                                    batch_invariant=self.batch_invariant if batch_invariant is None else bool(batch_invariant))
@@ -94,8 +89,8 @@ def draft_description(draft: str, target_path, standin_layers: int, dtype: str =
     return DraftDescription(str(path), str(target_path), dtype=dtype, batch_invariant=batch_invariant)
 
 
-def describe(d: DraftDescription | dict) -> str:
-    return DraftDescription.of(d).describe()
+def describe(d: DraftDescription) -> str:
+    return d.describe()
 
 
 def restrict_head(model, head_ids: torch.Tensor) -> None:
@@ -105,9 +100,8 @@ def restrict_head(model, head_ids: torch.Tensor) -> None:
     model.set_head(model.lm_head.weight.detach()[head_ids].clone(), head_ids)
 
 
-def load_draft(d: DraftDescription | dict, dtype=None, device="cpu"):
+def load_draft(d: DraftDescription, dtype=None, device="cpu"):
     """The draft model of a description, in its dtype unless dtype overrides it."""
-    d = DraftDescription.of(d)
     model = _load_draft(d, dtype or getattr(torch, d.dtype), device)
     model.invariant = d.batch_invariant
     return model

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from ssd.config import SamplingParams, SpeculationConfig
-from ssd.engine.draft_runner import DraftRunner
+from ssd.engine.draft_runner import DraftRunner, Verifying
 from ssd.models.loader import load_model
 
 
@@ -37,12 +37,12 @@ def test_every_branch_equals_jit_from_its_outcome(draft_model, fan_out):
     for i, c in ctxs.items():
         runner.add(i, c, SamplingParams())
     drafted = runner.jit(list(ctxs))
-    specs = {i: (drafted[i][0].tolist(), "miss") for i in ctxs}
+    specs = {i: Verifying(drafted[i][0].tolist(), "miss") for i in ctxs}
     keys_seen = {}
     built = runner.build(specs, on_keys=keys_seen.update)
     for i, ctx in ctxs.items():
         entry = built[i]
-        d = specs[i][0]
+        d = specs[i].tokens
         assert sum(entry.fan_out) == 7 and len(entry.keys) == 7
         assert set(keys_seen[i]) == set(entry.keys)
         for (k, c), j in entry.keys.items():
@@ -60,11 +60,11 @@ def test_hit_then_next_round_stays_consistent(draft_model):
     ctx = [2, 4, 6, 8]
     runner.add(0, ctx, SamplingParams())
     d = runner.jit([0])[0][0].tolist()
-    entry = runner.build({0: (d, "miss")})[0]
+    entry = runner.build({0: Verifying(d, "miss")})[0]
     (k, c), j = next(iter(entry.keys.items()))
     runner.on_outcome(0, d[:k] + [c])
     nxt = entry.token_ids[j].tolist()
-    entry2 = runner.build({0: (nxt, "hit")})[0]
+    entry2 = runner.build({0: Verifying(nxt, "hit")})[0]
     new_ctx = ctx + d[:k] + [c]
     for (k2, c2), j2 in entry2.keys.items():
         assert entry2.token_ids[j2].tolist() == _jit_alone(draft_model, spec, new_ctx + nxt[:k2] + [c2])
@@ -75,7 +75,7 @@ def test_abort_between_tree_steps(draft_model):
     runner = DraftRunner(draft_model, spec, max_seqs=1, max_model_len=64)
     runner.add(0, [1, 2, 3], SamplingParams())
     d = runner.jit([0])[0][0].tolist()
-    assert runner.build({0: (d, "miss")}, should_abort=lambda: True) is None
+    assert runner.build({0: Verifying(d, "miss")}, should_abort=lambda: True) is None
     # the runner stays usable: the next outcome and build work as usual
     runner.on_outcome(0, [d[0], 7])
     d2 = runner.jit([0])[0][0].tolist()

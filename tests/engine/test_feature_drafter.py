@@ -6,7 +6,7 @@ import torch
 
 from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
 from ssd.engine import AREngine, SDEngine, SSDEngine
-from ssd.engine.draft_runner import DraftRunner
+from ssd.engine.draft_runner import DraftRunner, Verifying
 from ssd.engine.protocol import Features
 from ssd.models.draft import DraftDescription, load_draft
 from ssd.models.loader import load_model
@@ -162,7 +162,7 @@ def test_cache_branches_are_what_the_drafter_proposes_on_selffed_features(setup)
     def recomputed(*a):
         raise AssertionError("the drafter's own speculation was re-drafted for its self-fed inputs")
     r._selffed_chain = recomputed  # it kept the outputs it drafted them from
-    entry = r.build({7: (d, "miss")})[7]
+    entry = r.build({7: Verifying(d, "miss")})[7]
     assert len(entry.keys) >= 3
     for (k, t), j in entry.keys.items():
         branch_ctx = ctx + d[:k] + [t]

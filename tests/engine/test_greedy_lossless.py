@@ -6,6 +6,7 @@ import pytest
 from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
 from ssd.engine import ModelPair, build_engine
 from ssd.models.draft import draft_description
+from ssd.models.draft import DraftDescription
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +76,7 @@ def test_ssd_greedy_identical_to_ar_with_hits_and_backup(pair, prompts, referenc
     # the target as its own draft: speculations are accepted and the cache hits. max_batch = 2
     # makes the third prompt join when the first finishes (continuous batching); b* = 2 sends
     # misses at batch 2 to the n-gram backup and misses at batch 1 to the JIT draft
-    pair2 = ModelPair(pair.target_path, pair.target, pair.tokenizer, {"path": pair.target_path})
+    pair2 = ModelPair(pair.target_path, pair.target, pair.tokenizer, DraftDescription(pair.target_path))
     cfg = EngineConfig(mode="ssd", max_batch=2, speculation=SpeculationConfig(num_speculative_tokens=3, fan_out_budget=4, critical_batch_size=2))
     out, st = _run(pair2, prompts, cfg)
     assert out == reference

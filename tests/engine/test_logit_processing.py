@@ -13,6 +13,7 @@ from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
 from ssd.engine import AREngine, SDEngine, SSDEngine
 from ssd.models.loader import load_model
 from ssd.sampling import adjust_logits, process_logits
+from ssd.models.draft import DraftDescription
 
 from sampling_support import ALPHA, N_OUT, PROMPT, chi_square_pvalue
 
@@ -77,7 +78,7 @@ def _generate(mode, models, prompts, params):
         return AREngine(_cfg("ar"), target, EOS).generate(prompts, params)
     if mode == "sd":
         return SDEngine(_cfg("sd"), target, draft, EOS).generate(prompts, params)
-    with SSDEngine(_cfg("ssd"), target, {"path": str(d_dir)}, EOS) as eng:
+    with SSDEngine(_cfg("ssd"), target, DraftDescription(str(d_dir)), EOS) as eng:
         seqs = eng.generate(prompts, params)
         assert eng.stats.num_accepted_tokens > 0
         return seqs
@@ -150,7 +151,7 @@ def test_sampled_penalised_output_is_distributed_as_the_adjusted_target(models, 
         eng = SDEngine(cfg, target, draft, EOS)
         seqs = eng.generate([PROMPT] * n, params)
     else:
-        with SSDEngine(cfg, target, {"path": str(d_dir)}, EOS) as eng:
+        with SSDEngine(cfg, target, DraftDescription(str(d_dir)), EOS) as eng:
             seqs = eng.generate([PROMPT] * n, params)
     assert 0.1 < eng.stats.summary()["acceptance_rate"] < 0.95
     samples = [tuple(s.output_ids) for s in seqs]

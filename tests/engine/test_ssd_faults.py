@@ -5,6 +5,7 @@ from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
 from ssd.engine import AREngine, SSDEngine
 from ssd.engine.protocol import RoundRequest
 from ssd.models.loader import load_model
+from ssd.models.draft import DraftDescription
 
 PROMPTS = [[0, 1, 2], [2, 2, 1, 0], [1]]
 
@@ -20,7 +21,7 @@ def test_draft_killed_mid_generation_output_unchanged(small_pair):
     target, _ = load_model(t_dir)
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     ref = [s.output_ids for s in AREngine(_cfg().replace(mode="ar"), target, (3,)).generate(PROMPTS, params)]
-    with SSDEngine(_cfg(), target, {"path": str(d_dir)}, (3,)) as eng:
+    with SSDEngine(_cfg(), target, DraftDescription(str(d_dir)), (3,)) as eng:
         seqs = [eng.add_request(p, params) for p in PROMPTS]
         for _ in range(3):
             eng.step()
@@ -38,7 +39,7 @@ def test_draft_killed_mid_generation_output_unchanged(small_pair):
 def test_abort_releases_target_and_draft_slots(small_pair):
     t_dir, d_dir, _ = small_pair
     target, _ = load_model(t_dir)
-    with SSDEngine(_cfg(), target, {"path": str(d_dir)}, (3,)) as eng:
+    with SSDEngine(_cfg(), target, DraftDescription(str(d_dir)), (3,)) as eng:
         a = eng.add_request([0, 1], SamplingParams(max_tokens=30, ignore_eos=True))
         b = eng.add_request([1, 2], SamplingParams(max_tokens=30, ignore_eos=True))
         eng.step()
@@ -64,7 +65,7 @@ def test_a_cache_that_was_not_there_when_verify_ended_counts_late_not_hit(small_
     target, _ = load_model(t_dir)
     params = SamplingParams(max_tokens=30, ignore_eos=True)
     ref = [s.output_ids for s in AREngine(_cfg().replace(mode="ar"), target, (3,)).generate(PROMPTS, params)]
-    with SSDEngine(_cfg(), target, {"path": str(d_dir)}, (3,)) as eng:
+    with SSDEngine(_cfg(), target, DraftDescription(str(d_dir)), (3,)) as eng:
         eng.link.ready = lambda: False
         out = [s.output_ids for s in eng.generate(PROMPTS, params)]
         st = eng.stats

@@ -33,7 +33,7 @@ def test_explicit_dtype_wins_and_bad_names_are_refused():
 @pytest.mark.slow
 def test_draft_description_carries_dtype_and_kernels_to_the_loaded_draft():
     spec = draft_description("default", default_target_path(), 4, "bfloat16", batch_invariant=False)
-    assert isinstance(spec, DraftDescription) and DraftDescription.of({"path": spec.path}).dtype == "float32"
+    assert isinstance(spec, DraftDescription) and DraftDescription(spec.path).dtype == "float32"
     model = load_draft(spec)
     assert model.dtype == torch.bfloat16 and model.invariant is False
     assert model.new_cache(1, 16).k.dtype == torch.bfloat16  # the KV cache in the model dtype

@@ -19,6 +19,7 @@ kubernetes = pytest.importorskip("kubernetes")
 
 from ssd.services import discovery as disc_mod  # noqa: E402
 from ssd.services.discovery import Endpoint, KubernetesDiscovery, StaticDiscovery, endpoints_of_slice, from_args  # noqa: E402
+from ssd.models.draft import DraftDescription  # noqa: E402
 
 NS = "ssd"
 TARGET_SVC, DRAFT_SVC = "ssd-target", "ssd-draft"
@@ -504,7 +505,7 @@ def test_gateway_routes_to_discovered_pods_and_follows_readiness(emu, make_disco
             loops[node] = EngineLoop(AREngine(cfg, target, (3,)))
             for role, add in (("target", lambda s, n=node: pb_grpc.add_TargetServicer_to_server(TargetService(loops[n], node=n), s)),
                               ("draft", lambda s, n=node: pb_grpc.add_DraftServicer_to_server(
-                                  DraftService({"path": str(d_dir)}, cfg.speculation, 8, 64, node=n), s))):
+                                  DraftService(DraftDescription(str(d_dir)), cfg.speculation, 8, 64, node=n), s))):
                 s = make_server()
                 add(s)
                 ports[role, node] = s.add_insecure_port("127.0.0.1:0")

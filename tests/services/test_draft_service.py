@@ -1,7 +1,7 @@
 """The SSD engine speaking to a real draft gRPC service over a loopback socket."""
 import pytest
 
-from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
+from ssd.config import EngineConfig, RequestOptions, SamplingParams, SpeculationConfig
 from ssd.engine import AREngine, SSDEngine
 from ssd.engine.draft_link import DraftUnavailable
 from ssd.engine.protocol import CachedBranches, CacheKeys, CacheReply, JitReply
@@ -10,6 +10,7 @@ from ssd.models.loader import load_model
 pytest.importorskip("grpc")
 from ssd.services.draft.server import serve  # noqa: E402
 from ssd.services.draft_link import GrpcDraftLink  # noqa: E402
+from ssd.models.draft import DraftDescription
 
 PROMPTS = [[0, 1, 2], [2, 2, 1, 0], [1], [3, 0]]
 
@@ -25,7 +26,7 @@ def _cfg(**spec):
 @pytest.fixture
 def draft_server(small_pair):
     _, d_dir, _ = small_pair
-    server, port = serve({"path": str(d_dir)}, _cfg().speculation, max_seqs=8, max_model_len=64)
+    server, port = serve(DraftDescription(str(d_dir)), _cfg().speculation, max_seqs=8, max_model_len=64)
     yield server, f"127.0.0.1:{port}"
     server.stop(0)
 
@@ -46,7 +47,7 @@ def ar_reference(target):
 def test_greedy_over_grpc_identical_to_ar(target, ar_reference, draft_server):
     params, ref = GREEDY, ar_reference
     link = GrpcDraftLink(draft_server[1], k=2)
-    with SSDEngine(_cfg(), target, {}, (3,), link=link) as eng:
+    with SSDEngine(_cfg(), target, None, (3,), link=link) as eng:
         out = [s.output_ids for s in eng.generate(PROMPTS, params)]
         st = eng.stats
     assert out == ref
@@ -70,7 +71,7 @@ def test_adaptive_over_grpc_identical_to_ar(target, small_pair, monkeypatch):
                                                      adaptive=True, cut_cached=True))
     params = SamplingParams(max_tokens=60, ignore_eos=True)
     ref = [s.output_ids for s in AREngine(cfg.replace(mode="ar"), target, (3,)).generate(PROMPTS, params)]
-    servers = [serve({"path": str(small_pair[1])}, cfg.speculation, max_seqs=8, max_model_len=80) for _ in range(2)]
+    servers = [serve(DraftDescription(str(small_pair[1])), cfg.speculation, max_seqs=8, max_model_len=80) for _ in range(2)]
     sent, got = [], []
 
     class Recording(GrpcDraftLink):
@@ -84,7 +85,7 @@ def test_adaptive_over_grpc_identical_to_ar(target, small_pair, monkeypatch):
 
     try:
         link = MultiDraftLink(lambda a: Recording(a, k=4), [f"127.0.0.1:{p}" for _, p in servers])
-        with SSDEngine(cfg, target, {}, (3,), link=link) as eng:
+        with SSDEngine(cfg, target, None, (3,), link=link) as eng:
             out = [s.output_ids for s in eng.generate(PROMPTS, params)]
             st = eng.stats
     finally:
@@ -107,7 +108,7 @@ def test_adaptive_over_grpc_identical_to_ar(target, small_pair, monkeypatch):
 def test_sampled_over_grpc_carries_q_rows(target, draft_server):
     """Sampling needs the full q rows: they travel inline in the gRPC messages."""
     link = GrpcDraftLink(draft_server[1], k=2)
-    with SSDEngine(_cfg(saguaro_c=0.5), target, {}, (3,), link=link) as eng:
+    with SSDEngine(_cfg(saguaro_c=0.5), target, None, (3,), link=link) as eng:
         seqs = eng.generate(PROMPTS, [SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True, seed=i) for i in range(4)])
         assert eng.draft_alive and eng.stats.num_accepted_tokens > 0
     assert all(len(s.output_ids) == 20 for s in seqs)
@@ -116,7 +117,7 @@ def test_sampled_over_grpc_carries_q_rows(target, draft_server):
 def test_draft_service_stopped_mid_run_output_unchanged(target, ar_reference, draft_server):
     params, ref = GREEDY, ar_reference
     link = GrpcDraftLink(draft_server[1], k=2)
-    with SSDEngine(_cfg(), target, {}, (3,), link=link) as eng:
+    with SSDEngine(_cfg(), target, None, (3,), link=link) as eng:
         seqs = [eng.add_request(p, params) for p in PROMPTS]
         for _ in range(3):
             eng.step()
@@ -144,7 +145,7 @@ def test_malformed_q_rows_lose_the_draft_not_the_requests(target, draft_server, 
         sp.draft_probs = sp.draft_probs[:-4]
 
     monkeypatch.setattr(convert, "put_q_rows", short)  # the draft server runs in this process
-    with SSDEngine(_cfg(), target, {}, (3,), link=GrpcDraftLink(draft_server[1], k=2)) as eng:
+    with SSDEngine(_cfg(), target, None, (3,), link=GrpcDraftLink(draft_server[1], k=2)) as eng:
         seqs = eng.generate(PROMPTS, SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True))
         assert not eng.draft_alive
     assert all(len(s.output_ids) == 20 and s.error is None for s in seqs)
@@ -205,7 +206,7 @@ def test_bad_tensor_channel_backend_is_invalid_argument(draft_server):
 @pytest.fixture
 def two_drafts(small_pair):
     _, d_dir, _ = small_pair
-    servers = [serve({"path": str(d_dir)}, _cfg().speculation, max_seqs=8, max_model_len=64) for _ in range(2)]
+    servers = [serve(DraftDescription(str(d_dir)), _cfg().speculation, max_seqs=8, max_model_len=64) for _ in range(2)]
     yield [(s, f"127.0.0.1:{p}") for s, p in servers]
     for s, _ in servers:
         s.stop(0)
@@ -219,7 +220,7 @@ def _multi(addrs, **kw):
 
 def test_two_drafts_spread_sequences_and_survive_losing_one(target, ar_reference, two_drafts):
     link = _multi([a for _, a in two_drafts])
-    with SSDEngine(_cfg(), target, {}, (3,), link=link) as eng:
+    with SSDEngine(_cfg(), target, None, (3,), link=link) as eng:
         seqs = [eng.add_request(p, GREEDY) for p in PROMPTS]
         eng.step()
         eng.step()
@@ -237,15 +238,15 @@ def test_sequence_goes_to_the_draft_the_gateway_named(target, ar_reference, two_
 
     a, b = (addr for _, addr in two_drafts)
     link = _multi([a])  # b is joined on demand, in the background
-    with SSDEngine(_cfg(), target, {}, (3,), link=link) as eng:
-        s1 = eng.add_request(PROMPTS[0], GREEDY, {"draft": b})
+    with SSDEngine(_cfg(), target, None, (3,), link=link) as eng:
+        s1 = eng.add_request(PROMPTS[0], GREEDY, RequestOptions(draft=b))
         eng.step()
         assert link.owner[s1.seq_id] == a  # not connected to b yet: no step waits for the join
         deadline = time.time() + 30
         while b not in link.links and time.time() < deadline:
             eng.step()
             time.sleep(0.02)
-        s2 = eng.add_request(PROMPTS[1], GREEDY, {"draft": b})
+        s2 = eng.add_request(PROMPTS[1], GREEDY, RequestOptions(draft=b))
         s3 = eng.add_request(PROMPTS[2], GREEDY)
         eng.step()
         assert link.owner[s2.seq_id] == b and link.owner[s3.seq_id] == a
@@ -260,7 +261,7 @@ def test_two_targets_share_one_draft(target, ar_reference, draft_server):
     out = {}
 
     def run(name):
-        with SSDEngine(_cfg(), target, {}, (3,), link=GrpcDraftLink(draft_server[1], k=2)) as eng:
+        with SSDEngine(_cfg(), target, None, (3,), link=GrpcDraftLink(draft_server[1], k=2)) as eng:
             out[name] = [s.output_ids for s in eng.generate(PROMPTS, GREEDY)]
 
     threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
@@ -275,7 +276,7 @@ def test_a_shared_draft_does_not_keep_an_adaptive_targets_budget(target, ar_refe
     import ssd.engine.ssd_engine as ssd_engine
 
     monkeypatch.setattr(ssd_engine, "next_budget", lambda budget, *a, **kw: 1)
-    with SSDEngine(_cfg(adaptive=True), target, {}, (3,), link=GrpcDraftLink(draft_server[1], k=2)) as eng:
+    with SSDEngine(_cfg(adaptive=True), target, None, (3,), link=GrpcDraftLink(draft_server[1], k=2)) as eng:
         eng.generate(PROMPTS, GREEDY)
         assert eng.budget == 1
     keys = []
@@ -287,7 +288,7 @@ def test_a_shared_draft_does_not_keep_an_adaptive_targets_budget(target, ar_refe
                 keys.extend(len(ks) for ks in msg.keys.values())
             return msg
 
-    with SSDEngine(_cfg(), target, {}, (3,), link=Recording(draft_server[1], k=2)) as eng:
+    with SSDEngine(_cfg(), target, None, (3,), link=Recording(draft_server[1], k=2)) as eng:
         assert [s.output_ids for s in eng.generate(PROMPTS, GREEDY)] == ar_reference
     assert keys and max(keys) == 3
 
@@ -311,11 +312,11 @@ def test_sampled_over_gloo_with_two_drafts_matches_target_distribution(small_pai
     cfg = big_cfg(saguaro_c=0.5, critical_batch_size=1000)
     if adaptive:
         cfg = big_cfg(saguaro_c=0.5, adaptive=True, p_min=0.6).replace(max_batch=8)  # small batches: JIT pays too
-    servers = [serve({"path": str(d_dir)}, cfg.speculation, max_seqs=128, max_model_len=32) for _ in range(2)]
+    servers = [serve(DraftDescription(str(d_dir)), cfg.speculation, max_seqs=128, max_model_len=32) for _ in range(2)]
     try:
         link = _multi([f"127.0.0.1:{p}" for _, p in servers], tensor_channel="gloo")
-        assert all(l.info["tensor_channel"] == "gloo" for l in link.links.values())
-        with SSDEngine(cfg, tgt, {}, (3,), link=link) as eng:
+        assert all(l.info.tensor_channel == "gloo" for l in link.links.values())
+        with SSDEngine(cfg, tgt, None, (3,), link=link) as eng:
             samples = run(eng, params_list(SAMPLINGS["t1"]))
             st = eng.stats
         assert all(l.tensors.received_bytes > 0 for l in link.links.values())
@@ -332,12 +333,12 @@ def test_draft_restarted_after_loss_takes_over_again(target, ar_reference, small
     """Every draft lost -> the n-gram backup; the draft pod comes back on its address -> the
     engine re-adds its sequences there and speculates again. Output stays identical."""
     _, d_dir, _ = small_pair
-    server, port = serve({"path": str(d_dir)}, _cfg().speculation, max_seqs=8, max_model_len=64)
+    server, port = serve(DraftDescription(str(d_dir)), _cfg().speculation, max_seqs=8, max_model_len=64)
     addr = f"127.0.0.1:{port}"
     link = _multi([addr])
     long = SamplingParams(max_tokens=100, ignore_eos=True)
     ref = [s.output_ids for s in AREngine(_cfg().replace(mode="ar"), target, (3,)).generate(PROMPTS, long)]
-    with SSDEngine(_cfg(), target, {}, (3,), link=link) as eng:
+    with SSDEngine(_cfg(), target, None, (3,), link=link) as eng:
         link.revive_every_s = 0.1
         seqs = [eng.add_request(p, long) for p in PROMPTS]
         eng.step()
@@ -346,7 +347,7 @@ def test_draft_restarted_after_loss_takes_over_again(target, ar_reference, small
             eng.step()
         assert not eng.draft_alive
         lost_hits = eng.stats.cache_hit + eng.stats.cache_late
-        server, _ = serve({"path": str(d_dir)}, _cfg().speculation, max_seqs=8, max_model_len=64, address=addr)
+        server, _ = serve(DraftDescription(str(d_dir)), _cfg().speculation, max_seqs=8, max_model_len=64, address=addr)
         import time
 
         deadline = time.time() + 30
@@ -383,8 +384,8 @@ def test_draft_dying_between_keys_and_cache_with_another_draft_alive(target, two
     link = MultiDraftLink(lambda addr: (DiesBeforeCache if addr == a else GrpcDraftLink)(addr, k=2), [a, b])
     prompts = PROMPTS[:2]
     ref = [s.output_ids for s in AREngine(_cfg().replace(mode="ar"), target, (3,)).generate(prompts, GREEDY)]
-    with SSDEngine(_cfg(), target, {}, (3,), link=link) as eng:
-        seqs = [eng.add_request(p, GREEDY, {"draft": a}) for p in prompts]
+    with SSDEngine(_cfg(), target, None, (3,), link=link) as eng:
+        seqs = [eng.add_request(p, GREEDY, RequestOptions(draft=a)) for p in prompts]
         eng.step()
         eng.step()
         assert set(link.owner.values()) == {a}
@@ -397,9 +398,9 @@ def test_draft_dying_between_keys_and_cache_with_another_draft_alive(target, two
 
 def test_a_full_draft_refuses_only_the_sequences_it_has_no_room_for(target, ar_reference, small_pair):
     _, d_dir, _ = small_pair
-    server, port = serve({"path": str(d_dir)}, _cfg().speculation, max_seqs=2, max_model_len=64)
+    server, port = serve(DraftDescription(str(d_dir)), _cfg().speculation, max_seqs=2, max_model_len=64)
     try:
-        with SSDEngine(_cfg(), target, {}, (3,), link=GrpcDraftLink(f"127.0.0.1:{port}", k=2)) as eng:
+        with SSDEngine(_cfg(), target, None, (3,), link=GrpcDraftLink(f"127.0.0.1:{port}", k=2)) as eng:
             out = [s.output_ids for s in eng.generate(PROMPTS, GREEDY)]  # 4 sequences, room for 2
             assert eng.draft_alive and eng.stats.n_backup > 0 and eng.stats.cache_hit + eng.stats.cache_late > 0
     finally:
@@ -414,9 +415,9 @@ def test_idle_draft_stream_survives_keepalive_pings(target, small_pair, monkeypa
 
     monkeypatch.setenv("SSD_GRPC_KEEPALIVE_MS", "500")
     _, d_dir, _ = small_pair
-    server, port = serve({"path": str(d_dir)}, _cfg().speculation, max_seqs=8, max_model_len=64)
+    server, port = serve(DraftDescription(str(d_dir)), _cfg().speculation, max_seqs=8, max_model_len=64)
     try:
-        with SSDEngine(_cfg(), target, {}, (3,), link=GrpcDraftLink(f"127.0.0.1:{port}", k=2)) as eng:
+        with SSDEngine(_cfg(), target, None, (3,), link=GrpcDraftLink(f"127.0.0.1:{port}", k=2)) as eng:
             eng.generate(PROMPTS[:1], SamplingParams(max_tokens=8, ignore_eos=True))
             time.sleep(4)  # ~8 pings on an idle stream
             eng.generate(PROMPTS[:1], SamplingParams(max_tokens=8, ignore_eos=True))
@@ -429,12 +430,12 @@ def test_feature_drafter_over_grpc_and_rehomed_identical_to_ar(target, ar_refere
                                                                caplog):
     """A feature drafter as a draft service: the target's features travel with SequenceSetup and
     Outcome; when one of two drafts dies, its sequences move to the other with their features."""
-    desc = {"path": str(small_feature_draft), "target_path": str(small_pair[0])}
+    desc = DraftDescription(str(small_feature_draft), str(small_pair[0]))
     servers = [serve(desc, _cfg().speculation, max_seqs=8, max_model_len=64) for _ in range(2)]
     try:
         link = _multi([f"127.0.0.1:{p}" for _, p in servers])
-        assert link.info["feature_layers"] == [0, 1]
-        with SSDEngine(_cfg(), target, {}, (3,), link=link) as eng:
+        assert link.info.feature_layers == (0, 1)
+        with SSDEngine(_cfg(), target, None, (3,), link=link) as eng:
             assert eng.target.capture == (0, 1)
             seqs = [eng.add_request(p, GREEDY) for p in PROMPTS]
             for _ in range(3):
@@ -462,7 +463,7 @@ def test_draft_load_returns_to_zero_when_the_target_is_idle(target, draft_server
     import grpc
 
     link = GrpcDraftLink(draft_server[1], k=2)
-    loop = EngineLoop(SSDEngine(_cfg(), target, {}, (3,), link=link))
+    loop = EngineLoop(SSDEngine(_cfg(), target, None, (3,), link=link))
     stub = pb_grpc.DraftStub(grpc.insecure_channel(draft_server[1]))
     try:
         streams = [loop.submit(p, GREEDY)[1] for p in PROMPTS]

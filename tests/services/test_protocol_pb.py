@@ -5,7 +5,7 @@ import pickle
 import pytest
 import torch
 
-from ssd.config import SamplingParams
+from ssd.config import Mode, RequestOptions, SamplingParams
 from ssd.engine.protocol import (AddSequence, Advance, CachedBranches, CacheKeys, CacheReply, JitReply, Release,
                                  RoundRequest, Speculation)
 from ssd.services.convert import reply_from_pb, reply_to_pb, round_from_pb, round_to_pb
@@ -15,7 +15,7 @@ K, V = 2, 11
 
 def test_round_request_round_trips():
     msg = RoundRequest(7, [AddSequence(3, [1, 2, 3], SamplingParams(temperature=0.5, top_p=0.9, max_tokens=9, seed=4),
-                                       {"request_id": "r", "traceparent": "00-ab-cd-01"}),
+                                       RequestOptions(mode="sd", request_id="r", traceparent="00-ab-cd-01")),
                            Advance(1, [4, 5]), Release(2, "abort"), Release(5, "length")],
                        jit_ids=[3, 4], backups={1: [6, 7]}, hit_ids=[9, 10], jit_k={3: 1}, fan_out_budget=5,
                        hit_k={10: 2})
@@ -89,3 +89,10 @@ def test_malformed_replies_are_refused(damage, message):
 def test_messages_pickle_for_the_process_pipe():
     msg = RoundRequest(1, [AddSequence(1, [1], SamplingParams())], [1])
     assert pickle.loads(pickle.dumps(msg)) == msg
+
+
+def test_request_options_take_a_mode_by_name_and_refuse_others():
+    assert RequestOptions(mode="sd").mode is Mode.SD and RequestOptions().mode is None
+    assert Mode.AR == "ar" and str(Mode.SSD) == "ssd"
+    with pytest.raises(ValueError, match="mode must be one of"):
+        RequestOptions(mode="fast")

@@ -14,6 +14,7 @@ from ssd.engine import SSDEngine
 from ssd.models.loader import load_model
 from ssd.services.index_redis import RedisIndex
 from ssd.services.protos import pb, pb_grpc
+from ssd.models.draft import DraftDescription
 
 PROMPT = [0, 1, 2, 1]
 
@@ -69,9 +70,9 @@ def test_two_target_replicas_share_speculations_through_redis(small_pair, redis_
     _, url = redis_server
     target, _ = load_model(t_dir)
     params = SamplingParams(max_tokens=40, ignore_eos=True)
-    with SSDEngine(_cfg(), target, {"path": str(d_dir)}, (3,), index=RedisIndex(url)) as a:
+    with SSDEngine(_cfg(), target, DraftDescription(str(d_dir)), (3,), index=RedisIndex(url)) as a:
         first = a.generate([PROMPT], params)[0].output_ids
-    with SSDEngine(_cfg(), target, {"path": str(d_dir)}, (3,), index=RedisIndex(url)) as b:
+    with SSDEngine(_cfg(), target, DraftDescription(str(d_dir)), (3,), index=RedisIndex(url)) as b:
         second = b.generate([PROMPT], params)[0].output_ids
         assert b.stats.index_hit > 0
     assert second == first
@@ -82,10 +83,10 @@ def test_redis_stopped_mid_run_requests_complete(small_pair, redis_server):
     proc, url = redis_server
     target, _ = load_model(t_dir)
     params = SamplingParams(max_tokens=40, ignore_eos=True)
-    with SSDEngine(_cfg(), target, {"path": str(d_dir)}, (3,)) as ref_eng:
+    with SSDEngine(_cfg(), target, DraftDescription(str(d_dir)), (3,)) as ref_eng:
         ref = ref_eng.generate([PROMPT, [2, 2]], params)
     index = RedisIndex(url)
-    with SSDEngine(_cfg(), target, {"path": str(d_dir)}, (3,), index=index) as eng:
+    with SSDEngine(_cfg(), target, DraftDescription(str(d_dir)), (3,), index=index) as eng:
         seqs = [eng.add_request(p, params) for p in (PROMPT, [2, 2])]
         for _ in range(3):
             eng.step()
@@ -110,19 +111,19 @@ def test_draft_service_publishes_its_speculations_itself(small_pair, redis_serve
     _, url = redis_server
     target, _ = load_model(t_dir)
     params = SamplingParams(max_tokens=40, ignore_eos=True)
-    server, port = serve({"path": str(d_dir)}, _cfg().speculation, max_seqs=8, max_model_len=64, index=RedisIndex(url))
+    server, port = serve(DraftDescription(str(d_dir)), _cfg().speculation, max_seqs=8, max_model_len=64, index=RedisIndex(url))
     client = redis.Redis.from_url(url)
     try:
         link = GrpcDraftLink(f"127.0.0.1:{port}", k=2)
-        assert link.info["publishes"] and link.info["fingerprint"]
-        with SSDEngine(_cfg(), target, {}, (3,), link=link, index=RedisIndex(url)) as a:
+        assert link.info.publishes and link.info.fingerprint
+        with SSDEngine(_cfg(), target, None, (3,), link=link, index=RedisIndex(url)) as a:
             first = a.generate([PROMPT], params)[0].output_ids
             assert a.published == {}  # the target stored nothing itself
         stored = client.keys("ssd:spec:*")
         assert len(stored) > 10
         # a replica with its own in-process draft of the same model: the keys agree, so it hits
         replica_link = GrpcDraftLink(f"127.0.0.1:{port}", k=2)
-        with SSDEngine(_cfg(), target, {}, (3,), link=replica_link, index=RedisIndex(url)) as b:
+        with SSDEngine(_cfg(), target, None, (3,), link=replica_link, index=RedisIndex(url)) as b:
             assert b.generate([PROMPT], params)[0].output_ids == first
             assert b.stats.index_hit > 0
         # abort: the draft deletes what it published for that sequence. First let the draft finish
@@ -133,7 +134,7 @@ def test_draft_service_publishes_its_speculations_itself(small_pair, redis_serve
         while stub.Load(pb.LoadRequest(), timeout=10).sequences and time.time() < deadline:
             time.sleep(0.05)
         client.flushdb()
-        with SSDEngine(_cfg(), target, {}, (3,), link=GrpcDraftLink(f"127.0.0.1:{port}", k=2), index=RedisIndex(url)) as c:
+        with SSDEngine(_cfg(), target, None, (3,), link=GrpcDraftLink(f"127.0.0.1:{port}", k=2), index=RedisIndex(url)) as c:
             s = c.add_request([1, 2, 3, 0], SamplingParams(max_tokens=40, ignore_eos=True))
             for _ in range(4):
                 c.step()

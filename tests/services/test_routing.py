@@ -11,6 +11,7 @@ from ssd.services.draft.server import DraftService
 from ssd.services.gateway.server import Gateway, GenerateError
 from ssd.services.protos import pb_grpc
 from ssd.services.target.server import EngineLoop, TargetService
+from ssd.models.draft import DraftDescription
 
 CFG = EngineConfig(mode="ar", max_batch=4, max_model_len=64, speculation=SpeculationConfig(num_speculative_tokens=2, fan_out_budget=3))
 
@@ -43,7 +44,7 @@ def cluster(small_pair):
         loops.append(loop)
         targets.append(Endpoint(f"127.0.0.1:{port}", node))
         d = make_server()
-        pb_grpc.add_DraftServicer_to_server(DraftService({"path": str(d_dir)}, CFG.speculation, 8, 64, node=node), d)
+        pb_grpc.add_DraftServicer_to_server(DraftService(DraftDescription(str(d_dir)), CFG.speculation, 8, 64, node=node), d)
         dport = d.add_insecure_port("127.0.0.1:0")
         d.start()
         servers.append(d)

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
 from ssd.engine import AREngine, SDEngine
 from ssd.kv_cache import append_batch
-from ssd.models.draft import load_draft
+from ssd.models.draft import DraftDescription, load_draft
 from ssd.models.loader import load_model
 from ssd.train.config import TrainDraftConfig
 from ssd.train.distill import Example, distill, select_head, teacher_targets, train
@@ -153,7 +153,7 @@ def test_saved_draft_serves_sd_greedy_identical_to_ar(target_dir, distilled):
     out, _, _ = distilled
     assert (out / "README.md").exists() and (out / "config.json").exists()
     target, _ = load_model(target_dir)
-    draft = load_draft({"path": str(out), "target_path": str(target_dir)})
+    draft = load_draft(DraftDescription(str(out), str(target_dir)))
     assert draft.head_ids is not None and EOS in draft.head_ids.tolist()
     prompts = _prompts(4, 7)
     params = SamplingParams(max_tokens=24)
