@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-from .config import EngineConfig, SamplingParams, SpeculationConfig
+from .config import EngineConfig, SamplingParams, SpeculationConfig, config_args
 
 _HELP = {
     "target": "target model directory, or 'default' (SmolLM2-135M-Instruct, converted once from its GGUF)",
@@ -178,35 +178,33 @@ def cmd_bench(ns) -> int:
 
 # ---- ssd train-draft ---------------------------------------------------------------------------
 def cmd_train_draft(ns) -> int:
-    from .train.distill import run_train_draft
+    from .train.config import TrainDraftConfig, config_from_args
+    from .train.distill import train_draft
 
-    return run_train_draft(ns)
+    cfg = config_from_args(TrainDraftConfig, ns)
+    if cfg is None:
+        return 2
+    train_draft(cfg, getattr(ns, "command_line", ""))
+    return 0
 
 
 def cmd_make_data(ns) -> int:
-    from .train.data import run_make_data
+    from .train.config import DataConfig, config_from_args
+    from .train.data import make_data, report
 
-    return run_make_data(ns)
+    cfg = config_from_args(DataConfig, ns)
+    if cfg is None:
+        return 2
+    report(make_data(cfg))
+    return 0
 
 
 # ---- ssd serve / ssd service ------------------------------------------------------------------
-def _config_args(cfg: EngineConfig) -> list[str]:
-    """The engine/speculation flags that reproduce cfg in a child process."""
-    out = []
-    for obj in (cfg, cfg.speculation):
-        for f in dataclasses.fields(obj):
-            if f.name in ("speculation", "mode"):
-                continue
-            flag, value = f.name.replace("_", "-"), getattr(obj, f.name)
-            out += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
-    return out
-
-
 def cmd_serve(ns) -> int:
     from ssd.services.run import serve_local
 
     cfg, _ = _configs(ns)
-    return serve_local(ns, cfg, _config_args(cfg))
+    return serve_local(ns, cfg, config_args(cfg))
 
 
 def cmd_service(ns) -> int:

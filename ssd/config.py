@@ -200,3 +200,15 @@ class EngineConfig:
 
     def replace(self, **kw) -> "EngineConfig":
         return dataclasses.replace(self, **kw)
+
+
+def config_args(cfg: EngineConfig) -> list[str]:
+    """The engine/speculation flags that reproduce cfg in a child process."""
+    out = []
+    for obj in (cfg, cfg.speculation):
+        for f in dataclasses.fields(obj):
+            if f.name in ("speculation", "mode"):
+                continue
+            flag, value = f.name.replace("_", "-"), getattr(obj, f.name)
+            out += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
+    return out

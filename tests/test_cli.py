@@ -7,6 +7,7 @@ import pytest
 
 from ssd.benchmarks.engines import _add_ratios, _hf_row, _label, load_prompts, thm7_ideal
 from ssd.cli import main
+from ssd.config import config_args
 from ssd.engine.base import EngineStats
 
 
@@ -98,9 +99,9 @@ def test_numerics_flags_parse_and_reach_child_processes(monkeypatch):
     assert seen[1].dtype == "auto" and seen[1].batch_invariant is True
     # ssd serve hands the same settings to its three child processes
     cfg = EngineConfig(dtype="bfloat16", batch_invariant=False)
-    args = ssd.cli._config_args(cfg)
+    args = config_args(cfg)
     assert args[args.index("--dtype") + 1] == "bfloat16" and "--no-batch-invariant" in args
-    assert "--batch-invariant" in ssd.cli._config_args(EngineConfig())
+    assert "--batch-invariant" in config_args(EngineConfig())
 
 
 def test_bad_dtype_exits_2_with_message():

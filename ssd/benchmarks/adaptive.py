@@ -21,7 +21,7 @@ from ..config import EngineConfig, SamplingParams, SpeculationConfig
 from ..engine import ModelPair
 from . import paired_ratio, repeat_error_bars, save_results
 from ..engine.base import EngineStats
-from .engines import _accumulate, _run_engine, decode_tps, load_prompts
+from .engines import accumulate_stats, run_engine, decode_tps, load_prompts
 
 
 def configs(ks: list[int], k_max: int, p_min: float) -> list[tuple[str, SpeculationConfig]]:
@@ -82,7 +82,7 @@ def run(ns) -> dict:
     # the systems of one repeat alike, and ratios are taken within a repeat
     for rep in range(ns.repeats):
         for i, (mode, label, spec) in enumerate(plan):
-            total, _ = _run_engine(cfg.replace(mode=mode, speculation=spec), pair, ids, params, f"{mode} {label}")
+            total, _ = run_engine(cfg.replace(mode=mode, speculation=spec), pair, ids, params, f"{mode} {label}")
             done[i].append((total, os.getloadavg()[0]))
             print(f"{f'[{rep + 1}/{ns.repeats}] ' if ns.repeats > 1 else ''}{mode:>3} {label:<22} "
                   f"{decode_tps(total):7.2f} tok/s", flush=True)
@@ -90,7 +90,7 @@ def run(ns) -> dict:
     for (mode, label, spec), reps in zip(plan, done):
         total = EngineStats()  # counts pooled over the repeats
         for st, _ in reps:
-            _accumulate(total, st)
+            accumulate_stats(total, st)
         per = [decode_tps(st) for st, _ in reps]
         row = {"mode": mode, "label": label, "adaptive": spec.adaptive, "K": spec.num_speculative_tokens,
                "p_min": spec.p_min, "tokens": total.tokens, "wall_s": total.wall,

@@ -114,7 +114,7 @@ def decode_tps(st: EngineStats) -> float:
     return (st.tokens - st.prefill_tokens) / t if t > 0 else 0.0
 
 
-def _run_engine(cfg, pair, prompt_ids, params, label):
+def run_engine(cfg, pair, prompt_ids, params, label):
     with build_engine(cfg, pair) as eng:
         eng.generate([prompt_ids[0]], SamplingParams(max_tokens=8, temperature=params.temperature, seed=0))  # warm-up
         total = EngineStats()
@@ -123,11 +123,11 @@ def _run_engine(cfg, pair, prompt_ids, params, label):
             eng.stats = EngineStats()
             seq = eng.generate([ids], params)[0]
             per_prompt.append({"output_ids": seq.output_ids, "stats": eng.stats})
-            _accumulate(total, eng.stats)
+            accumulate_stats(total, eng.stats)
     return total, per_prompt
 
 
-def _accumulate(total: EngineStats, st: EngineStats) -> None:
+def accumulate_stats(total: EngineStats, st: EngineStats) -> None:
     for k, v in vars(st).items():
         if isinstance(v, (int, float)):
             setattr(total, k, getattr(total, k) + v)
@@ -357,9 +357,9 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
         for name, c, untimed in plan:
             load[name].append(os.getloadavg()[0])
             if untimed and rep == 0:
-                total, _ = _run_engine(c, pair, prompt_ids, params, name + " (untimed)")
+                total, _ = run_engine(c, pair, prompt_ids, params, name + " (untimed)")
                 first_pass[name] = total.tokens / total.wall
-            total, per = _run_engine(c, pair, prompt_ids, params, name)
+            total, per = run_engine(c, pair, prompt_ids, params, name)
             runs[name].append((total, per))
             print(f"{_label(name, c.target_threads, all_cores, draft_threads=c.draft_threads, spec=c.speculation)}: "
                   f"{total.tokens / total.wall:7.2f} tok/s  ({total.tokens} tokens, {total.wall:.1f} s)", flush=True)
@@ -392,7 +392,7 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
     for mode, reps in runs.items():
         st = EngineStats()
         for total, _ in reps:
-            _accumulate(st, total)
+            accumulate_stats(st, total)
         per = reps[0][1]
         row = st.summary()  # counts and rates pooled over the repeats
         row["tokens_per_s_repeats"] = [t.tokens / t.wall for t, _ in reps]

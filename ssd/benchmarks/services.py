@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from ssd.benchmarks.engines import load_prompts
-    from ssd.cli import _config_args
+    from ssd.config import config_args
     from ssd.config import EngineConfig, SamplingParams
     from ssd.engine import ModelPair, build_engine
     from ssd.engine.base import EngineStats
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     pair = ModelPair.load(cfg.replace(mode="ar"))
     prompts = load_prompts(None, ns.num_prompts)
     prompt_ids = [pair.tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}]) for r in prompts]
-    common = _config_args(cfg)
+    common = config_args(cfg)
 
     variants = {"services": None}
     if ns.control:

@@ -205,9 +205,9 @@ class _Stack:
     started again on demand; each start warms every mode up with a prompt of its own."""
 
     def __init__(self, cfg, modes: list[str], params):
-        from ssd.cli import _config_args
+        from ssd.config import config_args
 
-        self.args, self.modes, self.params = _config_args(cfg), modes, params
+        self.args, self.modes, self.params = config_args(cfg), modes, params
         self.procs, self.starts, self.stub, self.metrics, self.draft = [], 0, None, None, ""
 
     def start(self) -> None:

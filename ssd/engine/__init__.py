@@ -7,6 +7,7 @@ import sys
 import torch
 
 from ..config import EngineConfig
+from ..models.draft import DraftDescription
 from .ar import AREngine
 from .base import Engine, EngineStats
 from .sd import SDEngine
@@ -86,7 +87,5 @@ def build_engine(cfg: EngineConfig, pair: ModelPair | None = None, seed: int = 0
         draft = pair.draft_model()
         draft.invariant = cfg.batch_invariant
         return SDEngine(sd_cfg, pair.target, draft, eos)
-    from ..models.draft import DraftDescription
-
     desc = pair.draft_desc.with_numerics(batch_invariant=cfg.batch_invariant)
     return SSDEngine(cfg, pair.target, desc, eos, seed=seed)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 
 from ..config import EngineConfig
 from .base import Engine

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from .llama import LlamaModel, ModelConfig
-from .loader import _our_state_dict, read_config, read_tensor
+from .loader import our_state_dict, read_config, read_tensor
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -25,7 +25,7 @@ def draft_meta(path: str | Path) -> dict:
     return json.loads((Path(path) / "config.json").read_text())["ssd_draft"]
 
 
-def _draft_model_config(draft_dir: Path, target_path: Path) -> ModelConfig:
+def draft_model_config(draft_dir: Path, target_path: Path) -> ModelConfig:
     d = json.loads((draft_dir / "config.json").read_text())
     d.pop("ssd_draft")
     cfg = ModelConfig.from_hf(d)
@@ -41,7 +41,7 @@ def load_draft_dir(draft_dir: str | Path, target_path: str | Path | None = None,
 
     draft_dir = Path(draft_dir)
     target_path = Path(target_path) if target_path is not None else resolve_model(draft_meta(draft_dir)["target"])
-    cfg = _draft_model_config(draft_dir, target_path)
+    cfg = draft_model_config(draft_dir, target_path)
     own = load_file(str(draft_dir / WEIGHTS))
     head_ids = own.pop("head_token_ids").long()
     embed = read_tensor(target_path, "model.embed_tokens.weight")
@@ -49,7 +49,7 @@ def load_draft_dir(draft_dir: str | Path, target_path: str | Path | None = None,
         raise ValueError(f"target {target_path} has no embedding of shape {(cfg.vocab_size, cfg.hidden_size)}")
     hf = {k: v.to(dtype) for k, v in own.items()}
     hf["model.embed_tokens.weight"] = embed.to(dtype)
-    sd = _our_state_dict(cfg, hf)
+    sd = our_state_dict(cfg, hf)
     head = sd.pop("lm_head.weight")  # [Vh, H]
     with torch.device("meta"):
         model = LlamaModel(cfg)

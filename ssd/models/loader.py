@@ -52,7 +52,7 @@ def read_tensor(path: str | Path, name: str) -> torch.Tensor | None:
 
 
 
-def _our_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def our_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # fuse q/k/v and gate/up so that a layer is 4 matmuls; stack q_norm/k_norm per head
     sd = {"embed.weight": hf.pop("model.embed_tokens.weight"), "norm_weight": hf.pop("model.norm.weight")}
     head = hf.pop("lm_head.weight", None)
@@ -85,7 +85,7 @@ def _our_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, 
 
 
 def hf_state_dict(cfg: ModelConfig, ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of _our_state_dict: fused tensors split back into Hugging Face Llama names.
+    """The inverse of our_state_dict: fused tensors split back into Hugging Face Llama names.
     Whatever of embed.weight / lm_head.weight is absent from `ours` is absent from the result."""
     D, Hq, Hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
     hf = {"model.norm.weight": ours["norm_weight"]}
@@ -118,7 +118,7 @@ def load_model(path: str | Path, dtype=torch.float32, device="cpu") -> tuple[Lla
     path = Path(path)
     cfg = read_config(path)
     hf = {name: t.to(dtype) for name, t in read_tensors(path)}
-    sd = {k: v.to(device).contiguous() for k, v in _our_state_dict(cfg, hf).items()}
+    sd = {k: v.to(device).contiguous() for k, v in our_state_dict(cfg, hf).items()}
     with torch.device("meta"):
         model = LlamaModel(cfg)
     model.load_state_dict(sd, strict=False, assign=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ssd.train.config import DataConfig, config_from_args
+from ssd.train.config import DataConfig
 
 FORMAT_VERSION = 1
 
@@ -249,12 +249,8 @@ def make_data(cfg: DataConfig, progress: bool = True) -> dict:
     return m
 
 
-def run_make_data(ns) -> int:
-    cfg = config_from_args(DataConfig, ns)
-    if cfg is None:
-        return 2
-    m = make_data(cfg)
+def report(m: dict) -> None:
+    """The one line `ssd make-data` prints when it stops."""
     print(f"{m['out']}: {len(m['shards'])} shards, {m['tokens']} answer tokens from {m['prompts']} prompts "
           f"({m['skipped_long']} over the prompt limit skipped), {m['tokens_per_s']} tok/s, "
           f"{'complete' if m['complete'] else 'stopped early: run again to continue'}")
-    return 0

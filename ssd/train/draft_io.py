@@ -8,9 +8,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ssd.models.draft_dir import FORMAT_VERSION, WEIGHTS, _draft_model_config
+from ssd.models.draft_dir import FORMAT_VERSION, WEIGHTS, draft_model_config
 from ssd.models.loader import read_tensor
 from ssd.train.draft_model import DraftModel, draft_config
+
+SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # --save-dtype
 
 
 def save_draft(out_dir: str | Path, model: DraftModel, target_path: str | Path, target_ref: str,
@@ -42,7 +44,7 @@ def write_draft_dir(out: Path, cfg: dict, own_state: dict[str, torch.Tensor], dt
 def load_trainable(draft_dir: str | Path, target_path: str | Path) -> DraftModel:
     """The training module of a saved draft (weights upcast to fp32)."""
     draft_dir = Path(draft_dir)
-    cfg = _draft_model_config(draft_dir, Path(target_path))
+    cfg = draft_model_config(draft_dir, Path(target_path))
     own = load_file(str(draft_dir / WEIGHTS))
     model = DraftModel(cfg, own["head_token_ids"])
     model.load_own_state_dict({k: v if k == "head_token_ids" else v.float() for k, v in own.items()})

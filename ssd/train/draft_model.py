@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ssd.models.llama import LlamaModel, ModelConfig
-from ssd.models.loader import _our_state_dict, hf_state_dict, read_tensor, read_tensors
+from ssd.models.loader import our_state_dict, hf_state_dict, read_tensor, read_tensors
 
 HEAD_IDS = "head_token_ids"
 
@@ -51,7 +51,7 @@ class DraftModel(nn.Module):
         if head_ids is None or not torch.equal(head_ids.long(), self.head_token_ids):
             raise KeyError("draft state mismatch: head_token_ids missing or different")
         try:
-            ours = _our_state_dict(self.net.cfg, {**sd, "model.embed_tokens.weight": self.net.embed.weight})
+            ours = our_state_dict(self.net.cfg, {**sd, "model.embed_tokens.weight": self.net.embed.weight})
         except KeyError as e:
             raise KeyError(f"draft state mismatch: {e}") from None
         ours.pop("embed.weight")

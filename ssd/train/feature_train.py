@@ -25,14 +25,15 @@ import torch.nn.functional as F
 from ssd.kv_cache import append_batch
 from ssd.models.feature_draft import FeatureDraft, feature_config, target_embed_and_head
 from ssd.models.llama import ModelConfig
-from ssd.train.distill import Example, collate, distill_loss
+from ssd.train.examples import Example, collate
+from ssd.train.objective import distill_loss
 
 
 def feature_draft_from_target(target_path, feature_layers: tuple[int, ...], head_ids: torch.Tensor,
                               init_layer: int, seed: int = 0) -> FeatureDraft:
     """A fresh drafter: the decoder layer and final norm copied from target layer `init_layer`
     and the target's final norm, fc and in_proj random (std 1/sqrt(fan-in)), input norms 1."""
-    from ssd.models.loader import read_config, read_tensors, _our_state_dict
+    from ssd.models.loader import read_config, read_tensors, our_state_dict
 
     tcfg = read_config(target_path)
     d = feature_config(json.loads((Path(target_path) / "config.json").read_text()))
@@ -45,7 +46,7 @@ def feature_draft_from_target(target_path, feature_layers: tuple[int, ...], head
     embed, head = target_embed_and_head(target_path)
     hf["model.embed_tokens.weight"] = embed.float()
     hf["lm_head.weight"] = head.float()
-    ours = _our_state_dict(cfg, hf)
+    ours = our_state_dict(cfg, hf)
     with torch.no_grad():
         for k, v in ours.items():
             if k.startswith("layers.0.") or k == "norm_weight":
@@ -257,7 +258,8 @@ def train_feature_draft(cfg, target_path, target_ref: str, head_ids, feature_lay
     import time
 
     from ssd.models.loader import read_config
-    from ssd.train.distill import _DTYPES, train
+    from ssd.train.draft_io import SAVE_DTYPES
+    from ssd.train.loop import train
 
     tcfg = read_config(target_path)
     init_layer = cfg.feature_init_layer if cfg.feature_init_layer >= 0 else tcfg.num_layers - 1
@@ -271,7 +273,7 @@ def train_feature_draft(cfg, target_path, target_ref: str, head_ids, feature_lay
     curve = feature_acceptance_curve(model, curve_eval, positions=cfg.curve_positions)
     curve_ssd = feature_acceptance_curve(model, curve_eval, positions=cfg.curve_positions, prefix_selffed=5)
     out = Path(cfg.out)
-    save_feature_draft(out, model, target_path, target_ref, dtype=_DTYPES[cfg.save_dtype])
+    save_feature_draft(out, model, target_path, target_ref, dtype=SAVE_DTYPES[cfg.save_dtype])
     info = {
         "kind": "feature", "target": target_ref, "feature_layers": list(feature_layers), "init_layer": init_layer,
         "head_vocab": int(head_ids.numel()), "data": str(cfg.data), "eval_data": str(eval_dir),
@@ -296,7 +298,7 @@ def _plot(path: Path, info: dict, log_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ssd.train.distill import plot_alpha_curves
+    from ssd.train.cards import plot_alpha_curves
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     sd = "trained, SD (0 self-fed context)"

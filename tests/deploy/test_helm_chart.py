@@ -580,11 +580,11 @@ def _differences(got, want, prefix="") -> dict:
 
 def test_config_cli_services_and_chart_share_one_set_of_defaults(render, monkeypatch):
     """ssd/config.py is the one place a default is set: `ssd generate`, `ssd bench`, `ssd serve`
-    (and the `ssd service` children it starts with _config_args) and every role of the chart's
+    (and the `ssd service` children it starts with config_args) and every role of the chart's
     default render all run EngineConfig() exactly."""
     import ssd.cli
     import ssd.services.run as run
-    from ssd.config import EngineConfig
+    from ssd.config import EngineConfig, config_args
 
     want = EngineConfig()
     seen = {}
@@ -595,7 +595,7 @@ def test_config_cli_services_and_chart_share_one_set_of_defaults(render, monkeyp
     assert ssd.cli.main(["generate", "--prompt", "hi"]) == 0
     assert ssd.cli.main(["bench"]) == 0
     assert ssd.cli.main(["serve"]) == 0
-    assert ssd.cli.main(["service", "target", *ssd.cli._config_args(seen["cmd_serve"])]) == 0  # what serve starts
+    assert ssd.cli.main(["service", "target", *config_args(seen["cmd_serve"])]) == 0  # what serve starts
     seen["serve's target"] = seen.pop("service target")
     docs = render()
     for role in ROLES:

@@ -1,5 +1,4 @@
 """A dead draft never changes the output and never stalls a sequence."""
-import torch
 
 from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
 from ssd.engine import AREngine, SSDEngine

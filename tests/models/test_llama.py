@@ -36,12 +36,12 @@ def test_logits_match_hf(tiny_dirs, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_hf_state_dict_inverts_ours(tiny_dirs, kind):
-    from ssd.models.loader import _our_state_dict, hf_state_dict, read_tensors
+    from ssd.models.loader import our_state_dict, hf_state_dict, read_tensors
 
     path, _ = tiny_dirs[kind]
     cfg = load_model(path)[1]
     hf = {n: t for n, t in read_tensors(path) if "rotary_emb" not in n}
-    back = hf_state_dict(cfg, _our_state_dict(cfg, dict(hf)))
+    back = hf_state_dict(cfg, our_state_dict(cfg, dict(hf)))
     assert set(back) == set(hf)
     for n, t in hf.items():
         assert torch.equal(back[n], t), n

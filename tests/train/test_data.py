@@ -114,7 +114,7 @@ def test_dataset_answers_are_the_conversations_own_replies_scored_by_the_target(
     from ssd.models.loader import load_model
     from ssd.tokenizer import Tokenizer
     from ssd.train.data import prompt_list
-    from ssd.train.distill import examples_from_shards
+    from ssd.train.examples import examples_from_shards
 
     with pytest.raises(ValueError, match="generated-share 0"):  # generated prompts have no reply to keep
         _cfg(tmp_path / "x", answers="dataset", sampled_share=0)
@@ -169,7 +169,7 @@ def test_dataset_answer_falls_back_to_the_replys_own_ids():
 
 
 def test_examples_keep_only_head_tokens_of_the_teacher():
-    from ssd.train.distill import collate, examples_from_shards
+    from ssd.train.examples import collate, examples_from_shards
 
     seq = {"ids": torch.tensor([1, 2, 3, 4, 5], dtype=torch.int32), "prompt_len": 2, "sampled": False,
            "teacher_idx": torch.tensor([[9, 3, 7], [8, 6, 4], [6, 5, 1]], dtype=torch.int32),

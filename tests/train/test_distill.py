@@ -14,7 +14,9 @@ from ssd.kv_cache import append_batch
 from ssd.models.draft import DraftDescription, load_draft
 from ssd.models.loader import load_model
 from ssd.train.config import TrainDraftConfig
-from ssd.train.distill import Example, distill, select_head, teacher_targets, train
+from ssd.train.distill import distill
+from ssd.train.examples import Example, select_head, teacher_targets
+from ssd.train.loop import train
 from ssd.models.draft_dir import load_draft_dir
 from ssd.train.draft_io import load_trainable, save_draft
 from ssd.train.draft_model import draft_from_target
@@ -166,7 +168,7 @@ def test_saved_draft_serves_sd_greedy_identical_to_ar(target_dir, distilled):
 
 
 def test_acceptance_curve_is_one_for_the_target_itself_and_lower_for_a_draft(target_dir):
-    from ssd.train.distill import acceptance_curve
+    from ssd.train.evaluate import acceptance_curve
 
     target, _ = load_model(target_dir)
     prompts = _prompts(12, 7)
@@ -183,13 +185,13 @@ def test_acceptance_curve_is_one_for_the_target_itself_and_lower_for_a_draft(tar
 
 def test_autocast_setting_is_honoured(monkeypatch):
     import ssd.models.precision as precision
-    from ssd.train.distill import _train_bf16
+    from ssd.train.loop import train_bf16
 
-    assert _train_bf16("bfloat16") and not _train_bf16("off")
+    assert train_bf16("bfloat16") and not train_bf16("off")
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda cpuinfo=None: False)
-    assert not _train_bf16("auto")
+    assert not train_bf16("auto")
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda cpuinfo=None: True)
-    assert _train_bf16("auto")
+    assert train_bf16("auto")
     with pytest.raises(ValueError):
         _cfg("x", autocast="fp8")
 
@@ -214,7 +216,7 @@ def test_agreement_by_answer_position_bins():
     """evaluate() splits agreement by position in the answer (1 = its first token). A fake draft
     that is right exactly on answer positions 1..20 and wrong after: bin 1-16 all right, 17-64
     right on 4 of its positions, 65+ never."""
-    from ssd.train.distill import evaluate
+    from ssd.train.evaluate import evaluate
 
     V, prompt_len, answer = 8, 5, 70
     ids = [1] * prompt_len + [(i % 5) + 2 for i in range(answer)]
