@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -166,36 +167,89 @@ def default_target_path(progress: bool = True) -> Path:
     return out
 
 
+class StageProgress:
+    """Progress through a fixed list of stages, for a person to read wherever the output goes:
+    one bar on a terminal; on a pipe or a log (no cursor escapes there) one plain line per
+    stage; nothing when off. While it is open, the libraries' own bars are off, so one bar never
+    nests inside another: transformers' loading bars (its progress-bar switch) and its GGUF
+    de-quantization bar (a plain tqdm in its GGUF module, which that switch does not reach: the
+    module's tqdm is swapped for a disabled one until close)."""
+
+    def __init__(self, desc: str, stages: list[str], enabled: bool = True, stream=None):
+        from transformers.utils import logging as hf_logging
+
+        self.desc, self.stages, self.done = desc, stages, 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.bar = None
+        self._hf = hf_logging
+        self._hf_bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        import functools
+
+        import transformers.modeling_gguf_pytorch_utils as gguf_module
+
+        self._gguf, self._gguf_tqdm = gguf_module, gguf_module.tqdm
+        gguf_module.tqdm = functools.partial(self._gguf_tqdm, disable=True)
+        if enabled and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=len(stages), desc=desc, unit="stage", file=self.stream)
+
+    def start(self, i: int) -> None:
+        """Stage i begins."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.stages[i])
+        else:
+            print(f"{self.desc}: {self.stages[i]} ({i + 1}/{len(self.stages)})", file=self.stream, flush=True)
+
+    def finish(self, i: int) -> None:
+        if self.bar is not None:
+            self.bar.update()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            print(f"{self.desc}: done", file=self.stream, flush=True)
+        self._gguf.tqdm = self._gguf_tqdm
+        if self._hf_bars:
+            self._hf.enable_progress_bar()
+
+
 def _convert_gguf(gguf_dir: Path, name: str, dst: Path, progress: bool) -> None:
     from safetensors.torch import save_file
-    from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stages = tqdm(total=4, desc=f"converting {name}", disable=not progress, unit="stage")
-    stages.set_postfix_str("dequantize")
-    hf = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=name, dtype=torch.float32)
-    stages.update()
-    stages.set_postfix_str("weights")
-    tied = bool(hf.config.tie_word_embeddings)
-    sd = {k: v.detach().clone().contiguous() for k, v in hf.state_dict().items()
-          if not (tied and k == "lm_head.weight")}
-    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    stages.update()
-    stages.set_postfix_str("config")
-    cfg = hf.config.to_dict()
-    cfg.pop("quantization_config", None)
-    cfg["dtype"] = "float32"
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    if hf.generation_config is not None:
-        hf.generation_config.save_pretrained(str(dst))
-    stages.update()
-    stages.set_postfix_str("tokenizer")
-    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=name)
-    tok.save_pretrained(str(dst))
-    for f in dst.iterdir():
-        os.chmod(f, 0o644)
-    stages.update()
-    stages.close()
+    steps = StageProgress(f"converting {name}", ["dequantize", "weights", "config", "tokenizer"], progress)
+    try:
+        steps.start(0)
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=name, dtype=torch.float32)
+        steps.finish(0)
+        steps.start(1)
+        tied = bool(hf.config.tie_word_embeddings)
+        sd = {k: v.detach().clone().contiguous() for k, v in hf.state_dict().items()
+              if not (tied and k == "lm_head.weight")}
+        save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+        steps.finish(1)
+        steps.start(2)
+        cfg = hf.config.to_dict()
+        cfg.pop("quantization_config", None)
+        cfg["dtype"] = "float32"
+        (dst / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        if hf.generation_config is not None:
+            hf.generation_config.save_pretrained(str(dst))
+        steps.finish(2)
+        steps.start(3)
+        tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=name)
+        tok.save_pretrained(str(dst))
+        for f in dst.iterdir():
+            os.chmod(f, 0o644)
+        steps.finish(3)
+    finally:
+        steps.close()
 
 
 def resolve_model(name_or_path: str | Path) -> Path:

@@ -142,3 +142,48 @@ def test_stream_decoder_holds_back_partial_utf8():
     pieces = [dec.push(i) for i in data]
     assert "".join(pieces) == text
     assert pieces[1:4] == ["", "", ""] and pieces[4] == "🤖"
+
+
+def test_conversion_progress_reads_well_on_a_pipe_and_silences_the_libraries_bars():
+    """StageProgress: on a pipe or a log, one plain line per stage and no cursor escapes; on a
+    terminal, one bar; transformers' own bars (its switch and its GGUF module's plain tqdm) are off
+    while it is open and back afterwards."""
+    import io
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_module
+    from transformers.utils import logging as hf_logging
+
+    from ssd.models.loader import StageProgress
+
+    class Pipe(io.StringIO):
+        def isatty(self):
+            return False
+
+    class Terminal(Pipe):
+        def isatty(self):
+            return True
+
+    before = gguf_module.tqdm
+    out = Pipe()
+    p = StageProgress("converting x.gguf", ["dequantize", "weights"], stream=out)
+    assert not hf_logging.is_progress_bar_enabled() and gguf_module.tqdm([1, 2]).disable
+    for i in range(2):
+        p.start(i)
+        p.finish(i)
+    p.close()
+    assert out.getvalue().splitlines() == ["converting x.gguf: dequantize (1/2)", "converting x.gguf: weights (2/2)",
+                                           "converting x.gguf: done"]
+    assert gguf_module.tqdm is before and hf_logging.is_progress_bar_enabled()
+    term = Terminal()
+    p = StageProgress("converting x.gguf", ["dequantize", "weights"], stream=term)
+    for i in range(2):
+        p.start(i)
+        p.finish(i)
+    p.close()
+    assert "\r" in term.getvalue() and "2/2" in term.getvalue() and "done" not in term.getvalue()  # one tqdm bar
+    quiet = Pipe()
+    p = StageProgress("x", ["a"], enabled=False, stream=quiet)
+    p.start(0)
+    p.finish(0)
+    p.close()
+    assert quiet.getvalue() == ""
