@@ -97,8 +97,8 @@ def test_multi_stage_and_non_root(path):
     users = [rest for w, rest in ins[last_from:] if w == "USER"]
     assert users and users[-1].split(":")[0] == "10001", "the final stage runs as uid 10001 (the chart's runAsUser)"
     text = path.read_text()
-    assert "pip install -e /opt/ssd" in text or 'pip install -e "/opt/ssd[gpu]"' in text, \
-        "editable install: services/protos.py reads protos/ from the source tree"
+    assert 'pip install -e "/opt/ssd[serve,k8s]"' in text or 'pip install -e "/opt/ssd[serve,k8s,gpu]"' in text, \
+        "editable install with the services' extras: services/protos.py reads protos/ from the source tree"
     assert "default_target_path" in text and "generate()" in text, "model and stubs pre-built into the image"
     assert re.search(r'torch==\$\{TORCH_VERSION\}', text) and "ARG TORCH_VERSION=2.13.0" in text
     # no package index or registry host is spelled out: indexes come in as build args
