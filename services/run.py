@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 
 READY = "SSD_READY"
 
@@ -18,21 +19,28 @@ def _announce(port: int, http_port: int | None = None, metrics_port: int | None 
           + (f" metrics_port={metrics_port}" if metrics_port is not None else ""), flush=True)
 
 
+@dataclass
+class _Role:
+    """What one service added to the gRPC server: its health names, what to stop on exit, what to
+    do first when told to drain, and (the gateway) its HTTP port and readiness watch."""
+
+    names: list[str]
+    stops: list = field(default_factory=list)
+    on_drain: object = None  # deadline -> None
+    http_port: int | None = None
+    gateway: object = None
+
+
 def run_role(ns, cfg) -> int:
     """Start one service and block until SIGTERM/SIGINT (drain, then exit)."""
-    import torch
-
     from .common import ApiKeyInterceptor, add_health_and_reflection, add_port, drain_on_sigterm, load_api_keys, make_server
-    from .protos import pb_grpc
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {ns.role} %(levelname)s %(message)s")
-    from ssd.models.draft import draft_description
     from ssd.models.loader import resolve_model
+    from ssd.models.precision import dtype_name, resolve_dtype
 
     from . import telemetry as tm
     from .metrics import Metrics
-
-    from ssd.models.precision import dtype_name, resolve_dtype
 
     target_path = resolve_model(cfg.target)
     dtype = dtype_name(resolve_dtype(cfg.dtype)[0])  # target and draft resolve `auto` alike on one node
@@ -40,84 +48,98 @@ def run_role(ns, cfg) -> int:
     # the gateway is the client face: API keys and TLS apply to it (the internal services sit
     # behind it, on the pod network)
     server = make_server(interceptors=[ApiKeyInterceptor(keys)] if keys else ())
-    stops = []
-    on_drain = None  # deadline -> None: what the service does first when told to stop
-    http_port = None
     tm.setup_tracing(f"ssd-{ns.role}")  # OTEL_* environment; off (no-op) without an exporter
     tracer = tm.get_tracer(f"ssd-{ns.role}")
     metrics = Metrics(ns.role, num_speculative_tokens=cfg.speculation.num_speculative_tokens)
     metrics_port = metrics.start_http(ns.metrics_port, ns.host) if ns.metrics_port >= 0 else None
-    if ns.role == "draft":
-        from .draft.server import DraftService
-
-        torch.set_num_threads(cfg.draft_threads)
-        draft_desc = draft_description(cfg.draft, target_path, cfg.standin_layers, dtype, cfg.batch_invariant)
-        service = DraftService(draft_desc, cfg.speculation, cfg.max_batch * 4, cfg.max_model_len, index=_index(ns.redis_url, cfg.index_ttl_s),
-                               node=os.environ.get("NODE_NAME", ""), channel_host=ns.host,
-                               advertise_host=os.environ.get("POD_IP", ""), tracer=tracer, metrics=metrics)
-        pb_grpc.add_DraftServicer_to_server(service, server)
-        names = ["Draft"]
-    elif ns.role == "target":
-        from ssd.engine import load_target
-        from ssd.tokenizer import Tokenizer
-
-        from .target.server import EngineLoop, TargetService, build_target_engine
-
-        torch.set_num_threads(cfg.target_threads)
-        model, _ = load_target(cfg, target_path)
-        engine = build_target_engine(cfg, model, Tokenizer(target_path).eos_token_ids, ns.draft_address, _index(ns.redis_url, cfg.index_ttl_s),
-                              tensor_channel=ns.tensor_channel, device=str(next(model.parameters()).device),
-                              draft_wait_s=ns.draft_wait_s)
-        loop = EngineLoop(engine, tracer, metrics)
-        stops.append(loop.stop)
-        on_drain = lambda deadline: loop.drain()  # noqa: E731 - its in-flight rpcs: the server's graceful stop
-        pb_grpc.add_TargetServicer_to_server(TargetService(loop, node=os.environ.get("NODE_NAME", ""), tracer=tracer), server)
-        names = ["Target"]
-    else:
-        from ssd.tokenizer import Tokenizer
-
-        from .gateway.http import serve_http
-        from .gateway.server import Gateway, GatewayService
-
-        from .discovery import from_args
-
-        targets = [t for t in ns.targets.split(",") if t]
-        drafts = [t for t in ns.drafts.split(",") if t]
-        if ns.discovery == "static" and not targets:
-            raise SystemExit("error: the gateway needs --targets (or --discovery kubernetes)")
-        discovery = from_args(ns.discovery, ns.k8s_namespace or os.environ.get("POD_NAMESPACE", "default"),
-                              ns.target_service, ns.draft_service, targets, drafts)
-        desc = draft_description(cfg.draft, target_path, cfg.standin_layers, dtype, cfg.batch_invariant).describe()
-        gw = Gateway(Tokenizer(target_path), discovery, ns.model_name, cfg.max_model_len, desc, tracer, metrics)
-        stops.append(discovery.stop)
-        pb_grpc.add_GatewayServicer_to_server(GatewayService(gw), server)
-        names = ["Gateway"]
-        on_drain = gw.drain  # gRPC and HTTP requests alike: refused at once, the running ones end in the grace
-        if ns.http_port >= 0:
-            httpd = serve_http(gw, ns.host, ns.http_port, api_keys=keys,
-                               cors_origins=[o.strip() for o in ns.cors_origins.split(",") if o.strip()],
-                               max_connections=ns.max_http_connections,
-                               ssl_certfile=ns.tls_cert or None, ssl_keyfile=ns.tls_key or None)
-            http_port = httpd.server_address[1]
-            stops.append(httpd.shutdown)
-    hs = add_health_and_reflection(server, names)
-    if ns.role == "gateway":
+    add = {"draft": _add_draft, "target": _add_target, "gateway": _add_gateway}[ns.role]
+    role = add(server, ns, cfg, target_path, dtype, tracer, metrics, keys)
+    hs = add_health_and_reflection(server, role.names)
+    if role.gateway is not None:
         from .gateway.server import watch_readiness
 
-        stops.append(watch_readiness(gw, hs, names).set)
+        role.stops.append(watch_readiness(role.gateway, hs, role.names).set)
     tls = (ns.tls_cert, ns.tls_key) if ns.role == "gateway" else ("", "")
     port = add_port(server, f"{ns.host}:{ns.port}", *tls)
     server.start()
-    _announce(port, http_port, metrics_port)
+    _announce(port, role.http_port, metrics_port)
 
     def on_stop():
-        for stop in stops:
+        for stop in role.stops:
             stop()
         tm.shutdown()  # flush the spans of the last requests
         metrics.stop_http()
 
-    drain_on_sigterm(server, hs, ns.grace_s, on_stop, on_drain=on_drain).wait()
+    drain_on_sigterm(server, hs, ns.grace_s, on_stop, on_drain=role.on_drain).wait()
     return 0
+
+
+def _add_draft(server, ns, cfg, target_path, dtype, tracer, metrics, keys) -> _Role:
+    import torch
+
+    from ssd.models.draft import draft_description
+
+    from .draft.server import DraftService
+    from .protos import pb_grpc
+
+    torch.set_num_threads(cfg.draft_threads)
+    draft_desc = draft_description(cfg.draft, target_path, cfg.standin_layers, dtype, cfg.batch_invariant)
+    service = DraftService(draft_desc, cfg.speculation, cfg.max_batch * 4, cfg.max_model_len,
+                           index=_index(ns.redis_url, cfg.index_ttl_s), node=os.environ.get("NODE_NAME", ""),
+                           channel_host=ns.host, advertise_host=os.environ.get("POD_IP", ""), tracer=tracer,
+                           metrics=metrics)
+    pb_grpc.add_DraftServicer_to_server(service, server)
+    return _Role(["Draft"])
+
+
+def _add_target(server, ns, cfg, target_path, dtype, tracer, metrics, keys) -> _Role:
+    import torch
+
+    from ssd.engine import load_target
+    from ssd.tokenizer import Tokenizer
+
+    from .protos import pb_grpc
+    from .target.server import EngineLoop, TargetService, build_target_engine
+
+    torch.set_num_threads(cfg.target_threads)
+    model, _ = load_target(cfg, target_path)
+    engine = build_target_engine(cfg, model, Tokenizer(target_path).eos_token_ids, ns.draft_address,
+                                 _index(ns.redis_url, cfg.index_ttl_s), tensor_channel=ns.tensor_channel,
+                                 device=str(next(model.parameters()).device), draft_wait_s=ns.draft_wait_s)
+    loop = EngineLoop(engine, tracer, metrics)
+    pb_grpc.add_TargetServicer_to_server(TargetService(loop, node=os.environ.get("NODE_NAME", ""), tracer=tracer), server)
+    # draining: its in-flight rpcs end in the server's graceful stop
+    return _Role(["Target"], stops=[loop.stop], on_drain=lambda deadline: loop.drain())
+
+
+def _add_gateway(server, ns, cfg, target_path, dtype, tracer, metrics, keys) -> _Role:
+    from ssd.models.draft import draft_description
+    from ssd.tokenizer import Tokenizer
+
+    from .discovery import from_args
+    from .gateway.http import serve_http
+    from .gateway.server import Gateway, GatewayService
+    from .protos import pb_grpc
+
+    targets = [t for t in ns.targets.split(",") if t]
+    drafts = [t for t in ns.drafts.split(",") if t]
+    if ns.discovery == "static" and not targets:
+        raise SystemExit("error: the gateway needs --targets (or --discovery kubernetes)")
+    discovery = from_args(ns.discovery, ns.k8s_namespace or os.environ.get("POD_NAMESPACE", "default"),
+                          ns.target_service, ns.draft_service, targets, drafts)
+    desc = draft_description(cfg.draft, target_path, cfg.standin_layers, dtype, cfg.batch_invariant).describe()
+    gw = Gateway(Tokenizer(target_path), discovery, ns.model_name, cfg.max_model_len, desc, tracer, metrics)
+    pb_grpc.add_GatewayServicer_to_server(GatewayService(gw), server)
+    # draining: gRPC and HTTP requests alike are refused at once, the running ones end in the grace
+    role = _Role(["Gateway"], stops=[discovery.stop], on_drain=gw.drain, gateway=gw)
+    if ns.http_port >= 0:
+        httpd = serve_http(gw, ns.host, ns.http_port, api_keys=keys,
+                           cors_origins=[o.strip() for o in ns.cors_origins.split(",") if o.strip()],
+                           max_connections=ns.max_http_connections,
+                           ssl_certfile=ns.tls_cert or None, ssl_keyfile=ns.tls_key or None)
+        role.http_port = httpd.server_address[1]
+        role.stops.append(httpd.shutdown)
+    return role
 
 
 def _index(redis_url: str, ttl_s: float):

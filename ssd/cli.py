@@ -227,10 +227,8 @@ def _add_access(p) -> None:
                    help="concurrent HTTP connections and requests; beyond it HTTP 503")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="ssd", description="Speculative Speculative Decoding (Saguaro)")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
+def _add_generate(sub) -> None:
+    """`ssd generate`: one generation in this process, streamed."""
     g = sub.add_parser("generate", help="generate text, streamed, with speed and speculation stats")
     g.add_argument("--prompt", required=True)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -240,6 +238,9 @@ def main(argv=None) -> int:
     _add_fields(g, SamplingParams)
     g.set_defaults(func=cmd_generate)
 
+
+def _add_bench(sub) -> None:
+    """`ssd bench`: the engines side by side in process, or the services under load (--serve)."""
     b = sub.add_parser("bench", help="AR vs SD vs SSD (+ Hugging Face references) on the same pair and prompts")
     b.add_argument("--prompts", help="JSONL file, one {\"prompt\": ...} per line, or sharegpt-heldout "
                    "(held-out ShareGPT first turns) (default: built-in set)")
@@ -269,6 +270,9 @@ def main(argv=None) -> int:
     _add_fields(b, SamplingParams)
     b.set_defaults(func=cmd_bench)
 
+
+def _add_training(sub) -> None:
+    """`ssd train-draft` and `ssd make-data`."""
     from .train.config import TrainDraftConfig  # a plain dataclass; the trainer itself is imported lazily
 
     t = sub.add_parser("train-draft", help="distil a small same-tokenizer draft from the target (writes a draft dir)")
@@ -283,6 +287,9 @@ def main(argv=None) -> int:
     _add_fields(md, DataConfig)
     md.set_defaults(func=cmd_make_data)
 
+
+def _add_serve(sub) -> None:
+    """`ssd serve`: the three services as local processes."""
     sv = sub.add_parser("serve", help="gateway, target and draft as local processes (no cluster, no Redis)")
     sv.add_argument("--prompt", help="send this chat prompt through the gateway, print the answer and stats, then stop")
     sv.add_argument("--port", type=int, default=50051, help="gateway gRPC port (0 = any free port)")
@@ -299,6 +306,9 @@ def main(argv=None) -> int:
     _add_fields(sv, SamplingParams)
     sv.set_defaults(func=cmd_serve)
 
+
+def _add_service(sub) -> None:
+    """`ssd service ROLE`: one service, as in a pod."""
     se = sub.add_parser("service", help="run one service (as in a pod)")
     se.add_argument("role", choices=["gateway", "target", "draft"])
     se.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in a pod)")
@@ -327,12 +337,21 @@ def main(argv=None) -> int:
     _add_fields(se, SpeculationConfig)
     se.set_defaults(func=cmd_service)
 
+
+def _add_trace(sub) -> None:
+    """`ssd trace`: a PNG timeline of a request's round spans."""
     tr = sub.add_parser("trace", help="draw a PNG timeline of a request's verify/speculate spans (OTLP file or live)")
     from .services import trace_view  # matplotlib and the OTLP receiver load only when it runs
 
     trace_view.add_arguments(tr)
     tr.set_defaults(func=trace_view.run)
 
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="ssd", description="Speculative Speculative Decoding (Saguaro)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for add in (_add_generate, _add_bench, _add_training, _add_serve, _add_service, _add_trace):
+        add(sub)
     ns = p.parse_args(argv)
     ns.command_line = "ssd " + " ".join(sys.argv[1:] if argv is None else argv)
     return ns.func(ns)

@@ -306,10 +306,11 @@ def test_hostile_json_is_400(stack, body):
 def test_short_body_times_out_with_408(stack):
     server = HttpServer(create_app(stack.gw, body_timeout_s=1.0))
     try:
-        t0 = time.monotonic()
+        # the body never completes: the server answers 408 after body_timeout_s (the client's own
+        # 20 s socket timeout would fail the test with a timeout error, not a 408)
         out = _raw(server.server_address, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                                           b"Content-Length: 100\r\n\r\n{\"prompt\"", timeout=20)
-        assert out.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 10
+        assert out.startswith(b"HTTP/1.1 408")
     finally:
         server.shutdown()
 
