@@ -407,10 +407,24 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
     native = {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}} \
         if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {}
     app = FastAPI(title="ssd", docs_url=None, redoc_url=None, openapi_url=None, **native)
-    created = int(time.time())
     keys = frozenset(api_keys)
     open_paths = {"/health", "/healthz", "/metrics"}
+    api = _Api(gw)
+    _add_error_handlers(app)
+    _add_info_routes(app, api)
+    _add_completion_routes(app, api)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type", "traceparent"], allow_credentials=False)
+    # pure ASGI wrappers (not @app.middleware: that wrapper hides a client's disconnect from the
+    # endpoint, and a request nobody reads any more would go on generating)
+    limited = _HeaderLimits(_Auth(_BodyLimit(app, max_body_bytes, body_timeout_s), keys, open_paths),
+                            MAX_HEADER_COUNT, MAX_HEADER_LINE_BYTES, MAX_HEADERS_BYTES)
+    return _ServerSpans(limited, gw.tracer, app.routes)
 
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """OpenAI-shaped error bodies for every failure: ours, validation, routing, the target's."""
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
         return _error(e.status, str(e), e.param, e.code)
@@ -441,23 +455,17 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
         code = "model_not_found" if status == 404 else e.code.name.lower()
         return _error(status, str(e), None, code)
 
-    def check_model(model: str | None) -> None:
-        if model and model != gw.model_name:
-            raise ApiError(404, f"the model {model!r} does not exist; served: {gw.model_name!r}", "model",
-                           "model_not_found")
 
-    def model_card() -> dict:
-        return {"id": gw.model_name, "object": "model", "created": created, "owned_by": "ssd",
-                "max_model_len": gw.max_model_len, "draft": gw.draft_description}
-
+def _add_info_routes(app: FastAPI, api: _Api) -> None:
+    """Models, health, metrics, tokenize and detokenize."""
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [api.model_card()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
-        check_model(model_id)
-        return model_card()
+        api.check_model(model_id)
+        return api.model_card()
 
     @app.get("/healthz")
     async def healthz():
@@ -465,35 +473,38 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
 
     @app.get("/health")
     async def health():
-        ready = await run_in_threadpool(gw.ready)
+        ready = await run_in_threadpool(api.gw.ready)
         return JSONResponse({"status": "ok" if ready else "no target ready"}, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     async def metrics():
-        if gw.metrics is None:
+        if api.gw.metrics is None:
             return Response("", media_type="text/plain")
-        body, ctype = gw.metrics.render()
+        body, ctype = api.gw.metrics.render()
         return Response(body, media_type=ctype)
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
-        check_model(req.model)
+        api.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise ApiError(400, "give exactly one of prompt and messages", "prompt")
         if req.prompt is not None:
-            ids = gw.tokenizer.encode(_utf8(req.prompt, "prompt"), add_special_tokens=req.add_special_tokens)
+            ids = api.gw.tokenizer.encode(_utf8(req.prompt, "prompt"), add_special_tokens=req.add_special_tokens)
         else:
-            ids = gw.tokenizer.apply_chat_template([{"role": _role(m.role), "content": m.text()} for m in req.messages])
-        return {"tokens": ids, "count": len(ids), "max_model_len": gw.max_model_len}
+            ids = api.gw.tokenizer.apply_chat_template([{"role": _role(m.role), "content": m.text()} for m in req.messages])
+        return {"tokens": ids, "count": len(ids), "max_model_len": api.gw.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
-        check_model(req.model)
-        bad = [t for t in req.tokens if not 0 <= t < gw.tokenizer.vocab_size]
+        api.check_model(req.model)
+        bad = [t for t in req.tokens if not 0 <= t < api.gw.tokenizer.vocab_size]
         if bad:
-            raise ApiError(400, f"token id {bad[0]} outside the vocabulary [0, {gw.tokenizer.vocab_size})", "tokens")
-        return {"prompt": gw.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+            raise ApiError(400, f"token id {bad[0]} outside the vocabulary [0, {api.gw.tokenizer.vocab_size})", "tokens")
+        return {"prompt": api.gw.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
+
+def _add_completion_routes(app: FastAPI, api: _Api) -> None:
+    """/v1/chat/completions and /v1/completions: each request's own checks, then api.run."""
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         req.refuse_unsupported()
@@ -504,7 +515,7 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
         g = pb.GenerateRequest(messages=pb.ChatMessages(messages=[
             pb.ChatMessage(role=_role(m.role), content=m.text()) for m in req.messages]))
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        return await _run(req, g, request, chat=True, max_tokens=limit, default_max=None)
+        return await api.run(req, g, request, chat=True, max_tokens=limit, default_max=None)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -521,16 +532,33 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
         if isinstance(p, list):
             if not p:
                 raise ApiError(400, "prompt is empty", "prompt")
-            bad = [t for t in p if not 0 <= t < gw.tokenizer.vocab_size]
+            bad = [t for t in p if not 0 <= t < api.gw.tokenizer.vocab_size]
             if bad:
-                raise ApiError(400, f"prompt token id {bad[0]} outside the vocabulary [0, {gw.tokenizer.vocab_size})", "prompt")
+                raise ApiError(400, f"prompt token id {bad[0]} outside the vocabulary [0, {api.gw.tokenizer.vocab_size})", "prompt")
             g = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=p))
         else:
             g = pb.GenerateRequest(prompt=_utf8(p, "prompt"))
-        return await _run(req, g, request, chat=False, max_tokens=req.max_tokens, default_max=16)
+        return await api.run(req, g, request, chat=False, max_tokens=req.max_tokens, default_max=16)
 
-    async def _run(req: _Common, g, request: Request, chat: bool, max_tokens: int | None, default_max: int | None):
-        check_model(req.model)
+
+class _Api:
+    """The gateway as the OpenAI-compatible routes use it: the model check and card, and one
+    completion request run to its JSON body or its server-sent events."""
+
+    def __init__(self, gw: Gateway):
+        self.gw, self.created = gw, int(time.time())
+
+    def check_model(self, model: str | None) -> None:
+        if model and model != self.gw.model_name:
+            raise ApiError(404, f"the model {model!r} does not exist; served: {self.gw.model_name!r}", "model",
+                           "model_not_found")
+
+    def model_card(self) -> dict:
+        return {"id": self.gw.model_name, "object": "model", "created": self.created, "owned_by": "ssd",
+                "max_model_len": self.gw.max_model_len, "draft": self.gw.draft_description}
+
+    async def run(self, req: _Common, g, request: Request, chat: bool, max_tokens: int | None, default_max: int | None):
+        self.check_model(req.model)
         g.model = req.model or ""
         g.mode = req.mode.value if req.mode else ""
         g.request_id = uuid.uuid4().hex
@@ -541,7 +569,7 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
             raise ApiError(400, "top_p must be in (0, 1]", "top_p")
         s.top_k = 0 if req.top_k is None else _in_range(req.top_k, 0, INT32_MAX, "top_k")  # >= the vocabulary: off
         s.ignore_eos = req.ignore_eos
-        _set_adjustments(req, s, gw.tokenizer.vocab_size)
+        _set_adjustments(req, s, self.gw.tokenizer.vocab_size)
         alternatives = req.alternatives()
         if alternatives is not None:
             s.logprobs = alternatives
@@ -556,35 +584,20 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
             s.max_tokens = default_max or 0  # 0: the gateway fills in "the rest of the context"
         if s.max_tokens and s.min_tokens > s.max_tokens:
             raise ApiError(400, f"min_tokens ({s.min_tokens}) is over max_tokens ({s.max_tokens})", "min_tokens")
-        gen = gw.generate(g, parent_ctx=request.scope.get("ssd.trace_context"), fill_max_tokens=True,
+        gen = self.gw.generate(g, parent_ctx=request.scope.get("ssd.trace_context"), fill_max_tokens=True,
                           http_route=request.url.path)
         first = await run_in_threadpool(_first, gen)  # validation errors surface here, before any response
         rid = ("chatcmpl-" if chat else "cmpl-") + first.request_id
         now = int(time.time())
         scanner = StopScanner(req.stops())
-        lps = _Logprobs(gw.tokenizer, chat) if alternatives is not None else None
+        lps = _Logprobs(self.gw.tokenizer, chat) if alternatives is not None else None
         if not req.stream:
-            return await _collect(gen, first, rid, now, chat, scanner, request, lps)
+            return await self.collect(gen, first, rid, now, chat, scanner, request, lps)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_sse(gen, first, rid, now, chat, scanner, include_usage, lps),
+        return StreamingResponse(self.sse(gen, first, rid, now, chat, scanner, include_usage, lps),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    def choice(text: str, finish: str | None, chat: bool, delta: bool, first: bool = False, logprobs=None) -> dict:
-        c: dict = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
-        if chat:
-            if delta:
-                c["delta"] = ({"role": "assistant", "content": text} if first else {"content": text}) if (text or first) else {}
-            else:
-                c["message"] = {"role": "assistant", "content": text}
-        else:
-            c["text"] = text
-        return c
-
-    def usage(resp, produced: int) -> dict:
-        p = resp.usage.prompt_tokens
-        return {"prompt_tokens": p, "completion_tokens": produced, "total_tokens": p + produced}
-
-    async def _collect(gen, first, rid, now, chat, scanner: StopScanner, request: Request, lps: "_Logprobs | None"):
+    async def collect(self, gen, first, rid, now, chat, scanner: StopScanner, request: Request, lps: "_Logprobs | None"):
         """Non-streaming: the whole answer; a client that hangs up aborts the request."""
         done = threading.Event()
 
@@ -599,10 +612,10 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
                 last = r
                 if hit:
                     finish = "stop"
-                    _stop(gen, gw, first.request_id)  # no work for text nobody reads
+                    _stop(gen, self.gw, first.request_id)  # no work for text nobody reads
                     break
                 if done.is_set():
-                    _stop(gen, gw, first.request_id)
+                    _stop(gen, self.gw, first.request_id)
                     break
             if finish is None:
                 parts.append(scanner.flush())
@@ -614,18 +627,18 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
             await asyncio.wait({task}, timeout=0.25)
             if not task.done() and await request.is_disconnected():
                 done.set()  # the consumer closes the stream at its next message
-                gw.abort(first.request_id)
+                self.gw.abort(first.request_id)
         text, finish, last, produced = await task
         obj = "chat.completion" if chat else "text_completion"
-        return {"id": rid, "object": obj, "created": now, "model": gw.model_name,
-                "choices": [choice(text, finish, chat, False, logprobs=lps and lps.total())], "usage": usage(last, produced),
-                "system_fingerprint": gw.draft_description or None}
+        return {"id": rid, "object": obj, "created": now, "model": self.gw.model_name,
+                "choices": [_choice(text, finish, chat, False, logprobs=lps and lps.total())], "usage": _usage(last, produced),
+                "system_fingerprint": self.gw.draft_description or None}
 
-    async def _sse(gen, first, rid, now, chat, scanner: StopScanner, include_usage: bool, lps: "_Logprobs | None"):
+    async def sse(self, gen, first, rid, now, chat, scanner: StopScanner, include_usage: bool, lps: "_Logprobs | None"):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def event(choices, extra=None) -> bytes:
-            e = {"id": rid, "object": obj, "created": now, "model": gw.model_name, "choices": choices}
+            e = {"id": rid, "object": obj, "created": now, "model": self.gw.model_name, "choices": choices}
             if include_usage:
                 e["usage"] = None
             if extra:
@@ -636,41 +649,49 @@ def create_app(gw: Gateway, api_keys: set[str] | frozenset = frozenset(), cors_o
         stream = iterate_in_threadpool(_chain(first, gen))
         try:
             if chat:  # the role comes first, alone, as OpenAI sends it
-                yield event([choice("", None, True, True, first=True)])
+                yield event([_choice("", None, True, True, first=True)])
             async for r in stream:
                 produced += len(r.token_ids)
                 last = r
                 out, hit = scanner.push(r.text)
                 chunk_lps = lps.add(r) if lps is not None else None
                 if out or chunk_lps:  # logprobs of tokens whose text is still held back come now
-                    yield event([choice(out, None, chat, True, logprobs=chunk_lps)])
+                    yield event([_choice(out, None, chat, True, logprobs=chunk_lps)])
                 if hit:
                     finish = "stop"
                     break
             if finish is None:
                 tail = scanner.flush()
                 if tail:
-                    yield event([choice(tail, None, chat, True)])
+                    yield event([_choice(tail, None, chat, True)])
                 finish = _finish(last.finish_reason)
-            yield event([choice("", finish, chat, True)])
+            yield event([_choice("", finish, chat, True)])
             if include_usage:
-                yield event([], {"usage": usage(last, produced)})
+                yield event([], {"usage": _usage(last, produced)})
             yield b"data: [DONE]\n\n"
         except GenerateError as e:
             status = _STATUS.get(e.code, 500)
             yield f"data: {json.dumps(error_body(status, str(e), None, e.code.name.lower()))}\n\n".encode()
             yield b"data: [DONE]\n\n"
         finally:
-            _stop(gen, gw, first.request_id)  # a client that left (or a stop string) cancels the target call
+            _stop(gen, self.gw, first.request_id)  # a client that left (or a stop string) cancels the target call
 
-    if cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["Authorization", "Content-Type", "traceparent"], allow_credentials=False)
-    # pure ASGI wrappers (not @app.middleware: that wrapper hides a client's disconnect from the
-    # endpoint, and a request nobody reads any more would go on generating)
-    limited = _HeaderLimits(_Auth(_BodyLimit(app, max_body_bytes, body_timeout_s), keys, open_paths),
-                            MAX_HEADER_COUNT, MAX_HEADER_LINE_BYTES, MAX_HEADERS_BYTES)
-    return _ServerSpans(limited, gw.tracer, app.routes)
+
+def _choice(text: str, finish: str | None, chat: bool, delta: bool, first: bool = False, logprobs=None) -> dict:
+    c: dict = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
+    if chat:
+        if delta:
+            c["delta"] = ({"role": "assistant", "content": text} if first else {"content": text}) if (text or first) else {}
+        else:
+            c["message"] = {"role": "assistant", "content": text}
+    else:
+        c["text"] = text
+    return c
+
+
+def _usage(resp, produced: int) -> dict:
+    p = resp.usage.prompt_tokens
+    return {"prompt_tokens": p, "completion_tokens": produced, "total_tokens": p + produced}
 
 
 def _utf8(text: str, param: str) -> str:
