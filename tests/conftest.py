@@ -44,3 +44,13 @@ def small_feature_draft(small_pair, tmp_path_factory):
     model = feature_draft_from_target(t_dir, feature_layers(2), torch.arange(SMALL_VOCAB), init_layer=1, seed=3)
     save_feature_draft(out, model, t_dir, str(t_dir), dtype=torch.float32)
     return out
+
+
+@pytest.fixture(scope="session")
+def pair():
+    """The real default pair (SmolLM2-135M-Instruct target, the shipped draft), loaded once per
+    test session for every module that needs it."""
+    from ssd.config import EngineConfig
+    from ssd.engine import ModelPair
+
+    return ModelPair.load(EngineConfig(mode="ar"))

@@ -19,11 +19,6 @@ MAX_TOKENS = 128
 
 
 @pytest.fixture(scope="module")
-def pair():
-    return ModelPair.load(EngineConfig(mode="ar"))
-
-
-@pytest.fixture(scope="module")
 def prompts(pair):
     return [pair.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
 
