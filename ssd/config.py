@@ -132,7 +132,8 @@ class SpeculationConfig:
     # num_speculative_tokens) from measured acceptance and costs, the miss fallback (JIT or backup)
     # from measured tokens per second instead of b*, the fan-out budget (at most fan_out_budget)
     # from measured build vs verify time. On by default: the fastest setting measured for SSD (1.07x
-    # greedy, 1.14x sampled its fixed K = 4, docs/benchmarks.md); --no-adaptive keeps them fixed
+    # greedy, 1.14x sampled its fixed K = 4: docs/results/benchmarks-journal-to-2026-12-05.md);
+    # --no-adaptive keeps them fixed
     adaptive: bool = True
     # adaptive: per load class and temperature mix, measure realised tokens per second with and
     # without speculation and speculate only where it pays (ssd/speculation/adaptive.py,

@@ -2,7 +2,8 @@
 
 `auto` picks bf16 where the hardware computes it natively (CUDA with bf16 support; a CPU with
 AVX-512 BF16 or AMX-BF16, or Arm's BF16 extension) and fp32 elsewhere: on a CPU without those
-instructions oneDNN emulates bf16 and it is slower than fp32 (measured in docs/benchmarks.md).
+instructions oneDNN emulates bf16 and it is slower than fp32 (measured in
+docs/results/benchmarks-journal-to-2026-12-05.md, "Numerics").
 The KV cache is kept in the model's dtype.
 """
 from __future__ import annotations

@@ -32,7 +32,7 @@ def evaluate(draft: DraftModel, examples: list[Example], batch_size: int = 8) ->
     """Held-out greedy top-1 agreement with the target on its continuation positions (position
     t predicts ids[t+1], the target's greedy token there): the per-token acceptance proxy.
     Also by position in the answer: a bench of short answers reads only their openings, where
-    agreement is lower than over whole answers (docs/draft-training.md)."""
+    agreement is lower than over whole answers (docs/results/draft-training-journal-to-2026-12-05.md)."""
     draft.eval()
     agree = total = in_head = 0
     by_pos = {}  # bin -> [agree, total]
