@@ -1,11 +1,16 @@
 """How the SSD engine reaches its draft: a small transport seam (the `DraftLink` protocol).
 
 ProcessDraftLink runs the draft in a spawned local process with its own thread budget and
-moves q rows through shared memory; the services' links (ssd.services.draft_link,
-ssd.services.multi_draft) implement the same protocol over gRPC streams.
+moves q rows through shared memory; ThreadDraftLink runs the same draft loop on a thread of the
+calling process (no spawn, no second interpreter: for tests and tools that are not about the
+process boundary); the services' links (ssd.services.draft_link, ssd.services.multi_draft)
+implement the same protocol over gRPC streams.
 """
 from __future__ import annotations
 
+import copy
+import queue
+import threading
 import time
 from typing import Any, Protocol, runtime_checkable
 
@@ -121,3 +126,59 @@ class ProcessDraftLink:
         """Tests: the draft dies mid-generation."""
         self.proc.kill()
         self.proc.join(timeout=5)
+
+
+class _QueueEnd:
+    """One end of an in-memory duplex connection with a pipe end's send / recv / poll. Messages
+    are copied on the way, as a pipe would (neither side may see the other's later changes to
+    a list it sent); DraftReady alone travels as is, because its q-row buffers are meant to be
+    shared, as they are through shared memory between processes."""
+
+    def __init__(self, inbox: queue.Queue, outbox: queue.Queue):
+        self.inbox, self.outbox, self._peeked = inbox, outbox, []
+
+    def send(self, msg) -> None:
+        self.outbox.put(msg if isinstance(msg, DraftReady) else copy.deepcopy(msg))
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        if self._peeked:
+            return True
+        try:
+            self._peeked.append(self.inbox.get(timeout=timeout) if timeout else self.inbox.get_nowait())
+        except queue.Empty:
+            return False
+        return True
+
+    def recv(self):
+        return self._peeked.pop(0) if self._peeked else self.inbox.get()
+
+
+class ThreadDraftLink(ProcessDraftLink):
+    """The draft loop of ProcessDraftLink (worker_main, the same RoundServer and shared q-row
+    buffers) on a daemon thread of this process, over in-memory queues: the same messages in
+    the same order, without spawning a process. Torch's thread budget is the process's own, so
+    it measures nothing about overlap; it is for engine tests and tools that are not about the
+    process boundary."""
+
+    def __init__(self, draft_desc, speculation, max_seqs: int, max_model_len: int, seed: int = 0,
+                 start_timeout: float = 300.0):
+        to_draft, to_target = queue.Queue(), queue.Queue()
+        self.conn = _QueueEnd(to_target, to_draft)
+        child = _QueueEnd(to_draft, to_target)
+        self.proc = threading.Thread(target=worker_main, daemon=True, name="ssd-draft-thread",
+                                     args=(child, draft_desc, speculation, max_seqs, max_model_len, None, seed))
+        self.proc.start()
+        msg = self.recv(timeout=start_timeout)
+        if not isinstance(msg, DraftReady):
+            raise DraftUnavailable(f"draft thread failed to start: {getattr(msg, 'message', msg)}")
+        self.info = msg.info
+        self.head_ids = msg.head_ids
+        self.cache_q, self.jit_q = msg.q_buffers
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            self.conn.send(Stop())
+            self.proc.join(timeout=30)
+
+    def kill(self) -> None:
+        raise TypeError("a draft thread cannot be killed; tests of a dying draft use ProcessDraftLink")

@@ -162,8 +162,13 @@ class RoundServer:
         })
 
 
-def worker_main(conn, draft_desc, speculation, max_seqs: int, max_model_len: int, threads: int, seed: int):
-    torch.set_num_threads(threads)
+def worker_main(conn, draft_desc, speculation, max_seqs: int, max_model_len: int, threads: int | None, seed: int):
+    """The draft's round loop over a connection (a pipe end; ThreadDraftLink's in-memory one):
+    load the draft, announce DraftReady, then serve rounds until Stop or the connection closes.
+    threads: the torch thread budget of this process (None: leave it, as a thread of the
+    target's own process must)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         import torch.multiprocessing as _reductions  # noqa: F401  (shared-memory tensors through the pipe)
 

@@ -43,6 +43,7 @@ class SSDEngine(Engine):
         self.pending_ops: list[SequenceOp] = []
         self.stale_rounds: set[int] = set()  # rounds whose cache we stopped waiting for
         self.round_wants_cache = False  # the last round sent asked the draft for some speculation
+        self.round_sent = False  # this step's round went to the draft (a step that asks nothing sends nothing)
         # speculations of different drafts (or draft settings) must never meet in the index; a
         # draft service names its own fingerprint (and publishes itself when it has the index)
         self.draft_fingerprint = self.link.info.fingerprint or draft_fingerprint(
@@ -252,9 +253,14 @@ class SSDEngine(Engine):
             self.pending_ops = []
             return None
         jit_ns = None
-        # a round that asks for no speculation (every running request served as AR) gets no
-        # cache keys back, only the (empty) cache reply, which _receive_cache then skips
         self.round_wants_cache = bool(jit_ids or backups or hit_ids)
+        # a step that asks the draft for nothing (the gate's plain steps, AR-mode requests only)
+        # sends it nothing either, so it costs what an AR step costs: no message, no reply to
+        # take in, no draft forward beside the verify. Its ops (new sequences, committed tokens,
+        # releases) wait, in order, for the next round that asks for a speculation.
+        self.round_sent = self.round_wants_cache
+        if not self.round_sent:
+            return None
         try:
             jit_k = self.jit_k
             budget = self.budget if self.adaptive is not None else 0
@@ -340,10 +346,7 @@ class SSDEngine(Engine):
         """The speculation cache the draft built while we verified. Its keys arrive first: when
         every outcome missed we do not wait for the tokens (the next round message makes the
         draft abandon the build). Returns (entries, whether they were there on time)."""
-        if not self.draft_alive:
-            return {}, False
-        if not self.round_wants_cache:
-            self.stale_rounds.add(round_id)
+        if not self.draft_alive or not self.round_sent:
             return {}, False
         entries, on_time = {}, False
         t0 = time.perf_counter()

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
-from ssd.engine import AREngine, SDEngine, SSDEngine
+from ssd.engine import AREngine, SDEngine
 from ssd.engine.draft_runner import DraftRunner, Verifying
 from ssd.engine.protocol import Features
 from ssd.models.draft import DraftDescription, load_draft
 from ssd.models.loader import load_model
+from engine_support import in_process
 
 PROMPTS = [[0, 1, 2], [2, 2, 1, 0], [1], [3, 0, 1, 1, 2]]
 GREEDY = SamplingParams(max_tokens=30, ignore_eos=True)
@@ -51,7 +52,7 @@ def test_sd_greedy_identical_to_ar(setup):
 
 def test_ssd_greedy_identical_to_ar(setup):
     target, desc, ref = setup
-    with SSDEngine(_cfg("ssd", critical_batch_size=100), target, desc, (3,)) as eng:
+    with in_process(_cfg("ssd", critical_batch_size=100), target, desc, (3,)) as eng:
         out = [s.output_ids for s in eng.generate(PROMPTS, GREEDY)]
         st = eng.stats
         assert eng.draft_alive, eng.draft_error
@@ -63,7 +64,7 @@ def test_ssd_with_backups_greedy_identical_to_ar(setup):
     """At or above b* the fast backup speculates: the drafter builds on tokens it did not draft
     (its self-fed inputs come from a sequential chain)."""
     target, desc, ref = setup
-    with SSDEngine(_cfg("ssd", critical_batch_size=1), target, desc, (3,)) as eng:
+    with in_process(_cfg("ssd", critical_batch_size=1), target, desc, (3,)) as eng:
         out = [s.output_ids for s in eng.generate(PROMPTS, GREEDY)]
         assert eng.draft_alive, eng.draft_error
         assert eng.stats.n_backup > 0
@@ -78,7 +79,7 @@ def test_sampled_matches_target_distribution(small_pair, setup, mode):
     base = SamplingParams(temperature=1.0)
     cfg = EngineConfig(mode=mode, max_batch=64, max_model_len=32, target_threads=1, draft_threads=1,
                        speculation=SpeculationConfig(gate=False, num_speculative_tokens=2, fan_out_budget=4))
-    eng = SDEngine(cfg, target, load_draft(desc), (3,)) if mode == "sd" else SSDEngine(cfg, target, desc, (3,))
+    eng = SDEngine(cfg, target, load_draft(desc), (3,)) if mode == "sd" else in_process(cfg, target, desc, (3,))
     with eng:
         seqs = eng.generate([PROMPT] * 4000, params_list(base))
         assert eng.stats.num_accepted_tokens > 0

@@ -1,10 +1,10 @@
 """The speculation index inside the SSD engine: a repeated request finds the first one's draft
 work by content (no JIT wait), output unchanged; aborted requests free their entries."""
 from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
-from ssd.engine import SSDEngine
 from ssd.models.loader import load_model
 from ssd.speculation.index import LocalIndex
 from ssd.models.draft import DraftDescription
+from engine_support import in_process
 
 PROMPT = [0, 1, 2, 1]
 
@@ -20,7 +20,7 @@ def test_retry_hits_the_index_and_output_is_unchanged(small_pair):
     target, _ = load_model(t_dir)
     index = LocalIndex()
     params = SamplingParams(max_tokens=40, ignore_eos=True)
-    with SSDEngine(_cfg(), target, DraftDescription(str(d_dir)), (3,), index=index) as eng:
+    with in_process(_cfg(), target, DraftDescription(str(d_dir)), (3,), index=index) as eng:
         first = eng.generate([PROMPT], params)[0].output_ids
         jit_first, index_first = eng.stats.n_jit, eng.stats.index_hit
         assert index_first == 0 and len(index) > 0
@@ -34,7 +34,7 @@ def test_abort_frees_index_entries(small_pair):
     t_dir, d_dir, _ = small_pair
     target, _ = load_model(t_dir)
     index = LocalIndex()
-    with SSDEngine(_cfg(), target, DraftDescription(str(d_dir)), (3,), index=index) as eng:
+    with in_process(_cfg(), target, DraftDescription(str(d_dir)), (3,), index=index) as eng:
         seq = eng.add_request(PROMPT, SamplingParams(max_tokens=40, ignore_eos=True))
         for _ in range(4):
             eng.step()
@@ -51,7 +51,7 @@ def test_the_engines_own_index_keeps_entries_index_ttl_s(small_pair):
     t_dir, d_dir, _ = small_pair
     target, _ = load_model(t_dir)
     params = SamplingParams(max_tokens=40, ignore_eos=True)
-    with SSDEngine(_cfg().replace(index_ttl_s=0.5), target, DraftDescription(str(d_dir)), (3,)) as eng:
+    with in_process(_cfg().replace(index_ttl_s=0.5), target, DraftDescription(str(d_dir)), (3,)) as eng:
         assert eng.index.ttl_s == 0.5
         first = eng.generate([PROMPT], params)[0].output_ids
         time.sleep(0.6)

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
-from ssd.engine import AREngine, SDEngine, SSDEngine
+from ssd.engine import AREngine, SDEngine
 from ssd.models.loader import load_model
 from ssd.sampling import adjust_logits, process_logits
 from ssd.models.draft import DraftDescription
 
 from sampling_support import ALPHA, N_OUT, PROMPT, chi_square_pvalue
+from engine_support import in_process
 
 EOS = (3,)
 PENALISED = dict(presence_penalty=0.5, frequency_penalty=0.7, repetition_penalty=1.4, logit_bias={1: 0.8, 2: -0.6})
@@ -78,7 +79,7 @@ def _generate(mode, models, prompts, params):
         return AREngine(_cfg("ar"), target, EOS).generate(prompts, params)
     if mode == "sd":
         return SDEngine(_cfg("sd"), target, draft, EOS).generate(prompts, params)
-    with SSDEngine(_cfg("ssd"), target, DraftDescription(str(d_dir)), EOS) as eng:
+    with in_process(_cfg("ssd"), target, DraftDescription(str(d_dir)), EOS) as eng:
         seqs = eng.generate(prompts, params)
         assert eng.stats.num_accepted_tokens > 0
         return seqs
@@ -151,7 +152,7 @@ def test_sampled_penalised_output_is_distributed_as_the_adjusted_target(models, 
         eng = SDEngine(cfg, target, draft, EOS)
         seqs = eng.generate([PROMPT] * n, params)
     else:
-        with SSDEngine(cfg, target, DraftDescription(str(d_dir)), EOS) as eng:
+        with in_process(cfg, target, DraftDescription(str(d_dir)), EOS) as eng:
             seqs = eng.generate([PROMPT] * n, params)
     assert 0.1 < eng.stats.summary()["acceptance_rate"] < 0.95
     samples = [tuple(s.output_ids) for s in seqs]

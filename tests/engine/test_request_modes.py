@@ -4,9 +4,10 @@ the draft and sample exactly as the AR engine does, SD requests never take a cac
 import pytest
 
 from ssd.config import EngineConfig, RequestOptions, SamplingParams, SpeculationConfig
-from ssd.engine import AREngine, SSDEngine
+from ssd.engine import AREngine
 from ssd.models.loader import load_model
 from ssd.models.draft import DraftDescription
+from engine_support import in_process
 
 PROMPTS = [[0, 1, 2], [2, 2, 1, 0], [1], [3, 0, 1]]
 
@@ -27,7 +28,7 @@ def test_modes_side_by_side_greedy_identical(small_pair, target):
     params = SamplingParams(max_tokens=30, ignore_eos=True)
     ref = [s.output_ids for s in AREngine(_cfg("ar"), target, (3,)).generate(PROMPTS * 3, params)]
     modes = ["ar"] * 4 + ["sd"] * 4 + ["ssd"] * 4
-    with SSDEngine(_cfg(), target, DraftDescription(str(small_pair[1])), (3,)) as eng:
+    with in_process(_cfg(), target, DraftDescription(str(small_pair[1])), (3,)) as eng:
         seqs = [eng.add_request(p, params, RequestOptions(mode=m)) for p, m in zip(PROMPTS * 3, modes)]
         while eng.has_unfinished():
             eng.step()
@@ -45,7 +46,7 @@ def test_rounds_of_ar_requests_alone_keep_the_draft(small_pair, target):
     answers with its (empty) cache reply only, and the target must not take that for a protocol
     error (which used to drop the draft and leave SSD requests to the backup)."""
     params = SamplingParams(max_tokens=12, ignore_eos=True)
-    with SSDEngine(_cfg(), target, DraftDescription(str(small_pair[1])), (3,)) as eng:
+    with in_process(_cfg(), target, DraftDescription(str(small_pair[1])), (3,)) as eng:
         first = eng.add_request(PROMPTS[0], params, RequestOptions(mode="ar"))
         while not first.finished:
             eng.step()
@@ -60,7 +61,7 @@ def test_rounds_of_ar_requests_alone_keep_the_draft(small_pair, target):
 def test_sampled_ar_request_equals_the_ar_engine(small_pair, target):
     params = [SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True, seed=100 + i) for i in range(4)]
     ref = [s.output_ids for s in AREngine(_cfg("ar"), target, (3,)).generate(PROMPTS, params)]
-    with SSDEngine(_cfg(), target, DraftDescription(str(small_pair[1])), (3,)) as eng:
+    with in_process(_cfg(), target, DraftDescription(str(small_pair[1])), (3,)) as eng:
         seqs = [eng.add_request(p, sp, RequestOptions(mode="ar")) for p, sp in zip(PROMPTS, params)]
         others = [eng.add_request(p, SamplingParams(temperature=1.0, max_tokens=20, seed=7)) for p in PROMPTS]
         while eng.has_unfinished():

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
-from ssd.engine import SDEngine, SSDEngine
+from ssd.engine import SDEngine
 from ssd.engine.base import Engine
 from ssd.models.loader import load_model
 from ssd.sampling import process_logits
 from ssd.models.draft import DraftDescription
 from sampling_support import ALPHA, PROMPT, chi_square_pvalue, exact_distribution, params_list
+from engine_support import in_process
 
 def run(engine, params_list):
     seqs = engine.generate([PROMPT] * len(params_list), params_list)
@@ -95,7 +96,7 @@ def test_ssd_saguaro_c_below_one_matches_target_distribution(models):
     t_dir, d_dir, hf, target, _ = models
     params = SAMPLINGS["t1"]
     # b* above the batch: misses use the primary draft just in time
-    with SSDEngine(_cfg(saguaro_c=0.5, critical_batch_size=1000), target, DraftDescription(str(d_dir)), (3,)) as eng:
+    with in_process(_cfg(saguaro_c=0.5, critical_batch_size=1000), target, DraftDescription(str(d_dir)), (3,)) as eng:
         samples = run(eng, params_list(params))
         st = eng.stats
     assert st.cache_hit + st.cache_late > 100 and st.cache_miss > 5  # both paths exercised
@@ -107,7 +108,7 @@ def test_ssd_fast_backup_matches_target_distribution(models):
     t_dir, d_dir, hf, target, _ = models
     params = SAMPLINGS["t0.7_topk3"]
     # b* = 1: every miss takes the n-gram backup (point-mass q)
-    with SSDEngine(_cfg(saguaro_c=0.5, critical_batch_size=1), target, DraftDescription(str(d_dir)), (3,)) as eng:
+    with in_process(_cfg(saguaro_c=0.5, critical_batch_size=1), target, DraftDescription(str(d_dir)), (3,)) as eng:
         samples = run(eng, params_list(params))
         st = eng.stats
     assert st.n_backup > 0 and st.n_jit == 0 and st.cache_hit + st.cache_late > 0
@@ -135,7 +136,7 @@ def test_reduced_vocabulary_head_keeps_sd_and_ssd_lossless(models):
     sd = SDEngine(_cfg().replace(mode="sd"), target, load_draft(spec), eos_token_ids=(3,))
     sd_samples = run(sd, params_list(params))
     assert chi_square_pvalue(sd_samples, exact) > ALPHA
-    with SSDEngine(_cfg(saguaro_c=0.5, critical_batch_size=1000), target, spec, (3,)) as eng:
+    with in_process(_cfg(saguaro_c=0.5, critical_batch_size=1000), target, spec, (3,)) as eng:
         ssd_samples = run(eng, params_list(params))
         assert eng.stats.cache_hit + eng.stats.cache_late > 0
     assert chi_square_pvalue(ssd_samples, exact) > ALPHA
@@ -166,7 +167,7 @@ def test_seeded_sampling_is_exact_and_the_same_in_ar_sd_and_ssd(models):
     sd = run(sd_eng, plist)
     narrow = _cfg().replace(speculation=SpeculationConfig(num_speculative_tokens=2, fan_out_budget=2,
                                                           critical_batch_size=1000))  # some misses too
-    with SSDEngine(narrow, target, DraftDescription(str(d_dir)), (3,)) as eng:
+    with in_process(narrow, target, DraftDescription(str(d_dir)), (3,)) as eng:
         ssd = run(eng, plist)
         assert eng.stats.cache_hit + eng.stats.cache_late > 50 and eng.stats.cache_miss > 5
     assert sd == ar and ssd == ar
@@ -184,7 +185,7 @@ def test_seeded_draft_runs_the_targets_race(models):
     sd = SDEngine(_cfg().replace(mode="sd"), target, target, eos_token_ids=(3,))
     run(sd, plist)
     assert sd.stats.summary()["acceptance_rate"] == 1.0
-    with SSDEngine(_cfg(critical_batch_size=1000), target, DraftDescription(str(t_dir)), (3,)) as eng:
+    with in_process(_cfg(critical_batch_size=1000), target, DraftDescription(str(t_dir)), (3,)) as eng:
         run(eng, plist)
         assert eng.stats.cache_hit + eng.stats.cache_late > 100  # speculations from the tree
         assert eng.stats.summary()["acceptance_rate"] == 1.0
@@ -221,7 +222,7 @@ def test_ssd_adaptive_matches_target_distribution(models, monkeypatch):
     t_dir, d_dir, hf, target, _ = models
     params = SAMPLINGS["t0.7_topk3"]
     cfg = _cfg(adaptive=True, p_min=0.6, saguaro_c=0.5, cut_cached=True).replace(max_batch=8)  # small batches: JIT pays too
-    with SSDEngine(cfg, target, DraftDescription(str(d_dir)), (3,)) as eng:
+    with in_process(cfg, target, DraftDescription(str(d_dir)), (3,)) as eng:
         samples = run(eng, params_list(params))
         st = eng.stats
     assert st.n_jit > 0 and st.n_backup > 0 and st.cache_hit + st.cache_late > 100  # every source exercised
@@ -270,7 +271,7 @@ def test_seeded_output_with_gated_steps_equals_ar(models, monkeypatch):
     ar = run(AREngine(_cfg().replace(mode="ar"), target, eos_token_ids=(3,)), plist)
     gated = _cfg(adaptive=True, gate=True).replace(max_batch=8)
     assert run(SDEngine(gated.replace(mode="sd"), target, draft, eos_token_ids=(3,)), plist) == ar
-    with SSDEngine(gated, target, DraftDescription(str(d_dir)), (3,)) as eng:
+    with in_process(gated, target, DraftDescription(str(d_dir)), (3,)) as eng:
         assert run(eng, plist) == ar
         params = SAMPLINGS["t1"]
         samples = run(eng, params_list(params))
@@ -287,5 +288,5 @@ def test_seeded_adaptive_output_equals_ar(models):
     ar = run(AREngine(_cfg().replace(mode="ar"), target, eos_token_ids=(3,)), plist)
     sd_eng = SDEngine(_cfg(adaptive=True, p_min=0.6).replace(mode="sd"), target, draft, eos_token_ids=(3,))
     assert run(sd_eng, plist) == ar and sd_eng.stats.num_draft_tokens < 2 * sd_eng.stats.rounds  # K < 2 (0 too) happened
-    with SSDEngine(_cfg(adaptive=True, p_min=0.6), target, DraftDescription(str(d_dir)), (3,)) as eng:
+    with in_process(_cfg(adaptive=True, p_min=0.6), target, DraftDescription(str(d_dir)), (3,)) as eng:
         assert run(eng, plist) == ar

@@ -15,6 +15,7 @@ from ssd.models.loader import load_model
 from ssd.services.index_redis import RedisIndex
 from ssd.services.protos import pb, pb_grpc
 from ssd.models.draft import DraftDescription
+from engine_support import in_process
 
 PROMPT = [0, 1, 2, 1]
 
@@ -70,9 +71,9 @@ def test_two_target_replicas_share_speculations_through_redis(small_pair, redis_
     _, url = redis_server
     target, _ = load_model(t_dir)
     params = SamplingParams(max_tokens=40, ignore_eos=True)
-    with SSDEngine(_cfg(), target, DraftDescription(str(d_dir)), (3,), index=RedisIndex(url)) as a:
+    with in_process(_cfg(), target, DraftDescription(str(d_dir)), (3,), index=RedisIndex(url)) as a:
         first = a.generate([PROMPT], params)[0].output_ids
-    with SSDEngine(_cfg(), target, DraftDescription(str(d_dir)), (3,), index=RedisIndex(url)) as b:
+    with in_process(_cfg(), target, DraftDescription(str(d_dir)), (3,), index=RedisIndex(url)) as b:
         second = b.generate([PROMPT], params)[0].output_ids
         assert b.stats.index_hit > 0
     assert second == first
@@ -83,10 +84,10 @@ def test_redis_stopped_mid_run_requests_complete(small_pair, redis_server):
     proc, url = redis_server
     target, _ = load_model(t_dir)
     params = SamplingParams(max_tokens=40, ignore_eos=True)
-    with SSDEngine(_cfg(), target, DraftDescription(str(d_dir)), (3,)) as ref_eng:
+    with in_process(_cfg(), target, DraftDescription(str(d_dir)), (3,)) as ref_eng:
         ref = ref_eng.generate([PROMPT, [2, 2]], params)
     index = RedisIndex(url)
-    with SSDEngine(_cfg(), target, DraftDescription(str(d_dir)), (3,), index=index) as eng:
+    with in_process(_cfg(), target, DraftDescription(str(d_dir)), (3,), index=index) as eng:
         seqs = [eng.add_request(p, params) for p in (PROMPT, [2, 2])]
         for _ in range(3):
             eng.step()
