@@ -1,10 +1,11 @@
 """The llama.cpp baseline of `ssd bench` (ssd/benchmarks/llamacpp.py), against a stand-in for
 llama-cpp-python's Llama class (the real package builds llama.cpp from source, minutes that the
 test tier does not spend): the same prompt ids, stop tokens, token budget and sampling settings
-reach llama.cpp's loop; one instance per thread count; a missing package or GGUF is a reported
-skip, not a crash."""
+reach llama.cpp's loop; one instance per thread count; a crash of llama.cpp's own process, a
+missing package or a missing GGUF is a reported skip, not a crash of the bench."""
 import sys
 import types
+from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
@@ -28,32 +29,48 @@ class FakeLlama:
 def fake_llama(monkeypatch):
     FakeLlama.made = []
     monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama))
+    monkeypatch.setattr(llamacpp, "_LLM", {})
     return FakeLlama
+
+
+def _ref(tmp_path, params, threads=1, all_cores=4, **kw):
+    return llamacpp.LlamaCppReference(tmp_path / "m.gguf", kw.pop("prompts", [[1, 2, 3], [4, 5]]), params, (2,),
+                                      threads, all_cores, lambda name, n: f"{name}/{n}", isolate=False)
 
 
 def test_prompts_stops_and_threads_reach_llama_cpp(fake_llama, tmp_path):
     prompts = [[1, 2, 3], [4, 5]]
-    ref = llamacpp.LlamaCppReference(tmp_path / "m.gguf", prompts, SamplingParams(max_tokens=6), eos_ids=(2,),
-                                     threads=1, all_cores=4, label_of=lambda name, n: f"{name}/{n}")
+    out = _ref(tmp_path, SamplingParams(max_tokens=6), prompts=prompts).run(first=False)
     assert [(m.n_threads, m.n_ctx) for m in fake_llama.made] == [(1, 3 + 6 + 16), (4, 3 + 6 + 16)]
-    out = ref.run(first=False)
     assert set(out) == {"llama.cpp", "llama.cpp-all"}
     one = out["llama.cpp"]
     assert one["outputs"] == [[7, 8, 9, 2]] * 2 and one["tokens"] == 8  # stopped at the stop token
     assert one["label"] == "llama.cpp/1" and one["threads"] == 1
     calls = fake_llama.made[0].calls
     assert [c[0] for c in calls] == prompts and calls[0][1] == {"temp": 0.0, "repeat_penalty": 1.0}  # greedy
-    short = llamacpp.LlamaCppReference(tmp_path / "m.gguf", prompts, SamplingParams(max_tokens=2), (2,), 1, 1,
-                                       lambda name, n: name)
-    assert [m.n_threads for m in fake_llama.made[2:]] == [1]  # all cores = the target's: one instance
+    short = _ref(tmp_path, SamplingParams(max_tokens=2), all_cores=1)
     assert short.run(first=True)["llama.cpp"]["outputs"] == [[7, 8]] * 2  # the token budget
+    assert len(short.systems) == 1  # all cores = the target's: one system
 
 
 def test_sampled_settings_are_llama_cpps_own_names(fake_llama, tmp_path):
     p = SamplingParams(max_tokens=3, temperature=0.8, top_p=0.9, top_k=0, seed=4)
-    ref = llamacpp.LlamaCppReference(tmp_path / "m.gguf", [[1]], p, (2,), 1, 1, lambda name, n: name)
-    ref.run(first=False)
+    _ref(tmp_path, p, all_cores=1, prompts=[[1]]).run(first=False)
     assert fake_llama.made[0].calls[0][1] == {"temp": 0.8, "top_k": 0, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.0}
+
+
+def test_a_crash_of_llama_cpps_process_is_a_reported_skip(tmp_path):
+    class CrashedPool:
+        def submit(self, *a):
+            raise BrokenProcessPool("a child process terminated abruptly")
+
+        def shutdown(self, cancel_futures=False):
+            self.closed = True
+
+    ref = _ref(tmp_path, SamplingParams(max_tokens=4))
+    ref.pools = {name: CrashedPool() for name, _, _ in ref.systems}
+    assert ref.run(first=True) == {} and "crashed" in ref.failed
+    assert all(p.closed for p in ref.pools.values()) and ref.run(first=False) == {}
 
 
 def test_agreeing_prefix_and_what_is_skipped(monkeypatch, tmp_path):

@@ -371,6 +371,10 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
             for label, res in lcpp.run(first=rep == 0).items():
                 lcpp_runs.setdefault(label, []).append(res)
 
+    if lcpp is not None:
+        lcpp.close()
+        if lcpp.failed:  # rows of some repeats only would not pair with the others: none at all
+            lcpp_runs, lcpp_skipped = {}, lcpp.failed
     base = runs.get("ar")  # [(stats, per-prompt results)] per repeat
     result = {
         "command": getattr(ns, "command_line", None),
