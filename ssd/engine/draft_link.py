@@ -68,9 +68,13 @@ class ProcessDraftLink:
         )
         self.proc.start()
         child.close()
+        self._take_ready(start_timeout, "process")
+
+    def _take_ready(self, start_timeout: float, what: str) -> None:
+        """The draft's DraftReady: what it is and its q-row buffers."""
         msg = self.recv(timeout=start_timeout)
         if not isinstance(msg, DraftReady):
-            raise DraftUnavailable(f"draft process failed to start: {getattr(msg, 'message', msg)}")
+            raise DraftUnavailable(f"draft {what} failed to start: {getattr(msg, 'message', msg)}")
         self.info = msg.info
         self.head_ids = msg.head_ids
         self.cache_q, self.jit_q = msg.q_buffers
@@ -168,12 +172,7 @@ class ThreadDraftLink(ProcessDraftLink):
         self.proc = threading.Thread(target=worker_main, daemon=True, name="ssd-draft-thread",
                                      args=(child, draft_desc, speculation, max_seqs, max_model_len, None, seed))
         self.proc.start()
-        msg = self.recv(timeout=start_timeout)
-        if not isinstance(msg, DraftReady):
-            raise DraftUnavailable(f"draft thread failed to start: {getattr(msg, 'message', msg)}")
-        self.info = msg.info
-        self.head_ids = msg.head_ids
-        self.cache_q, self.jit_q = msg.q_buffers
+        self._take_ready(start_timeout, "thread")
 
     def close(self) -> None:
         if self.proc.is_alive():
