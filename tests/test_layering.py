@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 CORE = ["ssd", "ssd.config", "ssd.engine", "ssd.engine.draft_worker", "ssd.models.draft", "ssd.kernels.attention",
         "ssd.kernels.rejection", "ssd.speculation.fanout", "ssd.speculation.ngram", "ssd.benchmarks.engines", "ssd.benchmarks.numerics", "ssd.cli", "ssd.train.distill"]
 
@@ -43,6 +45,7 @@ sys.meta_path.insert(0, _NotInstalled())
 '''
 
 
+@pytest.mark.slow  # a Python process and its draft process
 def test_the_core_install_runs_ssd_without_the_extras(small_pair, tmp_path):
     """pyproject's core dependencies are enough for the engine: with every extra's packages
     unimportable (in this process's children too: the draft process), the CLI loads and an SSD

@@ -8,6 +8,8 @@ from ssd.engine import AREngine
 from ssd.engine.draft_link import DraftLink, ProcessDraftLink
 from ssd.errors import ContextTooLong, RequestError
 
+pytestmark = pytest.mark.slow  # the process link: a spawned draft process
+
 
 def _protocol_methods():
     return {n for n, v in vars(DraftLink).items() if inspect.isfunction(v)}

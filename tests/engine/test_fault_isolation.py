@@ -4,9 +4,11 @@ import pytest
 
 import ssd.engine.base as base
 from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
-from ssd.engine import AREngine, SDEngine, SSDEngine
+from ssd.engine import AREngine, SDEngine
 from ssd.models.loader import load_model
 from ssd.models.draft import DraftDescription
+
+from engine_support import in_process
 
 PROMPTS = [[0, 1, 2], [2, 2, 1, 0], [1], [3, 0, 1]]
 GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
@@ -36,7 +38,7 @@ def _engine(mode, small_pair, target):
         return AREngine(_cfg("ar"), target, (3,))
     if mode == "sd":
         return SDEngine(_cfg("sd"), target, load_model(small_pair[1])[0], (3,))
-    return SSDEngine(_cfg("ssd"), target, DraftDescription(str(small_pair[1])), (3,))
+    return in_process(_cfg("ssd"), target, DraftDescription(str(small_pair[1])), (3,))
 
 
 @pytest.mark.parametrize("mode", ["ar", "sd", "ssd"])

@@ -1,10 +1,14 @@
 """A dead draft never changes the output and never stalls a sequence."""
 
+import pytest
+
 from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
 from ssd.engine import AREngine, SSDEngine
 from ssd.engine.protocol import RoundRequest
 from ssd.models.loader import load_model
 from ssd.models.draft import DraftDescription
+
+pytestmark = pytest.mark.slow  # a real draft process, killed or hung mid-run
 
 PROMPTS = [[0, 1, 2], [2, 2, 1, 0], [1]]
 

@@ -58,6 +58,7 @@ def _generate(stub, text, max_tokens=24, **kw):
     return ids, last
 
 
+@pytest.mark.smoke  # the fast tier's one end-to-end run: three services, real sockets, the real model
 def test_greedy_through_gateway_equals_target_only(stack, reference):
     for p in PROMPTS[:2]:
         ids, last = _generate(stack.stub, p)
