@@ -146,9 +146,11 @@ def cmd_generate(ns) -> int:
 
 # ---- ssd bench ---------------------------------------------------------------------------------
 def cmd_bench(ns) -> int:
+    from .benchmarks import BenchOptions
     from .benchmarks.engines import run_bench
 
     cfg, params = _configs(ns)
+    opts = BenchOptions.from_args(ns)
     if ns.repeats < 1:
         print(f"error: --repeats must be at least 1 (got {ns.repeats})", file=sys.stderr)
         return 2
@@ -165,15 +167,15 @@ def cmd_bench(ns) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        return run_serving(cfg, params, ns)
+        return run_serving(cfg, params, opts)
     if ns.numerics:
         from .benchmarks.numerics import run_numerics
 
         if ns.repeats != 1:
             print("error: --repeats does not apply to --numerics", file=sys.stderr)
             return 2
-        return run_numerics(cfg, params, ns)
-    return run_bench(cfg, params, ns)
+        return run_numerics(cfg, params, opts)
+    return run_bench(cfg, params, opts)
 
 
 # ---- ssd train-draft ---------------------------------------------------------------------------

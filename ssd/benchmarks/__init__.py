@@ -18,9 +18,33 @@ one machine and writes JSON + PNG:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchOptions:
+    """What `ssd bench` is asked beyond the engine and sampling settings (ssd/config.py): the
+    prompts, the systems and repeats, where the results go; with --serve the levels and kinds."""
+
+    prompts: str | None = None  # a JSONL file or "sharegpt-heldout"; None: the built-in set
+    num_prompts: int = 0  # the first N prompts (0: all)
+    modes: str = "ar,sd,ssd"
+    repeats: int = 1
+    out: str = "bench-results"
+    no_hf: bool = False
+    no_llama_cpp: bool = False
+    json: bool = False  # print the result JSON
+    concurrency: str = "1,2,4,8,16"  # --serve: clients per level
+    sampling: str = "greedy,sampled,seeded"  # --serve: the kinds of request
+    seed: int | None = None  # --serve: request i of a seeded cell gets seed + i
+    command_line: str | None = None  # recorded in the result
+
+    @classmethod
+    def from_args(cls, ns) -> "BenchOptions":
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
 
 
 def paired_ratio(mine: list[float], base: list[float], what: str = "") -> tuple[float, list[float]]:

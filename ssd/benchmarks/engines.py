@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import EngineConfig, SamplingParams
-from . import paired_ratio, repeat_error_bars, save_results
+from . import BenchOptions, paired_ratio, repeat_error_bars, save_results
 from ..engine import ModelPair, build_engine
 from ..engine.base import EngineStats
 from .llamacpp import LlamaCppReference, agreeing_prefix, available, gguf_of
@@ -313,16 +313,16 @@ def _same_prefix(a: list[int], b: list[int]) -> bool:
     return a[:n] == b[:n]
 
 
-def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
-    prompts = load_prompts(ns.prompts, ns.num_prompts)
-    modes = [m.strip() for m in ns.modes.split(",") if m.strip()]
+def run_bench(cfg: EngineConfig, params: SamplingParams, opts: BenchOptions) -> int:
+    prompts = load_prompts(opts.prompts, opts.num_prompts)
+    modes = [m.strip() for m in opts.modes.split(",") if m.strip()]
     pair = ModelPair.load(cfg.replace(mode="ar"))
     tok = pair.tokenizer
     prompt_ids = [tok.apply_chat_template([{"role": "user", "content": p["prompt"]}]) for p in prompts]
     torch.set_num_threads(cfg.target_threads)
     costs = forward_costs(pair, cfg.speculation.num_speculative_tokens)
     all_cores = os.cpu_count() or 1
-    repeats = ns.repeats
+    repeats = opts.repeats
     # (name, config, whether its first pass is untimed): every system of the run, in the order
     # each repeat runs them
     plan = [(mode, cfg.replace(mode=mode), False) for mode in modes]
@@ -339,9 +339,9 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
         # SD is sequential, so it can give every core to whichever model runs: the fair rival to
         # SSD, whose draft process holds cores of its own
         plan.append(("sd-all", cfg.replace(mode="sd", target_threads=all_cores), True))
-    hf_refs = None if ns.no_hf else HFReferences(pair, prompt_ids, params, cfg.speculation.num_speculative_tokens,
+    hf_refs = None if opts.no_hf else HFReferences(pair, prompt_ids, params, cfg.speculation.num_speculative_tokens,
                                                  cfg.target_threads, all_cores)
-    lcpp, lcpp_skipped = _llama_cpp(cfg, pair, prompt_ids, params, all_cores, ns)
+    lcpp, lcpp_skipped = _llama_cpp(cfg, pair, prompt_ids, params, all_cores, opts)
 
     runs = {name: [] for name, _, _ in plan}  # name -> [(stats, per-prompt results)] one per repeat
     hf_runs, lcpp_runs = {}, {}  # label -> [result] one per repeat
@@ -377,7 +377,7 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
             lcpp_runs, lcpp_skipped = {}, lcpp.failed
     base = runs.get("ar")  # [(stats, per-prompt results)] per repeat
     result = {
-        "command": getattr(ns, "command_line", None),
+        "command": opts.command_line,
         "target": pair.target_path,
         "draft": pair.draft_desc.describe(),
         "params": vars(params),
@@ -440,17 +440,17 @@ def run_bench(cfg: EngineConfig, params: SamplingParams, ns) -> int:
             v["tokens_agreeing_with_our_ar"] = agreeing_prefix(lcpp_runs[k][0]["outputs"], [b["output_ids"] for b in base[0][1]])
     _add_ratios(result)
     _print_table(result)
-    js, png = save_results(ns.out, "bench", result, _plot)
+    js, png = save_results(opts.out, "bench", result, _plot)
     print(f"wrote {js} and {png}")
-    if ns.json:
+    if opts.json:
         print(json.dumps(result, default=str))
     return 0
 
 
-def _llama_cpp(cfg, pair, prompt_ids, params, all_cores, ns):
+def _llama_cpp(cfg, pair, prompt_ids, params, all_cores, opts):
     """llama.cpp on the target's GGUF file (ssd/benchmarks/llamacpp.py) -> (reference, None) or
     (None, why it does not run)."""
-    if ns.no_llama_cpp:
+    if opts.no_llama_cpp:
         return None, "--no-llama-cpp"
     why = available()
     gguf = None

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import EngineConfig, SamplingParams
-from . import save_results
+from . import BenchOptions, save_results
 
 TOKENS_IN_FORWARD = (1, 2, 3, 5, 8, 16)
 
@@ -76,7 +76,7 @@ def _hf_tps(path: str, dtype, eos, prompt_ids, params) -> tuple[float, list[list
     return tokens / wall, outs
 
 
-def run_numerics(cfg: EngineConfig, params: SamplingParams, ns) -> int:
+def run_numerics(cfg: EngineConfig, params: SamplingParams, opts: BenchOptions) -> int:
     from .engines import load_prompts
     from ..models.invariance import self_check
     from ..models.loader import load_model, resolve_model
@@ -86,11 +86,11 @@ def run_numerics(cfg: EngineConfig, params: SamplingParams, ns) -> int:
     torch.set_num_threads(cfg.target_threads)
     path = resolve_model(cfg.target)
     tok = Tokenizer(path)
-    prompts = load_prompts(ns.prompts, ns.num_prompts)
+    prompts = load_prompts(opts.prompts, opts.num_prompts)
     prompt_ids = [tok.apply_chat_template([{"role": "user", "content": p["prompt"]}]) for p in prompts]
     greedy = SamplingParams(max_tokens=params.max_tokens)
     k = cfg.speculation.num_speculative_tokens
-    result = {"command": getattr(ns, "command_line", None), "target": str(path), "threads": cfg.target_threads,
+    result = {"command": opts.command_line, "target": str(path), "threads": cfg.target_threads,
               "native_bf16": cpu_has_native_bf16(), "num_prompts": len(prompts), "max_tokens": params.max_tokens,
               "k": k, "configs": {}, "hf": {}}
     bar = tqdm(total=2 * 3, desc="numerics")
@@ -123,7 +123,7 @@ def run_numerics(cfg: EngineConfig, params: SamplingParams, ns) -> int:
     bar.close()
     _ratios(result)
     _print(result)
-    js, png = save_results(ns.out, "numerics", result, _plot)
+    js, png = save_results(opts.out, "numerics", result, _plot)
     print(f"wrote {js} and {png}")
     return 0
 

@@ -32,7 +32,7 @@ import os
 import threading
 import time
 
-from . import save_results
+from . import BenchOptions, save_results
 from .engines import load_prompts
 
 SAMPLINGS = ("greedy", "sampled", "seeded")
@@ -275,15 +275,15 @@ def run_engine_cell(cfg, pair, prompts: list[list[dict]], params, seed: int, kin
     }
 
 
-def run_serving(cfg, params, ns) -> int:
+def run_serving(cfg, params, opts: BenchOptions) -> int:
     from ssd.engine import ModelPair
     from ssd.models.loader import default_target_path, resolve_model
 
-    levels = parse_levels(ns.concurrency)
-    kinds = parse_samplings(ns.sampling)
-    modes = [m.strip() for m in ns.modes.split(",") if m.strip()]
-    repeats = ns.repeats
-    rows = load_prompts(ns.prompts, ns.num_prompts)
+    levels = parse_levels(opts.concurrency)
+    kinds = parse_samplings(opts.sampling)
+    modes = [m.strip() for m in opts.modes.split(",") if m.strip()]
+    repeats = opts.repeats
+    rows = load_prompts(opts.prompts, opts.num_prompts)
     prompts = [[{"role": "user", "content": r["prompt"]}] for r in rows]
     settings = {k: sampling_params(k, params) for k in kinds}
     if cfg.target in ("default", "smollm2-135m-instruct"):
@@ -296,7 +296,7 @@ def run_serving(cfg, params, ns) -> int:
           f"draft {cfg.draft_threads}, max batch {cfg.max_batch}, b* {cfg.speculation.critical_batch_size}", flush=True)
     for k, p in settings.items():
         print(f"  {k}: temperature {p.temperature}, top_k {p.top_k}, top_p {p.top_p}, ignore_eos {p.ignore_eos}"
-              f"{', seed ' + str(ns.seed or 0) + ' + request index' if k == 'seeded' else ''}", flush=True)
+              f"{', seed ' + str(opts.seed or 0) + ' + request index' if k == 'seeded' else ''}", flush=True)
     pair = ModelPair.load(cfg) if in_process else None
     stack, cells = _Stack(cfg.replace(index_ttl_s=INDEX_TTL_S), modes, params), []
     t_start = time.perf_counter()
@@ -308,14 +308,14 @@ def run_serving(cfg, params, ns) -> int:
                 for rep in range(repeats):  # repeats interleaved: drift in machine load hits every mode
                     for mode in modes + ([IN_PROCESS] if in_process and c == 1 else []):
                         if mode == IN_PROCESS:
-                            cell = run_engine_cell(cfg, pair, prompts, settings[kind], ns.seed or 0, kind)
+                            cell = run_engine_cell(cfg, pair, prompts, settings[kind], opts.seed or 0, kind)
                         else:
                             if kind == "greedy" and mode == "ssd" and published is not None:
                                 # greedy SD and SSD requests publish their speculations in the target's
                                 # index, and a greedy SSD request reads it: the same prompts again would
                                 # hit what an earlier cell drafted. Wait until those entries expired.
                                 time.sleep(max(0.0, published + INDEX_TTL_S + 1.0 - time.perf_counter()))
-                            cell = run_cell(stack.stub, stack.metrics, prompts, mode, c, settings[kind], ns.seed or 0,
+                            cell = run_cell(stack.stub, stack.metrics, prompts, mode, c, settings[kind], opts.seed or 0,
                                             kind)
                             if kind == "greedy" and mode != "ar":
                                 published = time.perf_counter()
@@ -325,14 +325,14 @@ def run_serving(cfg, params, ns) -> int:
     finally:
         stack.stop()
     result = {
-        "command": getattr(ns, "command_line", None),
+        "command": opts.command_line,
         "target": str(resolve_model(cfg.target)),
         "draft": stack.draft,
         "stack_starts": stack.starts,
         "index_ttl_s": INDEX_TTL_S,
         "engine": {k: v for k, v in vars(cfg).items() if k != "speculation"},
         "speculation": vars(cfg.speculation),
-        "prompts": ns.prompts or "built-in", "num_prompts": len(prompts), "max_tokens": params.max_tokens,
+        "prompts": opts.prompts or "built-in", "num_prompts": len(prompts), "max_tokens": params.max_tokens,
         "concurrency": levels, "modes": modes + ([IN_PROCESS] if in_process else []), "repeats": repeats,
         "sampling": {k: vars(p) for k, p in settings.items()},
         "cells": cells,
@@ -342,7 +342,7 @@ def run_serving(cfg, params, ns) -> int:
         del c["outputs"]
     result["ratios"] = mode_ratios(cells)
     _print_summary(result)
-    js, png = save_results(ns.out, "serve", result, plot)
+    js, png = save_results(opts.out, "serve", result, plot)
     print(f"wrote {js} and {png}")
     bad = [c for c in cells if c["errors"] or not c["tokens_match_usage"] or c.get("identical_to_reference") is False]
     return 1 if bad else 0
