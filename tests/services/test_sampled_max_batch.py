@@ -5,7 +5,7 @@ dense fp32 q rows), so the draft stream died every round and no sampled request 
 import pytest
 import torch
 
-from ssd.config import EngineConfig, SamplingParams
+from ssd.config import EngineConfig, SamplingParams, SpeculationConfig
 from ssd.engine import ModelPair, SSDEngine
 from ssd.engine.protocol import CachedBranches, CacheReply
 from ssd.services.common import MAX_MESSAGE_BYTES
@@ -54,7 +54,9 @@ def test_sampled_max_batch_through_production_grpc_hits_the_cache():
     from ssd.services.draft.server import serve
     from ssd.services.draft_link import GrpcDraftLink
 
-    cfg = EngineConfig(mode="ssd", max_batch=8, max_model_len=512)
+    # every step speculates (gate off): this follows sampled cache builds over gRPC, not whether the
+    # gate would find plain decoding faster on this machine
+    cfg = EngineConfig(mode="ssd", max_batch=8, max_model_len=512, speculation=SpeculationConfig(gate=False))
     pair = ModelPair.load(cfg, quiet=True)
     server, port = serve(pair.draft_desc, cfg.speculation, max_seqs=32, max_model_len=512)
     try:
