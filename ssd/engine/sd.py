@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-
 from ..config import EngineConfig
 from .base import Engine
 from .draft_runner import DraftRunner

@@ -42,8 +42,9 @@ class SSDEngine(Engine):
         self.round_id = 0
         self.pending_ops: list[SequenceOp] = []
         self.stale_rounds: set[int] = set()  # rounds whose cache we stopped waiting for
-        self.round_wants_cache = False  # the last round sent asked the draft for some speculation
-        self.round_sent = False  # this step's round went to the draft (a step that asks nothing sends nothing)
+        # this step asked the draft for some speculation, so its round went to the draft (a step that
+        # asks nothing sends nothing)
+        self.round_wants_cache = False
         # speculations of different drafts (or draft settings) must never meet in the index; a
         # draft service names its own fingerprint (and publishes itself when it has the index)
         self.draft_fingerprint = self.link.info.fingerprint or draft_fingerprint(
@@ -258,8 +259,7 @@ class SSDEngine(Engine):
         # sends it nothing either, so it costs what an AR step costs: no message, no reply to
         # take in, no draft forward beside the verify. Its ops (new sequences, committed tokens,
         # releases) wait, in order, for the next round that asks for a speculation.
-        self.round_sent = self.round_wants_cache
-        if not self.round_sent:
+        if not self.round_wants_cache:
             return None
         try:
             jit_k = self.jit_k
@@ -346,7 +346,7 @@ class SSDEngine(Engine):
         """The speculation cache the draft built while we verified. Its keys arrive first: when
         every outcome missed we do not wait for the tokens (the next round message makes the
         draft abandon the build). Returns (entries, whether they were there on time)."""
-        if not self.draft_alive or not self.round_sent:
+        if not self.draft_alive or not self.round_wants_cache:
             return {}, False
         entries, on_time = {}, False
         t0 = time.perf_counter()
