@@ -1,7 +1,10 @@
 """Attention over already-gathered KV-cache columns, behind one checked wrapper.
 
 Two families:
-- `invariant=True` (the engine's default): `attention_invariant`, a blocked kernel whose every
+- `invariant=True` (the engine's default): on a CPU with AVX-512, the C++ kernel of
+  csrc/attention.cpp, which computes each query row on its own over its visible columns in column
+  order (invariant by construction, and one call per layer); elsewhere
+  `attention_invariant`, a blocked kernel whose every
   reduction has a fixed order that depends neither on the number of query rows, nor on the batch,
   nor on how many masked columns surround a row's visible ones. A token's output is therefore
   bitwise the same alone (AR step), inside a K+1 verify block, as a tree branch, next to other
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +80,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttnBatc
     _check(q, k, v, batch)
     B, Hq, n, D = q.shape
     if invariant:
-        if batch.prep is None or batch.prep.rep != Hq // k.shape[1]:
+        native = _native() if q.is_cpu and D % 16 == 0 and q.dtype in (torch.float32, torch.bfloat16) else None
+        if native is not None and k.dtype == q.dtype:
+            if not isinstance(batch.prep, NativePrep):
+                batch.prep = NativePrep(batch, n)
+            return native.attend(q, k, v, batch.prep.mask, batch.prep.limits, batch.kv_len)
+        if batch.prep is None or isinstance(batch.prep, NativePrep) or batch.prep.rep != Hq // k.shape[1]:
             mask = batch.mask if batch.mask is not None else _append_mask(batch.prefix_lens, n, batch.kv_len)
             batch.prep = InvariantPrep(mask, Hq // k.shape[1])
         return _attend(q, k, v, batch.prep)
@@ -106,6 +115,36 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttnBatc
         # CPU SDPA already returns zeros for fully masked rows; other backends may give NaN
         out = out.masked_fill(~mask.any(-1)[:, None, :, None], 0.0)
     return out
+
+
+_NATIVE: list = []
+
+
+def _native():
+    """The C++ row-at-a-time kernel (csrc/attention.cpp), or None where it does not build."""
+    if not _NATIVE:
+        from .quant import compile_extension
+
+        _NATIVE.extend(compile_extension("ssd_attention", Path(__file__).parent / "csrc" / "attention.cpp"))
+    return _NATIVE[0]
+
+
+def native_report() -> str:
+    return "native attention: available" if _native() is not None else f"native attention: unavailable ({_NATIVE[1]})"
+
+
+class NativePrep:
+    """What the native kernel reads of one forward's mask, built once and shared by every layer:
+    the bool mask [B, n, kv_len], or for plain append-causal blocks only each row's column limit."""
+
+    def __init__(self, batch: AttnBatch, n: int):
+        self.mask, self.limits = None, None
+        if batch.mask is not None:
+            self.mask = batch.mask.contiguous()
+        elif batch.prefix_lens is not None:
+            self.limits = (batch.prefix_lens[:, None] + torch.arange(1, n + 1)).contiguous()
+        else:
+            raise ValueError("AttnBatch needs a mask or prefix_lens")
 
 
 # Decode and verify on the CPU: masked SDPA with GQA measured 31.5 ms (bf16) / 12.8 ms (fp32) for

@@ -28,6 +28,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .quant import QuantWeight
+
 _PACK_DTYPES = (torch.float32, torch.bfloat16)
 MIN_ROWS = 2  # oneDNN's M = 1 kernel sums in another order (measured: the K = 1536 down projection)
 # On CPUs with AMX, oneDNN's bf16 matmul changes kernel above 32 rows (measured on a Xeon with AMX:
@@ -97,7 +99,10 @@ class LinearPacks:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            packs: LinearPacks | None = None, name: str = "", invariant: bool = True) -> torch.Tensor:
     """x [..., in] -> [..., out]. With `invariant` and a CPU fp32/bf16 weight, the oneDNN path
-    (row-invariant); otherwise F.linear."""
+    (row-invariant); otherwise F.linear. A QuantWeight (kernels/quant.py) runs its own kernel, which
+    is row-invariant by construction."""
+    if isinstance(weight, QuantWeight):
+        return weight.matmul(x, bias)
     if invariant and packs is not None and x.dtype == weight.dtype:
         packed = packs.get(name, weight)
         if packed is not None:

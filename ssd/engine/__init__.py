@@ -48,20 +48,25 @@ class ModelPair:
 
 
 def load_target(cfg: EngineConfig, path, device: str = "cpu", quiet: bool = False):
-    """The target in cfg.dtype with cfg.batch_invariant, and what was chosen and measured:
-    {"dtype", "dtype_reason", "batch_invariant", "invariance": self_check report}. Prints both
+    """The target in cfg.dtype with cfg.weights and cfg.batch_invariant, and what was chosen and
+    measured: {"dtype", "dtype_reason", "weights", "weights_reason", "weights_mb", "batch_invariant",
+    "invariance": self_check report}. Prints both
     (stderr) unless quiet; a failed probe is always printed."""
     from ..models.invariance import self_check
     from ..models.loader import load_model
     from ..models.precision import dtype_name, resolve_dtype
+    from ..models.quantized import apply_weights, resolve_weights
 
     dtype, why = resolve_dtype(cfg.dtype, device)
+    weights, weights_why = resolve_weights(cfg.weights, path, device)
     model, _ = load_model(path, dtype=dtype, device=device)
+    resident = apply_weights(model, weights, path)
     model.invariant = cfg.batch_invariant
     rows = cfg.max_batch * (cfg.speculation.num_speculative_tokens + 1)
     report = self_check(model, rows, cfg.max_model_len) if cfg.batch_invariant else None
-    numerics = {"dtype": dtype_name(dtype), "dtype_reason": why, "batch_invariant": cfg.batch_invariant,
-                "invariance": report}
+    numerics = {"dtype": dtype_name(dtype), "dtype_reason": why, "weights": resident["weights"],
+                "weights_reason": weights_why, "weights_mb": round(resident["bytes"] / 2**20, 1),
+                "batch_invariant": cfg.batch_invariant, "invariance": report}
     if report is not None and not report["invariant"]:
         print(f"ssd: WARNING: batch invariance does NOT hold on this platform ({dtype_name(dtype)}, "
               f"{torch.get_num_threads()} threads): {'; '.join(report['failures'][:3])}. Greedy speculative "
@@ -69,7 +74,8 @@ def load_target(cfg: EngineConfig, path, device: str = "cpu", quiet: bool = Fals
     elif not quiet:
         inv = (f"batch-invariant kernels, probed here up to {rows} rows: invariant" if report is not None
                else "non-invariant kernels (--no-batch-invariant)")
-        print(f"ssd: target {dtype_name(dtype)} ({why}); {inv}", file=sys.stderr, flush=True)
+        print(f"ssd: target {dtype_name(dtype)} ({why}), weights {resident['weights']} ({weights_why}, "
+              f"{numerics['weights_mb']} MB); {inv}", file=sys.stderr, flush=True)
     return model, numerics
 
 

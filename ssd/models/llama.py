@@ -19,6 +19,7 @@ from torch import nn
 
 from ssd.kernels.attention import AttnBatch, attention, padded_len
 from ssd.kernels.linear import LinearPacks, linear
+from ssd.kernels.quant import QuantWeight
 from ssd.kv_cache import KVCache
 
 _MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -216,19 +217,19 @@ class LlamaModel(nn.Module):
 
     def init_rope(self, device=None, dtype=None) -> None:
         # [max_position, D/2] tables computed in fp32 (as HF does) then cast to the model dtype
-        device = device or self.embed.weight.device
-        dtype = dtype or self.embed.weight.dtype
+        device = device or self.device
+        dtype = dtype or self.dtype
         freqs = torch.outer(torch.arange(self.cfg.max_position, device="cpu").float(), rope_inv_freq(self.cfg))
         self.rope_cos = freqs.cos().to(device, dtype)
         self.rope_sin = freqs.sin().to(device, dtype)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        return self.norm_weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return self.norm_weight.device
 
     def new_cache(self, num_slots: int, max_len: int, dtype=None, device=None) -> KVCache:
         if max_len > self.cfg.max_position:
@@ -265,7 +266,11 @@ class LlamaModel(nn.Module):
         h = self._hidden(input_ids, batch, cache, capture, seen)
         if logits_rows is not None:
             h = h.gather(1, logits_rows[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, m, H]
-        logits = linear(h, self.lm_head.weight, packs=self.packs, name="lm_head", invariant=self.invariant).float()
+        head = self.lm_head.weight
+        if isinstance(head, QuantWeight) and head.layout == "panels":  # fp32 logits straight from the sums
+            logits = head.matmul(h, fp32_out=True)
+        else:
+            logits = linear(h, head, packs=self.packs, name="lm_head", invariant=self.invariant).float()
         if not capture:
             return logits
         return logits, torch.cat([seen[i] for i in capture], -1)

@@ -163,6 +163,7 @@ def test_schema_is_strict_at_component_level():
     ("telemetry.metrics.port=0", "port"),
     ("redis.externalUrl=http://x", "externalUrl"),
     ("engine.dtype=float16", "dtype"),
+    ("engine.weights=int4", "weights"),
     ("target.maxQueue=-1", "maxQueue"),
     ("engine.pMin=1.5", "pMin"),
     ("engine.pMin=high", "pMin"),

@@ -1,13 +1,15 @@
 """The real SmolLM2 target, bit for bit: a token's logits and KV entries are the same computed
 alone (AR step), inside a verify block, next to other sequences of other lengths, and after a
-rollback, in fp32 and bf16. The negative control swaps in an attention whose summation order
+rollback, in fp32 and bf16, with dense weights, the GGUF file's own blocks and int8. The negative control swaps in an attention whose summation order
 follows the block shape and must be caught."""
 import pytest
 import torch
 
 import ssd.models.llama as llama
 from ssd.models.invariance import check_forward_invariance, self_check
+from ssd.kernels import quant
 from ssd.models.loader import default_target_path, load_model
+from ssd.models.quantized import apply_weights
 
 from invariance_support import needs_bf16_packing, shape_dependent_attention
 
@@ -16,10 +18,19 @@ pytestmark = pytest.mark.slow
 SMALL = dict(prompt_len=24, steps=14, trials=7, max_block=9, max_batch=4)
 
 
-@pytest.fixture(scope="module", params=[torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16_packing)],
-                ids=["fp32", "bf16"])
+needs_quant = pytest.mark.skipif(not quant.available(), reason="no quantized kernels here")
+
+
+@pytest.fixture(scope="module", params=[
+    (torch.float32, "dense"), pytest.param((torch.bfloat16, "dense"), marks=needs_bf16_packing),
+    pytest.param((torch.bfloat16, "gguf"), marks=needs_quant), pytest.param((torch.float32, "gguf"), marks=needs_quant),
+    pytest.param((torch.bfloat16, "int8"), marks=needs_quant)],
+    ids=["fp32", "bf16", "bf16-gguf", "fp32-gguf", "bf16-int8"])
 def target(request):
-    model, _ = load_model(default_target_path(), dtype=request.param)
+    dtype, weights = request.param
+    path = default_target_path()
+    model, _ = load_model(path, dtype=dtype)
+    apply_weights(model, weights, path)
     return model
 
 

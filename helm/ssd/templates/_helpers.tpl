@@ -191,6 +191,8 @@ the shared tag defaults to appVersion, with "-cuda" when gpu.enabled. Call with
 - {{ $e.pMin | quote }}
 - --dtype
 - {{ $e.dtype | quote }}
+- --weights
+- {{ $e.weights | quote }}
 - {{ ternary "--batch-invariant" "--no-batch-invariant" $e.batchInvariant }}
 {{- end -}}
 

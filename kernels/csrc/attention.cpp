@@ -1,0 +1,182 @@
+// Batch-invariant attention over KV-cache columns, one query row at a time (AVX-512).
+//
+// For each (sequence b, query head h, query token i): the visible columns (mask[b, i, c], or
+// c < limit[b, i] for append-causal blocks) are gathered in column order; scores q . k_c / sqrt(D)
+// in fp32; softmax with the exact row max; out = sum_c p_c v_c / sum_c p_c with columns added in
+// order. A row's result is a function of its q and of the sequence of its visible (k, v) columns
+// only: not of the number of rows in the call, of other sequences, nor of how many masked columns
+// lie between its visible ones (tree masks, rolled-back columns, padding). So a token gets the
+// same bits alone (AR), in a verify block, in a batch or as a tree branch. Fully masked rows give
+// zeros. Compiled with -ffp-contract=off; exp is a fixed polynomial applied element-wise.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline float bf16_to_float(uint16_t h) {
+    uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as c10::BFloat16 does
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return static_cast<uint16_t>(u >> 16);
+}
+
+// exp for x <= 0 (scores minus the row max): 2^n * p(r), |r| <= ln2 / 2, degree-7 polynomial
+inline __m512 exp_nonpositive(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.3f);
+    x = _mm512_max_ps(x, lo);  // below: the result underflows to ~0 either way
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+template <typename T>
+inline void load_row(const T* src, int64_t D, float* dst) {
+    for (int64_t d = 0; d < D; ++d) {
+        if constexpr (std::is_same_v<T, float>) dst[d] = src[d];
+        else dst[d] = bf16_to_float(src[d]);
+    }
+}
+
+template <typename T>
+inline __m512 load16(const T* p) {
+    if constexpr (std::is_same_v<T, float>) {
+        return _mm512_loadu_ps(p);
+    } else {
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+    }
+}
+
+// one query row: qf [D] fp32 (already scaled), columns `cols` of k/v rows (stride in elements)
+template <typename T>
+void attend_row(const float* qf, const T* k, const T* v, int64_t col_stride, const int64_t* cols, int64_t n_cols,
+                int64_t D, float* scores, float* out) {
+    if (n_cols == 0) {
+        std::memset(out, 0, sizeof(float) * D);
+        return;
+    }
+    for (int64_t j = 0; j < n_cols; ++j) {
+        const T* kc = k + cols[j] * col_stride;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + d), load16(kc + d), acc);
+        scores[j] = _mm512_reduce_add_ps(acc);
+    }
+    float mx = scores[0];
+    for (int64_t j = 1; j < n_cols; ++j) mx = scores[j] > mx ? scores[j] : mx;
+    const __m512 vmx = _mm512_set1_ps(mx);
+    for (int64_t j = 0; j < n_cols; j += 16) {
+        const __mmask16 m = n_cols - j >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n_cols - j)) - 1);
+        const __m512 s = _mm512_maskz_loadu_ps(m, scores + j);
+        _mm512_mask_storeu_ps(scores + j, m, exp_nonpositive(_mm512_sub_ps(s, vmx)));
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n_cols; ++j) sum += scores[j];
+    for (int64_t d = 0; d < D; d += 16) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n_cols; ++j)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[j]), load16(v + cols[j] * col_stride + d), acc);
+        _mm512_storeu_ps(out + d, _mm512_div_ps(acc, _mm512_set1_ps(sum)));
+    }
+}
+
+template <typename T>
+torch::Tensor attend_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                          const c10::optional<torch::Tensor>& mask, const c10::optional<torch::Tensor>& limits,
+                          int64_t kv_len) {
+    const int64_t B = q.size(0), Hq = q.size(1), n = q.size(2), D = q.size(3), Hkv = k.size(1);
+    const int64_t rep = Hq / Hkv;
+    const torch::Tensor qc = q.contiguous();
+    torch::Tensor out = torch::empty_like(qc);
+    const T* qp = reinterpret_cast<const T*>(qc.data_ptr());
+    T* op = reinterpret_cast<T*>(out.data_ptr());
+    const T* kp = reinterpret_cast<const T*>(k.data_ptr());
+    const T* vp = reinterpret_cast<const T*>(v.data_ptr());
+    const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
+    const int64_t vs0 = v.stride(0), vs1 = v.stride(1);
+    TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && v.stride(2) == ks2, "attend: k/v rows must be contiguous, alike");
+    const bool* mp = nullptr;
+    torch::Tensor mc, lc;
+    const int64_t* lp = nullptr;
+    if (mask.has_value() && mask->defined()) {
+        mc = mask->contiguous();
+        mp = mc.data_ptr<bool>();
+    } else {
+        lc = limits->contiguous();
+        lp = lc.data_ptr<int64_t>();
+    }
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+    // work items: (b, kv head, token); the rep query heads of a kv head share the column list
+    at::parallel_for(0, B * Hkv * n, 1, [&](int64_t w0, int64_t w1) {
+        std::vector<int64_t> cols(kv_len);
+        std::vector<float> scores(kv_len + 16), qf(D), of(D);
+        for (int64_t w = w0; w < w1; ++w) {
+            const int64_t b = w / (Hkv * n), g = (w / n) % Hkv, i = w % n;
+            int64_t nc = 0;
+            if (mp) {
+                const bool* row = mp + (b * n + i) * kv_len;
+                for (int64_t c = 0; c < kv_len; ++c)
+                    if (row[c]) cols[nc++] = c;
+            } else {
+                const int64_t lim = std::min<int64_t>(lp[b * n + i], kv_len);
+                for (int64_t c = 0; c < lim; ++c) cols[nc++] = c;
+            }
+            for (int64_t r = 0; r < rep; ++r) {
+                const int64_t h = g * rep + r;
+                const T* qrow = qp + ((b * Hq + h) * n + i) * D;
+                load_row(qrow, D, qf.data());
+                for (int64_t d = 0; d < D; ++d) qf[d] = qf[d] * scale;
+                attend_row(qf.data(), kp + b * ks0 + g * ks1, vp + b * vs0 + g * vs1, ks2, cols.data(), nc, D,
+                           scores.data(), of.data());
+                T* orow = op + ((b * Hq + h) * n + i) * D;
+                for (int64_t d = 0; d < D; ++d) {
+                    if constexpr (std::is_same_v<T, float>) orow[d] = of[d];
+                    else orow[d] = float_to_bf16(of[d]);
+                }
+            }
+        }
+    });
+    return out;
+}
+
+torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
+                     c10::optional<torch::Tensor> limits, int64_t kv_len) {
+    TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attend: q, k, v must be 4-D");
+    TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "attend: one dtype");
+    TORCH_CHECK(q.size(3) % 16 == 0 && k.size(3) == q.size(3), "attend: head_dim must be a multiple of 16");
+    TORCH_CHECK(q.size(1) % k.size(1) == 0, "attend: num_heads must be a multiple of num_kv_heads");
+    TORCH_CHECK(k.size(2) >= kv_len && v.size(2) >= kv_len, "attend: k/v hold fewer than kv_len columns");
+    TORCH_CHECK((mask.has_value() && mask->defined()) != (limits.has_value() && limits->defined()),
+                "attend: exactly one of mask and limits");
+    if (q.scalar_type() == at::kFloat) return attend_impl<float>(q, k, v, mask, limits, kv_len);
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "attend: fp32 or bf16");
+    return attend_impl<uint16_t>(q, k, v, mask, limits, kv_len);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("attend", &attend, "batch-invariant attention, one query row at a time (see attention.cpp)");
+}
