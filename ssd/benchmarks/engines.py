@@ -219,6 +219,7 @@ def _hf_assistant(pair: ModelPair):
         from safetensors.torch import load_file
 
         from ..models.draft_dir import WEIGHTS, is_draft_dir
+        from ..models.loader import read_tensor
 
         if not is_draft_dir(d_desc.path):
             return AutoModelForCausalLM.from_pretrained(d_desc.path, dtype=torch.float32).eval()
@@ -229,7 +230,9 @@ def _hf_assistant(pair: ModelPair):
         head_ids = own.pop("head_token_ids").long()
         head = own.pop("lm_head.weight")
         with torch.no_grad():
-            m.model.embed_tokens.weight.copy_(pair.target.embed.weight)
+            # the draft shares the target's embedding as the checkpoint holds it (dense), whatever
+            # weights the loaded target runs with
+            m.model.embed_tokens.weight.copy_(read_tensor(pair.target_path, "model.embed_tokens.weight"))
             m.lm_head.weight.zero_()
             m.lm_head.weight[head_ids] = head
         m.load_state_dict(own, strict=False)
