@@ -2,7 +2,7 @@
 
 Two families:
 - `invariant=True` (the engine's default): on a CPU with AVX-512, the C++ kernel of
-  csrc/attention.cpp, which computes each query row on its own over its visible columns in column
+  csrc/layer_ops.cpp, which computes each query row on its own over its visible columns in column
   order (invariant by construction, and one call per layer); elsewhere
   `attention_invariant`, a blocked kernel whose every
   reduction has a fixed order that depends neither on the number of query rows, nor on the batch,
@@ -121,16 +121,29 @@ _NATIVE: list = []
 
 
 def _native():
-    """The C++ row-at-a-time kernel (csrc/attention.cpp), or None where it does not build."""
+    """The C++ row-at-a-time kernel (csrc/layer_ops.cpp), or None where it does not build."""
     if not _NATIVE:
         from .quant import compile_extension
 
-        _NATIVE.extend(compile_extension("ssd_attention", Path(__file__).parent / "csrc" / "attention.cpp"))
+        _NATIVE.extend(compile_extension("ssd_layer_ops", Path(__file__).parent / "csrc" / "layer_ops.cpp"))
     return _NATIVE[0]
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension. Where it runs and nothing asks for gradients: the native
+    one-row-at-a-time kernel (csrc/layer_ops.cpp, row-invariant by construction; one call instead
+    of the ~8 ops of F.rms_norm); otherwise F.rms_norm (training, CUDA, other CPUs)."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
+    if (weight is not None and x.is_cpu and not needs_grad and x.dtype == weight.dtype
+            and x.dtype in (torch.float32, torch.bfloat16)):
+        native = _native()
+        if native is not None:
+            return native.rms_norm(x, weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
 def native_report() -> str:
-    return "native attention: available" if _native() is not None else f"native attention: unavailable ({_NATIVE[1]})"
+    return "native layer ops (attention, RMSNorm): available" if _native() is not None else f"native layer ops: unavailable ({_NATIVE[1]})"
 
 
 class NativePrep:

@@ -78,12 +78,14 @@ def _add_draft(server, ns, cfg, target_path, dtype, tracer, metrics, keys) -> _R
     import torch
 
     from ssd.models.draft import draft_description
+    from ssd.models.quantized import resolve_draft_weights
 
     from .draft.server import DraftService
     from .protos import pb_grpc
 
     torch.set_num_threads(cfg.draft_threads)
-    draft_desc = draft_description(cfg.draft, target_path, cfg.standin_layers, dtype, cfg.batch_invariant)
+    draft_desc = draft_description(cfg.draft, target_path, cfg.standin_layers, dtype, cfg.batch_invariant,
+                                   resolve_draft_weights(cfg.draft_weights))
     service = DraftService(draft_desc, cfg.speculation, cfg.max_batch * 4, cfg.max_model_len,
                            index=_index(ns.redis_url, cfg.index_ttl_s), node=os.environ.get("NODE_NAME", ""),
                            channel_host=ns.host, advertise_host=os.environ.get("POD_IP", ""), tracer=tracer,
@@ -114,6 +116,7 @@ def _add_target(server, ns, cfg, target_path, dtype, tracer, metrics, keys) -> _
 
 def _add_gateway(server, ns, cfg, target_path, dtype, tracer, metrics, keys) -> _Role:
     from ssd.models.draft import draft_description
+    from ssd.models.quantized import resolve_draft_weights
     from ssd.tokenizer import Tokenizer
 
     from .discovery import from_args
@@ -127,7 +130,8 @@ def _add_gateway(server, ns, cfg, target_path, dtype, tracer, metrics, keys) -> 
         raise SystemExit("error: the gateway needs --targets (or --discovery kubernetes)")
     discovery = from_args(ns.discovery, ns.k8s_namespace or os.environ.get("POD_NAMESPACE", "default"),
                           ns.target_service, ns.draft_service, targets, drafts)
-    desc = draft_description(cfg.draft, target_path, cfg.standin_layers, dtype, cfg.batch_invariant).describe()
+    desc = draft_description(cfg.draft, target_path, cfg.standin_layers, dtype, cfg.batch_invariant,
+                             resolve_draft_weights(cfg.draft_weights)).describe()
     gw = Gateway(Tokenizer(target_path), discovery, ns.model_name, cfg.max_model_len, desc, tracer, metrics)
     pb_grpc.add_GatewayServicer_to_server(GatewayService(gw), server)
     # draining: gRPC and HTTP requests alike are refused at once, the running ones end in the grace

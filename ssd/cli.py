@@ -23,6 +23,7 @@ _HELP = {
     "gate": "adaptive: per load and temperature mix, measure tokens/s with and without speculation and speculate "
             "only where it pays (--no-gate: always speculate, lengths still planned)",
     "dtype": "auto | bfloat16 | float32 for target and draft; auto = bf16 where the hardware has it natively",
+    "draft_weights": "the draft's weights: auto | int8 (quantized on load) | dense (--dtype); auto = int8 where the CPU kernels run",
     "weights": "the target's weights: auto | gguf (the GGUF file's own 4/8-bit blocks, run natively) | int8 "
                "(quantized on load) | dense (--dtype); auto = gguf where the model has a GGUF file and the CPU kernels run",
     "batch_invariant": "kernels whose results do not depend on the batch shape, so speculative greedy output is "

@@ -26,6 +26,7 @@ MODES = tuple(m.value for m in Mode)
 FANOUT_KINDS = ("geometric", "uniform")
 DTYPES = ("auto", "bfloat16", "float32")
 WEIGHTS = ("auto", "gguf", "int8", "dense")  # ssd/models/quantized.py
+DRAFT_WEIGHTS = ("auto", "int8", "dense")
 
 
 GREEDY_BELOW = 1e-5  # temperatures below this decode greedily
@@ -180,6 +181,9 @@ class EngineConfig:
     # the target's weights: auto | gguf (the GGUF file's own 4/8-bit blocks) | int8 (quantized on
     # load) | dense (--dtype); auto = gguf where the model has a GGUF file and the CPU kernels run
     weights: str = "auto"
+    # the draft's weights: auto | int8 (quantized on load, the CPU kernels) | dense (--dtype);
+    # auto = int8 where the CPU kernels run (a draft step costs ~half), dense elsewhere
+    draft_weights: str = "auto"
     # SSD: seconds a published speculation stays in the speculation index (in-process map or Redis),
     # where a retried or repeated request continues from it
     index_ttl_s: float = 60.0
@@ -202,6 +206,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
+        if self.draft_weights not in DRAFT_WEIGHTS:
+            raise ValueError(f"draft_weights must be one of {DRAFT_WEIGHTS}, got {self.draft_weights!r}")
         if not self.index_ttl_s > 0:
             raise ValueError(f"index_ttl_s must be > 0, got {self.index_ttl_s}")
 

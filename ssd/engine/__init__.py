@@ -32,11 +32,13 @@ class ModelPair:
     def load(cls, cfg: EngineConfig, quiet: bool = False) -> "ModelPair":
         from ..models.draft import draft_description
         from ..models.loader import resolve_model
+        from ..models.quantized import resolve_draft_weights
         from ..tokenizer import Tokenizer
 
         path = resolve_model(cfg.target)
         target, numerics = load_target(cfg, path, quiet=quiet)
-        desc = draft_description(cfg.draft, path, cfg.standin_layers, numerics["dtype"], cfg.batch_invariant)
+        desc = draft_description(cfg.draft, path, cfg.standin_layers, numerics["dtype"], cfg.batch_invariant,
+                                 resolve_draft_weights(cfg.draft_weights))
         return cls(str(path), target, Tokenizer(path), desc, numerics=numerics)
 
     def draft_model(self):
@@ -55,6 +57,8 @@ def load_target(cfg: EngineConfig, path, device: str = "cpu", quiet: bool = Fals
     from ..models.invariance import self_check
     from ..models.loader import load_model
     from ..models.precision import dtype_name, resolve_dtype
+    from ..kernels import quant
+    from ..kernels.attention import native_report
     from ..models.quantized import apply_weights, resolve_weights
 
     dtype, why = resolve_dtype(cfg.dtype, device)
@@ -64,7 +68,8 @@ def load_target(cfg: EngineConfig, path, device: str = "cpu", quiet: bool = Fals
     model.invariant = cfg.batch_invariant
     rows = cfg.max_batch * (cfg.speculation.num_speculative_tokens + 1)
     report = self_check(model, rows, cfg.max_model_len) if cfg.batch_invariant else None
-    numerics = {"dtype": dtype_name(dtype), "dtype_reason": why, "weights": resident["weights"],
+    kernels = f"{quant.report()}; {native_report()}"
+    numerics = {"dtype": dtype_name(dtype), "dtype_reason": why, "kernels": kernels, "weights": resident["weights"],
                 "weights_reason": weights_why, "weights_mb": round(resident["bytes"] / 2**20, 1),
                 "batch_invariant": cfg.batch_invariant, "invariance": report}
     if report is not None and not report["invariant"]:
@@ -75,7 +80,7 @@ def load_target(cfg: EngineConfig, path, device: str = "cpu", quiet: bool = Fals
         inv = (f"batch-invariant kernels, probed here up to {rows} rows: invariant" if report is not None
                else "non-invariant kernels (--no-batch-invariant)")
         print(f"ssd: target {dtype_name(dtype)} ({why}), weights {resident['weights']} ({weights_why}, "
-              f"{numerics['weights_mb']} MB); {inv}", file=sys.stderr, flush=True)
+              f"{numerics['weights_mb']} MB); {inv}; {kernels}", file=sys.stderr, flush=True)
     return model, numerics
 
 

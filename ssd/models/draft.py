@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .llama import check_head_ids
+from .llama import LlamaModel, check_head_ids
 from .loader import default_target_path, load_model, resolve_model
 
 STANDIN = "standin"
@@ -44,6 +44,7 @@ class DraftDescription:
     head_vocab: int | None = None  # the stand-in's reduced head: token ids < head_vocab
     dtype: str = "float32"  # bfloat16 | float32, resolved (never "auto")
     batch_invariant: bool = True
+    weights: str = "dense"  # int8 | dense, resolved (ssd/models/quantized.py: resolve_draft_weights)
 
     def with_numerics(self, dtype: str | None = None, batch_invariant: bool | None = None) -> "DraftDescription":
         return dataclasses.replace(self, dtype=dtype or self.dtype,
@@ -51,7 +52,8 @@ class DraftDescription:
 
     def describe(self) -> str:
         exact = "" if self.batch_invariant else ", non-invariant kernels"
-        return f"{self._model()} [{self.dtype}{exact}]"
+        weights = ", int8 weights" if self.weights == "int8" else ""
+        return f"{self._model()} [{self.dtype}{weights}{exact}]"
 
     def _model(self) -> str:
         if self.standin_layers is not None:
@@ -71,12 +73,13 @@ class DraftDescription:
 
 
 def draft_description(draft: str, target_path, standin_layers: int, dtype: str = "float32",
-                      batch_invariant: bool = True) -> DraftDescription:
+                      batch_invariant: bool = True, weights: str = "dense") -> DraftDescription:
     """--draft (default | standin | a directory) for a target. dtype: a resolved dtype name
-    (bfloat16 | float32); the draft runs in it wherever it is loaded."""
+    (bfloat16 | float32), weights a resolved one (int8 | dense); the draft runs with them
+    wherever it is loaded."""
     if draft == STANDIN:
         return DraftDescription(str(target_path), standin_layers=standin_layers, head_vocab=STANDIN_HEAD_VOCAB,
-                                dtype=dtype, batch_invariant=batch_invariant)
+                                dtype=dtype, batch_invariant=batch_invariant, weights=weights)
     if draft in (DEFAULT, FEATURE):
         if Path(target_path).resolve() != default_target_path(progress=False).resolve():
             raise ValueError(f"there is no shipped {draft} draft for this target: pass --draft DIR "
@@ -86,7 +89,8 @@ def draft_description(draft: str, target_path, standin_layers: int, dtype: str =
             raise FileNotFoundError(f"the shipped {draft} draft is missing: {path}")
     else:
         path = resolve_model(draft)
-    return DraftDescription(str(path), str(target_path), dtype=dtype, batch_invariant=batch_invariant)
+    return DraftDescription(str(path), str(target_path), dtype=dtype, batch_invariant=batch_invariant,
+                            weights=weights)
 
 
 def describe(d: DraftDescription) -> str:
@@ -104,6 +108,10 @@ def load_draft(d: DraftDescription, dtype=None, device="cpu"):
     """The draft model of a description, in its dtype unless dtype overrides it."""
     model = _load_draft(d, dtype or getattr(torch, d.dtype), device)
     model.invariant = d.batch_invariant
+    if d.weights == "int8" and isinstance(model, LlamaModel):  # a feature drafter keeps dense weights
+        from .quantized import apply_weights
+
+        apply_weights(model, "int8")
     return model
 
 

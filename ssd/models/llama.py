@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssd.kernels.attention import AttnBatch, attention, padded_len
+from ssd.kernels.attention import AttnBatch, attention, padded_len, rms_norm
 from ssd.kernels.linear import LinearPacks, linear
 from ssd.kernels.quant import QuantWeight
 from ssd.kv_cache import KVCache
@@ -163,7 +163,7 @@ class DecoderLayer(nn.Module):
         # -> q [B, Hq, n, D], k, v [B, Hkv, n, D] (q and k rotated)
         B, n, _ = x.shape
         Hq, Hkv, D = self.Hq, self.Hkv, self.D
-        h = F.rms_norm(x, (x.shape[-1],), self.in_norm_weight, self.eps)
+        h = rms_norm(x, self.in_norm_weight, self.eps)
         qkv = qkv_proj(h).view(B, n, Hq + 2 * Hkv, D)
         qk, v = qkv[:, :, :Hq + Hkv], qkv[:, :, Hq + Hkv:]  # [B, n, Hq+Hkv, D], [B, n, Hkv, D]
         if self.qk_norm_weight is not None:
@@ -174,7 +174,7 @@ class DecoderLayer(nn.Module):
     def _rest(self, x, a, lin):
         # attention output a [B, n, Hq*D] -> o projection, residual, MLP, residual
         x = x + lin(a, "o", self.o_weight, self.o_bias)
-        h = F.rms_norm(x, (x.shape[-1],), self.post_norm_weight, self.eps)
+        h = rms_norm(x, self.post_norm_weight, self.eps)
         gu = lin(h, "gate_up", self.gate_up_weight)  # [B, n, 2*inter]
         return x + lin(F.silu(gu[..., :self.inter]) * gu[..., self.inter:], "down", self.down_weight)
 
@@ -254,7 +254,7 @@ class LlamaModel(nn.Module):
             if i in capture:
                 seen[i] = x
             x = layer.forward(x, cos, sin, batch, cache, i, self.packs, self.invariant)
-        return F.rms_norm(x, (x.shape[-1],), self.norm_weight, self.cfg.rms_norm_eps)
+        return rms_norm(x, self.norm_weight, self.cfg.rms_norm_eps)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, batch: AttnBatch, cache: KVCache,

@@ -66,6 +66,17 @@ def resolve_weights(name: str, model_path, device: str = "cpu") -> tuple[str, st
     return "gguf", ("requested" if name == "gguf" else "auto: the model's own GGUF blocks") + f" ({src.name})"
 
 
+def resolve_draft_weights(name: str, device: str = "cpu") -> str:
+    """--draft-weights: auto = int8 where the CPU kernels run, dense elsewhere."""
+    if name == "dense" or (name == "auto" and (str(device).startswith("cuda") or not quant.available())):
+        return "dense"
+    if name in ("auto", "int8"):
+        if not quant.available():
+            raise ValueError(f"--draft-weights int8: {quant.why_unavailable()}")
+        return "int8"
+    raise ValueError(f"draft_weights must be auto, int8 or dense, got {name!r}")
+
+
 class QuantEmbedding(nn.Module):
     """An embedding table kept as blocks; a lookup de-quantizes only the rows it reads."""
 

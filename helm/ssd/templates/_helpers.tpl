@@ -193,6 +193,8 @@ the shared tag defaults to appVersion, with "-cuda" when gpu.enabled. Call with
 - {{ $e.dtype | quote }}
 - --weights
 - {{ $e.weights | quote }}
+- --draft-weights
+- {{ $e.draftWeights | quote }}
 - {{ ternary "--batch-invariant" "--no-batch-invariant" $e.batchInvariant }}
 {{- end -}}
 

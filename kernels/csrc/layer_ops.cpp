@@ -1,5 +1,7 @@
-// Batch-invariant attention over KV-cache columns, one query row at a time (AVX-512).
+// Per-token layer ops, batch-invariant by construction (AVX-512): attention over KV-cache columns
+// one query row at a time, and RMSNorm one row at a time.
 //
+// Attention:
 // For each (sequence b, query head h, query token i): the visible columns (mask[b, i, c], or
 // c < limit[b, i] for append-causal blocks) are gathered in column order; scores q . k_c / sqrt(D)
 // in fp32; softmax with the exact row max; out = sum_c p_c v_c / sum_c p_c with columns added in
@@ -175,8 +177,55 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::opt
     return attend_impl<uint16_t>(q, k, v, mask, limits, kv_len);
 }
 
+// RMSNorm over the last dimension, one row at a time: y = x / sqrt(mean(x^2) + eps) * w, in fp32
+// (16-lane sum of squares in a fixed order, one reduction), rounded once to x's dtype.
+template <typename T>
+void rms_norm_impl(const T* x, const T* w, T* y, int64_t rows, int64_t H, float eps) {
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+        std::vector<float> xf(H), wf(H);
+        load_row(w, H, wf.data());
+        for (int64_t r = r0; r < r1; ++r) {
+            load_row(x + r * H, H, xf.data());
+            __m512 acc = _mm512_setzero_ps();
+            int64_t d = 0;
+            for (; d + 16 <= H; d += 16) {
+                const __m512 v = _mm512_loadu_ps(xf.data() + d);
+                acc = _mm512_fmadd_ps(v, v, acc);
+            }
+            float ss = _mm512_reduce_add_ps(acc);
+            for (; d < H; ++d) ss = ss + xf[d] * xf[d];
+            const float inv = 1.0f / std::sqrt(ss / static_cast<float>(H) + eps);
+            T* yr = y + r * H;
+            for (int64_t j = 0; j < H; ++j) {
+                const float v = (xf[j] * inv) * wf[j];
+                if constexpr (std::is_same_v<T, float>) yr[j] = v;
+                else yr[j] = float_to_bf16(v);
+            }
+        }
+    });
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+    TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "rms_norm: CPU tensors only");
+    TORCH_CHECK(x.scalar_type() == w.scalar_type(), "rms_norm: x and w must share a dtype");
+    const int64_t H = x.size(-1);
+    TORCH_CHECK(w.dim() == 1 && w.size(0) == H, "rms_norm: w must be [", H, "]");
+    const torch::Tensor xc = x.contiguous(), wc = w.contiguous();
+    torch::Tensor y = torch::empty_like(xc);
+    const int64_t rows = H ? xc.numel() / H : 0;
+    if (x.scalar_type() == at::kFloat) {
+        rms_norm_impl<float>(xc.data_ptr<float>(), wc.data_ptr<float>(), y.data_ptr<float>(), rows, H, static_cast<float>(eps));
+    } else {
+        TORCH_CHECK(x.scalar_type() == at::kBFloat16, "rms_norm: fp32 or bf16");
+        rms_norm_impl<uint16_t>(reinterpret_cast<const uint16_t*>(xc.data_ptr()), reinterpret_cast<const uint16_t*>(wc.data_ptr()),
+                                reinterpret_cast<uint16_t*>(y.data_ptr()), rows, H, static_cast<float>(eps));
+    }
+    return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("attend", &attend, "batch-invariant attention, one query row at a time (see attention.cpp)");
+    m.def("attend", &attend, "batch-invariant attention, one query row at a time");
+    m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension, one row at a time");
 }
