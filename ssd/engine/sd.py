@@ -54,7 +54,10 @@ class SDEngine(Engine):
             plain = Proposal.plain()
             specs = [Proposal(drafted[s.seq_id][0], to_vocab(drafted[s.seq_id][1], d.head_ids, d.vocab_size), Source.JIT)
                      if s.seq_id in drafted else plain for s in old]
-            logits = self.target.forward(old, [sp.token_ids.tolist() for sp in specs], self.K + 1)
+            # logits for the widest speculation of this step only: the output head is the largest
+            # matmul, and a plain step (no speculation) needs one row per sequence, as AR does
+            width = 1 + max((sp.token_ids.numel() for sp in specs), default=0)
+            logits = self.target.forward(old, [sp.token_ids.tolist() for sp in specs], width)
             t2 = time.perf_counter()
             self.stats.t_draft += t1 - t0
             self.stats.t_verify += t2 - t1

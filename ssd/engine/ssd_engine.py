@@ -305,7 +305,10 @@ class SSDEngine(Engine):
         """Every running sequence's speculation in one target forward -> outcomes (k, t*)."""
         t0, verify_start = time.perf_counter(), time.time_ns()
         specs = [s.speculation for s in running]
-        logits = self.target.forward(running, [sp.token_ids.tolist() for sp in specs], self.K + 1)
+        # logits for the widest speculation of this step only: the output head is the largest
+        # matmul, and a plain step (no speculation) needs one row per sequence, as AR does
+        width = 1 + max((sp.token_ids.numel() for sp in specs), default=0)
+        logits = self.target.forward(running, [sp.token_ids.tolist() for sp in specs], width)
         outcomes = self._verify_rows(running, logits, specs)
         seconds = time.perf_counter() - t0
         self.stats.t_verify += seconds
