@@ -84,7 +84,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttnBatc
         if native is not None and k.dtype == q.dtype:
             if not isinstance(batch.prep, NativePrep):
                 batch.prep = NativePrep(batch, n)
-            return native.attend(q, k, v, batch.prep.mask, batch.prep.limits, batch.kv_len)
+            return native.attend(q, k, v, batch.prep.mask, batch.prep.limits, batch.kv_len, None)
         if batch.prep is None or isinstance(batch.prep, NativePrep) or batch.prep.rep != Hq // k.shape[1]:
             mask = batch.mask if batch.mask is not None else _append_mask(batch.prefix_lens, n, batch.kv_len)
             batch.prep = InvariantPrep(mask, Hq // k.shape[1])
@@ -117,16 +117,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttnBatc
     return out
 
 
-_NATIVE: list = []
-
-
 def _native():
-    """The C++ row-at-a-time kernel (csrc/layer_ops.cpp), or None where it does not build."""
-    if not _NATIVE:
-        from .quant import compile_extension
+    """The C++ extension (csrc/layer_ops.cpp), or None where it does not build."""
+    from .quant import build
 
-        _NATIVE.extend(compile_extension("ssd_layer_ops", Path(__file__).parent / "csrc" / "layer_ops.cpp"))
-    return _NATIVE[0]
+    return build()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -140,10 +135,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
         if native is not None:
             return native.rms_norm(x, weight, eps)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
-
-
-def native_report() -> str:
-    return "native layer ops (attention, RMSNorm): available" if _native() is not None else f"native layer ops: unavailable ({_NATIVE[1]})"
 
 
 class NativePrep:

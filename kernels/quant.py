@@ -28,7 +28,8 @@ import torch
 QK = 32  # weights per block
 BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
 KINDS = tuple(BLOCK_BYTES)
-_SOURCE = Path(__file__).parent / "csrc" / "quant_linear.cpp"
+NATIVE = "ssd_native"  # one extension: csrc/native.h lists what it holds
+_SOURCES = tuple(Path(__file__).parent / "csrc" / f for f in ("quant_linear.cpp", "layer_ops.cpp", "bindings.cpp"))
 _NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "f16c", "fma")
 PANEL = 16  # output columns per panel (the bf16 layout)
 PANEL_BYTES = {"q4_1": 320, "q8_0": 544}  # one panel x one block of 32 inputs
@@ -55,9 +56,9 @@ _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mf16c", "-mfma", "-m
 _BUILT: dict = {}  # extension name -> (module or None, why not)
 
 
-def compile_extension(name: str, source: Path, verbose: bool = False):
-    """Compile (or load the already compiled) C++ extension `name` from `source`, once per process.
-    Returns (module, "") or (None, why not)."""
+def compile_extension(name: str, sources, verbose: bool = False):
+    """Compile (or load the already compiled) C++ extension `name` from `sources`, once per
+    process. Returns (module, "") or (None, why not)."""
     if name not in _BUILT:
         missing = [f for f in _NEEDED_FLAGS if f not in _cpu_flags()]
         if missing:
@@ -68,7 +69,7 @@ def compile_extension(name: str, source: Path, verbose: bool = False):
 
             out = _cache_dir() / name
             out.mkdir(parents=True, exist_ok=True)
-            mod = load(name=name, sources=[str(source)], build_directory=str(out), verbose=verbose,
+            mod = load(name=name, sources=[str(p) for p in sources], build_directory=str(out), verbose=verbose,
                        extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"])
             _BUILT[name] = (mod, "")
         except Exception as e:  # no compiler, no ninja, a failed build: the callers fall back
@@ -77,8 +78,9 @@ def compile_extension(name: str, source: Path, verbose: bool = False):
 
 
 def build(verbose: bool = False):
-    """The quantized-linear extension, or None with the reason in `why_unavailable()`."""
-    return compile_extension("ssd_quant_linear", _SOURCE, verbose)[0]
+    """The native extension (quantized linears and the layer ops), or None with the reason in
+    `why_unavailable()`."""
+    return compile_extension(NATIVE, _SOURCES, verbose)[0]
 
 
 def available() -> bool:
@@ -86,7 +88,7 @@ def available() -> bool:
 
 
 def why_unavailable() -> str:
-    return compile_extension("ssd_quant_linear", _SOURCE)[1]
+    return compile_extension(NATIVE, _SOURCES)[1]
 
 
 def panels_supported() -> bool:
@@ -239,11 +241,9 @@ def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
 
 def report() -> str:
     """One line for logs: whether the kernels run here and why not."""
-    return "quantized kernels: available" if available() else f"quantized kernels: unavailable ({why_unavailable()})"
+    return ("native kernels (quantized linears, attention, RMSNorm): available" if available()
+            else f"native kernels: unavailable ({why_unavailable()})")
 
 
 if __name__ == "__main__":  # `python -m ssd.kernels.quant`: build now (the install step), say the outcome
-    from . import attention
-
     print(report(), file=sys.stderr)
-    print(attention.native_report(), file=sys.stderr)

@@ -10,7 +10,7 @@
 // lie between its visible ones (tree masks, rolled-back columns, padding). So a token gets the
 // same bits alone (AR), in a verify block, in a batch or as a tree branch. Fully masked rows give
 // zeros. Compiled with -ffp-contract=off; exp is a fixed polynomial applied element-wise.
-#include <torch/extension.h>
+#include "native.h"
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
@@ -107,7 +107,7 @@ void attend_row(const float* qf, const T* k, const T* v, int64_t col_stride, con
 template <typename T>
 torch::Tensor attend_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                           const c10::optional<torch::Tensor>& mask, const c10::optional<torch::Tensor>& limits,
-                          int64_t kv_len) {
+                          int64_t kv_len, const c10::optional<torch::Tensor>& slots) {
     const int64_t B = q.size(0), Hq = q.size(1), n = q.size(2), D = q.size(3), Hkv = k.size(1);
     const int64_t rep = Hq / Hkv;
     const torch::Tensor qc = q.contiguous();
@@ -128,6 +128,13 @@ torch::Tensor attend_impl(const torch::Tensor& q, const torch::Tensor& k, const 
     } else {
         lc = limits->contiguous();
         lp = lc.data_ptr<int64_t>();
+    }
+    torch::Tensor sc;  // with slots, k and v are a whole layer's cache and row b reads slot slots[b]
+    const int64_t* sp = nullptr;
+    if (slots.has_value() && slots->defined()) {
+        sc = slots->to(at::kLong).contiguous();
+        TORCH_CHECK(sc.numel() == B, "attend: one slot per row");
+        sp = sc.data_ptr<int64_t>();
     }
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
     // work items: (b, kv head, token); the rep query heads of a kv head share the column list
@@ -150,7 +157,8 @@ torch::Tensor attend_impl(const torch::Tensor& q, const torch::Tensor& k, const 
                 const T* qrow = qp + ((b * Hq + h) * n + i) * D;
                 load_row(qrow, D, qf.data());
                 for (int64_t d = 0; d < D; ++d) qf[d] = qf[d] * scale;
-                attend_row(qf.data(), kp + b * ks0 + g * ks1, vp + b * vs0 + g * vs1, ks2, cols.data(), nc, D,
+                const int64_t kb = sp ? sp[b] : b;
+                attend_row(qf.data(), kp + kb * ks0 + g * ks1, vp + kb * vs0 + g * vs1, ks2, cols.data(), nc, D,
                            scores.data(), of.data());
                 T* orow = op + ((b * Hq + h) * n + i) * D;
                 for (int64_t d = 0; d < D; ++d) {
@@ -161,20 +169,6 @@ torch::Tensor attend_impl(const torch::Tensor& q, const torch::Tensor& k, const 
         }
     });
     return out;
-}
-
-torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
-                     c10::optional<torch::Tensor> limits, int64_t kv_len) {
-    TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attend: q, k, v must be 4-D");
-    TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "attend: one dtype");
-    TORCH_CHECK(q.size(3) % 16 == 0 && k.size(3) == q.size(3), "attend: head_dim must be a multiple of 16");
-    TORCH_CHECK(q.size(1) % k.size(1) == 0, "attend: num_heads must be a multiple of num_kv_heads");
-    TORCH_CHECK(k.size(2) >= kv_len && v.size(2) >= kv_len, "attend: k/v hold fewer than kv_len columns");
-    TORCH_CHECK((mask.has_value() && mask->defined()) != (limits.has_value() && limits->defined()),
-                "attend: exactly one of mask and limits");
-    if (q.scalar_type() == at::kFloat) return attend_impl<float>(q, k, v, mask, limits, kv_len);
-    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "attend: fp32 or bf16");
-    return attend_impl<uint16_t>(q, k, v, mask, limits, kv_len);
 }
 
 // RMSNorm over the last dimension, one row at a time: y = x / sqrt(mean(x^2) + eps) * w, in fp32
@@ -205,6 +199,25 @@ void rms_norm_impl(const T* x, const T* w, T* y, int64_t rows, int64_t H, float 
     });
 }
 
+}  // namespace
+
+namespace ssd_native {
+
+torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
+                     c10::optional<torch::Tensor> limits, int64_t kv_len, c10::optional<torch::Tensor> slots) {
+    TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attend: q, k, v must be 4-D");
+    TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "attend: one dtype");
+    TORCH_CHECK(q.size(3) % 16 == 0 && k.size(3) == q.size(3), "attend: head_dim must be a multiple of 16");
+    TORCH_CHECK(q.size(1) % k.size(1) == 0, "attend: num_heads must be a multiple of num_kv_heads");
+    TORCH_CHECK((slots.has_value() && slots->defined()) || k.size(0) == q.size(0), "attend: k/v batch != q batch");
+    TORCH_CHECK(k.size(2) >= kv_len && v.size(2) >= kv_len, "attend: k/v hold fewer than kv_len columns");
+    TORCH_CHECK((mask.has_value() && mask->defined()) != (limits.has_value() && limits->defined()),
+                "attend: exactly one of mask and limits");
+    if (q.scalar_type() == at::kFloat) return attend_impl<float>(q, k, v, mask, limits, kv_len, slots);
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "attend: fp32 or bf16");
+    return attend_impl<uint16_t>(q, k, v, mask, limits, kv_len, slots);
+}
+
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
     TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "rms_norm: CPU tensors only");
     TORCH_CHECK(x.scalar_type() == w.scalar_type(), "rms_norm: x and w must share a dtype");
@@ -223,9 +236,49 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
     return y;
 }
 
-}  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("attend", &attend, "batch-invariant attention, one query row at a time");
-    m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension, one row at a time");
+// One Llama decoder layer (no biases, no QK-norm) over bf16 activations and quantized panel
+// weights: the same operations, in the same order and with the same ATen elementwise kernels, as
+// DecoderLayer.forward in ssd/models/llama.py does on this path, so the result is bit for bit the
+// same; one call instead of ~40 Python-level operations per layer.
+// norms = {input norm, post-attention norm}; panels = {qkv, o, gate_up, down} with kinds
+// (0 = Q4_1, 1 = Q8_0); dims = {Hq, Hkv, D, intermediate}; cos, sin [B, n, 1, D/2].
+torch::Tensor layer_forward(torch::Tensor x, std::vector<torch::Tensor> norms, std::vector<torch::Tensor> panels,
+                            std::vector<int64_t> kinds, std::vector<int64_t> dims, torch::Tensor cos, torch::Tensor sin,
+                            torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots, torch::Tensor write_cols,
+                            int64_t slot_start, int64_t write_start, c10::optional<torch::Tensor> mask,
+                            c10::optional<torch::Tensor> limits, int64_t kv_len, double eps) {
+    TORCH_CHECK(norms.size() == 2 && panels.size() == 4 && kinds.size() == 4 && dims.size() == 4, "layer_forward: arguments");
+    TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kBFloat16, "layer_forward: x must be bf16 [B, n, H]");
+    const int64_t B = x.size(0), n = x.size(1), H = x.size(2);
+    const int64_t Hq = dims[0], Hkv = dims[1], D = dims[2], I = dims[3];
+    auto lin = [&](const torch::Tensor& t, int i, int64_t N, int64_t K) {
+        torch::Tensor y = kinds[i] == 0 ? q4_1_panel_linear(t.reshape({-1, K}), panels[i], N, K, c10::nullopt, false)
+                                        : q8_0_panel_linear(t.reshape({-1, K}), panels[i], N, K, c10::nullopt, false);
+        return y.view({B, n, N});
+    };
+    torch::Tensor h = rms_norm(x, norms[0], eps);
+    torch::Tensor qkv = lin(h, 0, (Hq + 2 * Hkv) * D, H).view({B, n, Hq + 2 * Hkv, D});
+    torch::Tensor qk = qkv.slice(2, 0, Hq + Hkv), v = qkv.slice(2, Hq + Hkv);
+    const int64_t half = D / 2;
+    torch::Tensor x1 = qk.slice(3, 0, half), x2 = qk.slice(3, half);
+    qk = at::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1);
+    torch::Tensor q = qk.slice(2, 0, Hq).transpose(1, 2), k = qk.slice(2, Hq).transpose(1, 2);
+    v = v.transpose(1, 2);
+    if (slot_start >= 0 && write_start >= 0) {
+        k_cache.slice(0, slot_start, slot_start + B).slice(2, write_start, write_start + n).copy_(k);
+        v_cache.slice(0, slot_start, slot_start + B).slice(2, write_start, write_start + n).copy_(v);
+    } else {
+        using at::indexing::Slice;
+        const torch::Tensor rows = slots.unsqueeze(1);
+        k_cache.index_put_({rows, Slice(), write_cols}, k.transpose(1, 2));
+        v_cache.index_put_({rows, Slice(), write_cols}, v.transpose(1, 2));
+    }
+    torch::Tensor a = attend(q, k_cache, v_cache, mask, limits, kv_len, slots).transpose(1, 2).reshape({B, n, Hq * D});
+    x = x + lin(a, 1, H, Hq * D);
+    h = rms_norm(x, norms[1], eps);
+    torch::Tensor gu = lin(h, 2, 2 * I, H);
+    return x + lin(at::silu(gu.slice(2, 0, I)) * gu.slice(2, I), 3, H, I);
 }
+
+}  // namespace ssd_native

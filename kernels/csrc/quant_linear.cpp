@@ -14,7 +14,7 @@
 // tiled (up to ROWS_TILE share one dequantization) and columns are tiled and split across threads,
 // but a tile only shares loads, never partial sums. Compiled with -ffp-contract=off so that no
 // expression outside the intrinsics is fused differently in different instantiations.
-#include <torch/extension.h>
+#include "native.h"
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cstdint>
@@ -160,6 +160,10 @@ torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& blocks, 
     });
     return y;
 }
+
+}  // namespace
+
+namespace ssd_native {
 
 torch::Tensor q4_1_linear(torch::Tensor x, torch::Tensor blocks, int64_t N, int64_t K, c10::optional<torch::Tensor> bias) {
     return quant_linear<Q4_1>(x, blocks, N, K, bias);
@@ -355,11 +359,4 @@ torch::Tensor q8_0_panel_linear(torch::Tensor x, torch::Tensor panels, int64_t N
     return panel_linear<Q8_0P>(x, panels, N, K, bias, fp32_out);
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("q4_1_linear", &q4_1_linear, "x [M, K] @ Q4_1 blocks [N, K/32*20]^T -> [M, N] (x's dtype)");
-    m.def("q8_0_linear", &q8_0_linear, "x [M, K] @ Q8_0 blocks [N, K/32*34]^T -> [M, N] (x's dtype)");
-    m.def("q4_1_panel_linear", &q4_1_panel_linear, "bf16 x [M, K] @ Q4_1 panels -> bf16 (or fp32) [M, N] (AVX-512 BF16)");
-    m.def("q8_0_panel_linear", &q8_0_panel_linear, "bf16 x [M, K] @ Q8_0 panels -> bf16 (or fp32) [M, N] (AVX-512 BF16)");
-}
+}  // namespace ssd_native

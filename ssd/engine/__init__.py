@@ -58,7 +58,6 @@ def load_target(cfg: EngineConfig, path, device: str = "cpu", quiet: bool = Fals
     from ..models.loader import load_model
     from ..models.precision import dtype_name, resolve_dtype
     from ..kernels import quant
-    from ..kernels.attention import native_report
     from ..models.quantized import apply_weights, resolve_weights
 
     dtype, why = resolve_dtype(cfg.dtype, device)
@@ -68,7 +67,7 @@ def load_target(cfg: EngineConfig, path, device: str = "cpu", quiet: bool = Fals
     model.invariant = cfg.batch_invariant
     rows = cfg.max_batch * (cfg.speculation.num_speculative_tokens + 1)
     report = self_check(model, rows, cfg.max_model_len) if cfg.batch_invariant else None
-    kernels = f"{quant.report()}; {native_report()}"
+    kernels = quant.report()
     numerics = {"dtype": dtype_name(dtype), "dtype_reason": why, "kernels": kernels, "weights": resident["weights"],
                 "weights_reason": weights_why, "weights_mb": round(resident["bytes"] / 2**20, 1),
                 "batch_invariant": cfg.batch_invariant, "invariance": report}

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssd.kernels.attention import AttnBatch, attention, padded_len, rms_norm
+from ssd.kernels import quant
+from ssd.kernels.attention import AttnBatch, NativePrep, attention, padded_len, rms_norm
 from ssd.kernels.linear import LinearPacks, linear
 from ssd.kernels.quant import QuantWeight
 from ssd.kv_cache import KVCache
@@ -140,8 +141,10 @@ class DecoderLayer(nn.Module):
         self.eps, self.Hq, self.Hkv, self.D, self.inter = cfg.rms_norm_eps, Hq, Hkv, D, inter
 
     def forward(self, x, cos, sin, batch: AttnBatch, cache: KVCache, layer: int,
-                packs: LinearPacks | None = None, invariant: bool = True):
+                packs: LinearPacks | None = None, invariant: bool = True, fused: bool = False):
         # x [B, n, H]; cos, sin [B, n, 1, D/2]
+        if fused and invariant and self.fusable(x):
+            return self._fused(x, cos, sin, batch, cache, layer)
         B, n, _ = x.shape
         Hq, Hkv, D = self.Hq, self.Hkv, self.D
         lin = lambda t, name, w, b=None: linear(t, w, b, packs=packs, name=f"{layer}.{name}", invariant=invariant)
@@ -149,6 +152,26 @@ class DecoderLayer(nn.Module):
         k, v = cache.write_and_read(layer, k, v, batch)  # [B, Hkv, S, D]
         a = attention(q, k, v, batch, invariant=invariant).transpose(1, 2).reshape(B, n, Hq * D)
         return self._rest(x, a, lambda t, name, w, b=None: lin(t, name, w, b))
+
+    def fusable(self, x: torch.Tensor) -> bool:
+        """The whole layer can run as one native call (csrc/layer_ops.cpp: layer_forward): bf16
+        activations, every weight in the quantized panel layout, no biases, no QK-norm."""
+        ws = (self.qkv_weight, self.o_weight, self.gate_up_weight, self.down_weight)
+        return (x.dtype == torch.bfloat16 and x.is_cpu and self.qkv_bias is None and self.o_bias is None
+                and self.qk_norm_weight is None and self.D % 16 == 0
+                and all(isinstance(w, QuantWeight) and w.layout == "panels" for w in ws) and quant.available())
+
+    def _fused(self, x, cos, sin, batch: AttnBatch, cache: KVCache, layer: int) -> torch.Tensor:
+        """The same operations as the Python path below, in one native call (bit for bit the same)."""
+        if not isinstance(batch.prep, NativePrep):
+            batch.prep = NativePrep(batch, x.shape[1])
+        ws = (self.qkv_weight, self.o_weight, self.gate_up_weight, self.down_weight)
+        return quant.build().layer_forward(
+            x.contiguous(), [self.in_norm_weight, self.post_norm_weight], [w.data for w in ws],
+            [0 if w.kind == "q4_1" else 1 for w in ws], [self.Hq, self.Hkv, self.D, self.inter], cos, sin,
+            cache.k[layer], cache.v[layer], batch.slots, batch.write_cols,
+            -1 if batch.slot_start is None else batch.slot_start, -1 if batch.write_start is None else batch.write_start,
+            batch.prep.mask, batch.prep.limits, batch.kv_len, self.eps)
 
     def forward_full(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Whole sequences from position 0 (right padding is harmless under the causal mask),
@@ -193,6 +216,9 @@ class LlamaModel(nn.Module):
         # False selects the fast non-invariant kernels (SDPA / flash-attn, F.linear)
         self.invariant = True
         self.packs = LinearPacks()  # oneDNN-packed copies of the linear weights (CPU)
+        # a layer whose weights are quantized panels runs as one native call (DecoderLayer.fusable);
+        # False: the same operations from Python (the tests compare the two bit for bit)
+        self.fused = True
         self.register_buffer("rope_cos", None, persistent=False)  # [max_position, D/2]
         self.register_buffer("rope_sin", None, persistent=False)
         self.head_ids = None  # a reduced-vocabulary head's token ids (set_head)
@@ -253,7 +279,7 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             if i in capture:
                 seen[i] = x
-            x = layer.forward(x, cos, sin, batch, cache, i, self.packs, self.invariant)
+            x = layer.forward(x, cos, sin, batch, cache, i, self.packs, self.invariant, self.fused)
         return rms_norm(x, self.norm_weight, self.cfg.rms_norm_eps)
 
     @torch.inference_mode()

@@ -59,3 +59,27 @@ def test_resolution_explains_itself_and_refuses_what_cannot_run(tmp_path):
         resolve_weights("int4", path)
     with pytest.raises(ValueError, match="CPU kernels only"):
         resolve_weights("int8", path, "cuda:0")
+
+
+def test_the_fused_layer_is_the_python_layer_bit_for_bit():
+    # DecoderLayer._fused (one native call per layer) against the same operations from Python:
+    # prefill, a verify block, rows of other lengths, non-contiguous slots (the index_put path)
+    from ssd.kv_cache import append_batch
+
+    path = default_target_path()
+    model, _ = load_model(path, dtype=torch.bfloat16)
+    apply_weights(model, "gguf", path)
+    if not model.layers[0].fusable(torch.zeros(1, 1, 576, dtype=torch.bfloat16)):
+        pytest.skip("no bf16 panel kernels here")
+    ids = torch.randint(0, 40000, (3, 40), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for fused in (False, True):
+        model.fused = fused
+        cache = model.new_cache(4, 128)
+        out = [model(ids[:, :30], append_batch([0, 1, 2], [0, 0, 0], 30), cache),
+               model(ids[:, 30:35], append_batch([0, 1, 2], [30, 30, 30], 5), cache),
+               model(ids[[0, 2], 35:38], append_batch([0, 2], [35, 35], [3, 1]), cache),
+               model(ids[[2, 1], 36:37], append_batch([2, 1], [36, 35], 1), cache)]
+        runs.append((out, cache.k.clone(), cache.v.clone()))
+    (a, ka, va), (b, kb, vb) = runs
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and torch.equal(ka, kb) and torch.equal(va, vb)
