@@ -189,6 +189,7 @@ constexpr int PANEL = 16;
 constexpr int Q4_1_PANEL_BYTES = 320;
 constexpr int Q8_0_PANEL_BYTES = 544;
 constexpr int PREFETCH_BLOCKS = 8;
+constexpr int PANEL_ROWS = 8;  // activation rows per panel tile
 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 inline __m512 dp(__m512 acc, __m512i q, const uint16_t* x2) {  // acc += q . (x[0], x[1]) per lane
@@ -290,13 +291,22 @@ inline void panel_tile(const uint16_t* x, const float* xs, int64_t K, const uint
 template <class Q, int NT>
 inline void panel_column(const uint16_t* x, const float* xs, int64_t M, int64_t K, const uint8_t* w, int64_t p0,
                          float* tmp /* [M][NT * 16] */) {
+    // rows in tiles of up to PANEL_ROWS sharing one dequantization of the panel (a verify block of
+    // K + 1 rows is one tile); every row's own operations are the same in any tile
     constexpr int W = NT * PANEL;
-    int64_t m0 = 0;
-    for (; m0 + ROWS_TILE <= M; m0 += ROWS_TILE) panel_tile<Q, ROWS_TILE, NT>(x, xs, K, w, m0, p0, tmp + m0 * W);
-    const int64_t rest = M - m0;
-    if (rest == 3) panel_tile<Q, 3, NT>(x, xs, K, w, m0, p0, tmp + m0 * W);
-    if (rest == 2) panel_tile<Q, 2, NT>(x, xs, K, w, m0, p0, tmp + m0 * W);
-    if (rest == 1) panel_tile<Q, 1, NT>(x, xs, K, w, m0, p0, tmp + m0 * W);
+    for (int64_t m0 = 0; m0 < M; m0 += PANEL_ROWS) {
+        float* out = tmp + m0 * W;
+        switch (std::min<int64_t>(PANEL_ROWS, M - m0)) {
+            case 8: panel_tile<Q, 8, NT>(x, xs, K, w, m0, p0, out); break;
+            case 7: panel_tile<Q, 7, NT>(x, xs, K, w, m0, p0, out); break;
+            case 6: panel_tile<Q, 6, NT>(x, xs, K, w, m0, p0, out); break;
+            case 5: panel_tile<Q, 5, NT>(x, xs, K, w, m0, p0, out); break;
+            case 4: panel_tile<Q, 4, NT>(x, xs, K, w, m0, p0, out); break;
+            case 3: panel_tile<Q, 3, NT>(x, xs, K, w, m0, p0, out); break;
+            case 2: panel_tile<Q, 2, NT>(x, xs, K, w, m0, p0, out); break;
+            default: panel_tile<Q, 1, NT>(x, xs, K, w, m0, p0, out); break;
+        }
+    }
 }
 
 template <class Q>
