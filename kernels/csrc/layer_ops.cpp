@@ -73,34 +73,85 @@ inline __m512 load16(const T* p) {
 }
 
 // one query row: qf [D] fp32 (already scaled), columns `cols` of k/v rows (stride in elements)
+// The 16 lane-sums of 16 vectors at once: lane 4 * (c % 4) + c / 4 of the result is the sum of
+// v[c]'s lanes, added in the same tree for every c: lane l with l + 8, then m with m + 4, m + 2,
+// m + 1 (a butterfly: 30 shuffles and 15 adds for 16 sums instead of 16 full reductions).
+inline __m512 reduce16(const __m512* v) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; ++i)
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 4; ++i)
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    for (int i = 0; i < 2; ++i)
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+constexpr int MAX_GROUP = 16;  // query heads sharing one kv head, computed together
+
+// The R query rows of one token that share a kv head (and so their visible columns): qf [R][D]
+// fp32, already scaled; scores [R][n_cols + 16] scratch; out [R][D]. Each k and v column is
+// widened once for all R rows; every row's own sequence of operations is the one it would have
+// alone (its accumulators are its own), so grouping changes no bits.
 template <typename T>
-void attend_row(const float* qf, const T* k, const T* v, int64_t col_stride, const int64_t* cols, int64_t n_cols,
-                int64_t D, float* scores, float* out) {
+void attend_rows(const float* qf, int64_t R, const T* k, const T* v, int64_t col_stride, const int64_t* cols,
+                 int64_t n_cols, int64_t D, float* scores, float* out) {
+    const int64_t stride = n_cols + 16;
     if (n_cols == 0) {
-        std::memset(out, 0, sizeof(float) * D);
+        std::memset(out, 0, sizeof(float) * R * D);
         return;
     }
-    for (int64_t j = 0; j < n_cols; ++j) {
-        const T* kc = k + cols[j] * col_stride;
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + d), load16(kc + d), acc);
-        scores[j] = _mm512_reduce_add_ps(acc);
+    // scores, 16 columns at a time: each column's 16-lane partial products reduced together by
+    // reduce16, whose pairing of lanes is the same for every column (a column's score does not
+    // depend on the group it falls in, on its neighbours, or on the zero padding of the last group)
+    alignas(64) float group[16];
+    alignas(64) float kw[256];  // one column of k, widened (D <= 256)
+    __m512 part[MAX_GROUP][16];
+    for (int64_t j0 = 0; j0 < n_cols; j0 += 16) {
+        const int64_t cnt = std::min<int64_t>(16, n_cols - j0);
+        for (int64_t i = 0; i < 16; ++i) {
+            for (int64_t r = 0; r < R; ++r) part[r][i] = _mm512_setzero_ps();
+            if (i >= cnt) continue;
+            const T* kc = k + cols[j0 + i] * col_stride;
+            for (int64_t d = 0; d < D; d += 16) _mm512_store_ps(kw + d, load16(kc + d));
+            for (int64_t r = 0; r < R; ++r) {
+                __m512 acc = _mm512_setzero_ps();
+                for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + r * D + d), _mm512_load_ps(kw + d), acc);
+                part[r][i] = acc;
+            }
+        }
+        for (int64_t r = 0; r < R; ++r) {
+            _mm512_store_ps(group, reduce16(part[r]));
+            for (int64_t i = 0; i < cnt; ++i) scores[r * stride + j0 + i] = group[4 * (i % 4) + i / 4];
+        }
     }
-    float mx = scores[0];
-    for (int64_t j = 1; j < n_cols; ++j) mx = scores[j] > mx ? scores[j] : mx;
-    const __m512 vmx = _mm512_set1_ps(mx);
-    for (int64_t j = 0; j < n_cols; j += 16) {
-        const __mmask16 m = n_cols - j >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n_cols - j)) - 1);
-        const __m512 s = _mm512_maskz_loadu_ps(m, scores + j);
-        _mm512_mask_storeu_ps(scores + j, m, exp_nonpositive(_mm512_sub_ps(s, vmx)));
+    float sums[MAX_GROUP];
+    for (int64_t r = 0; r < R; ++r) {
+        float* sr = scores + r * stride;
+        float mx = sr[0];
+        for (int64_t j = 1; j < n_cols; ++j) mx = sr[j] > mx ? sr[j] : mx;
+        const __m512 vmx = _mm512_set1_ps(mx);
+        for (int64_t j = 0; j < n_cols; j += 16) {
+            const __mmask16 m = n_cols - j >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n_cols - j)) - 1);
+            const __m512 x = _mm512_maskz_loadu_ps(m, sr + j);
+            _mm512_mask_storeu_ps(sr + j, m, exp_nonpositive(_mm512_sub_ps(x, vmx)));
+        }
+        float sum = 0.0f;
+        for (int64_t j = 0; j < n_cols; ++j) sum += sr[j];
+        sums[r] = sum;
     }
-    float sum = 0.0f;
-    for (int64_t j = 0; j < n_cols; ++j) sum += scores[j];
     for (int64_t d = 0; d < D; d += 16) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t j = 0; j < n_cols; ++j)
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[j]), load16(v + cols[j] * col_stride + d), acc);
-        _mm512_storeu_ps(out + d, _mm512_div_ps(acc, _mm512_set1_ps(sum)));
+        __m512 acc[MAX_GROUP];
+        for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n_cols; ++j) {
+            const __m512 vc = load16(v + cols[j] * col_stride + d);
+            for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(scores[r * stride + j]), vc, acc[r]);
+        }
+        for (int64_t r = 0; r < R; ++r) _mm512_storeu_ps(out + r * D + d, _mm512_div_ps(acc[r], _mm512_set1_ps(sums[r])));
     }
 }
 
@@ -140,7 +191,7 @@ torch::Tensor attend_impl(const torch::Tensor& q, const torch::Tensor& k, const 
     // work items: (b, kv head, token); the rep query heads of a kv head share the column list
     at::parallel_for(0, B * Hkv * n, 1, [&](int64_t w0, int64_t w1) {
         std::vector<int64_t> cols(kv_len);
-        std::vector<float> scores(kv_len + 16), qf(D), of(D);
+        std::vector<float> scores(rep * (kv_len + 16)), qf(rep * D), of(rep * D);
         for (int64_t w = w0; w < w1; ++w) {
             const int64_t b = w / (Hkv * n), g = (w / n) % Hkv, i = w % n;
             int64_t nc = 0;
@@ -153,17 +204,17 @@ torch::Tensor attend_impl(const torch::Tensor& q, const torch::Tensor& k, const 
                 for (int64_t c = 0; c < lim; ++c) cols[nc++] = c;
             }
             for (int64_t r = 0; r < rep; ++r) {
-                const int64_t h = g * rep + r;
-                const T* qrow = qp + ((b * Hq + h) * n + i) * D;
-                load_row(qrow, D, qf.data());
-                for (int64_t d = 0; d < D; ++d) qf[d] = qf[d] * scale;
-                const int64_t kb = sp ? sp[b] : b;
-                attend_row(qf.data(), kp + kb * ks0 + g * ks1, vp + kb * vs0 + g * vs1, ks2, cols.data(), nc, D,
-                           scores.data(), of.data());
-                T* orow = op + ((b * Hq + h) * n + i) * D;
+                load_row(qp + ((b * Hq + g * rep + r) * n + i) * D, D, qf.data() + r * D);
+                for (int64_t d = 0; d < D; ++d) qf[r * D + d] = qf[r * D + d] * scale;
+            }
+            const int64_t kb = sp ? sp[b] : b;
+            attend_rows(qf.data(), rep, kp + kb * ks0 + g * ks1, vp + kb * vs0 + g * vs1, ks2, cols.data(), nc, D,
+                        scores.data(), of.data());
+            for (int64_t r = 0; r < rep; ++r) {
+                T* orow = op + ((b * Hq + g * rep + r) * n + i) * D;
                 for (int64_t d = 0; d < D; ++d) {
-                    if constexpr (std::is_same_v<T, float>) orow[d] = of[d];
-                    else orow[d] = float_to_bf16(of[d]);
+                    if constexpr (std::is_same_v<T, float>) orow[d] = of[r * D + d];
+                    else orow[d] = float_to_bf16(of[r * D + d]);
                 }
             }
         }
@@ -209,6 +260,7 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::opt
     TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "attend: one dtype");
     TORCH_CHECK(q.size(3) % 16 == 0 && k.size(3) == q.size(3), "attend: head_dim must be a multiple of 16");
     TORCH_CHECK(q.size(1) % k.size(1) == 0, "attend: num_heads must be a multiple of num_kv_heads");
+    TORCH_CHECK(q.size(1) / k.size(1) <= MAX_GROUP && q.size(3) <= 256, "attend: at most 16 query heads per kv head, head_dim <= 256");
     TORCH_CHECK((slots.has_value() && slots->defined()) || k.size(0) == q.size(0), "attend: k/v batch != q batch");
     TORCH_CHECK(k.size(2) >= kv_len && v.size(2) >= kv_len, "attend: k/v hold fewer than kv_len columns");
     TORCH_CHECK((mask.has_value() && mask->defined()) != (limits.has_value() && limits->defined()),
