@@ -139,6 +139,7 @@ class DecoderLayer(nn.Module):
         self.gate_up_weight = e(2 * inter, H)
         self.down_weight = e(H, inter)
         self.eps, self.Hq, self.Hkv, self.D, self.inter = cfg.rms_norm_eps, Hq, Hkv, D, inter
+        self._native_args = None  # see native_args
 
     def forward(self, x, cos, sin, batch: AttnBatch, cache: KVCache, layer: int,
                 packs: LinearPacks | None = None, invariant: bool = True, fused: bool = False):
@@ -156,22 +157,33 @@ class DecoderLayer(nn.Module):
     def fusable(self, x: torch.Tensor) -> bool:
         """The whole layer can run as one native call (csrc/layer_ops.cpp: layer_forward): bf16
         activations, every weight in the quantized panel layout, no biases, no QK-norm."""
-        ws = (self.qkv_weight, self.o_weight, self.gate_up_weight, self.down_weight)
-        return (x.dtype == torch.bfloat16 and x.is_cpu and self.qkv_bias is None and self.o_bias is None
-                and self.qk_norm_weight is None and self.D % 16 == 0
-                and all(isinstance(w, QuantWeight) and w.layout == "panels" for w in ws) and quant.available())
+        return x.dtype == torch.bfloat16 and x.is_cpu and self.native_args() is not None
+
+    def native_args(self) -> tuple | None:
+        """The weights' part of layer_forward's arguments, built once (None: not fusable). Whoever
+        replaces a weight calls forget_native_args (ssd/models/quantized.py does)."""
+        if self._native_args is None:
+            ws = (self.qkv_weight, self.o_weight, self.gate_up_weight, self.down_weight)
+            ok = (self.qkv_bias is None and self.o_bias is None and self.qk_norm_weight is None and self.D % 16 == 0
+                  and all(isinstance(w, QuantWeight) and w.layout == "panels" for w in ws) and quant.available())
+            self._native_args = (([self.in_norm_weight, self.post_norm_weight], [w.data for w in ws],
+                                  [0 if w.kind == "q4_1" else 1 for w in ws], [self.Hq, self.Hkv, self.D, self.inter])
+                                 if ok else False)
+        return self._native_args or None
+
+    def forget_native_args(self) -> None:
+        self._native_args = None
 
     def _fused(self, x, cos, sin, batch: AttnBatch, cache: KVCache, layer: int) -> torch.Tensor:
         """The same operations as the Python path below, in one native call (bit for bit the same)."""
         if not isinstance(batch.prep, NativePrep):
             batch.prep = NativePrep(batch, x.shape[1])
-        ws = (self.qkv_weight, self.o_weight, self.gate_up_weight, self.down_weight)
+        norms, panels, kinds, dims = self._native_args
         return quant.build().layer_forward(
-            x.contiguous(), [self.in_norm_weight, self.post_norm_weight], [w.data for w in ws],
-            [0 if w.kind == "q4_1" else 1 for w in ws], [self.Hq, self.Hkv, self.D, self.inter], cos, sin,
-            cache.k[layer], cache.v[layer], batch.slots, batch.write_cols,
-            -1 if batch.slot_start is None else batch.slot_start, -1 if batch.write_start is None else batch.write_start,
-            batch.prep.mask, batch.prep.limits, batch.kv_len, self.eps)
+            x.contiguous(), norms, panels, kinds, dims, cos, sin, cache.k[layer], cache.v[layer], batch.slots,
+            batch.write_cols, -1 if batch.slot_start is None else batch.slot_start,
+            -1 if batch.write_start is None else batch.write_start, batch.prep.mask, batch.prep.limits, batch.kv_len,
+            self.eps)
 
     def forward_full(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Whole sequences from position 0 (right padding is harmless under the causal mask),

@@ -106,6 +106,8 @@ def apply_weights(model, weights: str, model_path=None) -> dict:
         owner, attr = _owner(model, name)
         delattr(owner, attr)
         setattr(owner, attr, q)
+    for layer in model.layers:
+        layer.forget_native_args()
     model.embed = QuantEmbedding(model.embed.weight)
     if model.cfg.tie_word_embeddings:  # the head reads the embedding's blocks
         del model.lm_head.weight
