@@ -238,7 +238,8 @@ class SpeculationGate:
     plainly (the first step after a change of arm left out). Each arm is tried for MIN_STEPS
     steps first; then the faster one is taken, and the
     other re-measured for EXPLORE_STEPS steps every EXPLORE_EVERY steps of that class (so a
-    change in load or acceptance is seen). Speculation pays less the larger the batch, so a new
+    change in load or acceptance is seen), half as often after each exploration that finds it
+    slower again by more than MARGIN (down to once every MAX_EXPLORE_EVERY steps). Speculation pays less the larger the batch, so a new
     class starts from what its neighbours of the same mix found where that settles it: plain
     when the nearest smaller measured class found speculation not to pay, speculating when the
     nearest larger one found it to pay; it then measures the other arm on the exploration
@@ -250,6 +251,12 @@ class SpeculationGate:
     MIN_STEPS = 8
     EXPLORE_EVERY = 128
     EXPLORE_STEPS = 8
+    # an arm whose exploration found it slower again by more than MARGIN (its rate over that
+    # exploration's own steps) is explored half as often next time (up to every MAX_EXPLORE_EVERY
+    # steps): a losing arm costs ever less, while one that comes back within the margin, or
+    # ahead, is watched at the base rate again until its decayed rate catches up
+    MARGIN = 0.05
+    MAX_EXPLORE_EVERY = 2048
 
     def __init__(self):
         self.arms: dict = {}  # (bucket, mix) -> {"spec": ArmRate, "plain": ArmRate}
@@ -257,6 +264,10 @@ class SpeculationGate:
         self.last: dict = {}  # (bucket, mix) -> the arm its previous step took
         self.switched: dict = {}  # (bucket, mix) -> its current step is the first after a change of arm
         self.decisions = {"spec": 0, "plain": 0}
+        self.window: dict = {}  # (bucket, mix) -> the step at which its next exploration starts
+        self.every: dict = {}  # (bucket, mix) -> steps between its explorations now
+        self.exploring: dict = {}  # (bucket, mix) -> its current step explores the slower arm
+        self.explored: dict = {}  # (bucket, mix) -> (tokens, seconds) measured by its current exploration
 
     def key(self, n_rows: int, classes) -> tuple:
         return load_bucket(n_rows), tuple(sorted(set(classes)))
@@ -291,7 +302,17 @@ class SpeculationGate:
             arm = "spec" if arms["spec"].steps < self.MIN_STEPS else "plain"
         else:
             other = "plain" if best == "spec" else "spec"
-            arm = other if t % self.EXPLORE_EVERY >= self.EXPLORE_EVERY - self.EXPLORE_STEPS else best
+            start = self.window.setdefault(key, self.EXPLORE_EVERY - self.EXPLORE_STEPS)
+            if t >= start + self.EXPLORE_STEPS:  # an exploration ended: when is the next one
+                every = self.every.get(key, self.EXPLORE_EVERY)
+                tokens, seconds = self.explored.pop(key, (0.0, 0.0))  # what this exploration itself saw
+                seen = tokens / seconds if seconds > 0 else arms[other].rate
+                losing = self.winner(key) == best and seen < arms[best].rate * (1 - self.MARGIN)
+                every = min(2 * every, self.MAX_EXPLORE_EVERY) if losing else self.EXPLORE_EVERY
+                self.every[key] = every
+                start = self.window[key] = start + self.EXPLORE_STEPS + every - self.EXPLORE_STEPS
+            arm = other if start <= t < start + self.EXPLORE_STEPS else best
+            self.exploring[key] = arm == other
         self.switched[key] = self.last.get(key, arm) != arm
         self.last[key] = arm
         self.decisions[arm] += 1
@@ -304,6 +325,9 @@ class SpeculationGate:
         if self.switched.pop(key, False):
             return
         self.arms.setdefault(key, {"spec": ArmRate(), "plain": ArmRate()})[arm].observe(tokens, seconds)
+        if self.exploring.get(key):
+            t, s = self.explored.get(key, (0.0, 0.0))
+            self.explored[key] = (t + tokens, s + seconds)
 
     def rates(self) -> dict:
         return {f"{b}:{','.join(map(str, mix))}": {a: round(r.rate, 2) for a, r in arms.items()}

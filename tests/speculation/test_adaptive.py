@@ -388,3 +388,34 @@ def test_the_gate_measures_a_step_to_the_start_of_the_next_and_never_idle_time()
     assert arm.steps == 2 and arm.seconds == pytest.approx(0.98 * 0.15 + 0.1)
     ad.step_begins(60.0)  # a minute later: the idle time is not charged
     assert arm.steps == 2 and arm.seconds == pytest.approx(0.98 * 0.15 + 0.1)
+
+
+def test_gate_explores_a_losing_arm_ever_less_and_a_recovering_one_at_the_base_rate():
+    from ssd.speculation.adaptive import SpeculationGate
+
+    g = SpeculationGate()
+    key = g.key(1, [0])
+    speed = {"spec": 20.0, "plain": 30.0}  # speculation a third slower: backs off
+    taken = []
+    for _ in range(1500):
+        arm = g.choose(key)
+        taken.append(arm)
+        g.observe(key, arm, tokens=speed[arm], seconds=1.0)
+    starts = [i for i in range(2 * g.MIN_STEPS + 1, len(taken)) if taken[i] == "spec" and taken[i - 1] == "plain"]
+    assert [b - a for a, b in zip(starts, starts[1:])] == [256, 512]  # every window 8 steps, the gaps doubling
+    assert taken.count("spec") == g.MIN_STEPS + 3 * g.EXPLORE_STEPS
+    # within the margin: explored at the base rate
+    g2, key2 = SpeculationGate(), g.key(1, [0])
+    taken = []
+    for _ in range(600):
+        arm = g2.choose(key2)
+        taken.append(arm)
+        g2.observe(key2, arm, tokens={"spec": 29.0, "plain": 30.0}[arm], seconds=1.0)
+    starts = [i for i in range(2 * g2.MIN_STEPS + 1, len(taken)) if taken[i] == "spec" and taken[i - 1] == "plain"]
+    assert {b - a for a, b in zip(starts, starts[1:])} == {g2.EXPLORE_EVERY}
+    # a losing arm that turns faster is found at its next exploration and taken
+    speed = {"spec": 40.0, "plain": 30.0}
+    for _ in range(2048):
+        arm = g.choose(key)
+        g.observe(key, arm, tokens=speed[arm], seconds=1.0)
+    assert g.winner(key) == "spec" and g.choose(key) == "spec"
