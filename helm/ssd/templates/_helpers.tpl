@@ -234,7 +234,7 @@ service never sees a half-written model. */}}
     - |
       set -eu
       src={{ .Values.cache.imagePath }}; dst={{ .Values.cache.mountPath }}
-      for d in models protos; do
+      for d in models protos kernels; do
         [ -d "$src/$d" ] || continue
         mkdir -p "$dst/$d"
         for e in "$src/$d"/*; do
@@ -246,7 +246,8 @@ service never sees a half-written model. */}}
       {{- if eq .Values.cache.seed "copy" }}
           cp -R "$e" "$tmp"
       {{- else }}
-          ln -s "$e" "$tmp"
+          # the compiled kernels are copied (small): loading them takes a lock file beside them
+          if [ "$d" = kernels ]; then cp -R "$e" "$tmp"; else ln -s "$e" "$tmp"; fi
       {{- end }}
           mv -T "$tmp" "$dst/$d/$n" 2>/dev/null || rm -rf "$tmp"
         done
