@@ -165,4 +165,7 @@ def test_bench_repeats_run_every_system_in_turn(tmp_path, capsys):
         assert row["tokens"] == 2 * 2 * 6, name  # pooled over both repeats: 2 prompts x 6 tokens each
         if name != "ar-plain":  # plain kernels may flip a bf16 near-tie
             assert row["identical_to_ar"], name
+    f = r["forward_ms"]  # the weight-bytes floor of one token beside the measured forward
+    assert f["weights_mb_per_token"] > 0 and f["read_gb_per_s"] > 0
+    assert f["target_1_over_floor"] == pytest.approx(f["target_1"] / f["floor_ms"])
     assert (tmp_path / "bench.png").stat().st_size > 10_000

@@ -25,6 +25,7 @@ from ..config import EngineConfig, SamplingParams
 from . import BenchOptions, paired_ratio, repeat_error_bars, save_results
 from ..engine import ModelPair, build_engine
 from ..engine.base import EngineStats
+from ..models.quantized import weight_bytes_per_token
 from .llamacpp import LlamaCppReference, agreeing_prefix, available, gguf_of
 
 
@@ -105,7 +106,25 @@ def forward_costs(pair: ModelPair, k: int, context: int = 300, repeats: int = 15
            "draft_1": median_ms(pair.draft_model(), 1)}
     out["draft_over_target_per_token"] = out["draft_1"] / out["target_1"]
     out["verify_over_ar_step"] = out[f"target_{k + 1}"] / out["target_1"]
+    # the physical floor of one token: the weight bytes a forward reads over this thread's
+    # measured read bandwidth (what no kernel can beat at batch 1)
+    out["weights_mb_per_token"] = weight_bytes_per_token(pair.target) / 2**20
+    out["read_gb_per_s"] = read_bandwidth_gbs()
+    out["floor_ms"] = weight_bytes_per_token(pair.target) / (out["read_gb_per_s"] * 1e9) * 1000
+    out["target_1_over_floor"] = out["target_1"] / out["floor_ms"]
     return out
+
+
+def read_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
+    """This thread's read bandwidth (GB/s): the median time to sum an fp32 tensor of `mb` MB,
+    far larger than any cache."""
+    x = torch.ones(mb * 2**20 // 4)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        ts.append(time.perf_counter() - t0)
+    return x.numel() * 4 / sorted(ts)[len(ts) // 2] / 1e9
 
 
 def decode_tps(st: EngineStats) -> float:

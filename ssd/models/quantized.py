@@ -116,6 +116,14 @@ def apply_weights(model, weights: str, model_path=None) -> dict:
     return {"weights": f"{weights} ({'/'.join(kinds)})", "bytes": _resident_bytes(model)}
 
 
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one token's forward reads: every layer's linears and the output head (the
+    embedding contributes one row)."""
+    ws = [getattr(layer, a) for layer in model.layers for a in ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")]
+    ws.append(model.lm_head.weight)
+    return sum(w.nbytes if isinstance(w, QuantWeight) else w.numel() * w.element_size() for w in ws)
+
+
 def _dense_weights(model) -> dict[str, torch.Tensor]:
     """The weights a quantized model keeps as blocks, by attribute path."""
     out = {"embed.weight": model.embed.weight}
