@@ -114,11 +114,13 @@ def test_every_round_has_verify_and_speculate_spans_with_correct_parents(traced_
         assert all(s["service"] == "ssd-draft" for s in speculate)
         # one verify span per round; the draft built a speculation cache during every one that
         # verified a speculation (the step's plan may leave a row plain: an n-gram backup that
-        # does not pay is cut to nothing, docs/algorithm.md 7e)
+        # does not pay is cut to nothing, docs/algorithm.md 7e; adaptive K gives a row no draft
+        # where the measured verify cost says it would not pay, so how many rounds draft depends
+        # on the machine: some do, from the first rounds' prior on)
         assert len(verify) == final.stats.num_rounds
         spec_rounds = {s["attributes"]["ssd.round"] for s in speculate}
         drafted = {s["attributes"]["ssd.round"] for s in verify if s["attributes"]["ssd.speculation_source"] != "none"}
-        assert drafted <= spec_rounds and len(drafted) > len(verify) / 2
+        assert drafted <= spec_rounds and drafted
         for s in verify:  # the verify window sits inside the request
             assert root["start_ns"] <= s["start_ns"] <= s["end_ns"] <= root["end_ns"]
         # children: JIT drafts and index lookups hang off their round's exchange with the draft
