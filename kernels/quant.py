@@ -29,10 +29,17 @@ QK = 32  # weights per block
 BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
 KINDS = tuple(BLOCK_BYTES)
 NATIVE = "ssd_native"  # one extension: csrc/native.h lists what it holds
-_SOURCES = tuple(Path(__file__).parent / "csrc" / f for f in ("quant_linear.cpp", "layer_ops.cpp", "bindings.cpp"))
+_SOURCES = tuple(Path(__file__).parent / "csrc" / f
+                 for f in ("quant_linear.cpp", "vnni_linear.cpp", "layer_ops.cpp", "bindings.cpp"))
 _NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "f16c", "fma")
 PANEL = 16  # output columns per panel (the bf16 layout)
 PANEL_BYTES = {"q4_1": 320, "q8_0": 544}  # one panel x one block of 32 inputs
+VNNI_BYTES = {"q4_1": 320, "q8_0": 608}  # the same, in the 8-bit-activation layout (csrc/vnni_linear.cpp)
+LAYOUTS = ("blocks", "panels", "vnni")
+# the layouts a whole decoder layer runs natively on, and layer_forward's code for each weight kind
+# (csrc/layer_ops.cpp)
+NATIVE_KINDS = {"panels": {"q4_1": 0, "q8_0": 1}, "vnni": {"q4_1": 2, "q8_0": 3}}
+ACTIVATIONS = ("auto", "int8", "bf16")  # ssd/config.py EngineConfig.activations
 
 
 def _cpu_flags() -> set[str]:
@@ -96,13 +103,39 @@ def panels_supported() -> bool:
     return available() and "avx512_bf16" in _cpu_flags()
 
 
+def vnni_supported() -> bool:
+    """The 8-bit-activation kernels run here: the extension built and the CPU has AVX-512 VNNI."""
+    return available() and "avx512_vnni" in _cpu_flags()
+
+
+def choose_layout(dtype: torch.dtype, n: int, activations: str = "auto") -> str:
+    """The layout a weight [n, K] takes for activations of `dtype` under `activations`:
+    auto  8-bit activations (vnni) where the CPU has AVX-512 VNNI, else bf16 panels, else blocks
+    int8  8-bit activations, an error where they cannot run
+    bf16  the activations as they are: bf16 panels (AVX-512 BF16) or the fp32 block kernels
+    Only bf16 activations take either panel layout; fp32 activations always take blocks."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    tiled = dtype == torch.bfloat16 and n % PANEL == 0
+    if activations == "int8":
+        if not (tiled and vnni_supported()):
+            raise ValueError("8-bit activations need bf16 activations, out_features a multiple of 16 and a CPU with "
+                             f"AVX-512 VNNI ({why_unavailable() or 'this one lacks avx512_vnni'})")
+        return "vnni"
+    if activations == "auto" and tiled and vnni_supported():
+        return "vnni"
+    return "panels" if tiled and panels_supported() else "blocks"
+
+
 class QuantWeight:
     """One linear layer's weight [N, K] as GGUF blocks of 32, for activations of `dtype`.
 
-    Two layouts of the same numbers: `blocks` (the file's own, uint8 [N, K / 32 * block bytes];
-    fp32 kernels) and `panels` (sixteen output columns interleaved per block, uint8 [N / 16, K / 32,
-    panel bytes]; bf16 kernels using AVX-512 BF16 dot products, csrc/quant_linear.cpp). A bf16
-    weight takes panels where the CPU has AVX-512 BF16 and N is a multiple of 16."""
+    Three layouts of the same numbers: `blocks` (the file's own, uint8 [N, K / 32 * block bytes];
+    fp32 kernels), `panels` (sixteen output columns interleaved per block, uint8 [N / 16, K / 32,
+    panel bytes]; bf16 activations against the exact integer q with AVX-512 BF16 dot products,
+    csrc/quant_linear.cpp) and `vnni` (the same panels laid out for integer dot products: each
+    activation row quantized to 8 bits per block of 32, csrc/vnni_linear.cpp). `choose_layout`
+    picks one when none is given."""
 
     __slots__ = ("kind", "data", "layout", "shape", "dtype")
 
@@ -117,13 +150,18 @@ class QuantWeight:
             raise ValueError(f"{kind} blocks for [{n}, {k}] must be uint8 [{n}, {k // QK * BLOCK_BYTES[kind]}], "
                              f"got {blocks.dtype} {tuple(blocks.shape)}")
         if layout is None:
-            layout = "panels" if dtype == torch.bfloat16 and n % PANEL == 0 and panels_supported() else "blocks"
-        if layout not in ("blocks", "panels"):
-            raise ValueError(f"layout must be blocks or panels, got {layout!r}")
-        if layout == "panels" and (dtype != torch.bfloat16 or n % PANEL):
-            raise ValueError("the panel layout takes bf16 activations and out_features a multiple of 16")
+            layout = choose_layout(dtype, n)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if layout != "blocks" and (dtype != torch.bfloat16 or n % PANEL):
+            raise ValueError(f"the {layout} layout takes bf16 activations and out_features a multiple of 16")
         self.kind, self.shape, self.dtype, self.layout = kind, (n, k), dtype, layout
-        self.data = to_panels(kind, blocks, (n, k)) if layout == "panels" else blocks.contiguous()
+        if layout == "panels":
+            self.data = to_panels(kind, blocks, (n, k))
+        elif layout == "vnni":
+            self.data = to_vnni(kind, blocks, (n, k))
+        else:
+            self.data = blocks.contiguous()
 
     @property
     def device(self) -> torch.device:
@@ -143,27 +181,37 @@ class QuantWeight:
         if x.shape[-1] != k:
             raise ValueError(f"x has {x.shape[-1]} features, the weight takes in_features {k}")
         lead = x.shape[:-1]
-        if self.layout == "panels":
-            fn = mod.q4_1_panel_linear if self.kind == "q4_1" else mod.q8_0_panel_linear
+        if self.layout != "blocks":
+            if self.layout == "panels":
+                fn = mod.q4_1_panel_linear if self.kind == "q4_1" else mod.q8_0_panel_linear
+            else:
+                fn = mod.q4_1_vnni_linear if self.kind == "q4_1" else mod.q8_0_vnni_linear
             if x.dtype != torch.bfloat16:
-                raise TypeError(f"a bf16 panel weight got {x.dtype} activations")
+                raise TypeError(f"a bf16 {self.layout} weight got {x.dtype} activations")
             return fn(x.reshape(-1, k), self.data, n, k, bias, fp32_out).view(*lead, n)
         fn = mod.q4_1_linear if self.kind == "q4_1" else mod.q8_0_linear
         y = fn(x.reshape(-1, k), self.data, n, k, bias).view(*lead, n)
         return y.float() if fp32_out else y
 
+    def blocks(self) -> torch.Tensor:
+        """The file's own blocks [N, K / 32 * block bytes], whatever the layout."""
+        if self.layout == "panels":
+            return from_panels(self.kind, self.data, self.shape)
+        if self.layout == "vnni":
+            return from_vnni(self.kind, self.data, self.shape)
+        return self.data
+
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         """The dense [N, K] weight (the reference the kernels are tested against)."""
-        if self.layout == "panels":
-            return dequantize(self.kind, from_panels(self.kind, self.data, self.shape), self.shape).to(dtype)
-        return dequantize(self.kind, self.data, self.shape).to(dtype)
+        return dequantize(self.kind, self.blocks(), self.shape).to(dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows (an embedding lookup): ids [...] -> [..., K] in self.dtype."""
         flat = ids.reshape(-1)
         k = self.shape[1]
-        if self.layout == "panels":  # de-interleave the panels holding the rows, keep the rows
-            sel = from_panels(self.kind, self.data[flat // PANEL], (flat.numel() * PANEL, k))
+        if self.layout != "blocks":  # de-interleave the panels holding the rows, keep the rows
+            back = from_panels if self.layout == "panels" else from_vnni
+            sel = back(self.kind, self.data[flat // PANEL], (flat.numel() * PANEL, k))
             sel = sel.view(flat.numel(), PANEL, -1)[torch.arange(flat.numel()), flat % PANEL]
         else:
             sel = self.data[flat]
@@ -206,6 +254,38 @@ def from_panels(kind: str, panels: torch.Tensor, shape: tuple[int, int]) -> torc
         b = torch.cat([d, m, qs], -1)
     else:
         q = p[..., 32:].reshape(P, nb, 16, 2, 8, 2).permute(0, 1, 3, 4, 2, 5).reshape(P, nb, PANEL, 32)
+        b = torch.cat([d, q], -1)
+    return b.transpose(1, 2).reshape(n, k // QK * BLOCK_BYTES[kind]).contiguous()
+
+
+def to_vnni(kind: str, blocks: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """File blocks [N, K/32*bytes] -> vnni panels [N/16, K/32, VNNI_BYTES] (layout: csrc/vnni_linear.cpp)."""
+    n, k = shape
+    P, nb = n // PANEL, k // QK
+    b = blocks.reshape(P, PANEL, nb, BLOCK_BYTES[kind]).transpose(1, 2)  # [P, nb, 16 cols, bytes]
+    d = b[..., 0:2].reshape(P, nb, 2 * PANEL)
+    if kind == "q4_1":  # the file's qs bytes as they are: vector i, lane j = qs[j][4i .. 4i + 3]
+        m = b[..., 2:4].reshape(P, nb, 2 * PANEL)
+        qs = b[..., 4:].reshape(P, nb, PANEL, 4, 4).permute(0, 1, 3, 2, 4).reshape(P, nb, 256)
+        return torch.cat([d, m, qs], -1).contiguous()
+    q = b[..., 2:]  # [P, nb, j, 32] int8 as bytes
+    corr = (q.contiguous().view(torch.int8).sum(-1, dtype=torch.int32) * 128).contiguous().view(torch.uint8)
+    qv = q.reshape(P, nb, PANEL, 8, 4).permute(0, 1, 3, 2, 4).reshape(P, nb, 512)  # vector g, lane j = q[j][4g ..]
+    return torch.cat([d, corr.reshape(P, nb, 4 * PANEL), qv], -1).contiguous()
+
+
+def from_vnni(kind: str, panels: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The inverse of to_vnni: vnni panels -> file blocks [N, K/32*bytes]."""
+    n, k = shape
+    P, nb = n // PANEL, k // QK
+    p = panels.reshape(P, nb, VNNI_BYTES[kind])
+    d = p[..., 0:32].reshape(P, nb, PANEL, 2)
+    if kind == "q4_1":
+        m = p[..., 32:64].reshape(P, nb, PANEL, 2)
+        qs = p[..., 64:].reshape(P, nb, 4, PANEL, 4).permute(0, 1, 3, 2, 4).reshape(P, nb, PANEL, 16)
+        b = torch.cat([d, m, qs], -1)
+    else:
+        q = p[..., 96:].reshape(P, nb, 8, PANEL, 4).permute(0, 1, 3, 2, 4).reshape(P, nb, PANEL, 32)
         b = torch.cat([d, q], -1)
     return b.transpose(1, 2).reshape(n, k // QK * BLOCK_BYTES[kind]).contiguous()
 

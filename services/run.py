@@ -85,7 +85,7 @@ def _add_draft(server, ns, cfg, target_path, dtype, tracer, metrics, keys) -> _R
 
     torch.set_num_threads(cfg.draft_threads)
     draft_desc = draft_description(cfg.draft, target_path, cfg.standin_layers, dtype, cfg.batch_invariant,
-                                   resolve_draft_weights(cfg.draft_weights))
+                                   resolve_draft_weights(cfg.draft_weights), cfg.activations)
     service = DraftService(draft_desc, cfg.speculation, cfg.max_batch * 4, cfg.max_model_len,
                            index=_index(ns.redis_url, cfg.index_ttl_s), node=os.environ.get("NODE_NAME", ""),
                            channel_host=ns.host, advertise_host=os.environ.get("POD_IP", ""), tracer=tracer,
@@ -131,7 +131,7 @@ def _add_gateway(server, ns, cfg, target_path, dtype, tracer, metrics, keys) -> 
     discovery = from_args(ns.discovery, ns.k8s_namespace or os.environ.get("POD_NAMESPACE", "default"),
                           ns.target_service, ns.draft_service, targets, drafts)
     desc = draft_description(cfg.draft, target_path, cfg.standin_layers, dtype, cfg.batch_invariant,
-                             resolve_draft_weights(cfg.draft_weights)).describe()
+                             resolve_draft_weights(cfg.draft_weights), cfg.activations).describe()
     gw = Gateway(Tokenizer(target_path), discovery, ns.model_name, cfg.max_model_len, desc, tracer, metrics)
     pb_grpc.add_GatewayServicer_to_server(GatewayService(gw), server)
     # draining: gRPC and HTTP requests alike are refused at once, the running ones end in the grace

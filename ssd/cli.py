@@ -26,6 +26,9 @@ _HELP = {
     "draft_weights": "the draft's weights: auto | int8 (quantized on load) | dense (--dtype); auto = int8 where the CPU kernels run",
     "weights": "the target's weights: auto | gguf (the GGUF file's own 4/8-bit blocks, run natively) | int8 "
                "(quantized on load) | dense (--dtype); auto = gguf where the model has a GGUF file and the CPU kernels run",
+    "activations": "what quantized weights multiply (target and draft): auto | int8 (each activation row quantized "
+                   "to 8 bits per block of 32, integer dot products: AVX-512 VNNI) | bf16 (as they are: AVX-512 BF16); "
+                   "auto = int8 where the CPU has VNNI",
     "batch_invariant": "kernels whose results do not depend on the batch shape, so speculative greedy output is "
                        "bit-identical to AR (--no-batch-invariant: the fast non-invariant kernels)",
     "index_ttl_s": "SSD: seconds a published speculation stays in the speculation index (in-process or Redis), "

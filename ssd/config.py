@@ -27,6 +27,7 @@ FANOUT_KINDS = ("geometric", "uniform")
 DTYPES = ("auto", "bfloat16", "float32")
 WEIGHTS = ("auto", "gguf", "int8", "dense")  # ssd/models/quantized.py
 DRAFT_WEIGHTS = ("auto", "int8", "dense")
+ACTIVATIONS = ("auto", "int8", "bf16")  # kernels/quant.py: choose_layout
 
 
 GREEDY_BELOW = 1e-5  # temperatures below this decode greedily
@@ -184,6 +185,10 @@ class EngineConfig:
     # the draft's weights: auto | int8 (quantized on load, the CPU kernels) | dense (--dtype);
     # auto = int8 where the CPU kernels run (a draft step costs ~half), dense elsewhere
     draft_weights: str = "auto"
+    # what quantized weights (target and draft) multiply: auto | int8 (each activation row quantized
+    # to 8 bits per block of 32, integer dot products, AVX-512 VNNI) | bf16 (the activations as they
+    # are, AVX-512 BF16 dot products); auto = int8 where the CPU has VNNI (the fastest measured)
+    activations: str = "auto"
     # SSD: seconds a published speculation stays in the speculation index (in-process map or Redis),
     # where a retried or repeated request continues from it
     index_ttl_s: float = 60.0
@@ -208,6 +213,8 @@ class EngineConfig:
             raise ValueError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
         if self.draft_weights not in DRAFT_WEIGHTS:
             raise ValueError(f"draft_weights must be one of {DRAFT_WEIGHTS}, got {self.draft_weights!r}")
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {ACTIVATIONS}, got {self.activations!r}")
         if not self.index_ttl_s > 0:
             raise ValueError(f"index_ttl_s must be > 0, got {self.index_ttl_s}")
 

@@ -23,3 +23,15 @@ def shape_dependent_attention(q, k, v, mask):
         p, vv = p.flip(-1), vv.flip(-2)
     terms = p[..., :, :, None] * vv[:, :, None]  # [B, H, n, S, D]
     return terms.cumsum(-2)[..., -1, :].to(q.dtype)
+
+
+def block_precision_attention(q, k, v, mask):
+    """Another non-invariant attention, as a kernel that keeps P in bf16 for blocks of several
+    query tokens and in fp32 for one: differences of bf16's step (2^-8), which survive the 8-bit
+    quantization of the next projection's input where last-bit ones mostly do not."""
+    scores = (q.float() @ k.float().repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-1, -2)) / q.shape[-1] ** 0.5
+    p = torch.softmax(scores.masked_fill(~mask[:, None], float("-inf")), -1).nan_to_num(0.0)
+    if q.shape[2] > 1:
+        p = p.bfloat16().float()
+    return (p @ v.float().repeat_interleave(q.shape[1] // k.shape[1], 1)).to(q.dtype)
+

@@ -20,20 +20,8 @@
 
 namespace {
 
-inline float bf16_to_float(uint16_t h) {
-    uint32_t u = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as c10::BFloat16 does
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return static_cast<uint16_t>(u >> 16);
-}
+using ssd_native::detail::bf16_to_float;
+using ssd_native::detail::float_to_bf16;
 
 // exp for x <= 0 (scores minus the row max): 2^n * p(r), |r| <= ln2 / 2, degree-7 polynomial
 inline __m512 exp_nonpositive(__m512 x) {
@@ -129,29 +117,48 @@ void attend_rows(const float* qf, int64_t R, const T* k, const T* v, int64_t col
             for (int64_t i = 0; i < cnt; ++i) scores[r * stride + j0 + i] = group[4 * (i % 4) + i / 4];
         }
     }
+    // softmax numerators and their sum: the max is exact in any order (16 lanes, then across
+    // them); the sum is 16 lane sums (lane l adds columns l, l + 16, ... in order, the padding
+    // lanes of the last vector add exact zeros) reduced by one fixed tree: a row's sum depends
+    // only on its own scores
     float sums[MAX_GROUP];
     for (int64_t r = 0; r < R; ++r) {
         float* sr = scores + r * stride;
-        float mx = sr[0];
-        for (int64_t j = 1; j < n_cols; ++j) mx = sr[j] > mx ? sr[j] : mx;
-        const __m512 vmx = _mm512_set1_ps(mx);
+        __m512 vmax = _mm512_set1_ps(-INFINITY);
         for (int64_t j = 0; j < n_cols; j += 16) {
             const __mmask16 m = n_cols - j >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n_cols - j)) - 1);
-            const __m512 x = _mm512_maskz_loadu_ps(m, sr + j);
-            _mm512_mask_storeu_ps(sr + j, m, exp_nonpositive(_mm512_sub_ps(x, vmx)));
+            vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, sr + j));
         }
-        float sum = 0.0f;
-        for (int64_t j = 0; j < n_cols; ++j) sum += sr[j];
-        sums[r] = sum;
+        const __m512 vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+        __m512 vsum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n_cols; j += 16) {
+            const __mmask16 m = n_cols - j >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n_cols - j)) - 1);
+            const __m512 e = _mm512_maskz_mov_ps(m, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sr + j), vmx)));
+            _mm512_mask_storeu_ps(sr + j, m, e);
+            vsum = _mm512_add_ps(vsum, e);
+        }
+        sums[r] = _mm512_reduce_add_ps(vsum);
     }
-    for (int64_t d = 0; d < D; d += 16) {
-        __m512 acc[MAX_GROUP];
-        for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    // the weighted sum of v: up to 4 vectors of a column (64 of D) for all R rows per pass over
+    // the columns, so 4R accumulator chains run side by side; each output lane still adds its
+    // columns in column order, as alone
+    constexpr int DC = 4;
+    for (int64_t d0 = 0; d0 < D; d0 += 16 * DC) {
+        const int nc = static_cast<int>(std::min<int64_t>(DC, (D - d0) / 16));
+        __m512 acc[MAX_GROUP][DC];
+        for (int64_t r = 0; r < R; ++r)
+            for (int c = 0; c < DC; ++c) acc[r][c] = _mm512_setzero_ps();
         for (int64_t j = 0; j < n_cols; ++j) {
-            const __m512 vc = load16(v + cols[j] * col_stride + d);
-            for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(scores[r * stride + j]), vc, acc[r]);
+            const T* vr = v + cols[j] * col_stride + d0;
+            for (int c = 0; c < nc; ++c) {
+                const __m512 vc = load16(vr + 16 * c);
+                for (int64_t r = 0; r < R; ++r)
+                    acc[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[r * stride + j]), vc, acc[r][c]);
+            }
         }
-        for (int64_t r = 0; r < R; ++r) _mm512_storeu_ps(out + r * D + d, _mm512_div_ps(acc[r], _mm512_set1_ps(sums[r])));
+        for (int64_t r = 0; r < R; ++r)
+            for (int c = 0; c < nc; ++c)
+                _mm512_storeu_ps(out + r * D + d0 + 16 * c, _mm512_div_ps(acc[r][c], _mm512_set1_ps(sums[r])));
     }
 }
 
@@ -294,7 +301,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
 // DecoderLayer.forward in ssd/models/llama.py does on this path, so the result is bit for bit the
 // same; one call instead of ~40 Python-level operations per layer.
 // norms = {input norm, post-attention norm}; panels = {qkv, o, gate_up, down} with kinds
-// (0 = Q4_1, 1 = Q8_0); dims = {Hq, Hkv, D, intermediate}; cos, sin [B, n, 1, D/2].
+// (0 = Q4_1 panels, 1 = Q8_0 panels: bf16 activations; 2 = Q4_1, 3 = Q8_0 vnni panels: 8-bit
+// activations; kernels/quant.py NATIVE_KINDS); dims = {Hq, Hkv, D, intermediate}; cos, sin [B, n, 1, D/2].
 torch::Tensor layer_forward(torch::Tensor x, std::vector<torch::Tensor> norms, std::vector<torch::Tensor> panels,
                             std::vector<int64_t> kinds, std::vector<int64_t> dims, torch::Tensor cos, torch::Tensor sin,
                             torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots, torch::Tensor write_cols,
@@ -305,8 +313,15 @@ torch::Tensor layer_forward(torch::Tensor x, std::vector<torch::Tensor> norms, s
     const int64_t B = x.size(0), n = x.size(1), H = x.size(2);
     const int64_t Hq = dims[0], Hkv = dims[1], D = dims[2], I = dims[3];
     auto lin = [&](const torch::Tensor& t, int i, int64_t N, int64_t K) {
-        torch::Tensor y = kinds[i] == 0 ? q4_1_panel_linear(t.reshape({-1, K}), panels[i], N, K, c10::nullopt, false)
-                                        : q8_0_panel_linear(t.reshape({-1, K}), panels[i], N, K, c10::nullopt, false);
+        const torch::Tensor x2 = t.reshape({-1, K});
+        torch::Tensor y;
+        switch (kinds[i]) {
+            case 0: y = q4_1_panel_linear(x2, panels[i], N, K, c10::nullopt, false); break;
+            case 1: y = q8_0_panel_linear(x2, panels[i], N, K, c10::nullopt, false); break;
+            case 2: y = q4_1_vnni_linear(x2, panels[i], N, K, c10::nullopt, false); break;
+            case 3: y = q8_0_vnni_linear(x2, panels[i], N, K, c10::nullopt, false); break;
+            default: TORCH_CHECK(false, "layer_forward: unknown weight kind ", kinds[i]);
+        }
         return y.view({B, n, N});
     };
     torch::Tensor h = rms_norm(x, norms[0], eps);

@@ -34,13 +34,6 @@ inline float half_to_float(const uint8_t* p) {
     return _cvtsh_ss(h);
 }
 
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as c10::BFloat16 does
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return static_cast<uint16_t>(u >> 16);
-}
 
 struct Q4_1 {
     static constexpr int bytes = Q4_1_BYTES;
@@ -147,15 +140,7 @@ torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& blocks, 
                 case 2: column_tile<Q, 2>(xp, M, K, wp, row_bytes, n0, tmp.data()); break;
                 default: column_tile<Q, 1>(xp, M, K, wp, row_bytes, n0, tmp.data()); break;
             }
-            for (int64_t m = 0; m < M; ++m)
-                for (int64_t j = 0; j < nt; ++j) {
-                    float v = tmp[m * nt + j];
-                    if (bp) v = v + bp[n0 + j];
-                    if (bf16)
-                        static_cast<uint16_t*>(yp)[m * N + n0 + j] = float_to_bf16(v);
-                    else
-                        static_cast<float*>(yp)[m * N + n0 + j] = v;
-                }
+            ssd_native::detail::store_columns(tmp.data(), M, nt, N, n0, bp, !bf16, yp);
         }
     });
     return y;
@@ -312,11 +297,7 @@ inline void panel_column(const uint16_t* x, const float* xs, int64_t M, int64_t 
 template <class Q>
 torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, int64_t N, int64_t K,
                            const c10::optional<torch::Tensor>& bias, bool fp32_out) {
-    TORCH_CHECK(x.device().is_cpu() && panels.device().is_cpu(), "panel_linear: CPU tensors only");
-    TORCH_CHECK(K % QK == 0 && N % PANEL == 0, "panel_linear: needs in_features % 32 == 0 and out_features % 16 == 0");
-    TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == at::kBFloat16, "panel_linear: x must be bf16 [M, ", K, "]");
-    TORCH_CHECK(panels.scalar_type() == at::kByte && panels.is_contiguous() && panels.numel() == N / PANEL * (K / QK) * Q::bytes,
-                "panel_linear: panels must be contiguous uint8 with ", N / PANEL * (K / QK) * Q::bytes, " bytes");
+    ssd_native::detail::check_panel_args("panel_linear", x, panels, N, K, Q::bytes);
     const int64_t M = x.size(0);
     torch::Tensor y = torch::empty({M, N}, x.options().dtype(fp32_out ? at::kFloat : at::kBFloat16));
     if (M == 0) return y;
@@ -325,36 +306,9 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, 
     std::vector<float> xs(Q::has_min ? M * (K / QK) : 0);
     if (Q::has_min) block_sums(xp, M, K, xs.data());
     const uint8_t* wp = panels.data_ptr<uint8_t>();
-    torch::Tensor bf;
-    const float* bp = nullptr;
-    if (bias.has_value() && bias->defined()) {
-        TORCH_CHECK(bias->numel() == N, "panel_linear: bias must have ", N, " elements");
-        bf = bias->to(at::kFloat).contiguous();
-        bp = bf.data_ptr<float>();
-    }
-    void* yp = y.data_ptr();
-    constexpr int NT = 2;
-    const int64_t P = N / PANEL;
-    const int64_t tiles = (P + NT - 1) / NT;
-    const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, K));
-    at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-        std::vector<float> tmp(M * NT * PANEL);
-        for (int64_t t = t0; t < t1; ++t) {
-            const int64_t p0 = t * NT;
-            const int64_t nt = std::min<int64_t>(NT, P - p0);
-            if (nt == 2) panel_column<Q, 2>(xp, xs.data(), M, K, wp, p0, tmp.data());
-            else panel_column<Q, 1>(xp, xs.data(), M, K, wp, p0, tmp.data());
-            const int64_t W = nt * PANEL;
-            for (int64_t m = 0; m < M; ++m)
-                for (int64_t j = 0; j < W; ++j) {
-                    float v = tmp[m * W + j];
-                    if (bp) v = v + bp[p0 * PANEL + j];
-                    if (fp32_out)
-                        static_cast<float*>(yp)[m * N + p0 * PANEL + j] = v;
-                    else
-                        static_cast<uint16_t*>(yp)[m * N + p0 * PANEL + j] = float_to_bf16(v);
-                }
-        }
+    ssd_native::detail::run_panels(M, N, K, 2, bias, fp32_out, y, "panel_linear", [&](int64_t p0, int64_t nt, float* tmp) {
+        if (nt == 2) panel_column<Q, 2>(xp, xs.data(), M, K, wp, p0, tmp);
+        else panel_column<Q, 1>(xp, xs.data(), M, K, wp, p0, tmp);
     });
     return y;
 }

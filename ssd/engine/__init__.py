@@ -38,7 +38,7 @@ class ModelPair:
         path = resolve_model(cfg.target)
         target, numerics = load_target(cfg, path, quiet=quiet)
         desc = draft_description(cfg.draft, path, cfg.standin_layers, numerics["dtype"], cfg.batch_invariant,
-                                 resolve_draft_weights(cfg.draft_weights))
+                                 resolve_draft_weights(cfg.draft_weights), cfg.activations)
         return cls(str(path), target, Tokenizer(path), desc, numerics=numerics)
 
     def draft_model(self):
@@ -63,7 +63,7 @@ def load_target(cfg: EngineConfig, path, device: str = "cpu", quiet: bool = Fals
     dtype, why = resolve_dtype(cfg.dtype, device)
     weights, weights_why = resolve_weights(cfg.weights, path, device)
     model, _ = load_model(path, dtype=dtype, device=device)
-    resident = apply_weights(model, weights, path)
+    resident = apply_weights(model, weights, path, cfg.activations)
     model.invariant = cfg.batch_invariant
     rows = cfg.max_batch * (cfg.speculation.num_speculative_tokens + 1)
     report = self_check(model, rows, cfg.max_model_len) if cfg.batch_invariant else None

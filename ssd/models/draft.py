@@ -45,6 +45,7 @@ class DraftDescription:
     dtype: str = "float32"  # bfloat16 | float32, resolved (never "auto")
     batch_invariant: bool = True
     weights: str = "dense"  # int8 | dense, resolved (ssd/models/quantized.py: resolve_draft_weights)
+    activations: str = "auto"  # what int8 weights multiply: auto | int8 | bf16 (kernels/quant.py: choose_layout)
 
     def with_numerics(self, dtype: str | None = None, batch_invariant: bool | None = None) -> "DraftDescription":
         return dataclasses.replace(self, dtype=dtype or self.dtype,
@@ -52,7 +53,8 @@ class DraftDescription:
 
     def describe(self) -> str:
         exact = "" if self.batch_invariant else ", non-invariant kernels"
-        weights = ", int8 weights" if self.weights == "int8" else ""
+        acts = "" if self.activations == "auto" else f", {self.activations} activations"
+        weights = f", int8 weights{acts}" if self.weights == "int8" else ""
         return f"{self._model()} [{self.dtype}{weights}{exact}]"
 
     def _model(self) -> str:
@@ -73,13 +75,14 @@ class DraftDescription:
 
 
 def draft_description(draft: str, target_path, standin_layers: int, dtype: str = "float32",
-                      batch_invariant: bool = True, weights: str = "dense") -> DraftDescription:
+                      batch_invariant: bool = True, weights: str = "dense",
+                      activations: str = "auto") -> DraftDescription:
     """--draft (default | standin | a directory) for a target. dtype: a resolved dtype name
-    (bfloat16 | float32), weights a resolved one (int8 | dense); the draft runs with them
-    wherever it is loaded."""
+    (bfloat16 | float32), weights a resolved one (int8 | dense), activations what int8 weights
+    multiply (--activations); the draft runs with them wherever it is loaded."""
     if draft == STANDIN:
         return DraftDescription(str(target_path), standin_layers=standin_layers, head_vocab=STANDIN_HEAD_VOCAB,
-                                dtype=dtype, batch_invariant=batch_invariant, weights=weights)
+                                dtype=dtype, batch_invariant=batch_invariant, weights=weights, activations=activations)
     if draft in (DEFAULT, FEATURE):
         if Path(target_path).resolve() != default_target_path(progress=False).resolve():
             raise ValueError(f"there is no shipped {draft} draft for this target: pass --draft DIR "
@@ -90,7 +93,7 @@ def draft_description(draft: str, target_path, standin_layers: int, dtype: str =
     else:
         path = resolve_model(draft)
     return DraftDescription(str(path), str(target_path), dtype=dtype, batch_invariant=batch_invariant,
-                            weights=weights)
+                            weights=weights, activations=activations)
 
 
 def describe(d: DraftDescription) -> str:
@@ -111,7 +114,7 @@ def load_draft(d: DraftDescription, dtype=None, device="cpu"):
     if d.weights == "int8" and isinstance(model, LlamaModel):  # a feature drafter keeps dense weights
         from .quantized import apply_weights
 
-        apply_weights(model, "int8")
+        apply_weights(model, "int8", activations=d.activations)
     return model
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from ssd.kernels import quant
 from ssd.kernels.attention import AttnBatch, NativePrep, attention, padded_len, rms_norm
 from ssd.kernels.linear import LinearPacks, linear
-from ssd.kernels.quant import QuantWeight
+from ssd.kernels.quant import NATIVE_KINDS, QuantWeight
 from ssd.kv_cache import KVCache
 
 _MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -156,7 +156,8 @@ class DecoderLayer(nn.Module):
 
     def fusable(self, x: torch.Tensor) -> bool:
         """The whole layer can run as one native call (csrc/layer_ops.cpp: layer_forward): bf16
-        activations, every weight in the quantized panel layout, no biases, no QK-norm."""
+        activations, every weight in a quantized panel layout (bf16 or 8-bit activations), no biases,
+        no QK-norm."""
         return x.dtype == torch.bfloat16 and x.is_cpu and self.native_args() is not None
 
     def native_args(self) -> tuple | None:
@@ -165,9 +166,9 @@ class DecoderLayer(nn.Module):
         if self._native_args is None:
             ws = (self.qkv_weight, self.o_weight, self.gate_up_weight, self.down_weight)
             ok = (self.qkv_bias is None and self.o_bias is None and self.qk_norm_weight is None and self.D % 16 == 0
-                  and all(isinstance(w, QuantWeight) and w.layout == "panels" for w in ws) and quant.available())
+                  and all(isinstance(w, QuantWeight) and w.layout in NATIVE_KINDS for w in ws) and quant.available())
             self._native_args = (([self.in_norm_weight, self.post_norm_weight], [w.data for w in ws],
-                                  [0 if w.kind == "q4_1" else 1 for w in ws], [self.Hq, self.Hkv, self.D, self.inter])
+                                  [NATIVE_KINDS[w.layout][w.kind] for w in ws], [self.Hq, self.Hkv, self.D, self.inter])
                                  if ok else False)
         return self._native_args or None
 
@@ -305,7 +306,7 @@ class LlamaModel(nn.Module):
         if logits_rows is not None:
             h = h.gather(1, logits_rows[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, m, H]
         head = self.lm_head.weight
-        if isinstance(head, QuantWeight) and head.layout == "panels":  # fp32 logits straight from the sums
+        if isinstance(head, QuantWeight) and head.layout in NATIVE_KINDS:  # fp32 logits straight from the sums
             logits = head.matmul(h, fp32_out=True)
         else:
             logits = linear(h, head, packs=self.packs, name="lm_head", invariant=self.invariant).float()

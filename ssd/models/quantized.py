@@ -88,9 +88,10 @@ class QuantEmbedding(nn.Module):
         return self.weight.rows(ids)
 
 
-def apply_weights(model, weights: str, model_path=None) -> dict:
+def apply_weights(model, weights: str, model_path=None, activations: str = "auto") -> dict:
     """Replace a loaded dense model's linear weights and embedding by blocks ('gguf' or 'int8');
-    'dense' leaves it as it is. Returns {"weights", "bytes"}: what runs and its resident bytes."""
+    'dense' leaves it as it is. activations: what the blocks multiply (kernels/quant.py:
+    choose_layout). Returns {"weights", "bytes"}: what runs and its resident bytes."""
     if weights == "gguf":
         blocks = gguf_blocks(gguf_source(model_path), model.cfg)
     elif weights == "int8":
@@ -101,8 +102,10 @@ def apply_weights(model, weights: str, model_path=None) -> dict:
         raise ValueError(f"weights must be gguf, int8 or dense, got {weights!r}")
     dtype = model.dtype
     shapes = {name: tuple(w.shape) for name, w in _dense_weights(model).items()}
+    layouts = set()
     for name, (kind, b) in blocks.items():
-        q = QuantWeight(kind, b, shapes[name], dtype)
+        q = QuantWeight(kind, b, shapes[name], dtype, layout=quant.choose_layout(dtype, shapes[name][0], activations))
+        layouts.add(q.layout)
         owner, attr = _owner(model, name)
         delattr(owner, attr)
         setattr(owner, attr, q)
@@ -113,7 +116,8 @@ def apply_weights(model, weights: str, model_path=None) -> dict:
         del model.lm_head.weight
         model.lm_head.weight = model.embed.weight
     kinds = sorted({k for k, _ in blocks.values()})
-    return {"weights": f"{weights} ({'/'.join(kinds)})", "bytes": _resident_bytes(model)}
+    acts = "/".join(sorted("int8" if lay == "vnni" else str(dtype).removeprefix("torch.") for lay in layouts))
+    return {"weights": f"{weights} ({'/'.join(kinds)}, {acts} activations)", "bytes": _resident_bytes(model)}
 
 
 def weight_bytes_per_token(model) -> int:

@@ -1,7 +1,7 @@
-"""The quantized linear kernels (kernels/quant.py, kernels/csrc/quant_linear.cpp) against a plain
-reference: the file's blocks de-quantized in fp32 and multiplied densely; both layouts; every row
-count of the serving envelope bit for bit; the GGUF reader's q/k row order against the
-converted checkpoint."""
+"""The quantized linear kernels (kernels/quant.py, kernels/csrc/quant_linear.cpp, vnni_linear.cpp)
+against plain references: the file's blocks de-quantized in fp32 and multiplied densely (every
+layout), and for 8-bit activations the same quantization and integer sums written out in Python;
+every row count of the serving envelope bit for bit."""
 from __future__ import annotations
 
 import pytest
@@ -30,6 +30,9 @@ LAYOUTS = [("q4_1", torch.float32, "blocks"), ("q8_0", torch.float32, "blocks"),
            ("q4_1", torch.bfloat16, "blocks"), ("q8_0", torch.bfloat16, "blocks")]
 if quant.panels_supported():
     LAYOUTS += [("q4_1", torch.bfloat16, "panels"), ("q8_0", torch.bfloat16, "panels")]
+if quant.vnni_supported():
+    LAYOUTS += [("q4_1", torch.bfloat16, "vnni"), ("q8_0", torch.bfloat16, "vnni")]
+TILED = [lay for lay in ("panels", "vnni") if any(lay == x[2] for x in LAYOUTS)]
 
 
 def test_dequantize_follows_the_block_definitions():
@@ -57,7 +60,7 @@ def test_matches_the_dense_reference_and_is_row_invariant(kind, dtype, layout):
     torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol * ref.abs().max().item())
     # every row alone, in blocks, at every position; bit for bit in the fp32 sums too (a bf16
     # output would hide most low-bit differences behind its rounding)
-    out32 = dict(fp32_out=True) if layout == "panels" else {}
+    out32 = dict(fp32_out=True) if layout != "blocks" else {}
     y32 = w.matmul(x, bias, **out32)
     for m in (1, 2, 3, 4, 5, 7, 9, 16, 33, 40):
         assert torch.equal(w.matmul(x[:m], bias), y[:m]), m
@@ -66,16 +69,76 @@ def test_matches_the_dense_reference_and_is_row_invariant(kind, dtype, layout):
     assert probe_row_invariance([w], (1, 2, 5, 8, 13, 40)) == []
 
 
+@pytest.mark.parametrize("layout", TILED)
 @pytest.mark.parametrize("kind", quant.KINDS)
-def test_panels_round_trip_and_rows(kind):
-    if not quant.panels_supported():
-        pytest.skip("no AVX-512 BF16 here")
+def test_panels_round_trip_and_rows(kind, layout):
     n, k = 64, 128
     blocks = _random_blocks(kind, n, k, seed=3)
-    p = quant.QuantWeight(kind, blocks, (n, k), torch.bfloat16, layout="panels")
-    assert torch.equal(quant.from_panels(kind, p.data, (n, k)), blocks)
+    p = quant.QuantWeight(kind, blocks, (n, k), torch.bfloat16, layout=layout)
+    assert torch.equal(p.blocks(), blocks)
     ids = torch.tensor([[0, 17], [63, 5]])
     assert torch.equal(p.rows(ids), quant.dequantize(kind, blocks, (n, k))[ids].bfloat16())
+
+
+def _int8_reference(kind: str, blocks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """What csrc/vnni_linear.cpp computes, written out: each row quantized per block of 32 (dx =
+    max|x| / 127, q = round(x * (1 / dx)), ties to even), the integer sums exact (int64), then
+    (dw * dx) * sum(qw qx) + mw * dx * sum(qx) per block, summed in fp64."""
+    n, k = blocks.shape[0], x.shape[1]
+    nb = k // quant.QK
+    xb = x.float().reshape(-1, nb, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    d = amax / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    qx = torch.round(xb * inv).clamp(-127, 127).to(torch.int64)  # [M, nb, 32]
+    b = blocks.reshape(n, nb, quant.BLOCK_BYTES[kind])
+    dw = b[..., 0:2].contiguous().view(torch.float16).double()[..., 0]  # [n, nb]
+    if kind == "q8_0":
+        qw = b[..., 2:].contiguous().view(torch.int8).to(torch.int64)
+    else:
+        qs = b[..., 4:].to(torch.int64)
+        qw = torch.cat([qs & 15, qs >> 4], -1)
+    isum = torch.einsum("mbk,nbk->mnb", qx, qw).double()  # exact integers
+    y = (isum * dw[None] * d[..., 0].double()[:, None]).sum(-1)
+    if kind == "q4_1":
+        mw = b[..., 2:4].contiguous().view(torch.float16).double()[..., 0]
+        sx = d[..., 0].double() * qx.sum(-1).double()  # [M, nb]
+        y = y + (mw[None] * sx[:, None]).sum(-1)
+    return y
+
+
+@pytest.mark.skipif(not quant.vnni_supported(), reason="no AVX-512 VNNI here")
+@pytest.mark.parametrize("kind", quant.KINDS)
+def test_int8_activations_match_their_written_out_reference(kind):
+    # a wrong nibble or byte order, a lost Q8_0 offset correction, a wrong scale or rounding all
+    # move results by far more than fp32's own rounding (~1e-6 relative here)
+    n, k = 48, 160
+    blocks = _random_blocks(kind, n, k, seed=7)
+    w = quant.QuantWeight(kind, blocks, (n, k), torch.bfloat16, layout="vnni")
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(2)).bfloat16()
+    x[3, 32:64] = 0  # an all-zero block: dx = 0, q = 0
+    x[4, :32] *= 40  # a block with a large range
+    y = w.matmul(x, fp32_out=True).double()
+    ref = _int8_reference(kind, blocks, x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    # and 8-bit activations are close to the exact product (the error of llama.cpp's scheme)
+    dense = x.float() @ w.dequantize().T
+    assert ((y.float() - dense).norm() / dense.norm()).item() < 2e-2
+
+
+def test_layouts_are_chosen_and_refused_as_documented():
+    assert quant.choose_layout(torch.float32, 64) == "blocks"
+    assert quant.choose_layout(torch.bfloat16, 40) == "blocks"  # out_features not a multiple of 16
+    if quant.vnni_supported():
+        assert quant.choose_layout(torch.bfloat16, 64) == "vnni" == quant.choose_layout(torch.bfloat16, 64, "int8")
+    else:
+        with pytest.raises(ValueError, match="8-bit activations need"):
+            quant.choose_layout(torch.bfloat16, 64, "int8")
+    assert quant.choose_layout(torch.bfloat16, 64, "bf16") == ("panels" if quant.panels_supported() else "blocks")
+    with pytest.raises(ValueError, match="8-bit activations need"):
+        quant.choose_layout(torch.float32, 64, "int8")
+    with pytest.raises(ValueError, match="activations must be one of"):
+        quant.choose_layout(torch.bfloat16, 64, "fp8")
 
 
 def test_linear_dispatches_and_threads_do_not_change_bits():

@@ -38,7 +38,8 @@ def test_resident_size_is_about_a_third_of_bf16_and_the_head_stays_tied():
     model, _ = load_model(path, dtype=torch.bfloat16)
     dense_bytes = apply_weights(model, "dense")["bytes"]
     got = apply_weights(model, "gguf", path)
-    assert got["weights"] == "gguf (q4_1/q8_0)"
+    acts = "int8" if quant.choose_layout(torch.bfloat16, 576) == "vnni" else "bfloat16"
+    assert got["weights"] == f"gguf (q4_1/q8_0, {acts} activations)"
     assert got["bytes"] < 0.4 * dense_bytes, (got["bytes"], dense_bytes)
     assert model.lm_head.weight is model.embed.weight  # one Q8_0 table: embedding and head
     ids = torch.tensor([[1, 2, 3]])
@@ -61,16 +62,21 @@ def test_resolution_explains_itself_and_refuses_what_cannot_run(tmp_path):
         resolve_weights("int8", path, "cuda:0")
 
 
-def test_the_fused_layer_is_the_python_layer_bit_for_bit():
+@pytest.mark.parametrize("activations", ["int8", "bf16"])
+def test_the_fused_layer_is_the_python_layer_bit_for_bit(activations):
     # DecoderLayer._fused (one native call per layer) against the same operations from Python:
     # prefill, a verify block, rows of other lengths, non-contiguous slots (the index_put path)
     from ssd.kv_cache import append_batch
 
+    if activations == "int8" and not quant.vnni_supported():
+        pytest.skip("no AVX-512 VNNI here")
     path = default_target_path()
     model, _ = load_model(path, dtype=torch.bfloat16)
-    apply_weights(model, "gguf", path)
+    apply_weights(model, "gguf", path, activations)
+    assert {layer.qkv_weight.layout for layer in model.layers} == {"vnni" if activations == "int8" else "panels"} \
+        or not quant.panels_supported()
     if not model.layers[0].fusable(torch.zeros(1, 1, 576, dtype=torch.bfloat16)):
-        pytest.skip("no bf16 panel kernels here")
+        pytest.skip("no panel kernels here")
     ids = torch.randint(0, 40000, (3, 40), generator=torch.Generator().manual_seed(0))
     runs = []
     for fused in (False, True):

@@ -195,6 +195,8 @@ the shared tag defaults to appVersion, with "-cuda" when gpu.enabled. Call with
 - {{ $e.weights | quote }}
 - --draft-weights
 - {{ $e.draftWeights | quote }}
+- --activations
+- {{ $e.activations | quote }}
 - {{ ternary "--batch-invariant" "--no-batch-invariant" $e.batchInvariant }}
 {{- end -}}
 
