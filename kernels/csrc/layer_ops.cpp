@@ -85,9 +85,12 @@ constexpr int MAX_GROUP = 16;  // query heads sharing one kv head, computed toge
 // fp32, already scaled; scores [R][n_cols + 16] scratch; out [R][D]. Each k and v column is
 // widened once for all R rows; every row's own sequence of operations is the one it would have
 // alone (its accumulators are its own), so grouping changes no bits.
-template <typename T>
-void attend_rows(const float* qf, int64_t R, const T* k, const T* v, int64_t col_stride, const int64_t* cols,
-                 int64_t n_cols, int64_t D, float* scores, float* out) {
+// RT, NT: R and D / 16 known at compile time (0: given at run time), so that the accumulators
+// of the common head shapes stay in registers; the operations are the same either way.
+template <typename T, int RT, int NT>
+void attend_rows(const float* qf, int64_t R_, const T* k, const T* v, int64_t col_stride, const int64_t* cols,
+                 int64_t n_cols, int64_t D_, float* scores, float* out) {
+    const int64_t R = RT ? RT : R_, D = NT ? 16 * NT : D_;
     const int64_t stride = n_cols + 16;
     if (n_cols == 0) {
         std::memset(out, 0, sizeof(float) * R * D);
@@ -98,7 +101,7 @@ void attend_rows(const float* qf, int64_t R, const T* k, const T* v, int64_t col
     // depend on the group it falls in, on its neighbours, or on the zero padding of the last group)
     alignas(64) float group[16];
     alignas(64) float kw[256];  // one column of k, widened (D <= 256)
-    __m512 part[MAX_GROUP][16];
+    __m512 part[RT ? RT : MAX_GROUP][16];
     for (int64_t j0 = 0; j0 < n_cols; j0 += 16) {
         const int64_t cnt = std::min<int64_t>(16, n_cols - j0);
         for (int64_t i = 0; i < 16; ++i) {
@@ -145,7 +148,7 @@ void attend_rows(const float* qf, int64_t R, const T* k, const T* v, int64_t col
     constexpr int DC = 4;
     for (int64_t d0 = 0; d0 < D; d0 += 16 * DC) {
         const int nc = static_cast<int>(std::min<int64_t>(DC, (D - d0) / 16));
-        __m512 acc[MAX_GROUP][DC];
+        __m512 acc[RT ? RT : MAX_GROUP][DC];
         for (int64_t r = 0; r < R; ++r)
             for (int c = 0; c < DC; ++c) acc[r][c] = _mm512_setzero_ps();
         for (int64_t j = 0; j < n_cols; ++j) {
@@ -160,6 +163,20 @@ void attend_rows(const float* qf, int64_t R, const T* k, const T* v, int64_t col
             for (int c = 0; c < nc; ++c)
                 _mm512_storeu_ps(out + r * D + d0 + 16 * c, _mm512_div_ps(acc[r][c], _mm512_set1_ps(sums[r])));
     }
+}
+
+template <typename T>
+using AttendRows = void (*)(const float*, int64_t, const T*, const T*, int64_t, const int64_t*, int64_t, int64_t, float*, float*);
+
+// the compiled shape for rep query heads per kv head and head_dim D, or the run-time one
+template <typename T>
+AttendRows<T> pick_attend_rows(int64_t rep, int64_t D) {
+#define SSD_ROWS(R) \
+    if (rep == R && D == 64) return attend_rows<T, R, 4>; \
+    if (rep == R && D == 128) return attend_rows<T, R, 8>;
+    SSD_ROWS(1) SSD_ROWS(2) SSD_ROWS(3) SSD_ROWS(4) SSD_ROWS(5) SSD_ROWS(6) SSD_ROWS(7) SSD_ROWS(8)
+#undef SSD_ROWS
+    return attend_rows<T, 0, 0>;
 }
 
 template <typename T>
@@ -195,6 +212,7 @@ torch::Tensor attend_impl(const torch::Tensor& q, const torch::Tensor& k, const 
         sp = sc.data_ptr<int64_t>();
     }
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+    auto rows = pick_attend_rows<T>(rep, D);
     // work items: (b, kv head, token); the rep query heads of a kv head share the column list
     at::parallel_for(0, B * Hkv * n, 1, [&](int64_t w0, int64_t w1) {
         std::vector<int64_t> cols(kv_len);
@@ -215,8 +233,9 @@ torch::Tensor attend_impl(const torch::Tensor& q, const torch::Tensor& k, const 
                 for (int64_t d = 0; d < D; ++d) qf[r * D + d] = qf[r * D + d] * scale;
             }
             const int64_t kb = sp ? sp[b] : b;
-            attend_rows(qf.data(), rep, kp + kb * ks0 + g * ks1, vp + kb * vs0 + g * vs1, ks2, cols.data(), nc, D,
-                        scores.data(), of.data());
+            const T* kg = kp + kb * ks0 + g * ks1;
+            const T* vg = vp + kb * vs0 + g * vs1;
+            rows(qf.data(), rep, kg, vg, ks2, cols.data(), nc, D, scores.data(), of.data());
             for (int64_t r = 0; r < rep; ++r) {
                 T* orow = op + ((b * Hq + g * rep + r) * n + i) * D;
                 for (int64_t d = 0; d < D; ++d) {
