@@ -12,4 +12,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("attend", &attend, "batch-invariant attention, one query row at a time (layer_ops.cpp)");
     m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension, one row at a time");
     m.def("layer_forward", &layer_forward, "one Llama decoder layer over quantized panels (layer_ops.cpp)");
+    m.def("layers_forward", &layers_forward, "every decoder layer in one call (layer_ops.cpp)");
 }

@@ -315,10 +315,89 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
 }
 
 
+namespace {
+
+// ---- the elementwise steps of layer_forward, each ATen bf16 operation's arithmetic written out:
+// every operation computes in fp32 from bf16 inputs and rounds its result to bf16 (round to
+// nearest even), as ATen's bf16 kernels do, so the result is bit for bit the Python layer's
+
+inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+
+// a + b, same shape, bf16
+torch::Tensor add_bf16(const torch::Tensor& a, const torch::Tensor& b) {
+    TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16, "add_bf16");
+    const torch::Tensor ac = a.contiguous(), bc = b.contiguous();
+    torch::Tensor y = torch::empty_like(ac);
+    const uint16_t* ap = reinterpret_cast<const uint16_t*>(ac.data_ptr());
+    const uint16_t* bp = reinterpret_cast<const uint16_t*>(bc.data_ptr());
+    uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+    for (int64_t i = 0, n = ac.numel(); i < n; ++i) yp[i] = float_to_bf16(bf16_to_float(ap[i]) + bf16_to_float(bp[i]));
+    return y;
+}
+
+// qkv [B, n, Hq + 2 Hkv, D] bf16 -> q [B, Hq, n, D], rotated; k (rotated) and v written into the
+// layer's cache [slots, Hkv, max_len, D] at slot slot_start + b (or slots[b]) and column
+// write_start + i (or write_cols[b, i]). Rotate-half RoPE as ssd/models/llama.py apply_rope:
+// cat(x1 * cos - x2 * sin, x2 * cos + x1 * sin), each product, difference and sum rounded to bf16.
+torch::Tensor rope_and_write(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                             torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots,
+                             const torch::Tensor& write_cols, int64_t slot_start, int64_t write_start, int64_t Hq,
+                             int64_t Hkv) {
+    const int64_t B = qkv.size(0), n = qkv.size(1), D = qkv.size(3), half = D / 2, Hall = Hq + 2 * Hkv;
+    TORCH_CHECK(qkv.size(2) == Hall && qkv.is_contiguous(), "rope_and_write: qkv");
+    TORCH_CHECK(k_cache.scalar_type() == at::kBFloat16 && v_cache.scalar_type() == at::kBFloat16 && k_cache.stride(3) == 1 &&
+                v_cache.stride(3) == 1, "rope_and_write: bf16 caches with contiguous rows");
+    const torch::Tensor cc = cos.contiguous(), sc = sin.contiguous();  // [B, n, 1, D / 2]
+    TORCH_CHECK(cc.numel() == B * n * half && sc.numel() == B * n * half, "rope_and_write: cos/sin");
+    const uint16_t* cp = reinterpret_cast<const uint16_t*>(cc.data_ptr());
+    const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr());
+    const uint16_t* xp = reinterpret_cast<const uint16_t*>(qkv.data_ptr());
+    torch::Tensor q = torch::empty({B, Hq, n, D}, qkv.options());
+    uint16_t* qp = reinterpret_cast<uint16_t*>(q.data_ptr());
+    uint16_t* kc = reinterpret_cast<uint16_t*>(k_cache.data_ptr());
+    uint16_t* vc = reinterpret_cast<uint16_t*>(v_cache.data_ptr());
+    const bool direct = slot_start >= 0 && write_start >= 0;
+    torch::Tensor sl, wc;
+    const int64_t *slp = nullptr, *wcp = nullptr;
+    if (!direct) {
+        sl = slots.to(at::kLong).contiguous();
+        wc = write_cols.to(at::kLong).expand({B, n}).contiguous();
+        slp = sl.data_ptr<int64_t>();
+        wcp = wc.data_ptr<int64_t>();
+    }
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t slot = direct ? slot_start + b : slp[b], col = direct ? write_start + i : wcp[b * n + i];
+            const uint16_t* c = cp + (b * n + i) * half;
+            const uint16_t* s = sp + (b * n + i) * half;
+            for (int64_t h = 0; h < Hall; ++h) {
+                const uint16_t* x = xp + ((b * n + i) * Hall + h) * D;
+                uint16_t* dst;
+                if (h < Hq) dst = qp + ((b * Hq + h) * n + i) * D;
+                else if (h < Hq + Hkv) dst = kc + slot * k_cache.stride(0) + (h - Hq) * k_cache.stride(1) + col * k_cache.stride(2);
+                else dst = vc + slot * v_cache.stride(0) + (h - Hq - Hkv) * v_cache.stride(1) + col * v_cache.stride(2);
+                if (h >= Hq + Hkv) {  // v: as it is
+                    std::memcpy(dst, x, sizeof(uint16_t) * D);
+                    continue;
+                }
+                for (int64_t j = 0; j < half; ++j) {
+                    const float x1 = bf16_to_float(x[j]), x2 = bf16_to_float(x[j + half]);
+                    const float cj = bf16_to_float(c[j]), sj = bf16_to_float(s[j]);
+                    dst[j] = float_to_bf16(round_bf16(x1 * cj) - round_bf16(x2 * sj));
+                    dst[j + half] = float_to_bf16(round_bf16(x2 * cj) + round_bf16(x1 * sj));
+                }
+            }
+        }
+    return q;
+}
+
+}  // namespace
+
 // One Llama decoder layer (no biases, no QK-norm) over bf16 activations and quantized panel
-// weights: the same operations, in the same order and with the same ATen elementwise kernels, as
-// DecoderLayer.forward in ssd/models/llama.py does on this path, so the result is bit for bit the
-// same; one call instead of ~40 Python-level operations per layer.
+// weights: the same operations, in the same order and with the same arithmetic (ATen's own silu
+// and product, the others written out above), as DecoderLayer.forward in ssd/models/llama.py
+// does on this path, so the result is bit for bit the same; one call instead of ~40 Python-level
+// operations per layer.
 // norms = {input norm, post-attention norm}; panels = {qkv, o, gate_up, down} with kinds
 // (0 = Q4_1 panels, 1 = Q8_0 panels: bf16 activations; 2 = Q4_1, 3 = Q8_0 vnni panels: 8-bit
 // activations; kernels/quant.py NATIVE_KINDS); dims = {Hq, Hkv, D, intermediate}; cos, sin [B, n, 1, D/2].
@@ -345,26 +424,37 @@ torch::Tensor layer_forward(torch::Tensor x, std::vector<torch::Tensor> norms, s
     };
     torch::Tensor h = rms_norm(x, norms[0], eps);
     torch::Tensor qkv = lin(h, 0, (Hq + 2 * Hkv) * D, H).view({B, n, Hq + 2 * Hkv, D});
-    torch::Tensor qk = qkv.slice(2, 0, Hq + Hkv), v = qkv.slice(2, Hq + Hkv);
-    const int64_t half = D / 2;
-    torch::Tensor x1 = qk.slice(3, 0, half), x2 = qk.slice(3, half);
-    qk = at::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1);
-    torch::Tensor q = qk.slice(2, 0, Hq).transpose(1, 2), k = qk.slice(2, Hq).transpose(1, 2);
-    v = v.transpose(1, 2);
-    if (slot_start >= 0 && write_start >= 0) {
-        k_cache.slice(0, slot_start, slot_start + B).slice(2, write_start, write_start + n).copy_(k);
-        v_cache.slice(0, slot_start, slot_start + B).slice(2, write_start, write_start + n).copy_(v);
-    } else {
-        using at::indexing::Slice;
-        const torch::Tensor rows = slots.unsqueeze(1);
-        k_cache.index_put_({rows, Slice(), write_cols}, k.transpose(1, 2));
-        v_cache.index_put_({rows, Slice(), write_cols}, v.transpose(1, 2));
-    }
+    torch::Tensor q = rope_and_write(qkv, cos, sin, k_cache, v_cache, slots, write_cols, slot_start, write_start, Hq, Hkv);
     torch::Tensor a = attend(q, k_cache, v_cache, mask, limits, kv_len, slots).transpose(1, 2).reshape({B, n, Hq * D});
-    x = x + lin(a, 1, H, Hq * D);
+    x = add_bf16(x, lin(a, 1, H, Hq * D));
     h = rms_norm(x, norms[1], eps);
     torch::Tensor gu = lin(h, 2, 2 * I, H);
-    return x + lin(at::silu(gu.slice(2, 0, I)) * gu.slice(2, I), 3, H, I);
+    return add_bf16(x, lin(at::silu(gu.slice(2, 0, I)) * gu.slice(2, I), 3, H, I));
+}
+
+// Every decoder layer in one call: layer l is layer_forward with norms[2l, 2l + 1], panels and kinds
+// [4l .. 4l + 3], the same dims, and layer l of the caches k_all, v_all [L, slots, Hkv, max_len, D].
+// Returns {x after the last layer, then the input of each layer in `capture`, in that order}.
+std::vector<torch::Tensor> layers_forward(torch::Tensor x, std::vector<torch::Tensor> norms, std::vector<torch::Tensor> panels,
+                                          std::vector<int64_t> kinds, std::vector<int64_t> dims, torch::Tensor cos,
+                                          torch::Tensor sin, torch::Tensor k_all, torch::Tensor v_all, torch::Tensor slots,
+                                          torch::Tensor write_cols, int64_t slot_start, int64_t write_start,
+                                          c10::optional<torch::Tensor> mask, c10::optional<torch::Tensor> limits,
+                                          int64_t kv_len, double eps, std::vector<int64_t> capture) {
+    const int64_t L = static_cast<int64_t>(norms.size()) / 2;
+    TORCH_CHECK(static_cast<int64_t>(norms.size()) == 2 * L && static_cast<int64_t>(panels.size()) == 4 * L &&
+                    static_cast<int64_t>(kinds.size()) == 4 * L && k_all.size(0) >= L && v_all.size(0) >= L,
+                "layers_forward: 2 norms, 4 panels and 4 kinds per layer, a cache layer per layer");
+    std::vector<torch::Tensor> out(1 + capture.size());
+    for (int64_t l = 0; l < L; ++l) {
+        for (size_t c = 0; c < capture.size(); ++c)
+            if (capture[c] == l) out[1 + c] = x;
+        x = layer_forward(x, {norms[2 * l], norms[2 * l + 1]}, {panels.begin() + 4 * l, panels.begin() + 4 * l + 4},
+                          {kinds.begin() + 4 * l, kinds.begin() + 4 * l + 4}, dims, cos, sin, k_all.select(0, l),
+                          v_all.select(0, l), slots, write_cols, slot_start, write_start, mask, limits, kv_len, eps);
+    }
+    out[0] = x;
+    return out;
 }
 
 }  // namespace ssd_native

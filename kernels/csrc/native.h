@@ -27,6 +27,12 @@ torch::Tensor layer_forward(torch::Tensor x, std::vector<torch::Tensor> norms, s
                             torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots, torch::Tensor write_cols,
                             int64_t slot_start, int64_t write_start, c10::optional<torch::Tensor> mask,
                             c10::optional<torch::Tensor> limits, int64_t kv_len, double eps);
+std::vector<torch::Tensor> layers_forward(torch::Tensor x, std::vector<torch::Tensor> norms, std::vector<torch::Tensor> panels,
+                                          std::vector<int64_t> kinds, std::vector<int64_t> dims, torch::Tensor cos,
+                                          torch::Tensor sin, torch::Tensor k_all, torch::Tensor v_all, torch::Tensor slots,
+                                          torch::Tensor write_cols, int64_t slot_start, int64_t write_start,
+                                          c10::optional<torch::Tensor> mask, c10::optional<torch::Tensor> limits,
+                                          int64_t kv_len, double eps, std::vector<int64_t> capture);
 
 // shared by the kernels' files
 namespace detail {

@@ -232,11 +232,30 @@ class LlamaModel(nn.Module):
         # a layer whose weights are quantized panels runs as one native call (DecoderLayer.fusable);
         # False: the same operations from Python (the tests compare the two bit for bit)
         self.fused = True
+        self._native_stack = None  # native_stack
         self.register_buffer("rope_cos", None, persistent=False)  # [max_position, D/2]
         self.register_buffer("rope_sin", None, persistent=False)
         self.head_ids = None  # a reduced-vocabulary head's token ids (set_head)
         if not self.embed.weight.is_meta:  # under torch.device("meta") the loader calls init_rope
             self.init_rope()
+
+    def native_stack(self, x: torch.Tensor) -> tuple | None:
+        """layers_forward's weight arguments for every layer (csrc/layer_ops.cpp), built once; None
+        unless every layer is fusable with the same dims and eps. forget_native_args resets it."""
+        if self._native_stack is None:
+            layers = list(self.layers)
+            args = [layer.native_args() for layer in layers]
+            ok = (bool(layers) and all(a is not None for a in args) and len({tuple(a[3]) for a in args}) == 1
+                  and all(layer.eps == self.cfg.rms_norm_eps for layer in layers))
+            self._native_stack = ((sum((a[0] for a in args), []), sum((a[1] for a in args), []),
+                                   sum((a[2] for a in args), []), args[0][3]) if ok else False)
+        return self._native_stack if self._native_stack and self.layers[0].fusable(x) else None
+
+    def forget_native_args(self) -> None:
+        """Call after replacing any layer's weights: the native call arguments are rebuilt."""
+        self._native_stack = None
+        for layer in self.layers:
+            layer.forget_native_args()
 
     def set_head(self, weight: torch.Tensor, head_ids: torch.Tensor | None = None) -> None:
         """Install an output head. head_ids [Vh] (the reduced-vocabulary head): row i of weight
@@ -289,6 +308,18 @@ class LlamaModel(nn.Module):
         x = self.embed(input_ids)
         cos = self.rope_cos[batch.positions].unsqueeze(2)  # [B, n, 1, D/2]
         sin = self.rope_sin[batch.positions].unsqueeze(2)
+        stack = self.native_stack(x) if self.fused and self.invariant else None
+        if stack is not None:  # every layer in one native call (the same operations as the loop below)
+            if not isinstance(batch.prep, NativePrep):
+                batch.prep = NativePrep(batch, x.shape[1])
+            norms, panels, kinds, dims = stack
+            out = quant.build().layers_forward(
+                x.contiguous(), norms, panels, kinds, dims, cos, sin, cache.k, cache.v, batch.slots, batch.write_cols,
+                -1 if batch.slot_start is None else batch.slot_start,
+                -1 if batch.write_start is None else batch.write_start, batch.prep.mask, batch.prep.limits,
+                batch.kv_len, self.cfg.rms_norm_eps, list(capture))
+            seen.update(zip(capture, out[1:]))
+            return rms_norm(out[0], self.norm_weight, self.cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):
             if i in capture:
                 seen[i] = x

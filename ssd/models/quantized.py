@@ -109,8 +109,7 @@ def apply_weights(model, weights: str, model_path=None, activations: str = "auto
         owner, attr = _owner(model, name)
         delattr(owner, attr)
         setattr(owner, attr, q)
-    for layer in model.layers:
-        layer.forget_native_args()
+    model.forget_native_args()
     model.embed = QuantEmbedding(model.embed.weight)
     if model.cfg.tie_word_embeddings:  # the head reads the embedding's blocks
         del model.lm_head.weight
