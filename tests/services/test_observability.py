@@ -47,14 +47,24 @@ def traced_stack(real_target_path):
         with urllib.request.urlopen(http, timeout=600) as r:
             http_resp = json.loads(r.read())
         expected_rounds = sum(f.stats.num_rounds for f in finals)
-        rx.wait_for(lambda spans: sum(s["name"] == "ssd.verify" for s in spans) >= expected_rounds
-                    and sum(s["name"] == "ssd.request" for s in spans) >= 3, timeout=60)
+        rx.wait_for(lambda spans: _settled(spans, expected_rounds), timeout=60)
         metrics = {role: scrape(f"http://127.0.0.1:{ports[role]['metrics_port']}/metrics") for role in ports}
         yield {"rx": rx, "finals": finals, "metrics": metrics, "http": http_resp,
                "client": (client_trace, client_span)}
     finally:
         stop_stack(procs)
         rx.stop()
+
+
+def _settled(spans, expected_rounds: int) -> bool:
+    """Every process has exported what the tests read: each process's batch exporter sends on its
+    own schedule, so the gateway's spans of a request can arrive before the target's, and the
+    target's verify spans before the draft's speculate spans of the same rounds."""
+    names = [s["name"] for s in spans]
+    verify = [s for s in spans if s["name"] == "ssd.verify"]
+    drafted = sum(s["attributes"].get("ssd.speculation_source") != "none" for s in verify)
+    return (len(verify) >= expected_rounds and names.count("ssd.request") >= 3 and names.count("ssd.target.run") >= 3
+            and names.count("ssd.speculate") >= drafted)
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +86,17 @@ def test_one_trace_per_request_across_gateway_target_and_draft(traced_stack):
     roots = [s for s in spans if s["name"] == "ssd.request"]
     assert len(roots) == len(PROMPTS) + 1
     traces = _by_trace(spans)
+    with_draft = 0
     for root in roots:
         trace = traces[root["trace_id"]]
-        assert {s["service"] for s in trace} == {"ssd-gateway", "ssd-target", "ssd-draft"}
+        # the draft joins a request's trace in the rounds it is asked for: adaptive K may plan
+        # every round of a short request plain where the measured verify cost says drafting
+        # would not pay, and then the draft never hears of it
+        drafted = any(s["name"] == "ssd.verify" and s["attributes"]["ssd.speculation_source"] != "none" for s in trace)
+        services = {s["service"] for s in trace}
+        assert {"ssd-gateway", "ssd-target"} <= services <= {"ssd-gateway", "ssd-target", "ssd-draft"}
+        assert "ssd-draft" in services or not drafted
+        with_draft += "ssd-draft" in services
         assert sum(s["name"] == "ssd.request" for s in trace) == 1
         # the HTTP request joined the client's trace: one SERVER span, ssd.request inside it
         if root["trace_id"] == traced_stack["client"][0]:
@@ -92,6 +110,7 @@ def test_one_trace_per_request_across_gateway_target_and_draft(traced_stack):
         else:
             assert root["parent_span_id"] == ""
             assert root["attributes"]["rpc.method"] == "Generate" and "http.route" not in root["attributes"]
+    assert with_draft >= 1  # the draft's spans join the traces of the requests it worked for
     assert traced_stack["client"][0] in {r["trace_id"] for r in roots}
 
 
