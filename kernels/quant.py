@@ -34,7 +34,7 @@ _SOURCES = tuple(Path(__file__).parent / "csrc" / f
 _NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "f16c", "fma")
 PANEL = 16  # output columns per panel (the bf16 layout)
 PANEL_BYTES = {"q4_1": 320, "q8_0": 544}  # one panel x one block of 32 inputs
-VNNI_BYTES = {"q4_1": 320, "q8_0": 608}  # the same, in the 8-bit-activation layout (csrc/vnni_linear.cpp)
+VNNI_BYTES = {"q4_1": 320, "q8_0": 544}  # the same, in the 8-bit-activation layout (csrc/vnni_linear.cpp)
 LAYOUTS = ("blocks", "panels", "vnni")
 # the layouts a whole decoder layer runs natively on, and layer_forward's code for each weight kind
 # (csrc/layer_ops.cpp)
@@ -268,10 +268,9 @@ def to_vnni(kind: str, blocks: torch.Tensor, shape: tuple[int, int]) -> torch.Te
         m = b[..., 2:4].reshape(P, nb, 2 * PANEL)
         qs = b[..., 4:].reshape(P, nb, PANEL, 4, 4).permute(0, 1, 3, 2, 4).reshape(P, nb, 256)
         return torch.cat([d, m, qs], -1).contiguous()
-    q = b[..., 2:]  # [P, nb, j, 32] int8 as bytes
-    corr = (q.contiguous().view(torch.int8).sum(-1, dtype=torch.int32) * 128).contiguous().view(torch.uint8)
+    q = b[..., 2:] ^ 0x80  # [P, nb, j, 32]: int8 q + 128 as uint8 (the sign bit flipped)
     qv = q.reshape(P, nb, PANEL, 8, 4).permute(0, 1, 3, 2, 4).reshape(P, nb, 512)  # vector g, lane j = q[j][4g ..]
-    return torch.cat([d, corr.reshape(P, nb, 4 * PANEL), qv], -1).contiguous()
+    return torch.cat([d, qv], -1).contiguous()
 
 
 def from_vnni(kind: str, panels: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -285,7 +284,7 @@ def from_vnni(kind: str, panels: torch.Tensor, shape: tuple[int, int]) -> torch.
         qs = p[..., 64:].reshape(P, nb, 4, PANEL, 4).permute(0, 1, 3, 2, 4).reshape(P, nb, PANEL, 16)
         b = torch.cat([d, m, qs], -1)
     else:
-        q = p[..., 96:].reshape(P, nb, 8, PANEL, 4).permute(0, 1, 3, 2, 4).reshape(P, nb, PANEL, 32)
+        q = p[..., 32:].reshape(P, nb, 8, PANEL, 4).permute(0, 1, 3, 2, 4).reshape(P, nb, PANEL, 32) ^ 0x80
         b = torch.cat([d, q], -1)
     return b.transpose(1, 2).reshape(n, k // QK * BLOCK_BYTES[kind]).contiguous()
 

@@ -6,9 +6,9 @@
 // and for Q4_1 also the block's sum sx = dx * sum(qx). Then for a block and an output column
 //   Q4_1  w = dw * qw + mw   ->   sum_k w x  ~  (dw * dx) * sum_k qw qx  +  mw * sx
 //   Q8_0  w = dw * qw        ->   sum_k w x  ~  (dw * dx) * sum_k qw qx
-// The integer sums are exact (vpdpbusd: four u8 x s8 products into an int32 lane; Q4_1's nibbles
-// are the unsigned side; for Q8_0 the activation is the unsigned side as qx + 128, and the panel
-// carries 128 * sum_k qw per column to take back), so their order never matters. Each row's
+// The integer sums are exact (vpdpbusd: four u8 x s8 products into an int32 lane; the weights are
+// the unsigned side: Q4_1's nibbles as they are, Q8_0's q stored as q + 128, whose extra
+// 128 * sum_k qx the row's own block sum takes back), so their order never matters. Each row's
 // fp32 part is one fixed sequence per (row, column): blocks in k order, acc = fma(isum, dw * dx,
 // acc), then acc = fma(mw, sx, acc). Nothing a row computes depends on the other rows of the
 // call, on the tile it falls in or on the thread: batch-invariant by construction.
@@ -17,8 +17,7 @@
 // vector is lane j's byte t):
 //   Q4_1  fp16 d[16], fp16 min[16], then 4 vectors; vector i, byte 4j + t = the file's qs[col j][4i + t]
 //         (low nibble: q[col j][4i + t], high nibble: q[col j][16 + 4i + t])             (320 bytes)
-//   Q8_0  fp16 d[16], int32 128 * sum_k q[col j][k] [16], then 8 vectors; vector g, byte 4j + t =
-//         q[col j][4g + t]                                                                (608 bytes)
+//   Q8_0  fp16 d[16], then 8 vectors; vector g, byte 4j + t = q[col j][4g + t] + 128    (544 bytes)
 #include "native.h"
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -33,19 +32,21 @@ constexpr int QK = 32;
 constexpr int PANEL = 16;
 constexpr int VNNI_ROWS = 8;  // activation rows per tile (a verify block of K + 1 <= 8 rows is one)
 
-// One row's activations, quantized per block: q (int8, or uint8 = q + 128 for Q8_0), dx, sx.
+// One row's activations, quantized per block: q (int8), dx, sx, and the integer sum of q.
 struct QuantRows {
     std::vector<uint8_t> q;   // [M, K]
     std::vector<float> dx;    // [M, K / 32]
     std::vector<float> sx;    // [M, K / 32]: dx * sum(q) (Q4_1's min term)
+    std::vector<int32_t> sq;  // [M, K / 32]: 128 * sum(q) (what Q8_0's + 128 adds)
 };
 
 __attribute__((target("avx512f,avx512bw,avx512vl")))
-void quantize_rows(const uint16_t* x, int64_t M, int64_t K, bool offset, QuantRows& out) {
+void quantize_rows(const uint16_t* x, int64_t M, int64_t K, QuantRows& out) {
     const int64_t nb = K / QK;
     out.q.resize(M * K);
     out.dx.resize(M * nb);
     out.sx.resize(M * nb);
+    out.sq.resize(M * nb);
     for (int64_t m = 0; m < M; ++m)
         for (int64_t b = 0; b < nb; ++b) {
             const uint16_t* xb = x + m * K + b * QK;  // 32 bf16, widened exactly
@@ -64,16 +65,12 @@ void quantize_rows(const uint16_t* x, int64_t M, int64_t K, bool offset, QuantRo
             ql = _mm512_max_epi32(_mm512_min_epi32(ql, lim), _mm512_sub_epi32(_mm512_setzero_si512(), lim));
             qh = _mm512_max_epi32(_mm512_min_epi32(qh, lim), _mm512_sub_epi32(_mm512_setzero_si512(), lim));
             const int32_t s = _mm512_reduce_add_epi32(_mm512_add_epi32(ql, qh));
-            if (offset) {
-                const __m512i o = _mm512_set1_epi32(128);
-                ql = _mm512_add_epi32(ql, o);
-                qh = _mm512_add_epi32(qh, o);
-            }
             uint8_t* qb = out.q.data() + m * K + b * QK;
             _mm_storeu_si128(reinterpret_cast<__m128i*>(qb), _mm512_cvtepi32_epi8(ql));
             _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 16), _mm512_cvtepi32_epi8(qh));
             out.dx[m * nb + b] = d;
             out.sx[m * nb + b] = d * static_cast<float>(s);
+            out.sq[m * nb + b] = 128 * s;
         }
 }
 
@@ -87,7 +84,6 @@ inline __m512i bcast4(const uint8_t* p) {
 struct Q4_1V {
     static constexpr int bytes = 320;
     static constexpr bool has_min = true;
-    static constexpr bool offset = false;
     // the block's 8 weight vectors (u8 nibbles) from 4 packed ones
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
     static inline void weights(const uint8_t* b, __m512i* w) {
@@ -99,7 +95,7 @@ struct Q4_1V {
         }
     }
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-    static inline __m512i dot(const __m512i* w, const uint8_t* qx, const uint8_t*) {
+    static inline __m512i dot(const __m512i* w, const uint8_t* qx, int32_t) {
         __m512i a = _mm512_setzero_si512(), c = _mm512_setzero_si512();  // two chains, exact integers
         for (int g = 0; g < 8; g += 2) {
             a = _mm512_dpbusd_epi32(a, w[g], bcast4(qx + 4 * g));
@@ -110,21 +106,20 @@ struct Q4_1V {
 };
 
 struct Q8_0V {
-    static constexpr int bytes = 608;
+    static constexpr int bytes = 544;
     static constexpr bool has_min = false;
-    static constexpr bool offset = true;
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
     static inline void weights(const uint8_t* b, __m512i* w) {
-        for (int g = 0; g < 8; ++g) w[g] = _mm512_loadu_si512(b + 96 + 64 * g);
+        for (int g = 0; g < 8; ++g) w[g] = _mm512_loadu_si512(b + 32 + 64 * g);
     }
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-    static inline __m512i dot(const __m512i* w, const uint8_t* ux, const uint8_t* b) {
+    static inline __m512i dot(const __m512i* w, const uint8_t* qx, int32_t sq) {
         __m512i a = _mm512_setzero_si512(), c = _mm512_setzero_si512();
         for (int g = 0; g < 8; g += 2) {
-            a = _mm512_dpbusd_epi32(a, bcast4(ux + 4 * g), w[g]);
-            c = _mm512_dpbusd_epi32(c, bcast4(ux + 4 * g + 4), w[g + 1]);
+            a = _mm512_dpbusd_epi32(a, w[g], bcast4(qx + 4 * g));
+            c = _mm512_dpbusd_epi32(c, w[g + 1], bcast4(qx + 4 * g + 4));
         }
-        return _mm512_sub_epi32(_mm512_add_epi32(a, c), _mm512_loadu_si512(b + 32));  // - 128 * sum qw
+        return _mm512_sub_epi32(_mm512_add_epi32(a, c), _mm512_set1_epi32(sq));  // - 128 * sum qx
     }
 };
 
@@ -146,7 +141,7 @@ inline void vnni_tile(const QuantRows& xq, int64_t K, const uint8_t* w, int64_t 
             if (Q::has_min) mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32)));
             for (int r = 0; r < MT; ++r) {
                 const int64_t row = m0 + r;
-                const __m512 s = _mm512_cvtepi32_ps(Q::dot(wv, xq.q.data() + row * K + kb * QK, b));  // exact: |s| < 2^24
+                const __m512 s = _mm512_cvtepi32_ps(Q::dot(wv, xq.q.data() + row * K + kb * QK, xq.sq[row * blocks + kb]));  // exact: |s| < 2^24
                 const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(xq.dx[row * blocks + kb]));
                 acc[r][t] = _mm512_fmadd_ps(s, scale, acc[r][t]);
                 if (Q::has_min) acc[r][t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xq.sx[row * blocks + kb]), acc[r][t]);
@@ -184,7 +179,7 @@ torch::Tensor vnni_linear(const torch::Tensor& x, const torch::Tensor& panels, i
     if (M == 0) return y;
     const torch::Tensor xc = x.contiguous();
     QuantRows xq;
-    quantize_rows(reinterpret_cast<const uint16_t*>(xc.data_ptr()), M, K, Q::offset, xq);
+    quantize_rows(reinterpret_cast<const uint16_t*>(xc.data_ptr()), M, K, xq);
     const uint8_t* wp = panels.data_ptr<uint8_t>();
     // one panel per tile: the weights are then read as one sequential stream, panel after panel,
     // which the hardware prefetcher follows (two or four panels side by side, or software
