@@ -5,12 +5,14 @@ per output feature):
   q4_1  {fp16 d, fp16 min, 16 bytes of 4-bit q}: w = d * q + min   (the default target's layers)
   q8_0  {fp16 d, 32 int8 q}:                     w = d * q         (its tied embedding and head;
                                                                     `--weights int8` for any model)
-`linear` (kernels/linear.py) hands such a weight to the C++ kernels of csrc/quant_linear.cpp:
-activations stay in the model's dtype (bf16 or fp32, widened exactly to fp32), every weight is
-the file's own number (dequantized in fp32 in registers, never stored), products are summed in
-fp32. The kernel computes each output element with one instruction sequence whatever the number
-of rows in the call, so a token gets the same bits alone, in a verify block or in a batch (the
-property the engines' exactness rests on; the start-up probe re-measures it).
+`linear` (kernels/linear.py) hands such a weight to the C++ kernels: csrc/quant_linear.cpp
+multiplies the activations as they are (bf16 or fp32, widened exactly to fp32; every weight the
+file's own number, dequantized in registers, never stored; products summed in fp32), and
+csrc/vnni_linear.cpp multiplies 8-bit activations (each row quantized per block of 32 on its own
+scale) by the file's integer q with exact integer sums (`choose_layout`, `--activations`). Each
+kernel computes each output element with one instruction sequence whatever the number of rows
+in the call, so a token gets the same bits alone, in a verify block or in a batch (the property
+the engines' exactness rests on; the start-up probe re-measures it).
 
 The extension is compiled with the machine's C++ compiler on first use (`build()`, which
 scripts/install.sh calls) into the cache directory; it needs AVX-512 (F, BW, VL) and F16C. Where
