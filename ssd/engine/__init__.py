@@ -62,6 +62,9 @@ def load_target(cfg: EngineConfig, path, device: str = "cpu", quiet: bool = Fals
 
     dtype, why = resolve_dtype(cfg.dtype, device)
     weights, weights_why = resolve_weights(cfg.weights, path, device)
+    if cfg.activations == "int8" and weights == "dense":  # nothing would take 8-bit activations
+        raise ValueError(f"--activations int8 multiplies quantized weights; the target runs dense weights "
+                         f"({weights_why}): use --weights gguf or int8, or --activations auto")
     model, _ = load_model(path, dtype=dtype, device=device)
     resident = apply_weights(model, weights, path, cfg.activations)
     model.invariant = cfg.batch_invariant

@@ -46,6 +46,14 @@ def test_resident_size_is_about_a_third_of_bf16_and_the_head_stays_tied():
     assert model.embed(ids).dtype == torch.bfloat16 and model.embed(ids).shape == (1, 3, 576)
 
 
+def test_int8_activations_with_dense_weights_are_refused_not_ignored():
+    from ssd.config import EngineConfig
+    from ssd.engine import load_target
+
+    with pytest.raises(ValueError, match="--activations int8 multiplies quantized weights"):
+        load_target(EngineConfig(weights="dense", activations="int8"), default_target_path(), quiet=True)
+
+
 def test_resolution_explains_itself_and_refuses_what_cannot_run(tmp_path):
     path = default_target_path()
     assert resolve_weights("auto", path)[0] == "gguf"
